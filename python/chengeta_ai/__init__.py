@@ -1,0 +1,1 @@
+"""chengeta_ai: cache for streamed LLM responses."""

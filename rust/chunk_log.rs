@@ -1,0 +1,1 @@
+//! placeholder: chunk_log (being written)
