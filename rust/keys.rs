@@ -1,1 +1,727 @@
-//! placeholder: keys (being written)
+//! Canonical, typed encoding of request values, hashed with BLAKE3 (pure Rust, no PyO3).
+//!
+//! A request (messages, params, ...) is a tree of a few value types. [`Encode`] writes each
+//! value as a self-delimiting, typed byte string; [`KeyHasher`] feeds those bytes into
+//! BLAKE3 through a fixed buffer, so the digest is `BLAKE3(encoding)` and never depends on
+//! how the walk happened to be split into writes.
+//!
+//! # Encoding, format 1
+//!
+//! Lengths and counts are `u64` big-endian (8 bytes). Every value starts with a tag byte:
+//!
+//! | value        | bytes                                                                  |
+//! |--------------|------------------------------------------------------------------------|
+//! | `None`       | `N`                                                                    |
+//! | `False/True` | `F` / `T`                                                              |
+//! | int          | `i`, length, minimal two's-complement big-endian magnitude (0 is `00`) |
+//! | float        | `f`, 8 bytes IEEE-754 big-endian; `-0.0` is written as `0.0`, every NaN as `7ff8000000000000` |
+//! | str          | `s`, byte length, UTF-8                                                |
+//! | bytes        | `b`, length, the bytes                                                 |
+//! | list, tuple  | `l`, item count, the items in order                                    |
+//! | dict         | `d`, entry count, then `key value` pairs sorted bytewise by the key's encoding |
+//!
+//! Consequences: values of different types never share an encoding (`"1"`, `True`, `b"1"`,
+//! `1` and `1.0` are five different digests); dict insertion order never matters; two
+//! different keys of one dict that encode the same are rejected ([`KeyErrorKind::DuplicateKey`])
+//! rather than hashed in an order-dependent way. Nesting deeper than [`MAX_DEPTH`] is an error,
+//! which also stops self-referencing containers.
+
+use std::fmt;
+
+use num_bigint::BigInt;
+
+/// Tag of `None`.
+pub const TAG_NONE: u8 = b'N';
+/// Tag of `False`.
+pub const TAG_FALSE: u8 = b'F';
+/// Tag of `True`.
+pub const TAG_TRUE: u8 = b'T';
+/// Tag of an integer of any size.
+pub const TAG_INT: u8 = b'i';
+/// Tag of a 64-bit float.
+pub const TAG_FLOAT: u8 = b'f';
+/// Tag of a text string (UTF-8).
+pub const TAG_STR: u8 = b's';
+/// Tag of a byte string.
+pub const TAG_BYTES: u8 = b'b';
+/// Tag of a sequence (list and tuple alike).
+pub const TAG_LIST: u8 = b'l';
+/// Tag of a mapping (dicts, and models/dataclasses by their fields).
+pub const TAG_DICT: u8 = b'd';
+
+/// The bit pattern every NaN is hashed as.
+pub const CANONICAL_NAN_BITS: u64 = 0x7ff8_0000_0000_0000;
+
+/// Deepest nesting of containers accepted; deeper input (or a reference cycle) is an error.
+pub const MAX_DEPTH: usize = 512;
+
+/// Size of [`KeyHasher`]'s buffer: a multiple of BLAKE3's 1 KiB chunk, so that full flushes
+/// hash many chunks at once with SIMD.
+const BUFFER_SIZE: usize = 16 * 1024;
+
+/// Where encoded bytes go: a [`KeyHasher`], or a `Vec<u8>` when a dict key must be encoded
+/// apart to be sorted.
+pub trait Sink {
+    /// Appends `bytes`.
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl Sink for Vec<u8> {
+    #[inline]
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+/// The canonical encoding of each scalar and of container headers, for any [`Sink`].
+pub trait Encode: Sink {
+    /// Writes `None`.
+    #[inline]
+    fn none(&mut self) {
+        self.put(&[TAG_NONE]);
+    }
+
+    /// Writes a bool.
+    #[inline]
+    fn boolean(&mut self, value: bool) {
+        self.put(&[if value { TAG_TRUE } else { TAG_FALSE }]);
+    }
+
+    /// Writes an integer that fits an `i64`; same bytes as [`Encode::int_be_bytes`] of it.
+    #[inline]
+    fn int_i64(&mut self, value: i64) {
+        let bytes = value.to_be_bytes();
+        let skip = redundant_sign_bytes(&bytes);
+        self.int_be_bytes(&bytes[skip..]);
+    }
+
+    /// Writes an integer given as minimal two's-complement big-endian bytes (as
+    /// `BigInt::to_signed_bytes_be` returns them; zero is one `0x00` byte).
+    #[inline]
+    fn int_be_bytes(&mut self, minimal: &[u8]) {
+        self.put(&[TAG_INT]);
+        self.put(&(minimal.len() as u64).to_be_bytes());
+        self.put(minimal);
+    }
+
+    /// Writes an integer of any size.
+    fn int_big(&mut self, value: &BigInt) {
+        match i64::try_from(value) {
+            Ok(small) => self.int_i64(small),
+            Err(_) => self.int_be_bytes(&value.to_signed_bytes_be()),
+        }
+    }
+
+    /// Writes a float: `-0.0` as `0.0`, every NaN as one bit pattern.
+    #[inline]
+    fn float(&mut self, value: f64) {
+        let bits = if value.is_nan() {
+            CANONICAL_NAN_BITS
+        } else if value == 0.0 {
+            0
+        } else {
+            value.to_bits()
+        };
+        let mut out = [TAG_FLOAT; 9];
+        out[1..].copy_from_slice(&bits.to_be_bytes());
+        self.put(&out);
+    }
+
+    /// Writes a text string given as its UTF-8 bytes.
+    #[inline]
+    fn str_utf8(&mut self, utf8: &[u8]) {
+        self.tagged_bytes(TAG_STR, utf8);
+    }
+
+    /// Writes a byte string.
+    #[inline]
+    fn bytes(&mut self, value: &[u8]) {
+        self.tagged_bytes(TAG_BYTES, value);
+    }
+
+    /// Writes the header of a sequence of `len` items; the items follow.
+    #[inline]
+    fn list_header(&mut self, len: usize) {
+        self.count_header(TAG_LIST, len);
+    }
+
+    /// Writes the header of a mapping of `len` entries; the sorted entries follow.
+    #[inline]
+    fn dict_header(&mut self, len: usize) {
+        self.count_header(TAG_DICT, len);
+    }
+
+    #[doc(hidden)]
+    #[inline]
+    fn tagged_bytes(&mut self, tag: u8, data: &[u8]) {
+        self.count_header(tag, data.len());
+        self.put(data);
+    }
+
+    #[doc(hidden)]
+    #[inline]
+    fn count_header(&mut self, tag: u8, len: usize) {
+        let mut out = [tag; 9];
+        out[1..].copy_from_slice(&(len as u64).to_be_bytes());
+        self.put(&out);
+    }
+}
+
+impl<S: Sink + ?Sized> Encode for S {}
+
+/// Number of leading bytes of a two's-complement big-endian integer that only repeat its sign.
+#[inline]
+fn redundant_sign_bytes(bytes: &[u8]) -> usize {
+    let mut skip = 0;
+    while skip + 1 < bytes.len() {
+        let (b, next) = (bytes[skip], bytes[skip + 1]);
+        if (b == 0x00 && next & 0x80 == 0) || (b == 0xff && next & 0x80 != 0) {
+            skip += 1;
+        } else {
+            break;
+        }
+    }
+    skip
+}
+
+/// BLAKE3 over a canonical encoding, fed through a fixed 16 KiB buffer (many tiny writes,
+/// few hasher updates).
+pub struct KeyHasher {
+    hasher: blake3::Hasher,
+    buf: [u8; BUFFER_SIZE],
+    len: usize,
+}
+
+impl KeyHasher {
+    /// A hasher with nothing written yet.
+    pub fn new() -> Self {
+        KeyHasher {
+            hasher: blake3::Hasher::new(),
+            buf: [0; BUFFER_SIZE],
+            len: 0,
+        }
+    }
+
+    /// The 32-byte digest of everything written.
+    pub fn finalize(mut self) -> [u8; 32] {
+        self.flush();
+        *self.hasher.finalize().as_bytes()
+    }
+
+    #[inline]
+    fn flush(&mut self) {
+        if self.len > 0 {
+            self.hasher.update(&self.buf[..self.len]);
+            self.len = 0;
+        }
+    }
+}
+
+impl Default for KeyHasher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sink for KeyHasher {
+    #[inline]
+    fn put(&mut self, bytes: &[u8]) {
+        if bytes.len() <= BUFFER_SIZE - self.len {
+            self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+            self.len += bytes.len();
+        } else {
+            self.flush();
+            if bytes.len() >= BUFFER_SIZE {
+                // Large strings go straight to BLAKE3, which hashes them with SIMD.
+                self.hasher.update(bytes);
+            } else {
+                self.buf[..bytes.len()].copy_from_slice(bytes);
+                self.len = bytes.len();
+            }
+        }
+    }
+}
+
+/// Sorts the entries of one dict by the canonical encoding of their keys.
+///
+/// Encode each key into [`KeyOrder::key_sink`], then call [`KeyOrder::finish_key`] with the
+/// entry's index; [`KeyOrder::sort`] then yields `(key encoding, index)` in canonical order.
+/// Reusable: [`KeyOrder::clear`] keeps the allocations.
+#[derive(Default)]
+pub struct KeyOrder {
+    keys: Vec<u8>,
+    entries: Vec<(usize, usize, usize)>,
+}
+
+impl KeyOrder {
+    /// Forgets every entry, keeping the buffers.
+    pub fn clear(&mut self) {
+        self.keys.clear();
+        self.entries.clear();
+    }
+
+    /// Where the next key's encoding is written.
+    pub fn key_sink(&mut self) -> &mut Vec<u8> {
+        &mut self.keys
+    }
+
+    /// Records that the bytes written since the previous key are the key of entry `index`.
+    pub fn finish_key(&mut self, index: usize) {
+        let start = self.entries.last().map_or(0, |e| e.1);
+        self.entries.push((start, self.keys.len(), index));
+    }
+
+    /// Drops the bytes written since the last finished key (a key that failed to encode).
+    pub fn abandon_key(&mut self) {
+        let start = self.entries.last().map_or(0, |e| e.1);
+        self.keys.truncate(start);
+    }
+
+    /// Sorts the entries; fails with the position (in sorted order) of a key whose encoding
+    /// equals its predecessor's.
+    pub fn sort(&mut self) -> Result<(), usize> {
+        let keys = &self.keys;
+        self.entries
+            .sort_unstable_by(|a, b| keys[a.0..a.1].cmp(&keys[b.0..b.1]));
+        for (i, pair) in self.entries.windows(2).enumerate() {
+            if keys[pair[0].0..pair[0].1] == keys[pair[1].0..pair[1].1] {
+                return Err(i + 1);
+            }
+        }
+        Ok(())
+    }
+
+    /// The sorted `(key encoding, entry index)` pairs.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], usize)> + '_ {
+        self.entries
+            .iter()
+            .map(move |&(start, end, index)| (&self.keys[start..end], index))
+    }
+
+    /// The number of entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether there are no entries.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// One step of the path from the hashed root to a failing value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    /// Item of a list or tuple: `[3]`.
+    Index(usize),
+    /// Value of a dict entry, with the key already rendered like Python's `repr`: `['role']`.
+    Key(String),
+    /// Field of a model or dataclass: `.content`.
+    Field(String),
+    /// Inside a dict's key rather than its value.
+    DictKey,
+}
+
+/// Why a value cannot be hashed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyErrorKind {
+    /// A value of a type outside the supported set (its Python type name).
+    Unsupported(String),
+    /// Two different keys of one dict have the same canonical encoding.
+    DuplicateKey,
+    /// Nesting deeper than [`MAX_DEPTH`], or a reference cycle.
+    TooDeep,
+}
+
+/// A value that cannot be hashed, and where it sits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyError {
+    /// What went wrong.
+    pub kind: KeyErrorKind,
+    /// Innermost segment first (segments are pushed while the walk unwinds).
+    rev_path: Vec<Segment>,
+}
+
+impl KeyError {
+    /// An error at the current value; callers add segments with [`KeyError::within`].
+    pub fn new(kind: KeyErrorKind) -> Self {
+        KeyError {
+            kind,
+            rev_path: Vec::new(),
+        }
+    }
+
+    /// Adds the segment that leads from the enclosing container to where the error is.
+    #[must_use]
+    pub fn within(mut self, segment: Segment) -> Self {
+        self.rev_path.push(segment);
+        self
+    }
+
+    /// The path from the root, Python-style: `[0]['content']`, `.messages[2]`, `` for the root.
+    pub fn path(&self) -> String {
+        let mut out = String::new();
+        for segment in self.rev_path.iter().rev() {
+            match segment {
+                Segment::Index(i) => out.push_str(&format!("[{i}]")),
+                Segment::Key(k) => out.push_str(&format!("[{k}]")),
+                Segment::Field(f) => out.push_str(&format!(".{f}")),
+                Segment::DictKey => out.push_str(" (a dict key)"),
+            }
+        }
+        out
+    }
+
+    fn location(&self) -> String {
+        let path = self.path();
+        if path.is_empty() {
+            "the top level".to_owned()
+        } else if let Some(rest) = path.strip_prefix(' ') {
+            format!("the top level {rest}")
+        } else {
+            path
+        }
+    }
+}
+
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let at = self.location();
+        match &self.kind {
+            KeyErrorKind::Unsupported(type_name) => {
+                write!(f, "cannot hash object of type '{type_name}' at {at}")
+            }
+            KeyErrorKind::DuplicateKey => write!(
+                f,
+                "cannot hash dict at {at}: two different keys have the same canonical encoding"
+            ),
+            KeyErrorKind::TooDeep => write!(
+                f,
+                "cannot hash object nested deeper than {MAX_DEPTH} levels (or containing itself) at {at}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for KeyError {}
+
+/// Renders a string the way Python's `repr` does for ordinary text (used in error paths).
+pub fn python_str_repr(s: &str) -> String {
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push(quote);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push(quote);
+    out
+}
+
+/// A request value in pure Rust: the reference model of what the Python walk hashes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// `None`.
+    None,
+    /// `bool`.
+    Bool(bool),
+    /// `int` of any size.
+    Int(BigInt),
+    /// `float`.
+    Float(f64),
+    /// `str`.
+    Str(String),
+    /// `bytes` / `bytearray`.
+    Bytes(Vec<u8>),
+    /// `list` / `tuple`.
+    List(Vec<Value>),
+    /// `dict` (or a model's fields), in any order.
+    Dict(Vec<(Value, Value)>),
+}
+
+/// Writes the canonical encoding of `value` into `sink`.
+pub fn encode_value<S: Sink + ?Sized>(sink: &mut S, value: &Value) -> Result<(), KeyError> {
+    encode_at(sink, value, 0)
+}
+
+fn encode_at<S: Sink + ?Sized>(sink: &mut S, value: &Value, depth: usize) -> Result<(), KeyError> {
+    match value {
+        Value::None => sink.none(),
+        Value::Bool(b) => sink.boolean(*b),
+        Value::Int(i) => sink.int_big(i),
+        Value::Float(x) => sink.float(*x),
+        Value::Str(s) => sink.str_utf8(s.as_bytes()),
+        Value::Bytes(b) => sink.bytes(b),
+        Value::List(items) => {
+            if depth >= MAX_DEPTH {
+                return Err(KeyError::new(KeyErrorKind::TooDeep));
+            }
+            sink.list_header(items.len());
+            for (i, item) in items.iter().enumerate() {
+                encode_at(sink, item, depth + 1).map_err(|e| e.within(Segment::Index(i)))?;
+            }
+        }
+        Value::Dict(entries) => {
+            if depth >= MAX_DEPTH {
+                return Err(KeyError::new(KeyErrorKind::TooDeep));
+            }
+            let mut order = KeyOrder::default();
+            for (i, (key, _)) in entries.iter().enumerate() {
+                encode_at(order.key_sink(), key, depth + 1)
+                    .map_err(|e| e.within(Segment::DictKey))?;
+                order.finish_key(i);
+            }
+            order
+                .sort()
+                .map_err(|_| KeyError::new(KeyErrorKind::DuplicateKey))?;
+            sink.dict_header(entries.len());
+            for (key_bytes, i) in order.iter() {
+                sink.put(key_bytes);
+                let (key, value) = &entries[i];
+                encode_at(sink, value, depth + 1).map_err(|e| e.within(key_segment(key)))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn key_segment(key: &Value) -> Segment {
+    Segment::Key(match key {
+        Value::Str(s) => python_str_repr(s),
+        Value::Int(i) => i.to_string(),
+        other => format!("{other:?}"),
+    })
+}
+
+/// The 32-byte BLAKE3 digest of `value`'s canonical encoding.
+pub fn hash_value(value: &Value) -> Result<[u8; 32], KeyError> {
+    let mut hasher = KeyHasher::new();
+    encode_value(&mut hasher, value)?;
+    Ok(hasher.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn enc(value: &Value) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_value(&mut out, value).unwrap();
+        out
+    }
+
+    fn s(x: &str) -> Value {
+        Value::Str(x.to_owned())
+    }
+
+    fn int(x: i64) -> Value {
+        Value::Int(BigInt::from(x))
+    }
+
+    #[test]
+    fn scalars_encode_as_documented() {
+        assert_eq!(enc(&Value::None), b"N");
+        assert_eq!(enc(&Value::Bool(false)), b"F");
+        assert_eq!(enc(&Value::Bool(true)), b"T");
+        assert_eq!(enc(&int(0)), b"i\0\0\0\0\0\0\0\x01\x00");
+        assert_eq!(enc(&int(-1)), b"i\0\0\0\0\0\0\0\x01\xff");
+        assert_eq!(enc(&int(128)), b"i\0\0\0\0\0\0\0\x02\x00\x80");
+        assert_eq!(enc(&int(-129)), b"i\0\0\0\0\0\0\0\x02\xff\x7f");
+        assert_eq!(enc(&s("hi")), b"s\0\0\0\0\0\0\0\x02hi");
+        assert_eq!(enc(&Value::Bytes(b"hi".to_vec())), b"b\0\0\0\0\0\0\0\x02hi");
+        assert_eq!(
+            enc(&Value::Float(1.0)),
+            b"f\x3f\xf0\x00\x00\x00\x00\x00\x00"
+        );
+    }
+
+    #[test]
+    fn floats_canonicalise_zero_and_nan() {
+        assert_eq!(enc(&Value::Float(-0.0)), enc(&Value::Float(0.0)));
+        let other_nan = f64::from_bits(0xfff0_0000_0000_0001);
+        assert!(other_nan.is_nan());
+        assert_eq!(enc(&Value::Float(other_nan)), enc(&Value::Float(f64::NAN)));
+        assert_ne!(
+            enc(&Value::Float(f64::INFINITY)),
+            enc(&Value::Float(f64::NAN))
+        );
+    }
+
+    #[test]
+    fn types_never_collide() {
+        let values = [
+            s("1"),
+            Value::Bool(true),
+            Value::Bytes(b"1".to_vec()),
+            int(1),
+            Value::Float(1.0),
+            Value::List(vec![int(1)]),
+            Value::Dict(vec![(int(1), Value::None)]),
+            Value::None,
+        ];
+        for (i, a) in values.iter().enumerate() {
+            for b in &values[i + 1..] {
+                assert_ne!(
+                    hash_value(a).unwrap(),
+                    hash_value(b).unwrap(),
+                    "{a:?} vs {b:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn buffering_does_not_change_the_digest() {
+        let big = "x".repeat(3 * BUFFER_SIZE + 17);
+        let value = Value::List(vec![s("a"), s(&big), s("b"), Value::Bytes(vec![7; 40_000])]);
+        let plain = blake3::hash(&enc(&value));
+        assert_eq!(hash_value(&value).unwrap(), *plain.as_bytes());
+    }
+
+    #[test]
+    fn nesting_is_prefix_free() {
+        // [[1], 2] and [[1, 2]] differ, as do ["ab"] and ["a", "b"].
+        let a = Value::List(vec![Value::List(vec![int(1)]), int(2)]);
+        let b = Value::List(vec![Value::List(vec![int(1), int(2)])]);
+        assert_ne!(enc(&a), enc(&b));
+        assert_ne!(
+            enc(&Value::List(vec![s("ab")])),
+            enc(&Value::List(vec![s("a"), s("b")]))
+        );
+    }
+
+    #[test]
+    fn duplicate_key_encodings_are_rejected() {
+        let dict = Value::Dict(vec![(s("a"), int(1)), (s("a"), int(2))]);
+        let err = hash_value(&dict).unwrap_err();
+        assert_eq!(err.kind, KeyErrorKind::DuplicateKey);
+    }
+
+    #[test]
+    fn too_deep_is_an_error_with_a_path() {
+        let mut value = int(0);
+        for _ in 0..MAX_DEPTH {
+            value = Value::List(vec![value]);
+        }
+        assert!(hash_value(&value).is_ok());
+        let value = Value::List(vec![value]);
+        let err = hash_value(&value).unwrap_err();
+        assert_eq!(err.kind, KeyErrorKind::TooDeep);
+        assert!(err.path().starts_with("[0][0]"));
+    }
+
+    #[test]
+    fn error_messages_name_type_and_place() {
+        let err = KeyError::new(KeyErrorKind::Unsupported("set".into()))
+            .within(Segment::Key(python_str_repr("content")))
+            .within(Segment::Index(0))
+            .within(Segment::Key(python_str_repr("messages")));
+        assert_eq!(
+            err.to_string(),
+            "cannot hash object of type 'set' at ['messages'][0]['content']"
+        );
+        let root = KeyError::new(KeyErrorKind::Unsupported("set".into()));
+        assert_eq!(
+            root.to_string(),
+            "cannot hash object of type 'set' at the top level"
+        );
+        let in_key = KeyError::new(KeyErrorKind::Unsupported("object".into()))
+            .within(Segment::DictKey)
+            .within(Segment::Field("params".into()));
+        assert_eq!(
+            in_key.to_string(),
+            "cannot hash object of type 'object' at .params (a dict key)"
+        );
+        assert_eq!(python_str_repr("it's"), "\"it's\"");
+        assert_eq!(python_str_repr("a\nb'\""), "'a\\nb\\'\"'");
+    }
+
+    fn value_strategy() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::None),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|i| Value::Int(BigInt::from(i))),
+            any::<i128>().prop_map(|i| Value::Int(BigInt::from(i))),
+            any::<f64>().prop_map(Value::Float),
+            ".{0,12}".prop_map(Value::Str),
+            proptest::collection::vec(any::<u8>(), 0..12).prop_map(Value::Bytes),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::List),
+                proptest::collection::btree_map(".{0,6}", inner, 0..6).prop_map(|m| {
+                    Value::Dict(m.into_iter().map(|(k, v)| (Value::Str(k), v)).collect())
+                }),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn i64_fast_path_matches_bigint(i in any::<i64>()) {
+            let mut fast = Vec::new();
+            fast.int_i64(i);
+            let mut big = Vec::new();
+            big.int_be_bytes(&BigInt::from(i).to_signed_bytes_be());
+            prop_assert_eq!(fast, big);
+        }
+
+        #[test]
+        fn big_ints_round_trip_through_their_bytes(i in any::<i128>(), shift in 0u32..200) {
+            let value = BigInt::from(i) << shift;
+            let mut out = Vec::new();
+            out.int_big(&value);
+            let len = u64::from_be_bytes(out[1..9].try_into().unwrap()) as usize;
+            prop_assert_eq!(out.len(), 9 + len);
+            prop_assert_eq!(BigInt::from_signed_bytes_be(&out[9..]), value);
+        }
+
+        #[test]
+        fn dict_order_never_matters(value in value_strategy(), seed in any::<u64>()) {
+            let Value::Dict(mut entries) = Value::Dict(vec![
+                (s("v"), value.clone()), (int(3), s("x")), (s("w"), Value::None),
+                (Value::Bytes(vec![1]), Value::Float(2.5)),
+            ]) else { unreachable!() };
+            let before = hash_value(&Value::Dict(entries.clone())).unwrap();
+            let n = entries.len();
+            entries.rotate_left((seed as usize) % n);
+            entries.swap(0, (seed as usize / 7) % n);
+            prop_assert_eq!(before, hash_value(&Value::Dict(entries)).unwrap());
+        }
+
+        #[test]
+        fn equal_values_hash_equal_and_differ_otherwise(a in value_strategy(), b in value_strategy()) {
+            let (ea, eb) = (enc(&a), enc(&b));
+            prop_assert_eq!(hash_value(&a).unwrap(), *blake3::hash(&ea).as_bytes());
+            if ea != eb {
+                prop_assert_ne!(hash_value(&a).unwrap(), hash_value(&b).unwrap());
+            }
+        }
+
+        #[test]
+        fn encodings_are_prefix_free(a in value_strategy(), b in value_strategy()) {
+            // Self-delimiting: the encoding of [a, b] determines a and b.
+            let (ea, eb) = (enc(&a), enc(&b));
+            if ea != eb {
+                prop_assert!(!ea.starts_with(&eb) && !eb.starts_with(&ea));
+            }
+        }
+    }
+}
