@@ -1,1 +1,881 @@
-//! placeholder: codec (being written)
+//! The compact, versioned binary format for chunk streams (pure Rust, no PyO3).
+//!
+//! # Layout
+//! ```text
+//! header   "CGCB" | version u8 | flags u8 | count varint | body_len varint
+//! body     (raw, or one zstd frame when FLAG_ZSTD) =
+//!          structure_len varint | structure bytes | data bytes
+//! ```
+//! The *structure* stream holds tags, varints, bitmasks and back-references: it repeats from
+//! chunk to chunk and compresses to almost nothing. The *data* stream holds the payload of new
+//! strings, bytes, floats and big ints (length-prefixed). Keeping the two apart lets zstd find
+//! long periodic matches in the structure while the incompressible payload sits together.
+//!
+//! Values are a tag byte in the structure stream followed by their operands (see the `TAG_*`
+//! constants). Strings up to [`INTERN_MAX_LEN`] bytes are interned: the first occurrence is
+//! `TAG_STR_NEW` (payload in data) and later ones `TAG_STR_REF` + table index. Model instances
+//! refer to a per-stream *template* (class name + field names, written once) and carry a bitmask
+//! of fields whose scalar value equals the previous instance of the same template.
+//!
+//! Reading never trusts a length: every length and count is bounded by the bytes that remain,
+//! so corrupt input fails with a [`CodecError`] and never allocates more than the input implies.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::io::Read;
+
+/// The 4 bytes every encoding starts with.
+pub const MAGIC: &[u8; 4] = b"CGCB";
+/// The format version written by this build (the only one it reads).
+pub const VERSION: u8 = 1;
+/// Header flag: the payload is a sequence of items (`StreamEncoder`), not one value.
+pub const FLAG_SEQUENCE: u8 = 0x01;
+/// Header flag: the body is one zstd frame.
+pub const FLAG_ZSTD: u8 = 0x02;
+const KNOWN_FLAGS: u8 = FLAG_SEQUENCE | FLAG_ZSTD;
+
+/// Deepest nesting of containers/models the codec writes or reads.
+pub const MAX_DEPTH: usize = 200;
+/// Strings longer than this (in UTF-8 bytes) are written raw instead of interned.
+pub const INTERN_MAX_LEN: usize = 256;
+/// The intern table stops growing at this many entries (strings are then written raw).
+pub const INTERN_MAX_ENTRIES: usize = 1 << 20;
+
+/// `None`.
+pub const TAG_NONE: u8 = 0;
+/// `False`.
+pub const TAG_FALSE: u8 = 1;
+/// `True`.
+pub const TAG_TRUE: u8 = 2;
+/// An int in `i64`: zigzag varint in structure.
+pub const TAG_INT: u8 = 3;
+/// An int outside `i64`: data = varint len + little-endian two's complement bytes.
+pub const TAG_BIGINT: u8 = 4;
+/// A float: data = 8 bytes, little-endian IEEE-754 bits.
+pub const TAG_FLOAT: u8 = 5;
+/// A new interned string: data = varint len + UTF-8; appended to the intern table.
+pub const TAG_STR_NEW: u8 = 6;
+/// A back-reference: structure = varint index into the intern table.
+pub const TAG_STR_REF: u8 = 7;
+/// A string not interned: data = varint len + UTF-8.
+pub const TAG_STR_RAW: u8 = 8;
+/// Bytes: data = varint len + bytes.
+pub const TAG_BYTES: u8 = 9;
+/// A list: structure = varint length, then the items.
+pub const TAG_LIST: u8 = 10;
+/// A tuple: structure = varint length, then the items.
+pub const TAG_TUPLE: u8 = 11;
+/// A dict: structure = varint length, then key, value pairs.
+pub const TAG_DICT: u8 = 12;
+/// A model instance with a new template: class name (string value), varint field count,
+/// field names (string values), then the instance body.
+pub const TAG_MODEL_DEF: u8 = 13;
+/// A model instance of a known template: varint template index, then the instance body.
+pub const TAG_MODEL: u8 = 14;
+
+/// Instance flag: `__pydantic_fields_set__` equals the previous instance's of this template.
+pub const INST_FIELDS_SET_SAME: u8 = 0x01;
+/// Instance flag: `__pydantic_extra__` is a dict (else `None`); the dict follows.
+pub const INST_EXTRA_DICT: u8 = 0x02;
+/// Instance flag: `__pydantic_private__` is a dict (else `None`); the dict follows.
+pub const INST_PRIVATE_DICT: u8 = 0x04;
+/// Every instance flag this version knows.
+pub const INST_KNOWN_FLAGS: u8 = INST_FIELDS_SET_SAME | INST_EXTRA_DICT | INST_PRIVATE_DICT;
+
+/// Everything that can go wrong reading or writing the format.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CodecError {
+    /// The input ended while reading `what`.
+    Truncated(&'static str),
+    /// The input does not start with [`MAGIC`].
+    BadMagic,
+    /// The version byte is not one this build reads.
+    UnknownVersion(u8),
+    /// Header flags with unknown bits set.
+    UnknownFlags(u8),
+    /// A varint longer than 10 bytes or overflowing `u64`.
+    VarintOverflow,
+    /// A declared length/count larger than the input that remains.
+    LengthOutOfBounds {
+        /// What the length was for.
+        what: &'static str,
+        /// The declared length.
+        len: u64,
+        /// Bytes that remained.
+        remaining: usize,
+    },
+    /// A tag byte that no value starts with.
+    UnknownTag(u8),
+    /// String payload that is not UTF-8.
+    InvalidUtf8,
+    /// A back-reference (string, template, previous value) to something that does not exist.
+    BadReference(&'static str, u64),
+    /// Nesting deeper than [`MAX_DEPTH`].
+    TooDeep,
+    /// Bytes left over after the declared items.
+    TrailingBytes(usize),
+    /// zstd failed (corrupt frame, or output not of the declared size).
+    Zstd(String),
+    /// Any other inconsistency, described.
+    Corrupt(String),
+}
+
+impl fmt::Display for CodecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Truncated(what) => write!(f, "truncated input while reading {what}"),
+            Self::BadMagic => write!(f, "not a chengeta_ai compact encoding (bad magic)"),
+            Self::UnknownVersion(v) => {
+                write!(f, "unknown format version {v} (this build reads version {VERSION})")
+            }
+            Self::UnknownFlags(b) => write!(f, "unknown header flags 0x{b:02x}"),
+            Self::VarintOverflow => write!(f, "corrupt varint (longer than 10 bytes)"),
+            Self::LengthOutOfBounds {
+                what,
+                len,
+                remaining,
+            } => write!(
+                f,
+                "corrupt {what} length {len}: only {remaining} bytes remain"
+            ),
+            Self::UnknownTag(t) => write!(f, "corrupt data: unknown tag {t}"),
+            Self::InvalidUtf8 => write!(f, "corrupt data: string is not valid UTF-8"),
+            Self::BadReference(what, i) => write!(f, "corrupt data: {what} {i} does not exist"),
+            Self::TooDeep => write!(f, "nesting deeper than {MAX_DEPTH} levels"),
+            Self::TrailingBytes(n) => write!(f, "corrupt data: {n} trailing bytes"),
+            Self::Zstd(msg) => write!(f, "corrupt compressed body: {msg}"),
+            Self::Corrupt(msg) => write!(f, "corrupt data: {msg}"),
+        }
+    }
+}
+
+impl std::error::Error for CodecError {}
+
+/// Result alias of this module.
+pub type Result<T> = std::result::Result<T, CodecError>;
+
+// ---------------------------------------------------------------------------------------------
+// varints
+
+/// Appends `v` as an unsigned LEB128 varint.
+#[inline]
+pub fn write_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Zigzag-maps a signed int so small magnitudes give small varints.
+#[inline]
+pub fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+/// Inverse of [`zigzag`].
+#[inline]
+pub fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+/// A bounds-checked cursor over a byte slice.
+#[derive(Debug, Clone)]
+pub struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    /// A reader at the start of `buf`.
+    pub fn new(buf: &'a [u8]) -> Self {
+        Self { buf, pos: 0 }
+    }
+
+    /// Bytes not yet read.
+    #[inline]
+    pub fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    /// Current offset.
+    #[inline]
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// One byte.
+    #[inline]
+    pub fn u8(&mut self, what: &'static str) -> Result<u8> {
+        let b = *self.buf.get(self.pos).ok_or(CodecError::Truncated(what))?;
+        self.pos += 1;
+        Ok(b)
+    }
+
+    /// An unsigned LEB128 varint (at most 10 bytes, no overflow).
+    #[inline]
+    pub fn varint(&mut self, what: &'static str) -> Result<u64> {
+        let mut v: u64 = 0;
+        for i in 0..10 {
+            let b = self.u8(what)?;
+            let low = u64::from(b & 0x7f);
+            if i == 9 && low > 1 {
+                return Err(CodecError::VarintOverflow);
+            }
+            v |= low << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(CodecError::VarintOverflow)
+    }
+
+    /// A count of things each taking at least `min_size` bytes of this reader: bounded by
+    /// what remains, so a corrupt count cannot cause a large allocation.
+    #[inline]
+    pub fn count(&mut self, what: &'static str, min_size: usize) -> Result<usize> {
+        let n = self.varint(what)?;
+        let max = (self.remaining() / min_size.max(1)) as u64;
+        if n > max {
+            return Err(CodecError::LengthOutOfBounds {
+                what,
+                len: n,
+                remaining: self.remaining(),
+            });
+        }
+        Ok(n as usize)
+    }
+
+    /// `n` raw bytes.
+    #[inline]
+    pub fn bytes(&mut self, n: usize, what: &'static str) -> Result<&'a [u8]> {
+        if n > self.remaining() {
+            return Err(CodecError::LengthOutOfBounds {
+                what,
+                len: n as u64,
+                remaining: self.remaining(),
+            });
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    /// A varint length followed by that many bytes.
+    #[inline]
+    pub fn len_prefixed(&mut self, what: &'static str) -> Result<&'a [u8]> {
+        let n = self.count(what, 1)?;
+        self.bytes(n, what)
+    }
+
+    /// A varint-length-prefixed UTF-8 string.
+    #[inline]
+    pub fn str(&mut self, what: &'static str) -> Result<&'a str> {
+        std::str::from_utf8(self.len_prefixed(what)?).map_err(|_| CodecError::InvalidUtf8)
+    }
+
+    /// 8 bytes as a little-endian `u64`.
+    #[inline]
+    pub fn u64_le(&mut self, what: &'static str) -> Result<u64> {
+        let b = self.bytes(8, what)?;
+        Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// writer
+
+/// The two output streams of an encoding in progress.
+#[derive(Debug, Default, Clone)]
+pub struct Writer {
+    /// Tags, varints, bitmasks, back-references.
+    pub structure: Vec<u8>,
+    /// Payload of new strings, bytes, floats and big ints.
+    pub data: Vec<u8>,
+}
+
+impl Writer {
+    /// Uncompressed body bytes written so far.
+    pub fn len(&self) -> usize {
+        self.structure.len() + self.data.len()
+    }
+
+    /// Whether nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A tag byte.
+    #[inline]
+    pub fn tag(&mut self, t: u8) {
+        self.structure.push(t);
+    }
+
+    /// A varint in the structure stream.
+    #[inline]
+    pub fn varint(&mut self, v: u64) {
+        write_varint(&mut self.structure, v);
+    }
+
+    /// `TAG_INT` + zigzag varint.
+    #[inline]
+    pub fn int(&mut self, v: i64) {
+        self.structure.push(TAG_INT);
+        write_varint(&mut self.structure, zigzag(v));
+    }
+
+    /// `TAG_FLOAT` + bits.
+    #[inline]
+    pub fn float(&mut self, v: f64) {
+        self.structure.push(TAG_FLOAT);
+        self.data.extend_from_slice(&v.to_bits().to_le_bytes());
+    }
+
+    /// A tag in structure and a length-prefixed payload in data.
+    #[inline]
+    pub fn payload(&mut self, tag: u8, bytes: &[u8]) {
+        self.structure.push(tag);
+        write_varint(&mut self.data, bytes.len() as u64);
+        self.data.extend_from_slice(bytes);
+    }
+
+    /// A string, interned through `table` when short enough.
+    #[inline]
+    pub fn string(&mut self, table: &mut InternTable, s: &str) {
+        match table.lookup_or_insert(s) {
+            Interned::Existing(i) => {
+                self.structure.push(TAG_STR_REF);
+                write_varint(&mut self.structure, u64::from(i));
+            }
+            Interned::New => self.payload(TAG_STR_NEW, s.as_bytes()),
+            Interned::NotInterned => self.payload(TAG_STR_RAW, s.as_bytes()),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// intern tables
+
+/// FxHash (rustc's hasher): a fast, non-cryptographic hash for the intern table. The keys come
+/// from the values being encoded, which the encoding process already trusts.
+#[derive(Default, Clone, Copy)]
+pub struct FxHasher {
+    hash: u64,
+}
+
+const FX_SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+impl Hasher for FxHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let w = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+            self.hash = (self.hash.rotate_left(5) ^ w).wrapping_mul(FX_SEED);
+        }
+        for &b in chunks.remainder() {
+            self.hash = (self.hash.rotate_left(5) ^ u64::from(b)).wrapping_mul(FX_SEED);
+        }
+    }
+
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.hash = (self.hash.rotate_left(5) ^ u64::from(i)).wrapping_mul(FX_SEED);
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.hash
+    }
+}
+
+/// What [`InternTable::lookup_or_insert`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interned {
+    /// Seen before at this index: write a back-reference.
+    Existing(u32),
+    /// First occurrence, now added at the next index: write it as new.
+    New,
+    /// Too long, or the table is full: write it raw.
+    NotInterned,
+}
+
+/// The encoder's string table: string -> index of first occurrence.
+#[derive(Debug, Default, Clone)]
+pub struct InternTable {
+    map: HashMap<Box<str>, u32, BuildHasherDefault<FxHasher>>,
+}
+
+impl InternTable {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of interned strings.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Looks `s` up, adding it when new (and short enough, and the table not full).
+    #[inline]
+    pub fn lookup_or_insert(&mut self, s: &str) -> Interned {
+        if s.len() > INTERN_MAX_LEN {
+            return Interned::NotInterned;
+        }
+        if let Some(&i) = self.map.get(s) {
+            return Interned::Existing(i);
+        }
+        if self.map.len() >= INTERN_MAX_ENTRIES {
+            return Interned::NotInterned;
+        }
+        let i = self.map.len() as u32;
+        self.map.insert(s.into(), i);
+        Interned::New
+    }
+}
+
+/// The decoder's mirror of [`InternTable`]: an append-only list with checked lookups.
+#[derive(Debug, Clone)]
+pub struct DecodeTable<T> {
+    items: Vec<T>,
+}
+
+impl<T> Default for DecodeTable<T> {
+    fn default() -> Self {
+        Self { items: Vec::new() }
+    }
+}
+
+impl<T> DecodeTable<T> {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends the next entry.
+    pub fn push(&mut self, item: T) -> Result<()> {
+        if self.items.len() >= INTERN_MAX_ENTRIES {
+            return Err(CodecError::Corrupt("intern table overflow".into()));
+        }
+        self.items.push(item);
+        Ok(())
+    }
+
+    /// The entry at `index`, or `BadReference`.
+    #[inline]
+    pub fn get(&self, index: u64) -> Result<&T> {
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| self.items.get(i))
+            .ok_or(CodecError::BadReference("string reference", index))
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// bitmasks
+
+/// Bytes of a bitmask over `n` fields.
+#[inline]
+pub fn mask_len(n: usize) -> usize {
+    n.div_ceil(8)
+}
+
+/// Whether bit `i` is set in `mask`.
+#[inline]
+pub fn mask_get(mask: &[u8], i: usize) -> bool {
+    mask[i / 8] & (1 << (i % 8)) != 0
+}
+
+/// Sets bit `i` in `mask`.
+#[inline]
+pub fn mask_set(mask: &mut [u8], i: usize) {
+    mask[i / 8] |= 1 << (i % 8);
+}
+
+// ---------------------------------------------------------------------------------------------
+// header + body
+
+/// The parsed fixed part of an encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// Written by a stream encoder (a sequence of items), not a single value.
+    pub sequence: bool,
+    /// The body is zstd-compressed.
+    pub compressed: bool,
+    /// Number of items (1 for a single value).
+    pub count: u64,
+    /// Uncompressed body length.
+    pub body_len: u64,
+}
+
+impl Header {
+    /// Appends the header bytes.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(MAGIC);
+        out.push(VERSION);
+        let mut flags = 0;
+        if self.sequence {
+            flags |= FLAG_SEQUENCE;
+        }
+        if self.compressed {
+            flags |= FLAG_ZSTD;
+        }
+        out.push(flags);
+        write_varint(out, self.count);
+        write_varint(out, self.body_len);
+    }
+
+    /// Parses a header, returning it and the offset of the body.
+    pub fn parse(data: &[u8]) -> Result<(Header, usize)> {
+        if data.len() < MAGIC.len() {
+            return if MAGIC.starts_with(data) {
+                Err(CodecError::Truncated("magic"))
+            } else {
+                Err(CodecError::BadMagic)
+            };
+        }
+        if &data[..4] != MAGIC {
+            return Err(CodecError::BadMagic);
+        }
+        let mut r = Reader::new(&data[4..]);
+        let version = r.u8("version")?;
+        if version != VERSION {
+            return Err(CodecError::UnknownVersion(version));
+        }
+        let flags = r.u8("flags")?;
+        if flags & !KNOWN_FLAGS != 0 {
+            return Err(CodecError::UnknownFlags(flags));
+        }
+        let count = r.varint("item count")?;
+        let body_len = r.varint("body length")?;
+        let h = Header {
+            sequence: flags & FLAG_SEQUENCE != 0,
+            compressed: flags & FLAG_ZSTD != 0,
+            count,
+            body_len,
+        };
+        if !h.sequence && count != 1 {
+            return Err(CodecError::Corrupt(format!(
+                "single value with item count {count}"
+            )));
+        }
+        Ok((h, 4 + r.position()))
+    }
+}
+
+/// Compresses `body` as one zstd frame.
+pub fn zstd_compress(body: &[u8], level: i32) -> Result<Vec<u8>> {
+    zstd::bulk::compress(body, level).map_err(|e| CodecError::Zstd(e.to_string()))
+}
+
+/// Decompresses one zstd frame that must expand to exactly `expected` bytes. The output grows
+/// with the data actually produced, so a lying `expected` cannot force a large allocation.
+pub fn zstd_decompress(frame: &[u8], expected: u64) -> Result<Vec<u8>> {
+    let mut dec = zstd::stream::read::Decoder::with_buffer(frame)
+        .map_err(|e| CodecError::Zstd(e.to_string()))?
+        .single_frame();
+    let mut out = Vec::with_capacity(expected.min(frame.len() as u64 * 8) as usize);
+    // Read at most one byte more than declared to detect an oversized frame.
+    (&mut dec)
+        .take(expected.saturating_add(1))
+        .read_to_end(&mut out)
+        .map_err(|e| CodecError::Zstd(e.to_string()))?;
+    if out.len() as u64 != expected {
+        return Err(CodecError::Zstd(format!(
+            "expands to {}{} bytes, header says {expected}",
+            out.len(),
+            if out.len() as u64 > expected { "+" } else { "" }
+        )));
+    }
+    Ok(out)
+}
+
+/// Builds the body (`structure_len | structure | data`) of a finished writer.
+pub fn build_body(w: &Writer) -> Vec<u8> {
+    let mut body = Vec::with_capacity(w.len() + 10);
+    write_varint(&mut body, w.structure.len() as u64);
+    body.extend_from_slice(&w.structure);
+    body.extend_from_slice(&w.data);
+    body
+}
+
+/// Frames a finished writer: header + body, the body zstd-compressed when at least
+/// `compress_min_bytes` long (and smaller compressed).
+pub fn assemble(
+    w: &Writer,
+    sequence: bool,
+    count: u64,
+    compress_min_bytes: usize,
+    level: i32,
+) -> Result<Vec<u8>> {
+    let body = build_body(w);
+    let packed = if body.len() >= compress_min_bytes {
+        Some(zstd_compress(&body, level)?).filter(|c| c.len() < body.len())
+    } else {
+        None
+    };
+    Ok(frame(&body, packed.as_deref(), sequence, count))
+}
+
+/// Header + (compressed or raw) body.
+pub fn frame(body: &[u8], compressed: Option<&[u8]>, sequence: bool, count: u64) -> Vec<u8> {
+    let h = Header {
+        sequence,
+        compressed: compressed.is_some(),
+        count,
+        body_len: body.len() as u64,
+    };
+    let payload = compressed.unwrap_or(body);
+    let mut out = Vec::with_capacity(payload.len() + 24);
+    h.write(&mut out);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Parses the header and returns it with the raw body; `decompress` is called for a compressed
+/// body (so the caller can release the GIL around it).
+pub fn open_with(
+    data: &[u8],
+    decompress: impl FnOnce(&[u8], u64) -> Result<Vec<u8>>,
+) -> Result<(Header, Vec<u8>)> {
+    let (h, off) = Header::parse(data)?;
+    let rest = &data[off..];
+    let body = if h.compressed {
+        decompress(rest, h.body_len)?
+    } else {
+        if rest.len() as u64 != h.body_len {
+            return Err(if (rest.len() as u64) < h.body_len {
+                CodecError::Truncated("body")
+            } else {
+                CodecError::TrailingBytes(rest.len() - h.body_len as usize)
+            });
+        }
+        rest.to_vec()
+    };
+    Ok((h, body))
+}
+
+/// [`open_with`] using [`zstd_decompress`].
+pub fn open(data: &[u8]) -> Result<(Header, Vec<u8>)> {
+    open_with(data, zstd_decompress)
+}
+
+/// Splits a body into its structure and data streams, checking the item count fits.
+pub fn split_body(body: &[u8], count: u64) -> Result<(std::ops::Range<usize>, usize)> {
+    let mut r = Reader::new(body);
+    let slen = r.count("structure", 1)?;
+    let start = r.position();
+    if count > slen as u64 {
+        return Err(CodecError::LengthOutOfBounds {
+            what: "item count",
+            len: count,
+            remaining: slen,
+        });
+    }
+    Ok((start..start + slen, start + slen))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn varint_bytes(v: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_varint(&mut out, v);
+        out
+    }
+
+    #[test]
+    fn varint_known_answers() {
+        assert_eq!(varint_bytes(0), [0]);
+        assert_eq!(varint_bytes(127), [127]);
+        assert_eq!(varint_bytes(128), [0x80, 1]);
+        assert_eq!(varint_bytes(300), [0xac, 0x02]);
+        assert_eq!(varint_bytes(u64::MAX).len(), 10);
+    }
+
+    #[test]
+    fn varint_rejects_overflow_and_truncation() {
+        let mut r = Reader::new(&[0xff; 11]);
+        assert_eq!(r.varint("x"), Err(CodecError::VarintOverflow));
+        let mut bad = vec![0xff; 9];
+        bad.push(0x02); // 10th byte may only carry one bit
+        assert_eq!(Reader::new(&bad).varint("x"), Err(CodecError::VarintOverflow));
+        assert_eq!(
+            Reader::new(&[0x80, 0x80]).varint("x"),
+            Err(CodecError::Truncated("x"))
+        );
+    }
+
+    #[test]
+    fn zigzag_known_answers() {
+        assert_eq!(zigzag(0), 0);
+        assert_eq!(zigzag(-1), 1);
+        assert_eq!(zigzag(1), 2);
+        assert_eq!(zigzag(i64::MIN), u64::MAX);
+    }
+
+    #[test]
+    fn counts_are_bounded_by_remaining_input() {
+        let mut data = varint_bytes(1 << 40);
+        data.extend_from_slice(&[0; 4]);
+        let err = Reader::new(&data).count("list", 1).unwrap_err();
+        assert!(matches!(err, CodecError::LengthOutOfBounds { .. }));
+    }
+
+    #[test]
+    fn header_round_trip_and_errors() {
+        let h = Header {
+            sequence: true,
+            compressed: false,
+            count: 5000,
+            body_len: 123_456,
+        };
+        let mut out = Vec::new();
+        h.write(&mut out);
+        assert_eq!(Header::parse(&out).unwrap(), (h, out.len()));
+        assert_eq!(Header::parse(b"CG"), Err(CodecError::Truncated("magic")));
+        assert_eq!(Header::parse(b"\x80\x04junk"), Err(CodecError::BadMagic));
+        assert_eq!(
+            Header::parse(b"CGCB\x02\x00\x01\x00"),
+            Err(CodecError::UnknownVersion(2))
+        );
+        assert_eq!(
+            Header::parse(b"CGCB\x01\x80\x01\x00"),
+            Err(CodecError::UnknownFlags(0x80))
+        );
+        assert!(Header::parse(b"CGCB\x01\x00\x02\x00").is_err());
+        for cut in 0..out.len() {
+            assert!(Header::parse(&out[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn intern_table_refs_and_limits() {
+        let mut t = InternTable::new();
+        assert_eq!(t.lookup_or_insert("a"), Interned::New);
+        assert_eq!(t.lookup_or_insert("b"), Interned::New);
+        assert_eq!(t.lookup_or_insert("a"), Interned::Existing(0));
+        assert_eq!(t.lookup_or_insert("b"), Interned::Existing(1));
+        let long = "x".repeat(INTERN_MAX_LEN + 1);
+        assert_eq!(t.lookup_or_insert(&long), Interned::NotInterned);
+        assert_eq!(t.len(), 2);
+        let mut d: DecodeTable<String> = DecodeTable::new();
+        d.push("a".into()).unwrap();
+        assert_eq!(d.get(0).unwrap(), "a");
+        assert_eq!(d.get(1), Err(CodecError::BadReference("string reference", 1)));
+        assert_eq!(
+            d.get(u64::MAX),
+            Err(CodecError::BadReference("string reference", u64::MAX))
+        );
+    }
+
+    #[test]
+    fn assemble_open_raw_and_compressed() {
+        let mut w = Writer::default();
+        let mut t = InternTable::new();
+        for i in 0..500 {
+            w.int(i);
+            w.string(&mut t, "chat.completion.chunk");
+        }
+        for min in [0, usize::MAX] {
+            let enc = assemble(&w, true, 1000, min, 3).unwrap();
+            let (h, body) = open(&enc).unwrap();
+            assert_eq!(h.compressed, min == 0);
+            assert_eq!(body, build_body(&w));
+            let (s, d) = split_body(&body, h.count).unwrap();
+            assert_eq!(&body[s], &w.structure[..]);
+            assert_eq!(&body[d..], &w.data[..]);
+            for cut in 0..enc.len() {
+                assert!(open(&enc[..cut]).is_err(), "cut {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn zstd_size_mismatch_is_an_error() {
+        let frame = zstd_compress(&[7u8; 1000], 3).unwrap();
+        assert!(zstd_decompress(&frame, 999).is_err());
+        assert!(zstd_decompress(&frame, 1001).is_err());
+        assert!(zstd_decompress(&frame, u64::MAX).is_err());
+        assert_eq!(zstd_decompress(&frame, 1000).unwrap(), vec![7u8; 1000]);
+        assert!(zstd_decompress(b"garbage!", 10).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn varint_round_trip(v: u64) {
+            let b = varint_bytes(v);
+            let mut r = Reader::new(&b);
+            prop_assert_eq!(r.varint("v").unwrap(), v);
+            prop_assert_eq!(r.remaining(), 0);
+        }
+
+        #[test]
+        fn zigzag_round_trip(v: i64) {
+            prop_assert_eq!(unzigzag(zigzag(v)), v);
+        }
+
+        #[test]
+        fn reader_never_panics(data: Vec<u8>) {
+            let mut r = Reader::new(&data);
+            let _ = r.varint("a");
+            let _ = r.str("b");
+            let _ = r.count("c", 2);
+            let _ = r.u64_le("d");
+            let _ = open(&data);
+        }
+
+        #[test]
+        fn intern_round_trip(words in proptest::collection::vec("[a-c]{0,3}", 0..50)) {
+            let mut w = Writer::default();
+            let mut t = InternTable::new();
+            for s in &words { w.string(&mut t, s); }
+            let mut st = Reader::new(&w.structure);
+            let mut da = Reader::new(&w.data);
+            let mut d: DecodeTable<String> = DecodeTable::new();
+            for s in &words {
+                let got = match st.u8("tag").unwrap() {
+                    TAG_STR_NEW => { let v = da.str("s").unwrap().to_string(); d.push(v.clone()).unwrap(); v }
+                    TAG_STR_REF => d.get(st.varint("i").unwrap()).unwrap().clone(),
+                    t => panic!("tag {t}"),
+                };
+                prop_assert_eq!(&got, s);
+            }
+        }
+
+        #[test]
+        fn truncated_or_mutated_frames_error_not_panic(
+            n in 0usize..300, cut in 0usize..2000, flip in 0usize..2000, bit in 0u8..8, min in 0usize..2,
+        ) {
+            let mut w = Writer::default();
+            let mut t = InternTable::new();
+            for i in 0..n { w.int(i as i64); w.string(&mut t, &format!("s{}", i % 7)); }
+            let enc = assemble(&w, true, n as u64, if min == 0 { 0 } else { usize::MAX }, 3).unwrap();
+            let cut = cut % (enc.len() + 1);
+            if cut < enc.len() { prop_assert!(open(&enc[..cut]).is_err()); }
+            let mut m = enc.clone();
+            let i = flip % m.len();
+            m[i] ^= 1 << bit;
+            let _ = open(&m).and_then(|(h, b)| split_body(&b, h.count).map(|_| ()));
+        }
+    }
+}
