@@ -28,6 +28,7 @@ import hashlib
 import http.server
 import json
 import socket
+import sys
 import threading
 import time
 from types import TracebackType
@@ -371,6 +372,12 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     owner: LocalOpenAIServer
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Stay quiet about clients that hang up (keep-alive closes, aborted streams)."""
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
 
 
 class LocalOpenAIServer:
