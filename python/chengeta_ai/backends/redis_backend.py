@@ -1,0 +1,363 @@
+"""`RedisBackend`: a cache shared by many processes and machines, on Redis >= 7 (or Valkey).
+
+Keys (``prefix`` defaults to ``"chengeta:"``; one prefix per namespace)::
+
+    {prefix}k:<key>     STRING   the encoded entry, native expiry (SET ... PX ttl)
+    {prefix}tag:<tag>   ZSET     member <key>, score = the entry's expiry in unix ms (+inf: none)
+
+Round trips. ``get`` is one ``GET``. ``set`` is one pipelined ``MULTI/EXEC``: the ``SET`` and,
+per tag, ``ZADD``, ``ZREMRANGEBYSCORE`` (drops members whose entries expired more than
+``tag_prune_grace`` seconds ago, so a busy tag never grows without bound) and two ``PEXPIRE``:
+``NX`` gives a new tag set an expiry, ``GT`` extends it, so a tag set always outlives its
+longest-lived member (an entry without TTL gives its tags an expiry of ~100 years, never
+``PERSIST``, so ``NX``/``GT`` stay exact). ``invalidate`` reads the members (one ``ZRANGE``)
+and then, per 500 members, ``UNLINK``s the entries and ``ZREM``s exactly those members in one
+``MULTI``: a key tagged concurrently after the read keeps its registration, so none is lost.
+`stats` counts round trips.
+
+Trade-offs of MULTI without reads: re-setting a key with *different* tags leaves it registered
+under its old tags too (until the old score passes), so invalidating an old tag also drops it.
+That errs toward a miss, never toward stale data; chengeta_ai derives tags from the request that
+also determines the key, so in practice a key's tags never change. ``delete`` leaves harmless
+stale members behind.
+
+Redis Cluster. ``MULTI`` and multi-key commands need every key in one hash slot. With a prefix
+containing a hash tag, e.g. ``prefix="{chengeta}:"``, every key of the namespace hashes to the
+same slot: ``set`` with tags and ``invalidate`` keep working unchanged (and stay atomic), at the
+cost of putting one namespace on one shard (spread load by using several namespaces, each its
+own ``{...}``). The alternative, per-key slots with tag sets on other shards, would make a
+``set`` span several nodes (several round trips, no atomicity: a crash between them loses tag
+registrations), which is why it was not chosen. A plain ``"chengeta:"`` prefix is for
+standalone / Sentinel deployments. Pass a ``redis.cluster.RedisCluster`` as ``client`` to use a
+cluster (not tested here: no cluster in CI; the one-slot property of the keys is tested).
+
+Failure. Timeouts are short (``socket_connect_timeout=0.5``, ``socket_timeout=1.0`` seconds)
+and a command is retried once only on a connection error (a pooled socket broken by a server
+restart), so an unreachable server costs one failed connect, not redis-py's default backoff.
+After a connection failure, operations raise `BackendError` at once without I/O for
+``down_backoff`` seconds (0.5 s), so a dead server stalls no caller; then the next call tries
+again and redis-py reconnects. All driver errors surface as `BackendError`.
+
+Async. Under asyncio the async twins use ``redis.asyncio`` (one client per event loop, no
+threads). ``redis.asyncio`` only runs on asyncio, so under trio they run the sync client in an
+anyio worker thread. Values are opaque bytes: nothing here ever unpickles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+import redis.asyncio
+import redis.asyncio.retry
+import redis.backoff
+import redis.retry
+from chengeta_ai.backends.base import BaseBackend
+from chengeta_ai.errors import BackendError
+
+__all__ = ["RedisBackend"]
+
+_FOREVER_MS = 100 * 365 * 24 * 3600 * 1000  # tag-set expiry for entries without TTL
+_INVALIDATE_BATCH = 500
+_SCAN_BATCH = 1000
+
+
+def _escape_glob(s: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in s)
+
+
+class RedisBackend(BaseBackend):
+    """Entries and tag sets in Redis (see the module doc for the key layout and guarantees).
+
+    ``client`` / ``async_client`` may be given (they are then not closed by `close`); otherwise
+    both are built from ``url`` with the timeouts below. Values must be ``bytes``.
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        prefix: str = "chengeta:",
+        client: redis.Redis | None = None,
+        async_client: redis.asyncio.Redis | None = None,
+        socket_timeout: float = 1.0,
+        socket_connect_timeout: float = 0.5,
+        down_backoff: float = 0.5,
+        max_connections: int | None = None,
+        tag_prune_grace: float = 60.0,
+    ) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.down_backoff = down_backoff
+        self.tag_prune_grace = tag_prune_grace
+        self._client_kwargs: dict[str, Any] = {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": socket_connect_timeout,
+            "max_connections": max_connections,
+        }
+        self._owns_client = client is None
+        self._client: redis.Redis = (
+            client
+            if client is not None
+            else redis.Redis.from_url(
+                url,
+                retry=redis.retry.Retry(
+                    redis.backoff.NoBackoff(), 1, supported_errors=(redis.ConnectionError,)
+                ),
+                **self._client_kwargs,
+            )
+        )
+        self._async_client = async_client
+        # One redis.asyncio client per event loop: its connections are bound to the loop.
+        self._aclients: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, redis.asyncio.Redis
+        ] = weakref.WeakKeyDictionary()
+        # Guards the counters, the circuit state and _aclients; never held across I/O.
+        self._lock = threading.Lock()
+        self._down_until = 0.0
+        self._closed = False
+        self._counts = dict.fromkeys(
+            ("round_trips", "errors", "short_circuited", "gets", "hits", "sets", "invalidations"),
+            0,
+        )
+
+    def __repr__(self) -> str:
+        return f"RedisBackend({self.url!r}, prefix={self.prefix!r})"
+
+    # -- keys --------------------------------------------------------------------------------
+
+    def entry_key(self, key: str) -> str:
+        """The Redis key holding ``key``'s entry."""
+        return f"{self.prefix}k:{key}"
+
+    def tag_key(self, tag: str) -> str:
+        """The Redis key of the sorted set of keys tagged ``tag``."""
+        return f"{self.prefix}tag:{tag}"
+
+    # -- plumbing shared by the sync and async twins -----------------------------------------
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for name, n in deltas.items():
+                self._counts[name] += n
+
+    @contextmanager
+    def _guard(self, round_trips: int = 1) -> Iterator[None]:
+        """Count a round trip; short-circuit while down; map driver errors to BackendError."""
+        if self._closed:
+            raise BackendError(f"{self!r} is closed")
+        if time.monotonic() < self._down_until:
+            self._count(short_circuited=1, errors=1)
+            raise BackendError(f"redis at {self.url} unavailable (backing off)")
+        self._count(round_trips=round_trips)
+        try:
+            yield
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            with self._lock:
+                self._counts["errors"] += 1
+                self._down_until = time.monotonic() + self.down_backoff
+            raise BackendError(f"redis at {self.url}: {exc}") from exc
+        except redis.RedisError as exc:
+            self._count(errors=1)
+            raise BackendError(f"redis at {self.url}: {exc}") from exc
+
+    def _queue_set(
+        self, pipe: Any, key: str, value: bytes, ttl: float | None, tags: Sequence[str]
+    ) -> None:
+        """Queue one entry and its tag registrations on a MULTI pipeline (sync or async)."""
+        ek = self.entry_key(key)
+        now_ms = int(time.time() * 1000)
+        if ttl is not None and ttl > 0:
+            ttl_ms = max(1, int(ttl * 1000))
+            pipe.set(ek, value, px=ttl_ms)
+            score: float = now_ms + ttl_ms
+            tag_ms = ttl_ms + int(self.tag_prune_grace * 1000)
+        else:
+            pipe.set(ek, value)
+            score = float("inf")
+            tag_ms = _FOREVER_MS
+        cutoff = now_ms - int(self.tag_prune_grace * 1000)
+        for tag in dict.fromkeys(tags):
+            tk = self.tag_key(tag)
+            pipe.zadd(tk, {key: score})
+            pipe.zremrangebyscore(tk, "-inf", f"({cutoff}")
+            pipe.pexpire(tk, tag_ms, nx=True)
+            pipe.pexpire(tk, tag_ms, gt=True)
+
+    def _queue_invalidate(self, pipe: Any, tag: str, members: Sequence[bytes]) -> None:
+        pipe.unlink(*(self.entry_key(m.decode()) for m in members))
+        pipe.zrem(self.tag_key(tag), *members)
+
+    def _aclient(self) -> redis.asyncio.Redis | None:
+        """The asyncio client for the running loop, or None when not on asyncio (trio)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        if self._async_client is not None:
+            return self._async_client
+        with self._lock:
+            client = self._aclients.get(loop)
+            if client is None:
+                client = redis.asyncio.Redis.from_url(
+                    self.url,
+                    retry=redis.asyncio.retry.Retry(
+                        redis.backoff.NoBackoff(), 1, supported_errors=(redis.ConnectionError,)
+                    ),
+                    **self._client_kwargs,
+                )
+                self._aclients[loop] = client
+        return client
+
+    # -- sync --------------------------------------------------------------------------------
+
+    def get(self, key: str) -> bytes | None:
+        with self._guard():
+            value = self._client.get(self.entry_key(key))
+        self._count(gets=1, hits=value is not None)
+        return value  # type: ignore[return-value]
+
+    def set(
+        self, key: str, value: bytes, ttl: float | None = None, tags: Sequence[str] = ()
+    ) -> None:
+        with self._guard():
+            with self._client.pipeline(transaction=True) as pipe:
+                self._queue_set(pipe, key, value, ttl, tags)
+                pipe.execute()
+        self._count(sets=1)
+
+    def delete(self, key: str) -> bool:
+        with self._guard():
+            return bool(self._client.unlink(self.entry_key(key)))
+
+    def exists(self, key: str) -> bool:
+        with self._guard():
+            return bool(self._client.exists(self.entry_key(key)))
+
+    def invalidate(self, tag: str) -> int:
+        """Delete every entry tagged ``tag``; return how many existed."""
+        with self._guard():
+            members: list[bytes] = self._client.zrange(self.tag_key(tag), 0, -1)  # type: ignore[assignment]
+        removed = 0
+        for i in range(0, len(members), _INVALIDATE_BATCH):
+            with self._guard(), self._client.pipeline(transaction=True) as pipe:
+                self._queue_invalidate(pipe, tag, members[i : i + _INVALIDATE_BATCH])
+                removed += pipe.execute()[0]
+        self._count(invalidations=1)
+        return removed
+
+    def clear(self) -> None:
+        """Delete every key under this backend's prefix (SCAN + UNLINK; other prefixes stay)."""
+        with self._guard():
+            batch: list[bytes] = []
+            for k in self._client.scan_iter(match=_escape_glob(self.prefix) + "*", count=1000):
+                batch.append(k)
+                if len(batch) >= _SCAN_BATCH:
+                    self._client.unlink(*batch)
+                    batch = []
+            if batch:
+                self._client.unlink(*batch)
+
+    def close(self) -> None:
+        """Close the clients this backend created (asyncio ones are dropped: see `aclose`)."""
+        self._closed = True
+        with self._lock:
+            self._aclients.clear()
+        if self._owns_client:
+            self._client.close()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this instance: ``round_trips`` (network round trips issued), ``gets``,
+        ``hits``, ``sets``, ``invalidations``, ``errors``, ``short_circuited`` (calls refused
+        without I/O while the server was down). Entry counts would need a SCAN: not reported."""
+        with self._lock:
+            out: dict[str, Any] = {"backend": "redis", "url": self.url, "prefix": self.prefix}
+            out.update(self._counts)
+            out["down"] = time.monotonic() < self._down_until
+        return out
+
+    # -- async: redis.asyncio on asyncio, the sync client in a worker thread elsewhere --------
+
+    async def aget(self, key: str) -> bytes | None:
+        client = self._aclient()
+        if client is None:
+            return await super().aget(key)
+        with self._guard():
+            value = await client.get(self.entry_key(key))
+        self._count(gets=1, hits=value is not None)
+        return value  # type: ignore[return-value]
+
+    async def aset(
+        self, key: str, value: bytes, ttl: float | None = None, tags: Sequence[str] = ()
+    ) -> None:
+        client = self._aclient()
+        if client is None:
+            return await super().aset(key, value, ttl, tags)
+        with self._guard():
+            async with client.pipeline(transaction=True) as pipe:
+                self._queue_set(pipe, key, value, ttl, tags)
+                await pipe.execute()
+        self._count(sets=1)
+
+    async def adelete(self, key: str) -> bool:
+        client = self._aclient()
+        if client is None:
+            return await super().adelete(key)
+        with self._guard():
+            return bool(await client.unlink(self.entry_key(key)))
+
+    async def aexists(self, key: str) -> bool:
+        client = self._aclient()
+        if client is None:
+            return await super().aexists(key)
+        with self._guard():
+            return bool(await client.exists(self.entry_key(key)))
+
+    async def ainvalidate(self, tag: str) -> int:
+        client = self._aclient()
+        if client is None:
+            return await super().ainvalidate(tag)
+        with self._guard():
+            members: list[bytes] = await client.zrange(self.tag_key(tag), 0, -1)  # type: ignore[assignment]
+        removed = 0
+        for i in range(0, len(members), _INVALIDATE_BATCH):
+            with self._guard():
+                async with client.pipeline(transaction=True) as pipe:
+                    self._queue_invalidate(pipe, tag, members[i : i + _INVALIDATE_BATCH])
+                    removed += (await pipe.execute())[0]
+        self._count(invalidations=1)
+        return removed
+
+    async def aclear(self) -> None:
+        client = self._aclient()
+        if client is None:
+            return await super().aclear()
+        with self._guard():
+            batch: list[bytes] = []
+            async for k in client.scan_iter(match=_escape_glob(self.prefix) + "*", count=1000):
+                batch.append(k)
+                if len(batch) >= _SCAN_BATCH:
+                    await client.unlink(*batch)
+                    batch = []
+            if batch:
+                await client.unlink(*batch)
+
+    async def aclose(self) -> None:
+        """Close the running loop's asyncio client (if created here) and the sync client."""
+        client = None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:
+            with self._lock:
+                client = self._aclients.pop(loop, None)
+        self.close()
+        if client is not None:
+            await client.aclose()
