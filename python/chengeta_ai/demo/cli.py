@@ -1,0 +1,388 @@
+"""``python -m chengeta_ai demo``: one prompt streamed twice through `StreamingResponseCache`.
+
+Without ``--real`` (or without ``OPENAI_API_KEY``) the demo starts a `LocalOpenAIServer` on
+loopback and talks to it with the real ``openai`` client, so it needs no key and no network.
+It streams the prompt twice with ``openai.OpenAI`` + ``get_or_stream`` (a miss, then a hit),
+then twice with ``openai.AsyncOpenAI`` + ``aget_or_stream`` under anyio (asyncio or trio), and
+prints what it measured: time to the first chunk, total time, upstream calls, bytes stored.
+
+Each of the two runs gets a fresh cache (a new backend), so each shows a miss and then a hit.
+Storage backends are built by `BACKENDS`; add one there to offer it on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TextIO
+
+from chengeta_ai.demo.server import LocalOpenAIServer
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionMessageParam
+
+__all__ = ["BACKENDS", "add_arguments", "run"]
+
+DEFAULT_PROMPT = "Explain caching in 3 sentences"
+DEFAULT_MODEL = "gpt-4o-mini"
+
+
+# -- storage backends ------------------------------------------------------------------------
+
+
+def _memory_backend(workdir: str, name: str) -> Any:
+    from chengeta_ai import InMemoryBackend
+
+    return InMemoryBackend()
+
+
+def _sqlite_backend(workdir: str, name: str) -> Any:
+    from chengeta_ai.backends.sqlite_backend import SQLiteBackend
+
+    return SQLiteBackend(os.path.join(workdir, f"{name}.sqlite3"))
+
+
+#: ``--backend`` choices: name -> (description, factory(workdir, run_name) -> backend).
+#: A factory is called once per demo run (sync, async) and must return an empty backend.
+BACKENDS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
+    "memory": ("InMemoryBackend (process memory)", _memory_backend),
+    "sqlite": ("SQLiteBackend (a temporary file, deleted at exit)", _sqlite_backend),
+    # "redis": RedisBackend on a local redis-server, when chengeta_ai.backends.redis_backend lands.
+}
+
+
+# -- measurements ----------------------------------------------------------------------------
+
+
+@dataclass
+class Pass:
+    """One call through the cache: what it printed and how long it took."""
+
+    label: str
+    first_chunk: float | None = None
+    total: float = 0.0
+    chunks: int = 0
+    upstream_calls: int = 0
+    text: str = ""
+
+
+@dataclass
+class Report:
+    title: str
+    passes: list[Pass] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+    upstream_total: int = 0
+
+
+class _Clock:
+    """Times one pass and prints its text live, wrapped under the label."""
+
+    def __init__(self, p: Pass, out: TextIO, indent: int, width: int) -> None:
+        self.p = p
+        self.out = out
+        self.indent = indent
+        self.width = width
+        self.column = indent
+        self.t0 = time.perf_counter()
+
+    def chunk(self, chunk: Any) -> None:
+        if self.p.first_chunk is None:
+            self.p.first_chunk = time.perf_counter() - self.t0
+        self.p.chunks += 1
+        text = _content(chunk)
+        self.p.text += text
+        if not text:
+            return
+        if self.column + len(text) > self.width and self.column > self.indent:
+            self.out.write("\n" + " " * self.indent)
+            self.column = self.indent
+            text = text.lstrip(" ")
+        self.out.write(text)
+        self.out.flush()
+        self.column += len(text)
+
+    def done(self) -> None:
+        self.p.total = time.perf_counter() - self.t0
+        self.out.write("\n")
+
+
+def _start_pass(p: Pass, out: TextIO) -> _Clock:
+    prefix = f"  {p.label:<4} | "
+    out.write(prefix)
+    out.flush()
+    width = min(shutil.get_terminal_size((100, 24)).columns, 100) - 1
+    return _Clock(p, out, len(prefix), max(width, len(prefix) + 20))
+
+
+def _content(chunk: Any) -> str:
+    choices = getattr(chunk, "choices", None)
+    if not choices:
+        return ""  # the usage chunk
+    return choices[0].delta.content or ""
+
+
+# -- the demo --------------------------------------------------------------------------------
+
+
+@dataclass
+class Upstream:
+    """Where the completions come from, and how to count the calls made to it."""
+
+    description: str
+    base_url: str | None
+    api_key: str | None
+    count: Callable[[], int]
+    calls: int = 0  # stream_fn invocations, counted by the demo itself
+
+
+def _new_cache(args: argparse.Namespace, workdir: str, name: str) -> Any:
+    from chengeta_ai import CacheKeyBuilder, CacheManager
+    from chengeta_ai.layers.streaming_cache import StreamingResponseCache
+
+    backend = BACKENDS[args.backend][1](workdir, name)
+    manager = CacheManager(backend=backend, key_builder=CacheKeyBuilder())
+    return StreamingResponseCache(manager)
+
+
+def _run_sync(args: argparse.Namespace, upstream: Upstream, cache: Any, out: TextIO) -> Report:
+    import openai
+
+    client = openai.OpenAI(base_url=upstream.base_url, api_key=upstream.api_key)
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": args.prompt}]
+
+    def stream_fn(messages: list[ChatCompletionMessageParam]) -> Any:
+        upstream.calls += 1
+        return client.chat.completions.create(model=args.model, messages=messages, stream=True)
+
+    report = Report("sync: openai.OpenAI + StreamingResponseCache.get_or_stream")
+    start_count = upstream.count()
+    try:
+        for label in ("MISS", "HIT"):
+            p = Pass(label)
+            before = upstream.count()
+            clock = _start_pass(p, out)
+            for chunk in cache.get_or_stream(messages, stream_fn, model_id=args.model):
+                clock.chunk(chunk)
+            clock.done()
+            p.upstream_calls = upstream.count() - before
+            report.passes.append(p)
+    finally:
+        client.close()
+    report.stats = dict(cache.stats())
+    report.upstream_total = upstream.count() - start_count
+    return report
+
+
+def _run_async(args: argparse.Namespace, upstream: Upstream, cache: Any, out: TextIO) -> Report:
+    import anyio
+    import openai
+
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": args.prompt}]
+    report = Report(
+        f"async ({args.async_backend}): openai.AsyncOpenAI + StreamingResponseCache.aget_or_stream"
+    )
+
+    async def main() -> None:
+        async with openai.AsyncOpenAI(base_url=upstream.base_url, api_key=upstream.api_key) as c:
+
+            async def async_stream_fn(messages: list[ChatCompletionMessageParam]) -> Any:
+                upstream.calls += 1
+                async for chunk in await c.chat.completions.create(
+                    model=args.model, messages=messages, stream=True
+                ):
+                    yield chunk
+
+            start_count = upstream.count()
+            for label in ("MISS", "HIT"):
+                p = Pass(label)
+                before = upstream.count()
+                clock = _start_pass(p, out)
+                async for chunk in cache.aget_or_stream(
+                    messages, async_stream_fn, model_id=args.model
+                ):
+                    clock.chunk(chunk)
+                clock.done()
+                p.upstream_calls = upstream.count() - before
+                report.passes.append(p)
+            report.upstream_total = upstream.count() - start_count
+
+    anyio.run(main, backend=args.async_backend)
+    report.stats = dict(cache.stats())
+    return report
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:,.1f} ms"
+
+
+def _print_report(report: Report, upstream: Upstream, out: TextIO) -> list[str]:
+    """Print the table; return the problems found (an empty list when all is as expected)."""
+    rows = [("", "first chunk", "total", "upstream calls", "chunks")]
+    for p in report.passes:
+        rows.append(
+            (p.label, _ms(p.first_chunk), _ms(p.total), str(p.upstream_calls), str(p.chunks))
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out.write("\n")
+    for r in rows:
+        out.write(
+            "  "
+            + "  ".join(
+                c.rjust(w) if i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            ).rstrip()
+            + "\n"
+        )
+    miss, hit = report.passes
+    if miss.first_chunk and hit.first_chunk and hit.total > 0:
+        out.write(
+            f"  hit vs miss: first chunk {miss.first_chunk / hit.first_chunk:,.0f}x sooner, "
+            f"whole stream {miss.total / hit.total:,.0f}x faster\n"
+        )
+    stored_bytes = report.stats.get("stored_bytes")
+    stored_chunks = report.stats.get("stored_chunks")
+    if isinstance(stored_bytes, int) and isinstance(stored_chunks, int) and stored_chunks:
+        out.write(
+            f"  stored: {stored_bytes:,} bytes for {stored_chunks} chunks "
+            f"({stored_bytes / stored_chunks:,.1f} bytes/chunk)\n"
+        )
+    else:
+        out.write(f"  stored: {stored_bytes!r} bytes, {stored_chunks!r} chunks\n")
+    out.write(
+        f"  cache.stats(): hits={report.stats.get('hits')} misses={report.stats.get('misses')}"
+        f" stores={report.stats.get('stores')}; upstream calls in all: {report.upstream_total}\n"
+    )
+
+    problems = []
+    if (miss.upstream_calls, hit.upstream_calls) != (1, 0):
+        problems.append(
+            f"{report.title}: expected 1 upstream call then 0, got "
+            f"{miss.upstream_calls} then {hit.upstream_calls}"
+        )
+    if miss.text != hit.text or miss.chunks != hit.chunks:
+        problems.append(f"{report.title}: the hit did not replay the miss")
+    return problems
+
+
+@contextmanager
+def _upstream(args: argparse.Namespace, out: TextIO) -> Iterator[Upstream]:
+    if args.real:
+        # The real API cannot be asked how often it was called: count the stream_fn calls.
+        real = Upstream("the OpenAI API (OPENAI_API_KEY)", None, None, lambda: real.calls)
+        yield real
+        return
+    if args.fast:
+        first, interval = 0.005, 0.0005
+    else:
+        first, interval = args.first_token_delay, args.token_interval
+    with LocalOpenAIServer(
+        first_token_delay=first, token_interval=interval, tokens=args.tokens
+    ) as s:
+        yield Upstream(
+            f"local OpenAI-compatible server at {s.base_url} ({args.tokens} tokens, first after "
+            f"{first * 1000:g} ms, then one every {interval * 1000:g} ms)",
+            s.base_url,
+            "local",
+            lambda: s.request_count,
+        )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the demo's options to ``parser``."""
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message to send")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model (default: %(default)s)")
+    parser.add_argument(
+        "--real",
+        action="store_true",
+        help="talk to the real OpenAI API (needs OPENAI_API_KEY); default: a local server",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=sorted(BACKENDS),
+        default="memory",
+        help="cache storage backend (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--async-backend",
+        choices=["asyncio", "trio"],
+        default="asyncio",
+        help="event loop for the async run (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--fast", action="store_true", help="local server with tiny delays (for smoke tests)"
+    )
+    parser.add_argument(
+        "--tokens", type=int, default=60, help="local server: tokens per reply (default: 60)"
+    )
+    parser.add_argument(
+        "--first-token-delay",
+        type=float,
+        default=0.25,
+        help="local server: seconds before the first token (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--token-interval",
+        type=float,
+        default=0.02,
+        help="local server: seconds between tokens (default: %(default)s)",
+    )
+    parser.add_argument("--sync-only", action="store_true", help="skip the async run")
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Run the demo; returns the process exit code."""
+    out = out if out is not None else sys.stdout
+    has_key = bool(os.environ.get("OPENAI_API_KEY"))
+    if args.real and not has_key:
+        print("chengeta-ai demo: --real needs OPENAI_API_KEY in the environment", file=sys.stderr)
+        return 2
+    try:
+        import openai  # noqa: F401
+    except ImportError:
+        print(
+            "chengeta-ai demo: needs the openai package: pip install 'chengeta_ai[openai]'",
+            file=sys.stderr,
+        )
+        return 2
+
+    problems: list[str] = []
+    with ExitStack() as stack:
+        upstream = stack.enter_context(_upstream(args, out))
+        workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="chengeta-demo-"))
+        out.write("chengeta_ai demo: one prompt streamed twice through StreamingResponseCache\n")
+        out.write(f"  upstream: {upstream.description}\n")
+        if has_key and not args.real:
+            out.write("  (OPENAI_API_KEY is set; pass --real to use the real API)\n")
+        out.write(f"  model:    {args.model}\n")
+        out.write(f"  backend:  {BACKENDS[args.backend][0]}\n")
+        out.write(f"  prompt:   {args.prompt!r}\n")
+
+        runs: list[tuple[str, Callable[..., Report]]] = [("sync", _run_sync)]
+        if not args.sync_only:
+            runs.append(("async", _run_async))
+        for name, fn in runs:
+            cache = _new_cache(args, workdir, name)
+            out.write(f"\n[{name}] ")
+            title = (
+                "openai.OpenAI + get_or_stream"
+                if name == "sync"
+                else f"openai.AsyncOpenAI + aget_or_stream on {args.async_backend}"
+            )
+            out.write(title + "\n")
+            report = fn(args, upstream, cache, out)
+            problems += _print_report(report, upstream, out)
+
+    out.write("\n")
+    if problems:
+        for problem in problems:
+            out.write(f"UNEXPECTED: {problem}\n")
+        return 1
+    out.write("OK: each prompt went upstream once; the second call replayed it from the cache.\n")
+    return 0

@@ -1,0 +1,61 @@
+"""Smoke test of ``python -m chengeta_ai demo --fast`` (a subprocess, as a user runs it)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+
+def _run_demo(*extra: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env.pop("OPENAI_API_KEY", None)  # never reach the real API from the test suite
+    env.pop("OPENAI_BASE_URL", None)
+    return subprocess.run(
+        [sys.executable, "-m", "chengeta_ai", "demo", "--fast", *extra],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("async_backend", ["asyncio", "trio"])
+def test_demo_fast(async_backend: str) -> None:
+    proc = _run_demo("--async-backend", async_backend)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "local OpenAI-compatible server at http://127.0.0.1:" in out
+    assert "[sync] openai.OpenAI + get_or_stream" in out
+    assert f"[async] openai.AsyncOpenAI + aget_or_stream on {async_backend}" in out
+    # Two tables, each: a header, a MISS row with one upstream call, a HIT row with none.
+    assert len(re.findall(r"first chunk +total +upstream calls +chunks", out)) == 2
+    assert len(re.findall(r"^  MISS +[\d,.]+ ms +[\d,.]+ ms +1 +62$", out, re.M)) == 2
+    assert len(re.findall(r"^  HIT +[\d,.]+ ms +[\d,.]+ ms +0 +62$", out, re.M)) == 2
+    assert len(re.findall(r"stored: [\d,]+ bytes for 62 chunks \([\d,.]+ bytes/chunk\)", out)) == 2
+    assert out.rstrip().endswith("replayed it from the cache.")
+    assert "UNEXPECTED" not in out
+    assert proc.stderr == ""
+
+
+def test_demo_real_without_key_is_a_usage_error() -> None:
+    proc = _run_demo("--real")
+    assert proc.returncode == 2
+    assert "OPENAI_API_KEY" in proc.stderr
+
+
+def test_demo_help() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "chengeta_ai", "demo", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0
+    assert "--backend" in proc.stdout
+    assert "--async-backend" in proc.stdout
