@@ -7,7 +7,8 @@ then twice with ``openai.AsyncOpenAI`` + ``aget_or_stream`` under anyio (asyncio
 prints what it measured: time to the first chunk, total time, upstream calls, bytes stored.
 
 Each of the two runs gets a fresh cache (a new backend), so each shows a miss and then a hit.
-Storage backends are built by `BACKENDS`; add one there to offer it on the command line.
+Storage backends (`--backend memory|sqlite|redis`) are built by the factories in `BACKENDS`;
+add one there to offer it on the command line.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -37,24 +39,47 @@ DEFAULT_MODEL = "gpt-4o-mini"
 # -- storage backends ------------------------------------------------------------------------
 
 
-def _memory_backend(workdir: str, name: str) -> Any:
+class DemoError(Exception):
+    """A setup problem to report in one line (exit code 2), e.g. an unreachable Redis."""
+
+
+def _memory_backend(args: argparse.Namespace, workdir: str, name: str, stack: ExitStack) -> Any:
     from chengeta_ai import InMemoryBackend
 
     return InMemoryBackend()
 
 
-def _sqlite_backend(workdir: str, name: str) -> Any:
+def _sqlite_backend(args: argparse.Namespace, workdir: str, name: str, stack: ExitStack) -> Any:
     from chengeta_ai.backends.sqlite_backend import SQLiteBackend
 
-    return SQLiteBackend(os.path.join(workdir, f"{name}.sqlite3"))
+    backend = SQLiteBackend(os.path.join(workdir, f"{name}.sqlite3"))
+    stack.callback(backend.close)
+    return backend
 
 
-#: ``--backend`` choices: name -> (description, factory(workdir, run_name) -> backend).
-#: A factory is called once per demo run (sync, async) and must return an empty backend.
-BACKENDS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
+def _redis_backend(args: argparse.Namespace, workdir: str, name: str, stack: ExitStack) -> Any:
+    from chengeta_ai.backends.redis_backend import RedisBackend
+    from chengeta_ai.errors import BackendError
+
+    # A namespace of its own, emptied at exit: the demo never touches other keys.
+    prefix = f"chengeta-demo:{uuid.uuid4().hex[:12]}:{name}:"
+    backend = RedisBackend(args.redis_url, prefix=prefix)
+    stack.callback(backend.close)
+    try:
+        backend.exists("probe")
+    except BackendError as exc:
+        raise DemoError(f"cannot reach Redis at {args.redis_url}: {exc}") from exc
+    stack.callback(backend.clear)
+    return backend
+
+
+#: ``--backend`` choices: name -> (description, factory). A factory is called once per demo run
+#: (sync, async) with ``(args, workdir, run_name, exit_stack)``, must return an empty backend and
+#: registers its cleanup on the exit stack.
+BACKENDS: dict[str, tuple[str, Callable[[argparse.Namespace, str, str, ExitStack], Any]]] = {
     "memory": ("InMemoryBackend (process memory)", _memory_backend),
     "sqlite": ("SQLiteBackend (a temporary file, deleted at exit)", _sqlite_backend),
-    # "redis": RedisBackend on a local redis-server, when chengeta_ai.backends.redis_backend lands.
+    "redis": ("RedisBackend (a fresh key prefix, cleared at exit)", _redis_backend),
 }
 
 
@@ -142,11 +167,11 @@ class Upstream:
     calls: int = 0  # stream_fn invocations, counted by the demo itself
 
 
-def _new_cache(args: argparse.Namespace, workdir: str, name: str) -> Any:
+def _new_cache(args: argparse.Namespace, workdir: str, name: str, stack: ExitStack) -> Any:
     from chengeta_ai import CacheKeyBuilder, CacheManager
     from chengeta_ai.layers.streaming_cache import StreamingResponseCache
 
-    backend = BACKENDS[args.backend][1](workdir, name)
+    backend = BACKENDS[args.backend][1](args, workdir, name, stack)
     manager = CacheManager(backend=backend, key_builder=CacheKeyBuilder())
     return StreamingResponseCache(manager)
 
@@ -310,6 +335,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cache storage backend (default: %(default)s)",
     )
     parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("CHENGETA_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        help="for --backend redis (default: $CHENGETA_REDIS_URL or %(default)s)",
+    )
+    parser.add_argument(
         "--async-backend",
         choices=["asyncio", "trio"],
         default="asyncio",
@@ -361,14 +391,19 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         if has_key and not args.real:
             out.write("  (OPENAI_API_KEY is set; pass --real to use the real API)\n")
         out.write(f"  model:    {args.model}\n")
-        out.write(f"  backend:  {BACKENDS[args.backend][0]}\n")
+        where = f" at {args.redis_url}" if args.backend == "redis" else ""
+        out.write(f"  backend:  {BACKENDS[args.backend][0]}{where}\n")
         out.write(f"  prompt:   {args.prompt!r}\n")
 
         runs: list[tuple[str, Callable[..., Report]]] = [("sync", _run_sync)]
         if not args.sync_only:
             runs.append(("async", _run_async))
         for name, fn in runs:
-            cache = _new_cache(args, workdir, name)
+            try:
+                cache = _new_cache(args, workdir, name, stack)
+            except DemoError as exc:
+                print(f"chengeta-ai demo: {exc}", file=sys.stderr)
+                return 2
             out.write(f"\n[{name}] ")
             title = (
                 "openai.OpenAI + get_or_stream"
