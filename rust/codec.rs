@@ -74,6 +74,9 @@ pub const TAG_MODEL_DEF: u8 = 13;
 /// A model instance of a known template: varint template index, then the instance body.
 pub const TAG_MODEL: u8 = 14;
 
+/// A string with lone surrogates (not UTF-8): data = varint len + "surrogatepass" UTF-8.
+pub const TAG_STR_SURROGATES: u8 = 15;
+
 /// Instance flag: `__pydantic_fields_set__` equals the previous instance's of this template.
 pub const INST_FIELDS_SET_SAME: u8 = 0x01;
 /// Instance flag: `__pydantic_extra__` is a dict (else `None`); the dict follows.
@@ -127,7 +130,10 @@ impl fmt::Display for CodecError {
             Self::Truncated(what) => write!(f, "truncated input while reading {what}"),
             Self::BadMagic => write!(f, "not a chengeta_ai compact encoding (bad magic)"),
             Self::UnknownVersion(v) => {
-                write!(f, "unknown format version {v} (this build reads version {VERSION})")
+                write!(
+                    f,
+                    "unknown format version {v} (this build reads version {VERSION})"
+                )
             }
             Self::UnknownFlags(b) => write!(f, "unknown header flags 0x{b:02x}"),
             Self::VarintOverflow => write!(f, "corrupt varint (longer than 10 bytes)"),
@@ -191,6 +197,14 @@ impl<'a> Reader<'a> {
     /// A reader at the start of `buf`.
     pub fn new(buf: &'a [u8]) -> Self {
         Self { buf, pos: 0 }
+    }
+
+    /// A reader of `buf` positioned at `pos` (clamped to the end).
+    pub fn at(buf: &'a [u8], pos: usize) -> Self {
+        Self {
+            buf,
+            pos: pos.min(buf.len()),
+        }
     }
 
     /// Bytes not yet read.
@@ -718,7 +732,10 @@ mod tests {
         assert_eq!(r.varint("x"), Err(CodecError::VarintOverflow));
         let mut bad = vec![0xff; 9];
         bad.push(0x02); // 10th byte may only carry one bit
-        assert_eq!(Reader::new(&bad).varint("x"), Err(CodecError::VarintOverflow));
+        assert_eq!(
+            Reader::new(&bad).varint("x"),
+            Err(CodecError::VarintOverflow)
+        );
         assert_eq!(
             Reader::new(&[0x80, 0x80]).varint("x"),
             Err(CodecError::Truncated("x"))
@@ -781,7 +798,10 @@ mod tests {
         let mut d: DecodeTable<String> = DecodeTable::new();
         d.push("a".into()).unwrap();
         assert_eq!(d.get(0).unwrap(), "a");
-        assert_eq!(d.get(1), Err(CodecError::BadReference("string reference", 1)));
+        assert_eq!(
+            d.get(1),
+            Err(CodecError::BadReference("string reference", 1))
+        );
         assert_eq!(
             d.get(u64::MAX),
             Err(CodecError::BadReference("string reference", u64::MAX))

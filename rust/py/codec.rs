@@ -1,3 +1,1088 @@
-//! placeholder
+//! PyO3 adapter of [`crate::codec`]: walks Python objects into the compact format and back.
+//!
+//! Supported values: `None`, `bool`, `int` (any size), `float` (bit-exact), `str`, `bytes`,
+//! `list`, `tuple`, `dict` (exact builtin types only: subclasses are rejected, never coerced)
+//! and instances of pydantic models registered with [`register_model`]. Model instances are
+//! written from `__dict__`, `__pydantic_extra__`, `__pydantic_fields_set__` and
+//! `__pydantic_private__` and rebuilt without validation (`cls.__new__(cls)` + generic
+//! `object.__setattr__`), exactly as `model_construct` does.
+//!
+//! Decoding only builds classes present in the registry, looked up by the name in the data; it
+//! never imports anything.
+
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex, RwLock};
+
+use num_bigint::BigInt;
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
-pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> { Ok(()) }
+use pyo3::pybacked::PyBackedBytes;
+use pyo3::sync::MutexExt;
+use pyo3::types::{
+    PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PySet, PyString, PyTuple, PyType,
+};
+
+use crate::codec::{
+    self, mask_get, mask_len, mask_set, unzigzag, CodecError, DecodeTable, InternTable, Reader,
+    Writer, INST_EXTRA_DICT, INST_FIELDS_SET_SAME, INST_KNOWN_FLAGS, INST_PRIVATE_DICT, MAX_DEPTH,
+    TAG_BIGINT, TAG_BYTES, TAG_DICT, TAG_FALSE, TAG_FLOAT, TAG_INT, TAG_LIST, TAG_MODEL,
+    TAG_MODEL_DEF, TAG_NONE, TAG_STR_NEW, TAG_STR_RAW, TAG_STR_REF, TAG_STR_SURROGATES, TAG_TRUE,
+    TAG_TUPLE,
+};
+use crate::py::errors::{DecodeError, EncodeError};
+
+/// zstd work on buffers at least this large runs with the GIL released.
+const DETACH_MIN_BYTES: usize = 32 * 1024;
+
+// ---------------------------------------------------------------------------------------------
+// registry
+
+#[derive(Default)]
+struct Registry {
+    by_name: HashMap<String, Py<PyType>>,
+    by_type: HashMap<usize, String>,
+}
+
+// Locking: the registry lock is only ever held for map operations and reference-count changes,
+// never across a call into Python, so it cannot deadlock with the GIL.
+static REGISTRY: LazyLock<RwLock<Registry>> = LazyLock::new(Default::default);
+
+fn registry_read() -> std::sync::RwLockReadGuard<'static, Registry> {
+    REGISTRY.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn type_key(t: &Bound<'_, PyType>) -> usize {
+    t.as_ptr() as usize
+}
+
+/// Registers a pydantic v2 model class under a stable name, written into encoded data and used
+/// to find the class again when decoding. Re-registering the same (class, name) is a no-op; a
+/// name bound to another class, or a class already registered under another name, is a
+/// `ValueError`.
+#[pyfunction]
+fn register_model(py: Python<'_>, cls: &Bound<'_, PyAny>, name: &str) -> PyResult<()> {
+    let cls = cls
+        .cast::<PyType>()
+        .map_err(|_| PyTypeError::new_err("register_model: cls must be a class"))?;
+    let base = py.import("pydantic")?.getattr("BaseModel")?;
+    if cls.is(&base) || !cls.is_subclass(&base)? {
+        return Err(PyTypeError::new_err(format!(
+            "register_model: {} is not a pydantic.BaseModel subclass",
+            cls.qualname()?
+        )));
+    }
+    if name.is_empty() {
+        return Err(PyValueError::new_err(
+            "register_model: name must not be empty",
+        ));
+    }
+    let key = type_key(cls);
+    let conflict = {
+        let mut reg = REGISTRY.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(existing) = reg.by_name.get(name) {
+            if existing.is(cls) {
+                return Ok(());
+            }
+            Some(format!(
+                "model name {name:?} is already registered to another class"
+            ))
+        } else if let Some(other) = reg.by_type.get(&key) {
+            Some(format!(
+                "class is already registered under the name {other:?}"
+            ))
+        } else {
+            reg.by_name.insert(name.to_owned(), cls.clone().unbind());
+            reg.by_type.insert(key, name.to_owned());
+            None
+        }
+    };
+    match conflict {
+        Some(msg) => Err(PyValueError::new_err(format!(
+            "register_model({}): {msg}",
+            cls.qualname()?
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The registered model classes, by name.
+#[pyfunction]
+fn registered_models(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let out = PyDict::new(py);
+    let items: Vec<(String, Py<PyType>)> = registry_read()
+        .by_name
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone_ref(py)))
+        .collect();
+    for (k, v) in items {
+        out.set_item(k, v)?;
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// encoding
+
+enum Seg {
+    Attr(String),
+    Index(usize),
+    Key(String),
+}
+
+/// An encoding failure: message plus the path to the value, innermost segment first.
+struct EncFail {
+    path: Vec<Seg>,
+    msg: String,
+}
+
+impl EncFail {
+    fn new(msg: impl Into<String>) -> Self {
+        Self {
+            path: Vec::new(),
+            msg: msg.into(),
+        }
+    }
+
+    fn at(mut self, seg: Seg) -> Self {
+        self.path.push(seg);
+        self
+    }
+
+    fn render(&self, prefix: &str) -> String {
+        let mut s = prefix.to_owned();
+        if !self.path.is_empty() {
+            s.push(' ');
+            for seg in self.path.iter().rev() {
+                match seg {
+                    Seg::Attr(a) => {
+                        s.push('.');
+                        s.push_str(a);
+                    }
+                    Seg::Index(i) => s.push_str(&format!("[{i}]")),
+                    Seg::Key(k) => s.push_str(&format!("[{k}]")),
+                }
+            }
+        }
+        s.push_str(": ");
+        s.push_str(&self.msg);
+        s
+    }
+}
+
+impl From<PyErr> for EncFail {
+    fn from(e: PyErr) -> Self {
+        Self::new(e.to_string())
+    }
+}
+
+type EncResult<T = ()> = Result<T, EncFail>;
+
+fn type_name(v: &Bound<'_, PyAny>) -> String {
+    v.get_type()
+        .qualname()
+        .map(|q| q.to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn is_scalar(v: &Bound<'_, PyAny>) -> bool {
+    v.is_none()
+        || v.is_exact_instance_of::<PyString>()
+        || v.is_exact_instance_of::<PyInt>()
+        || v.is_exact_instance_of::<PyBool>()
+        || v.is_exact_instance_of::<PyFloat>()
+        || v.is_exact_instance_of::<PyBytes>()
+}
+
+/// Whether scalar `v` can be written as "same as previous" `p`: same exact type and value
+/// (floats by bits, so nan and -0.0 are exact).
+fn same_scalar(v: &Bound<'_, PyAny>, p: &Bound<'_, PyAny>) -> bool {
+    if v.is(p) {
+        return true;
+    }
+    if !v.get_type().is(p.get_type()) {
+        return false;
+    }
+    if let (Ok(a), Ok(b)) = (v.cast_exact::<PyFloat>(), p.cast_exact::<PyFloat>()) {
+        return a.value().to_bits() == b.value().to_bits();
+    }
+    if v.is_exact_instance_of::<PyString>()
+        || v.is_exact_instance_of::<PyInt>()
+        || v.is_exact_instance_of::<PyBytes>()
+    {
+        return v.eq(p).unwrap_or(false);
+    }
+    false
+}
+
+struct EncTemplate {
+    fields: Vec<Py<PyString>>,
+    prev: Vec<Option<Py<PyAny>>>,
+    prev_fs: Option<(Vec<u8>, Vec<String>)>,
+}
+
+/// Encoder state shared by `encode` and `StreamEncoder`.
+#[derive(Default)]
+struct Encoder {
+    w: Writer,
+    table: InternTable,
+    templates: Vec<EncTemplate>,
+    /// Registered class (by type pointer; registered classes live forever) -> its templates.
+    by_type: HashMap<usize, (String, Vec<usize>)>,
+}
+
+impl Encoder {
+    fn string(&mut self, s: &Bound<'_, PyString>) -> EncResult {
+        match s.to_str() {
+            Ok(text) => self.w.string(&mut self.table, text),
+            Err(_) => {
+                let b = s.call_method1(intern!(s.py(), "encode"), ("utf-8", "surrogatepass"))?;
+                let b = b.cast_into::<PyBytes>().map_err(PyErr::from)?;
+                self.w.payload(TAG_STR_SURROGATES, b.as_bytes());
+            }
+        }
+        Ok(())
+    }
+
+    fn value(&mut self, v: &Bound<'_, PyAny>, depth: usize) -> EncResult {
+        if depth > MAX_DEPTH {
+            return Err(EncFail::new(format!(
+                "nesting deeper than {MAX_DEPTH} levels (recursive structure?)"
+            )));
+        }
+        if let Ok(s) = v.cast_exact::<PyString>() {
+            return self.string(s);
+        }
+        if v.is_none() {
+            self.w.tag(TAG_NONE);
+            return Ok(());
+        }
+        if let Ok(b) = v.cast_exact::<PyBool>() {
+            self.w.tag(if b.is_true() { TAG_TRUE } else { TAG_FALSE });
+            return Ok(());
+        }
+        if v.is_exact_instance_of::<PyInt>() {
+            match v.extract::<i64>() {
+                Ok(i) => self.w.int(i),
+                Err(_) => {
+                    let big: BigInt = v.extract()?;
+                    self.w.payload(TAG_BIGINT, &big.to_signed_bytes_le());
+                }
+            }
+            return Ok(());
+        }
+        if let Ok(f) = v.cast_exact::<PyFloat>() {
+            self.w.float(f.value());
+            return Ok(());
+        }
+        if let Ok(l) = v.cast_exact::<PyList>() {
+            self.w.tag(TAG_LIST);
+            self.w.varint(l.len() as u64);
+            for (i, item) in l.iter().enumerate() {
+                self.value(&item, depth + 1)
+                    .map_err(|e| e.at(Seg::Index(i)))?;
+            }
+            return Ok(());
+        }
+        if let Ok(d) = v.cast_exact::<PyDict>() {
+            self.w.tag(TAG_DICT);
+            return self.dict_body(d, depth, false);
+        }
+        let ty = v.get_type();
+        let key = type_key(&ty);
+        if let Some((_, ids)) = self.by_type.get(&key) {
+            let ids = ids.clone();
+            return self.model(v, key, &ids, depth);
+        }
+        let registered = registry_read().by_type.get(&key).cloned();
+        if let Some(name) = registered {
+            self.by_type.insert(key, (name, Vec::new()));
+            return self.model(v, key, &[], depth);
+        }
+        if let Ok(t) = v.cast_exact::<PyTuple>() {
+            self.w.tag(TAG_TUPLE);
+            self.w.varint(t.len() as u64);
+            for (i, item) in t.iter().enumerate() {
+                self.value(&item, depth + 1)
+                    .map_err(|e| e.at(Seg::Index(i)))?;
+            }
+            return Ok(());
+        }
+        if let Ok(b) = v.cast_exact::<PyBytes>() {
+            self.w.payload(TAG_BYTES, b.as_bytes());
+            return Ok(());
+        }
+        let name = type_name(v);
+        if ty
+            .hasattr(intern!(v.py(), "__pydantic_fields__"))
+            .unwrap_or(false)
+        {
+            return Err(EncFail::new(format!(
+                "unregistered model class '{name}' (register it with chengeta_ai.models.register_model)"
+            )));
+        }
+        let base = if v.is_instance_of::<PyString>() {
+            " (a str subclass)"
+        } else if v.is_instance_of::<PyInt>() {
+            " (an int subclass)"
+        } else if v.is_instance_of::<PyDict>() {
+            " (a dict subclass)"
+        } else {
+            ""
+        };
+        Err(EncFail::new(format!("unsupported type '{name}'{base}")))
+    }
+
+    /// `varint len | (key, value)*`; `attrs` renders str keys as `.key` in error paths.
+    fn dict_body(&mut self, d: &Bound<'_, PyDict>, depth: usize, attrs: bool) -> EncResult {
+        self.w.varint(d.len() as u64);
+        for (k, val) in d.iter() {
+            let seg = || match k.cast_exact::<PyString>() {
+                Ok(s) if attrs => Seg::Attr(s.to_string()),
+                _ => Seg::Key(
+                    k.repr()
+                        .map(|r| r.to_string())
+                        .unwrap_or_else(|_| "?".into()),
+                ),
+            };
+            self.value(&k, depth + 1).map_err(|e| e.at(seg()))?;
+            self.value(&val, depth + 1).map_err(|e| e.at(seg()))?;
+        }
+        Ok(())
+    }
+
+    fn model(
+        &mut self,
+        v: &Bound<'_, PyAny>,
+        key: usize,
+        ids: &[usize],
+        depth: usize,
+    ) -> EncResult {
+        let py = v.py();
+        let dict = v.getattr(intern!(py, "__dict__"))?;
+        let dict = dict
+            .cast_exact::<PyDict>()
+            .map_err(|_| EncFail::new("model __dict__ is not a dict"))?;
+        let n = dict.len();
+        let found = ids.iter().copied().find(|&id| {
+            let t = &self.templates[id];
+            t.fields.len() == n
+                && dict
+                    .iter()
+                    .zip(&t.fields)
+                    .all(|((k, _), f)| k.is(f) || k.eq(f).unwrap_or(false))
+        });
+        let tid = match found {
+            Some(id) => {
+                self.w.tag(TAG_MODEL);
+                self.w.varint(id as u64);
+                id
+            }
+            None => {
+                let mut fields = Vec::with_capacity(n);
+                for (k, _) in dict.iter() {
+                    let s = k
+                        .cast_exact::<PyString>()
+                        .map_err(|_| EncFail::new("model __dict__ has a non-str key"))?;
+                    fields.push(s.clone().unbind());
+                }
+                let name = self.by_type[&key].0.clone();
+                self.w.tag(TAG_MODEL_DEF);
+                self.w.string(&mut self.table, &name);
+                self.w.varint(n as u64);
+                for f in &fields {
+                    self.string(f.bind(py))?;
+                }
+                let id = self.templates.len();
+                self.templates.push(EncTemplate {
+                    prev: (0..n).map(|_| None).collect(),
+                    fields,
+                    prev_fs: None,
+                });
+                self.by_type.get_mut(&key).expect("class entry").1.push(id);
+                id
+            }
+        };
+
+        let extra = v.getattr(intern!(py, "__pydantic_extra__"))?;
+        let fields_set = v.getattr(intern!(py, "__pydantic_fields_set__"))?;
+        let private = v.getattr(intern!(py, "__pydantic_private__"))?;
+        let fields_set = fields_set.cast_exact::<PySet>().map_err(|_| {
+            EncFail::new("__pydantic_fields_set__ is not a set")
+                .at(Seg::Attr("__pydantic_fields_set__".into()))
+        })?;
+        let mut fs_mask = vec![0u8; mask_len(n)];
+        let mut fs_others = Vec::new();
+        {
+            let fields = &self.templates[tid].fields;
+            for name in fields_set.iter() {
+                let s = name
+                    .cast_exact::<PyString>()
+                    .map_err(|_| EncFail::new("__pydantic_fields_set__ holds a non-str"))?;
+                match fields
+                    .iter()
+                    .position(|f| s.is(f) || s.as_any().eq(f.bind(py)).unwrap_or(false))
+                {
+                    Some(i) => mask_set(&mut fs_mask, i),
+                    None => fs_others.push(s.to_str()?.to_owned()),
+                }
+            }
+        }
+        fs_others.sort_unstable();
+        let fs_rep = (fs_mask, fs_others);
+        let mut flags = 0u8;
+        if self.templates[tid].prev_fs.as_ref() == Some(&fs_rep) {
+            flags |= INST_FIELDS_SET_SAME;
+        }
+        let extra = if extra.is_none() {
+            None
+        } else {
+            flags |= INST_EXTRA_DICT;
+            Some(
+                extra
+                    .cast_into_exact::<PyDict>()
+                    .map_err(|_| EncFail::new("__pydantic_extra__ is neither None nor a dict"))?,
+            )
+        };
+        let private = if private.is_none() {
+            None
+        } else {
+            flags |= INST_PRIVATE_DICT;
+            Some(
+                private
+                    .cast_into_exact::<PyDict>()
+                    .map_err(|_| EncFail::new("__pydantic_private__ is neither None nor a dict"))?,
+            )
+        };
+        self.w.tag(flags);
+        let mask_at = self.w.structure.len();
+        self.w.structure.resize(mask_at + mask_len(n), 0);
+        for (i, (k, val)) in dict.iter().enumerate() {
+            let same = match &self.templates[tid].prev[i] {
+                Some(p) => same_scalar(&val, p.bind(py)),
+                None => false,
+            };
+            if same {
+                mask_set(&mut self.w.structure[mask_at..], i);
+                continue;
+            }
+            self.value(&val, depth + 1)
+                .map_err(|e| e.at(Seg::Attr(k.to_string())))?;
+            self.templates[tid].prev[i] = is_scalar(&val).then(|| val.unbind());
+        }
+        if flags & INST_FIELDS_SET_SAME == 0 {
+            self.w.structure.extend_from_slice(&fs_rep.0);
+            self.w.varint(fs_rep.1.len() as u64);
+            for s in &fs_rep.1 {
+                self.w.string(&mut self.table, s);
+            }
+        }
+        self.templates[tid].prev_fs = Some(fs_rep);
+        if let Some(extra) = extra {
+            self.dict_body(&extra, depth, true)?;
+        }
+        if let Some(private) = private {
+            self.dict_body(&private, depth, false)
+                .map_err(|e| e.at(Seg::Attr("__pydantic_private__".into())))?;
+        }
+        Ok(())
+    }
+}
+
+fn check_level(level: i32) -> PyResult<()> {
+    if !(-7..=22).contains(&level) {
+        return Err(PyValueError::new_err(format!(
+            "zstd level must be in -7..=22, got {level}"
+        )));
+    }
+    Ok(())
+}
+
+/// Frames a finished writer, compressing with the GIL released when the body is large.
+fn pack<'py>(
+    py: Python<'py>,
+    w: &Writer,
+    sequence: bool,
+    count: u64,
+    compress_min_bytes: usize,
+    level: i32,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let body = codec::build_body(w);
+    let compressed = if body.len() >= compress_min_bytes {
+        let r = if body.len() >= DETACH_MIN_BYTES {
+            py.detach(|| codec::zstd_compress(&body, level))
+        } else {
+            codec::zstd_compress(&body, level)
+        };
+        Some(r.map_err(|e| EncodeError::new_err(e.to_string()))?).filter(|c| c.len() < body.len())
+    } else {
+        None
+    };
+    let out = codec::frame(&body, compressed.as_deref(), sequence, count);
+    Ok(PyBytes::new(py, &out))
+}
+
+/// Encodes one value into compact bytes (zstd-compressed when the body is at least
+/// `compress_min_bytes` long). Raises `EncodeError` on unsupported input.
+#[pyfunction]
+#[pyo3(signature = (value, *, compress_min_bytes = 2048, level = 3))]
+fn encode<'py>(
+    py: Python<'py>,
+    value: &Bound<'py, PyAny>,
+    compress_min_bytes: usize,
+    level: i32,
+) -> PyResult<Bound<'py, PyBytes>> {
+    check_level(level)?;
+    let mut enc = Encoder::default();
+    enc.value(value, 0)
+        .map_err(|e| EncodeError::new_err(e.render("value")))?;
+    pack(py, &enc.w, false, 1, compress_min_bytes, level)
+}
+
+struct EncState {
+    enc: Encoder,
+    count: u64,
+    poisoned: Option<String>,
+    finished: bool,
+}
+
+/// Encodes a sequence of items incrementally: `push` does the per-item work, `finish` frames
+/// (and compresses) the result. After an `EncodeError` the encoder is poisoned.
+#[pyclass(frozen, module = "chengeta_ai._core")]
+pub struct StreamEncoder {
+    // Locking: every method locks with `lock_py_attached`, which detaches while waiting, so a
+    // holder that calls into Python (attribute reads on models) cannot deadlock with the GIL.
+    state: Mutex<EncState>,
+    compress_min_bytes: usize,
+    level: i32,
+}
+
+#[pymethods]
+impl StreamEncoder {
+    #[new]
+    #[pyo3(signature = (*, compress_min_bytes = 2048, level = 3))]
+    fn new(compress_min_bytes: usize, level: i32) -> PyResult<Self> {
+        check_level(level)?;
+        Ok(Self {
+            state: Mutex::new(EncState {
+                enc: Encoder::default(),
+                count: 0,
+                poisoned: None,
+                finished: false,
+            }),
+            compress_min_bytes,
+            level,
+        })
+    }
+
+    /// Appends one item. Raises `EncodeError` (with the item number and path) on unsupported
+    /// input, after which the encoder is poisoned.
+    fn push(&self, py: Python<'_>, item: &Bound<'_, PyAny>) -> PyResult<()> {
+        let mut st = self
+            .state
+            .lock_py_attached(py)
+            .unwrap_or_else(|e| e.into_inner());
+        if st.finished {
+            return Err(EncodeError::new_err("StreamEncoder already finished"));
+        }
+        if let Some(msg) = &st.poisoned {
+            return Err(EncodeError::new_err(format!(
+                "StreamEncoder poisoned by: {msg}"
+            )));
+        }
+        let n = st.count;
+        match st.enc.value(item, 0) {
+            Ok(()) => {
+                st.count += 1;
+                Ok(())
+            }
+            Err(e) => {
+                let msg = e.render(&format!("chunk {n}"));
+                st.poisoned = Some(msg.clone());
+                Err(EncodeError::new_err(msg))
+            }
+        }
+    }
+
+    /// The encoded sequence. The encoder cannot be used afterwards.
+    fn finish<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let (w, count) = {
+            let mut st = self
+                .state
+                .lock_py_attached(py)
+                .unwrap_or_else(|e| e.into_inner());
+            if st.finished {
+                return Err(EncodeError::new_err("StreamEncoder already finished"));
+            }
+            if let Some(msg) = &st.poisoned {
+                return Err(EncodeError::new_err(format!(
+                    "StreamEncoder poisoned by: {msg}"
+                )));
+            }
+            st.finished = true;
+            let enc = std::mem::take(&mut st.enc);
+            (enc.w, st.count)
+        };
+        pack(py, &w, true, count, self.compress_min_bytes, self.level)
+    }
+
+    /// Items pushed so far.
+    #[getter]
+    fn count(&self, py: Python<'_>) -> u64 {
+        self.state
+            .lock_py_attached(py)
+            .unwrap_or_else(|e| e.into_inner())
+            .count
+    }
+
+    /// Uncompressed body bytes written so far.
+    #[getter]
+    fn nbytes(&self, py: Python<'_>) -> usize {
+        self.state
+            .lock_py_attached(py)
+            .unwrap_or_else(|e| e.into_inner())
+            .enc
+            .w
+            .len()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// decoding
+
+enum DErr {
+    Codec(CodecError),
+    Py(PyErr),
+}
+
+impl From<CodecError> for DErr {
+    fn from(e: CodecError) -> Self {
+        Self::Codec(e)
+    }
+}
+
+impl From<PyErr> for DErr {
+    fn from(e: PyErr) -> Self {
+        Self::Py(e)
+    }
+}
+
+type DResult<T> = Result<T, DErr>;
+
+fn corrupt(msg: impl Into<String>) -> DErr {
+    DErr::Codec(CodecError::Corrupt(msg.into()))
+}
+
+struct DecTemplate {
+    cls: Py<PyType>,
+    new: Py<PyAny>,
+    fields: Vec<Py<PyString>>,
+    prev: Vec<Option<Py<PyAny>>>,
+    prev_fs: Option<Vec<Py<PyString>>>,
+}
+
+struct DecTables {
+    strings: DecodeTable<Py<PyString>>,
+    templates: Vec<DecTemplate>,
+}
+
+struct Dec<'a, 't> {
+    s: Reader<'a>,
+    d: Reader<'a>,
+    t: &'t mut DecTables,
+}
+
+/// Sets an attribute with `object.__setattr__` semantics (bypassing the model's own
+/// `__setattr__`, which would validate), as pydantic's `model_construct` does.
+fn generic_setattr(
+    obj: &Bound<'_, PyAny>,
+    name: &Bound<'_, PyString>,
+    value: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    // SAFETY: all three pointers are valid, owned by live `Bound`s for the whole call;
+    // PyObject_GenericSetAttr does not steal references and returns -1 with an exception set on
+    // failure.
+    let rc =
+        unsafe { pyo3::ffi::PyObject_GenericSetAttr(obj.as_ptr(), name.as_ptr(), value.as_ptr()) };
+    if rc < 0 {
+        Err(PyErr::fetch(obj.py()))
+    } else {
+        Ok(())
+    }
+}
+
+impl<'a> Dec<'a, '_> {
+    fn string<'py>(&mut self, py: Python<'py>, tag: u8) -> DResult<Option<Bound<'py, PyString>>> {
+        Ok(Some(match tag {
+            TAG_STR_REF => {
+                let i = self.s.varint("string reference")?;
+                self.t.strings.get(i)?.bind(py).clone()
+            }
+            TAG_STR_NEW => {
+                let s = PyString::new(py, self.d.str("string")?);
+                self.t.strings.push(s.clone().unbind())?;
+                s
+            }
+            TAG_STR_RAW => PyString::new(py, self.d.str("string")?),
+            TAG_STR_SURROGATES => {
+                let b = PyBytes::new(py, self.d.len_prefixed("string")?);
+                PyString::from_encoded_object(&b, Some(c"utf-8"), Some(c"surrogatepass"))
+                    .map_err(|_| CodecError::InvalidUtf8)?
+            }
+            _ => return Ok(None),
+        }))
+    }
+
+    fn str_value<'py>(&mut self, py: Python<'py>, what: &str) -> DResult<Bound<'py, PyString>> {
+        let tag = self.s.u8("tag")?;
+        self.string(py, tag)?
+            .ok_or_else(|| corrupt(format!("{what} is not a string (tag {tag})")))
+    }
+
+    fn value<'py>(&mut self, py: Python<'py>, depth: usize) -> DResult<Bound<'py, PyAny>> {
+        if depth > MAX_DEPTH {
+            return Err(CodecError::TooDeep.into());
+        }
+        let tag = self.s.u8("tag")?;
+        if let Some(s) = self.string(py, tag)? {
+            return Ok(s.into_any());
+        }
+        Ok(match tag {
+            TAG_NONE => py.None().into_bound(py),
+            TAG_FALSE => PyBool::new(py, false).to_owned().into_any(),
+            TAG_TRUE => PyBool::new(py, true).to_owned().into_any(),
+            TAG_INT => PyInt::new(py, unzigzag(self.s.varint("int")?)).into_any(),
+            TAG_BIGINT => BigInt::from_signed_bytes_le(self.d.len_prefixed("big int")?)
+                .into_pyobject(py)?
+                .into_any(),
+            TAG_FLOAT => PyFloat::new(py, f64::from_bits(self.d.u64_le("float")?)).into_any(),
+            TAG_BYTES => PyBytes::new(py, self.d.len_prefixed("bytes")?).into_any(),
+            TAG_LIST | TAG_TUPLE => {
+                let n = self
+                    .s
+                    .count(if tag == TAG_LIST { "list" } else { "tuple" }, 1)?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(self.value(py, depth + 1)?);
+                }
+                if tag == TAG_LIST {
+                    PyList::new(py, items)?.into_any()
+                } else {
+                    PyTuple::new(py, items)?.into_any()
+                }
+            }
+            TAG_DICT => self.dict_body(py, depth)?.into_any(),
+            TAG_MODEL_DEF => {
+                let name = self.str_value(py, "model name")?;
+                let name = name.to_str()?;
+                let cls = registry_read()
+                    .by_name
+                    .get(name)
+                    .map(|c| c.clone_ref(py))
+                    .ok_or_else(|| {
+                        corrupt(format!(
+                            "unknown model class name {name:?} (not registered)"
+                        ))
+                    })?;
+                let n = self.s.count("model fields", 1)?;
+                let mut fields = Vec::with_capacity(n);
+                for _ in 0..n {
+                    fields.push(self.str_value(py, "field name")?.unbind());
+                }
+                let new = cls.bind(py).getattr(intern!(py, "__new__"))?.unbind();
+                let tid = self.t.templates.len();
+                if tid >= codec::INTERN_MAX_ENTRIES {
+                    return Err(corrupt("too many model templates"));
+                }
+                self.t.templates.push(DecTemplate {
+                    cls,
+                    new,
+                    prev: (0..n).map(|_| None).collect(),
+                    fields,
+                    prev_fs: None,
+                });
+                self.model_body(py, tid, depth)?
+            }
+            TAG_MODEL => {
+                let id = self.s.varint("model template")?;
+                if id >= self.t.templates.len() as u64 {
+                    return Err(CodecError::BadReference("model template", id).into());
+                }
+                self.model_body(py, id as usize, depth)?
+            }
+            t => return Err(CodecError::UnknownTag(t).into()),
+        })
+    }
+
+    fn dict_body<'py>(&mut self, py: Python<'py>, depth: usize) -> DResult<Bound<'py, PyDict>> {
+        let n = self.s.count("dict", 2)?;
+        let d = PyDict::new(py);
+        for _ in 0..n {
+            let k = self.value(py, depth + 1)?;
+            let v = self.value(py, depth + 1)?;
+            d.set_item(&k, v)
+                .map_err(|e| corrupt(format!("invalid dict key: {e}")))?;
+        }
+        Ok(d)
+    }
+
+    fn model_body<'py>(
+        &mut self,
+        py: Python<'py>,
+        tid: usize,
+        depth: usize,
+    ) -> DResult<Bound<'py, PyAny>> {
+        let flags = self.s.u8("model flags")?;
+        if flags & !INST_KNOWN_FLAGS != 0 {
+            return Err(corrupt(format!("unknown model flags 0x{flags:02x}")));
+        }
+        let n = self.t.templates[tid].fields.len();
+        let fs_same = if flags & INST_FIELDS_SET_SAME != 0 {
+            let prev = self.t.templates[tid]
+                .prev_fs
+                .as_ref()
+                .ok_or(CodecError::BadReference(
+                    "previous fields set of template",
+                    tid as u64,
+                ))?;
+            Some(prev.iter().map(|p| p.clone_ref(py)).collect::<Vec<_>>())
+        } else {
+            None
+        };
+        let mask = self.s.bytes(mask_len(n), "same-field mask")?;
+        let dict = PyDict::new(py);
+        for i in 0..n {
+            let val = if mask_get(mask, i) {
+                self.t.templates[tid].prev[i]
+                    .as_ref()
+                    .ok_or(CodecError::BadReference(
+                        "previous value of field",
+                        i as u64,
+                    ))?
+                    .bind(py)
+                    .clone()
+            } else {
+                let v = self.value(py, depth + 1)?;
+                self.t.templates[tid].prev[i] = is_scalar(&v).then(|| v.clone().unbind());
+                v
+            };
+            dict.set_item(self.t.templates[tid].fields[i].bind(py), val)?;
+        }
+        let members = match fs_same {
+            Some(m) => m,
+            None => {
+                let fs_mask = self.s.bytes(mask_len(n), "fields-set mask")?;
+                let fields = &self.t.templates[tid].fields;
+                let mut m: Vec<Py<PyString>> = (0..n)
+                    .filter(|&i| mask_get(fs_mask, i))
+                    .map(|i| fields[i].clone_ref(py))
+                    .collect();
+                let others = self.s.count("fields-set names", 1)?;
+                for _ in 0..others {
+                    m.push(self.str_value(py, "fields-set name")?.unbind());
+                }
+                m
+            }
+        };
+        let fields_set = PySet::new(py, members.iter().map(|m| m.bind(py)))?;
+        self.t.templates[tid].prev_fs = Some(members);
+        let extra = if flags & INST_EXTRA_DICT != 0 {
+            self.dict_body(py, depth)?.into_any()
+        } else {
+            py.None().into_bound(py)
+        };
+        let private = if flags & INST_PRIVATE_DICT != 0 {
+            self.dict_body(py, depth)?.into_any()
+        } else {
+            py.None().into_bound(py)
+        };
+        let t = &self.t.templates[tid];
+        let obj = t.new.bind(py).call1((t.cls.bind(py),))?;
+        generic_setattr(&obj, intern!(py, "__dict__"), &dict)?;
+        generic_setattr(&obj, intern!(py, "__pydantic_fields_set__"), &fields_set)?;
+        generic_setattr(&obj, intern!(py, "__pydantic_extra__"), &extra)?;
+        generic_setattr(&obj, intern!(py, "__pydantic_private__"), &private)?;
+        Ok(obj)
+    }
+}
+
+struct DecState {
+    body: Vec<u8>,
+    s_pos: usize,
+    s_end: usize,
+    d_pos: usize,
+    remaining: u64,
+    tables: DecTables,
+    error: Option<String>,
+}
+
+impl DecState {
+    fn take<'py>(&mut self, py: Python<'py>, n: usize) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        if let Some(msg) = &self.error {
+            return Err(DecodeError::new_err(msg.clone()));
+        }
+        let k = (n as u64).min(self.remaining) as usize;
+        let mut out = Vec::with_capacity(k);
+        if k == 0 {
+            return Ok(out);
+        }
+        let mut dec = Dec {
+            s: Reader::at(&self.body[..self.s_end], self.s_pos),
+            d: Reader::at(&self.body, self.d_pos),
+            t: &mut self.tables,
+        };
+        let mut result: DResult<()> = Ok(());
+        for _ in 0..k {
+            match dec.value(py, 0) {
+                Ok(v) => out.push(v),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        let (s_pos, d_pos) = (dec.s.position(), dec.d.position());
+        let (s_left, d_left) = (dec.s.remaining(), dec.d.remaining());
+        self.s_pos = s_pos;
+        self.d_pos = d_pos;
+        self.remaining -= out.len() as u64;
+        if result.is_ok() && self.remaining == 0 && s_left + d_left != 0 {
+            result = Err(CodecError::TrailingBytes(s_left + d_left).into());
+        }
+        match result {
+            Ok(()) => Ok(out),
+            Err(DErr::Codec(e)) => {
+                let msg = e.to_string();
+                self.error = Some(msg.clone());
+                Err(DecodeError::new_err(msg))
+            }
+            Err(DErr::Py(e)) => {
+                self.error = Some(format!("decoding failed: {e}"));
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Lazily decodes compact bytes: the header is validated (and the body decompressed) up
+/// front, items are built only as `take`/iteration asks for them.
+#[pyclass(frozen, module = "chengeta_ai._core")]
+pub struct StreamDecoder {
+    // Locking: `lock_py_attached` detaches while waiting; the holder may call into Python
+    // (model construction, dict key hashing).
+    state: Mutex<DecState>,
+    sequence: bool,
+    count: u64,
+}
+
+fn open_decoder(py: Python<'_>, data: &[u8]) -> PyResult<StreamDecoder> {
+    let opened = codec::open_with(data, |frame, expected| {
+        if frame.len() >= DETACH_MIN_BYTES / 4 {
+            py.detach(|| codec::zstd_decompress(frame, expected))
+        } else {
+            codec::zstd_decompress(frame, expected)
+        }
+    });
+    let (h, body) = opened.map_err(|e| DecodeError::new_err(e.to_string()))?;
+    let (srange, d_pos) =
+        codec::split_body(&body, h.count).map_err(|e| DecodeError::new_err(e.to_string()))?;
+    if h.count == 0 && body.len() != srange.start {
+        return Err(DecodeError::new_err(
+            CodecError::TrailingBytes(body.len() - srange.start).to_string(),
+        ));
+    }
+    Ok(StreamDecoder {
+        state: Mutex::new(DecState {
+            s_pos: srange.start,
+            s_end: srange.end,
+            d_pos,
+            remaining: h.count,
+            body,
+            tables: DecTables {
+                strings: DecodeTable::new(),
+                templates: Vec::new(),
+            },
+            error: None,
+        }),
+        sequence: h.sequence,
+        count: h.count,
+    })
+}
+
+#[pymethods]
+impl StreamDecoder {
+    #[new]
+    fn new(py: Python<'_>, data: PyBackedBytes) -> PyResult<Self> {
+        open_decoder(py, &data)
+    }
+
+    /// True for `StreamEncoder` output, False for `encode()` output.
+    #[getter]
+    fn is_sequence(&self) -> bool {
+        self.sequence
+    }
+
+    /// Number of items (1 for a single value).
+    #[getter]
+    fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Items not yet decoded.
+    #[getter]
+    fn remaining(&self, py: Python<'_>) -> u64 {
+        self.state
+            .lock_py_attached(py)
+            .unwrap_or_else(|e| e.into_inner())
+            .remaining
+    }
+
+    /// The next up to `n` decoded items; `[]` at the end. Raises `DecodeError` on corrupt data.
+    fn take<'py>(&self, py: Python<'py>, n: usize) -> PyResult<Bound<'py, PyList>> {
+        let items = self
+            .state
+            .lock_py_attached(py)
+            .unwrap_or_else(|e| e.into_inner())
+            .take(py, n)?;
+        PyList::new(py, items)
+    }
+
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let mut items = self
+            .state
+            .lock_py_attached(py)
+            .unwrap_or_else(|e| e.into_inner())
+            .take(py, 1)?;
+        Ok(items.pop())
+    }
+}
+
+/// Decodes compact bytes: a single value, or the list of items of a sequence.
+#[pyfunction]
+fn decode<'py>(py: Python<'py>, data: PyBackedBytes) -> PyResult<Bound<'py, PyAny>> {
+    let dec = open_decoder(py, &data)?;
+    let mut st = dec.state.into_inner().unwrap_or_else(|e| e.into_inner());
+    let mut items = st.take(py, usize::MAX)?;
+    if dec.sequence {
+        Ok(PyList::new(py, items)?.into_any())
+    } else {
+        items
+            .pop()
+            .ok_or_else(|| DecodeError::new_err("empty single-value encoding"))
+    }
+}
+
+/// Adds the codec's functions and classes to `chengeta_ai._core`.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(register_model, m)?)?;
+    m.add_function(wrap_pyfunction!(registered_models, m)?)?;
+    m.add_function(wrap_pyfunction!(encode, m)?)?;
+    m.add_function(wrap_pyfunction!(decode, m)?)?;
+    m.add_class::<StreamEncoder>()?;
+    m.add_class::<StreamDecoder>()?;
+    Ok(())
+}
