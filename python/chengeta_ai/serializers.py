@@ -1,0 +1,302 @@
+"""How cached values and chunk streams become bytes.
+
+`CompactSerializer` (the default) wraps the Rust codec: exact round trips of pydantic models
+(OpenAI/Anthropic chunks) at a few bytes per chunk, lazy replay. `PickleSerializer` is opt-in:
+it unpickles, so only use it for a cache that nobody else can write to. `JsonSerializer` stores
+JSON-native values only (no models: JSON would lose their types).
+
+Every ``loads`` raises `chengeta_ai.errors.DecodeError` on foreign or corrupt bytes; every
+``dumps``/``push`` raises `chengeta_ai.errors.EncodeError` on input it cannot store.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import orjson
+
+from chengeta_ai import _core
+from chengeta_ai.errors import DecodeError, EncodeError
+
+__all__ = [
+    "ChunkSink",
+    "CompactSerializer",
+    "JsonSerializer",
+    "PickleSerializer",
+    "Serializer",
+]
+
+
+class ChunkSink(Protocol):
+    """Accumulates a stream's items; ``finish`` returns the encoded sequence."""
+
+    def push(self, item: Any) -> None: ...
+
+    def finish(self) -> bytes: ...
+
+
+class Serializer(Protocol):
+    """A way to turn values and item sequences into bytes and back."""
+
+    name: str
+
+    def dumps(self, value: Any) -> bytes: ...
+
+    def loads(self, data: bytes) -> Any: ...
+
+    def stream_encoder(self) -> ChunkSink: ...
+
+    def iter_batches(self, data: bytes, batch_size: int = 256) -> Iterator[list[Any]]: ...
+
+
+def _batches_of_list(items: list[Any], batch_size: int) -> Iterator[list[Any]]:
+    for i in range(0, len(items), batch_size):
+        yield items[i : i + batch_size]
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+class CompactSerializer:
+    """The compact Rust codec (default).
+
+    Registers the known SDK model classes (`models.register_known_models`) on first use; other
+    pydantic models must be registered with `chengeta_ai.models.register_model`.
+    Bodies of at least ``compress_min_bytes`` are zstd-compressed at ``level``.
+    """
+
+    name = "compact"
+
+    def __init__(self, *, compress_min_bytes: int = 2048, level: int = 3) -> None:
+        self.compress_min_bytes = compress_min_bytes
+        self.level = level
+
+    @staticmethod
+    def _ready() -> None:
+        from chengeta_ai import models
+
+        models.register_known_models()
+
+    def dumps(self, value: Any) -> bytes:
+        self._ready()
+        return _core.encode(value, compress_min_bytes=self.compress_min_bytes, level=self.level)
+
+    def loads(self, data: bytes) -> Any:
+        self._ready()
+        return _core.decode(data)
+
+    def stream_encoder(self) -> ChunkSink:
+        self._ready()
+        return _core.StreamEncoder(compress_min_bytes=self.compress_min_bytes, level=self.level)
+
+    def iter_batches(self, data: bytes, batch_size: int = 256) -> Iterator[list[Any]]:
+        """Decoded items in batches. The header is checked now; corrupt items raise
+        `DecodeError` from the batch that reaches them."""
+        _check_batch_size(batch_size)
+        self._ready()
+        decoder = _core.StreamDecoder(data)
+        return self._iter(decoder, batch_size)
+
+    @staticmethod
+    def _iter(decoder: _core.StreamDecoder, batch_size: int) -> Iterator[list[Any]]:
+        if decoder.is_sequence:
+            while batch := decoder.take(batch_size):
+                yield batch
+            return
+        (value,) = decoder.take(1)
+        if isinstance(value, list):
+            yield from _batches_of_list(value, batch_size)
+        else:
+            yield [value]
+
+
+_PICKLE_MAGIC = b"CGPK\x01"
+_PICKLE_SEQ = b"S"
+
+
+class _PickleSink:
+    """Pickles each pushed item into one stream (shared memo), so errors surface at `push`."""
+
+    def __init__(self, protocol: int) -> None:
+        self._buf = io.BytesIO()
+        self._buf.write(_PICKLE_MAGIC + _PICKLE_SEQ)
+        self._pickler = pickle.Pickler(self._buf, protocol=protocol)
+        self._error: str | None = None
+        self._done = False
+
+    def push(self, item: Any) -> None:
+        if self._done:
+            raise EncodeError("stream encoder already finished")
+        if self._error is not None:
+            raise EncodeError(f"stream encoder poisoned by: {self._error}")
+        try:
+            self._pickler.dump(item)
+        except Exception as exc:
+            self._error = f"cannot pickle {type(item).__qualname__}: {exc}"
+            raise EncodeError(self._error) from exc
+
+    def finish(self) -> bytes:
+        if self._done:
+            raise EncodeError("stream encoder already finished")
+        if self._error is not None:
+            raise EncodeError(f"stream encoder poisoned by: {self._error}")
+        self._done = True
+        return self._buf.getvalue()
+
+
+class PickleSerializer:
+    """Opt-in pickle storage: ``b"CGPK\\x01"`` then a pickle (or ``b"S"`` and one pickle per item).
+
+    Warning: ``loads`` UNPICKLES, which runs code named by the data. Use it only for a cache
+    that nobody but you can write to. Data without the magic prefix is rejected.
+    """
+
+    name = "pickle"
+
+    def __init__(self, protocol: int = pickle.HIGHEST_PROTOCOL) -> None:
+        if protocol < 2:  # protocol 2+ pickles start with b"\x80", never with _PICKLE_SEQ
+            raise ValueError("PickleSerializer needs pickle protocol >= 2")
+        self.protocol = protocol
+
+    def dumps(self, value: Any) -> bytes:
+        try:
+            return _PICKLE_MAGIC + pickle.dumps(value, protocol=self.protocol)
+        except Exception as exc:
+            raise EncodeError(f"cannot pickle {type(value).__qualname__}: {exc}") from exc
+
+    def stream_encoder(self) -> ChunkSink:
+        return _PickleSink(self.protocol)
+
+    def _body(self, data: bytes) -> memoryview:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise DecodeError(f"expected bytes, got {type(data).__qualname__}")
+        view = memoryview(data)
+        if view[: len(_PICKLE_MAGIC)] != _PICKLE_MAGIC:
+            raise DecodeError("not a chengeta_ai pickle encoding (bad magic)")
+        return view[len(_PICKLE_MAGIC) :]
+
+    def _iter_items(self, body: memoryview) -> Iterator[Any]:
+        stream = io.BytesIO(body[1:])
+        end = len(body) - 1
+        unpickler = pickle.Unpickler(stream)
+        while stream.tell() < end:
+            try:
+                yield unpickler.load()
+            except Exception as exc:
+                raise DecodeError(f"corrupt pickle data: {exc}") from exc
+
+    def loads(self, data: bytes) -> Any:
+        body = self._body(data)
+        if body[:1] == _PICKLE_SEQ:
+            return list(self._iter_items(body))
+        try:
+            return pickle.loads(body)
+        except Exception as exc:
+            raise DecodeError(f"corrupt pickle data: {exc}") from exc
+
+    def iter_batches(self, data: bytes, batch_size: int = 256) -> Iterator[list[Any]]:
+        _check_batch_size(batch_size)
+        body = self._body(data)
+        if body[:1] == _PICKLE_SEQ:
+            return self._iter_seq(body, batch_size)
+        value = self.loads(data)
+        return _batches_of_list(value, batch_size) if isinstance(value, list) else iter([[value]])
+
+    def _iter_seq(self, body: memoryview, batch_size: int) -> Iterator[list[Any]]:
+        batch: list[Any] = []
+        for item in self._iter_items(body):
+            batch.append(item)
+            if len(batch) >= batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
+_JSON_MAGIC = b"CGJS\x01"
+_JSON_OPTS = (
+    orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
+
+
+def _json_reject(value: Any) -> Any:
+    if hasattr(type(value), "__pydantic_fields__"):
+        raise TypeError(
+            f"pydantic model {type(value).__qualname__} is not supported by JsonSerializer "
+            "(JSON would lose its type); use CompactSerializer"
+        )
+    raise TypeError(f"unsupported type '{type(value).__qualname__}' (not JSON-native)")
+
+
+def _json_dumps(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value, default=_json_reject, option=_JSON_OPTS)
+    except TypeError as exc:  # orjson.JSONEncodeError is a TypeError
+        cause = exc.__cause__  # what _json_reject raised, when it was called
+        raise EncodeError(str(cause if isinstance(cause, TypeError) else exc)) from exc
+
+
+class _JsonSink:
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._error: str | None = None
+        self._done = False
+
+    def push(self, item: Any) -> None:
+        if self._done:
+            raise EncodeError("stream encoder already finished")
+        if self._error is not None:
+            raise EncodeError(f"stream encoder poisoned by: {self._error}")
+        try:
+            self._parts.append(_json_dumps(item))
+        except EncodeError as exc:
+            self._error = f"chunk {len(self._parts)}: {exc}"
+            raise EncodeError(self._error) from exc
+
+    def finish(self) -> bytes:
+        if self._done:
+            raise EncodeError("stream encoder already finished")
+        if self._error is not None:
+            raise EncodeError(f"stream encoder poisoned by: {self._error}")
+        self._done = True
+        return _JSON_MAGIC + b"[" + b",".join(self._parts) + b"]"
+
+
+class JsonSerializer:
+    """JSON (orjson) storage of JSON-native values: ``b"CGJS\\x01"`` then the document.
+
+    Only None, bool, int (64-bit), float, str, list, tuple (read back as a list) and dicts with
+    str keys; pydantic models and anything else raise `EncodeError`. A sequence is stored as a
+    JSON array.
+    """
+
+    name = "json"
+
+    def dumps(self, value: Any) -> bytes:
+        return _JSON_MAGIC + _json_dumps(value)
+
+    def loads(self, data: bytes) -> Any:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise DecodeError(f"expected bytes, got {type(data).__qualname__}")
+        view = memoryview(data)
+        if view[: len(_JSON_MAGIC)] != _JSON_MAGIC:
+            raise DecodeError("not a chengeta_ai JSON encoding (bad magic)")
+        try:
+            return orjson.loads(view[len(_JSON_MAGIC) :])
+        except orjson.JSONDecodeError as exc:
+            raise DecodeError(f"corrupt JSON data: {exc}") from exc
+
+    def stream_encoder(self) -> ChunkSink:
+        return _JsonSink()
+
+    def iter_batches(self, data: bytes, batch_size: int = 256) -> Iterator[list[Any]]:
+        _check_batch_size(batch_size)
+        value = self.loads(data)
+        return _batches_of_list(value, batch_size) if isinstance(value, list) else iter([[value]])
