@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: redis_fixture
+
+from redis_fixture import RedisServer
 
 
 def _run_demo(*extra: str) -> subprocess.CompletedProcess[str]:
@@ -40,6 +47,54 @@ def test_demo_fast(async_backend: str) -> None:
     assert out.rstrip().endswith("replayed it from the cache.")
     assert "UNEXPECTED" not in out
     assert proc.stderr == ""
+
+
+def _assert_demo_ok(proc: subprocess.CompletedProcess[str], runs: int) -> None:
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert len(re.findall(r"^  MISS +[\d,.]+ ms +[\d,.]+ ms +1 +62$", out, re.M)) == runs
+    assert len(re.findall(r"^  HIT +[\d,.]+ ms +[\d,.]+ ms +0 +62$", out, re.M)) == runs
+    assert "UNEXPECTED" not in out
+
+
+def test_demo_sqlite_backend() -> None:
+    proc = _run_demo("--backend", "sqlite", "--async-backend", "trio")
+    _assert_demo_ok(proc, runs=2)
+    assert "backend:  SQLiteBackend" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not installed (scripts/ensure_redis.sh)")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("async_backend", ["asyncio", "trio"])
+def test_demo_redis_backend(redis_server: RedisServer, async_backend: str) -> None:
+    import redis
+
+    proc = _run_demo(
+        "--backend", "redis", "--redis-url", redis_server.url, "--async-backend", async_backend
+    )
+    _assert_demo_ok(proc, runs=2)
+    assert (
+        f"backend:  RedisBackend (a fresh key prefix, cleared at exit) at {redis_server.url}"
+        in (proc.stdout)
+    )
+    with redis.Redis.from_url(redis_server.url) as client:
+        assert client.dbsize() == 0  # the demo cleaned up after itself
+
+
+def test_demo_redis_unreachable_is_a_clear_error() -> None:
+    from redis_fixture import free_port
+
+    proc = _run_demo("--backend", "redis", "--redis-url", f"redis://127.0.0.1:{free_port()}/0")
+    assert proc.returncode == 2
+    assert "cannot reach Redis" in proc.stderr
 
 
 def test_demo_real_without_key_is_a_usage_error() -> None:
