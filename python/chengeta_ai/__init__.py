@@ -1,1 +1,79 @@
-"""chengeta_ai: cache for streamed LLM responses."""
+"""chengeta_ai: cache streamed LLM responses, replay hits as streams, share in-flight streams.
+
+Imports are lazy: ``import chengeta_ai`` loads nothing heavy until a name is used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendError",
+    "CacheKeyBuilder",
+    "CacheManager",
+    "ChengetaError",
+    "CompactSerializer",
+    "ConsumerLagged",
+    "DecodeError",
+    "EncodeError",
+    "InMemoryBackend",
+    "JsonSerializer",
+    "PickleSerializer",
+    "RedisBackend",
+    "SQLiteBackend",
+    "StreamingResponseCache",
+    "__version__",
+    "register_model",
+]
+
+_WHERE = {
+    "CacheManager": "chengeta_ai.core.cache_manager",
+    "CacheKeyBuilder": "chengeta_ai.core.key_builder",
+    "InMemoryBackend": "chengeta_ai.backends.memory_backend",
+    "SQLiteBackend": "chengeta_ai.backends.sqlite_backend",
+    "RedisBackend": "chengeta_ai.backends.redis_backend",
+    "StreamingResponseCache": "chengeta_ai.layers.streaming_cache",
+    "CompactSerializer": "chengeta_ai.serializers",
+    "PickleSerializer": "chengeta_ai.serializers",
+    "JsonSerializer": "chengeta_ai.serializers",
+    "register_model": "chengeta_ai.models",
+    "BackendError": "chengeta_ai.errors",
+    "ChengetaError": "chengeta_ai.errors",
+    "ConsumerLagged": "chengeta_ai.errors",
+    "DecodeError": "chengeta_ai.errors",
+    "EncodeError": "chengeta_ai.errors",
+}
+
+if TYPE_CHECKING:
+    from chengeta_ai.backends.memory_backend import InMemoryBackend
+    from chengeta_ai.backends.redis_backend import RedisBackend
+    from chengeta_ai.backends.sqlite_backend import SQLiteBackend
+    from chengeta_ai.core.cache_manager import CacheManager
+    from chengeta_ai.core.key_builder import CacheKeyBuilder
+    from chengeta_ai.errors import (
+        BackendError,
+        ChengetaError,
+        ConsumerLagged,
+        DecodeError,
+        EncodeError,
+    )
+    from chengeta_ai.layers.streaming_cache import StreamingResponseCache
+    from chengeta_ai.models import register_model
+    from chengeta_ai.serializers import CompactSerializer, JsonSerializer, PickleSerializer
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'chengeta_ai' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

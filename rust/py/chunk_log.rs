@@ -1,3 +1,165 @@
-//! placeholder
+//! `ChunkLog`: the Python face of [`crate::chunk_log::ChunkLog`], holding live chunk objects.
+
+use std::sync::{Mutex, MutexGuard};
+
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> { Ok(()) }
+use pyo3::types::{PyDict, PyList};
+
+use crate::chunk_log::{ChunkLog as Log, LogError};
+use crate::py::errors::ConsumerLagged;
+
+/// An append-only log of chunks shared by the consumers of one in-flight stream.
+///
+/// Each consumer reads from its own cursor; the producer may run at most `max_lag` chunks
+/// ahead of the slowest consumer still holding it back; past `max_bytes` retained bytes the
+/// log stops retaining the whole stream, drops what every holding consumer has read, and
+/// refuses new consumers. Every method is non-blocking: Python parks on events and calls back.
+#[pyclass(frozen, module = "chengeta_ai._core")]
+pub struct ChunkLog {
+    // One lock per log, held for one method and never across a call into Python that could
+    // re-enter the log. Dropped chunks are decref'd under it: chunk objects are data whose
+    // deallocation cannot reach back into this log.
+    inner: Mutex<Log<Py<PyAny>>>,
+}
+
+impl ChunkLog {
+    fn lock(&self) -> MutexGuard<'_, Log<Py<PyAny>>> {
+        // A panic cannot leave the log half-updated in a way later calls would misread, so a
+        // poisoned lock is recovered rather than turned into an error on every later call.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn log_error(err: LogError) -> PyErr {
+    match err {
+        LogError::UnknownConsumer(_) => PyValueError::new_err(err.to_string()),
+        LogError::Lagged { .. } => ConsumerLagged::new_err(err.to_string()),
+    }
+}
+
+#[pymethods]
+impl ChunkLog {
+    #[new]
+    #[pyo3(signature = (max_lag = 64, max_bytes = None))]
+    fn new(max_lag: u64, max_bytes: Option<u64>) -> PyResult<Self> {
+        if max_lag == 0 {
+            return Err(PyValueError::new_err("max_lag must be at least 1"));
+        }
+        Ok(ChunkLog {
+            inner: Mutex::new(Log::new(max_lag, max_bytes)),
+        })
+    }
+
+    /// Attaches a consumer at the first chunk and returns its id; `None` once the log no
+    /// longer retains the start of the stream.
+    fn attach(&self) -> Option<u64> {
+        self.lock().attach()
+    }
+
+    /// Detaches a consumer; returns how many remain.
+    fn detach(&self, consumer: u64) -> usize {
+        self.lock().detach(consumer)
+    }
+
+    /// Appends a chunk accounted as `nbytes`; returns True when this push exceeded the byte
+    /// budget (the stream is no longer retained whole).
+    #[pyo3(signature = (item, nbytes = 0))]
+    fn push(&self, item: Py<PyAny>, nbytes: u64) -> bool {
+        self.lock().push(item, nbytes)
+    }
+
+    /// How many chunks may be pushed before the slowest holding consumer must read.
+    fn headroom(&self) -> u64 {
+        self.lock().headroom()
+    }
+
+    /// Releases the slowest consumers from holding the producer back ("detach" policy);
+    /// returns how many were released (0 if nobody is ahead of them).
+    fn release_slowest(&self) -> usize {
+        self.lock().release_slowest()
+    }
+
+    /// Returns up to `max_n` chunks from the consumer's cursor and advances it. Raises
+    /// `ConsumerLagged` if the consumer's next chunk was already dropped.
+    fn read<'py>(
+        &self,
+        py: Python<'py>,
+        consumer: u64,
+        max_n: usize,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let mut out: Vec<Py<PyAny>> = Vec::new();
+        self.lock()
+            .read(consumer, max_n, |item| out.push(item.clone_ref(py)))
+            .map_err(log_error)?;
+        PyList::new(py, out)
+    }
+
+    /// Number of chunks ready for this consumer.
+    fn available(&self, consumer: u64) -> u64 {
+        self.lock().available(consumer)
+    }
+
+    /// Every chunk of the stream in order, or `None` if the start was dropped.
+    fn snapshot<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyList>>> {
+        let mut out: Vec<Py<PyAny>> = Vec::new();
+        if !self
+            .lock()
+            .for_each_retained(|item| out.push(item.clone_ref(py)))
+        {
+            return Ok(None);
+        }
+        Ok(Some(PyList::new(py, out)?))
+    }
+
+    /// Marks the stream finished; consumers drain what is left.
+    fn close(&self) {
+        self.lock().close()
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.lock().is_closed()
+    }
+
+    /// True while the whole stream since its first chunk is retained.
+    #[getter]
+    fn retaining(&self) -> bool {
+        self.lock().is_retaining()
+    }
+
+    /// Number of chunks pushed so far.
+    #[getter]
+    fn end(&self) -> u64 {
+        self.lock().end()
+    }
+
+    #[getter]
+    fn retained_bytes(&self) -> u64 {
+        self.lock().retained_bytes()
+    }
+
+    #[getter]
+    fn consumers(&self) -> usize {
+        self.lock().consumers()
+    }
+
+    /// Counters: pushed, delivered, attached, detached_laggards, lag_errors, dropped,
+    /// peak_retained.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.lock().stats();
+        let d = PyDict::new(py);
+        d.set_item("pushed", s.pushed)?;
+        d.set_item("delivered", s.delivered)?;
+        d.set_item("attached", s.attached)?;
+        d.set_item("detached_laggards", s.detached_laggards)?;
+        d.set_item("lag_errors", s.lag_errors)?;
+        d.set_item("dropped", s.dropped)?;
+        d.set_item("peak_retained", s.peak_retained)?;
+        Ok(d)
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<ChunkLog>()
+}

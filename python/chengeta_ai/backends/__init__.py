@@ -1,0 +1,1 @@
+"""Storage backends: in-memory, SQLite, Redis; all implement `base.Backend`."""

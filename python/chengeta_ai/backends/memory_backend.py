@@ -1,0 +1,166 @@
+"""In-process backend: a thread-safe LRU of encoded bytes with TTL, tags and two bounds."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from chengeta_ai.backends.base import BaseBackend
+
+__all__ = ["InMemoryBackend"]
+
+
+class _Entry(NamedTuple):
+    value: bytes
+    expires_at: float | None  # time.monotonic() deadline
+    tags: tuple[str, ...]
+
+
+class InMemoryBackend(BaseBackend):
+    """Stores encoded entries in this process, bounded by entry count and by bytes.
+
+    Values are ``bytes`` (the serializer's output), never live objects: a thousand cached
+    streams held as objects would be walked by every full garbage collection; as bytes they
+    cost the collector nothing. Least recently used entries are evicted first when either
+    bound would be exceeded; an entry larger than ``max_bytes`` on its own is not stored.
+    Expired entries vanish at once (checked on access) and are purged as eviction meets them.
+
+    Thread-safe (one lock, held for dictionary work only); the async twins run inline since
+    no operation blocks.
+    """
+
+    def __init__(self, max_entries: int | None = 10_000, max_bytes: int | None = 256 * 2**20):
+        if max_entries is not None and max_entries < 1:
+            raise ValueError(f"max_entries must be a positive int or None, got {max_entries!r}")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(f"max_bytes must be a positive int or None, got {max_bytes!r}")
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._tags: dict[str, set[str]] = {}
+        self._bytes = 0
+        self._evictions = 0
+        self._expirations = 0
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return (
+            f"InMemoryBackend(max_entries={self.max_entries!r}, max_bytes={self.max_bytes!r}, "
+            f"entries={len(self._entries)})"
+        )
+
+    # -- internals, called with the lock held ---------------------------------------------
+
+    def _remove(self, key: str) -> _Entry | None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= len(entry.value)
+            for tag in entry.tags:
+                keys = self._tags.get(tag)
+                if keys is not None:
+                    keys.discard(key)
+                    if not keys:
+                        del self._tags[tag]
+        return entry
+
+    def _live(self, key: str) -> _Entry | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry.expires_at is not None and entry.expires_at <= time.monotonic():
+            self._remove(key)
+            self._expirations += 1
+            return None
+        return entry
+
+    # -- operations ----------------------------------------------------------------------
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            entry = self._live(key)
+            if entry is None:
+                return None
+            self._entries.move_to_end(key)
+            return entry.value
+
+    def set(
+        self, key: str, value: bytes, ttl: float | None = None, tags: Sequence[str] = ()
+    ) -> None:
+        size = len(value)
+        expires_at = time.monotonic() + ttl if ttl is not None and ttl > 0 else None
+        entry = _Entry(bytes(value), expires_at, tuple(dict.fromkeys(tags)))
+        with self._lock:
+            self._remove(key)
+            if self.max_bytes is not None and size > self.max_bytes:
+                self._evictions += 1
+                return
+            self._entries[key] = entry
+            self._bytes += size
+            for tag in entry.tags:
+                self._tags.setdefault(tag, set()).add(key)
+            while (self.max_entries is not None and len(self._entries) > self.max_entries) or (
+                self.max_bytes is not None and self._bytes > self.max_bytes
+            ):
+                oldest = next(iter(self._entries))
+                self._remove(oldest)
+                self._evictions += 1
+
+    def delete(self, key: str) -> bool:
+        with self._lock:
+            return self._remove(key) is not None
+
+    def exists(self, key: str) -> bool:
+        with self._lock:
+            return self._live(key) is not None
+
+    def invalidate(self, tag: str) -> int:
+        with self._lock:
+            keys = list(self._tags.get(tag, ()))
+            for key in keys:
+                self._remove(key)
+            return len(keys)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._tags.clear()
+            self._bytes = 0
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "backend": "memory",
+                "entries": len(self._entries),
+                "bytes": self._bytes,
+                "tags": len(self._tags),
+                "evictions": self._evictions,
+                "expirations": self._expirations,
+            }
+
+    # Nothing here blocks: run the async twins inline instead of in a worker thread.
+
+    async def aget(self, key: str) -> bytes | None:
+        return self.get(key)
+
+    async def aset(
+        self, key: str, value: bytes, ttl: float | None = None, tags: Sequence[str] = ()
+    ) -> None:
+        self.set(key, value, ttl, tags)
+
+    async def adelete(self, key: str) -> bool:
+        return self.delete(key)
+
+    async def aexists(self, key: str) -> bool:
+        return self.exists(key)
+
+    async def ainvalidate(self, tag: str) -> int:
+        return self.invalidate(tag)
+
+    async def aclear(self) -> None:
+        self.clear()
+
+    async def aclose(self) -> None:
+        self.close()

@@ -1,0 +1,1 @@
+"""Cache management: `CacheManager` (fail-open rules, framing) and `CacheKeyBuilder`."""

@@ -1,0 +1,349 @@
+"""`CacheManager`: one backend, one key builder, one serializer, and the fail-open rules.
+
+Every stored value is framed as ``b"\\xc6\\x01" + crc32(payload) + payload`` (6 bytes), so a
+corrupt or foreign entry is recognised before a single chunk is replayed: it is treated as a
+miss, deleted, logged and counted. Backend failures on reads and writes are misses and skipped
+stores (logged, counted): the cache never breaks the code that uses it. Explicit removals
+(`delete`, `invalidate`, `clear`) do raise `BackendError` when the backend fails, because a
+caller who asked for data to be gone must know it was not.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import zlib
+from collections.abc import Iterable
+from typing import Any
+
+from chengeta_ai.backends.base import Backend
+from chengeta_ai.backends.memory_backend import InMemoryBackend
+from chengeta_ai.core.key_builder import CacheKeyBuilder
+from chengeta_ai.errors import BackendError, DecodeError, EncodeError
+from chengeta_ai.serializers import CompactSerializer, Serializer
+
+__all__ = ["DEFAULT_MAX_ENTRY_BYTES", "CacheManager"]
+
+logger = logging.getLogger("chengeta_ai")
+
+DEFAULT_MAX_ENTRY_BYTES = 16 * 2**20
+_FRAME_MAGIC = b"\xc6\x01"
+_FRAME_HEADER = 6
+_MISSING = object()
+
+
+def frame(payload: bytes) -> bytes:
+    """Wraps an encoded value with the magic and checksum every entry carries."""
+    return _FRAME_MAGIC + zlib.crc32(payload).to_bytes(4, "little") + payload
+
+
+def unframe(data: bytes) -> memoryview:
+    """The payload of a framed entry; `DecodeError` if the frame or its checksum is wrong."""
+    if len(data) < _FRAME_HEADER or data[:2] != _FRAME_MAGIC:
+        raise DecodeError("not a chengeta_ai entry (bad magic)")
+    payload = memoryview(data)[_FRAME_HEADER:]
+    if zlib.crc32(payload) != int.from_bytes(data[2:6], "little"):
+        raise DecodeError("entry checksum mismatch (corrupt or truncated entry)")
+    return payload
+
+
+def check_ttl(ttl: float | None) -> float | None:
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+        raise TypeError(f"ttl must be a number of seconds or None, got {type(ttl).__name__}")
+    if not math.isfinite(ttl) or ttl <= 0:
+        raise ValueError(f"ttl must be a positive, finite number of seconds or None, got {ttl!r}")
+    return float(ttl)
+
+
+def check_tags(tags: Iterable[str] | None) -> tuple[str, ...]:
+    if tags is None:
+        return ()
+    if isinstance(tags, (str, bytes)):
+        raise TypeError(f"tags must be a list of strings, not a single {type(tags).__name__}")
+    out = tuple(tags)
+    for tag in out:
+        if not isinstance(tag, str) or not tag:
+            raise TypeError(f"every tag must be a non-empty str, got {tag!r}")
+    return out
+
+
+class _Counters:
+    """Thread-safe counters shown by ``stats()``."""
+
+    def __init__(self, *names: str) -> None:
+        self._lock = threading.Lock()
+        self._values = dict.fromkeys(names, 0)
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._values[name] = self._values.get(name, 0) + n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._values)
+
+
+class CacheManager:
+    """Gets and sets cached values on a backend, with keys, serialization and fail-open rules.
+
+    Args:
+        backend: where entries live; `InMemoryBackend()` if omitted.
+        key_builder: builds keys from requests; `CacheKeyBuilder()` if omitted.
+        serializer: encodes values; the Rust `CompactSerializer` if omitted (never unpickles).
+        default_ttl: seconds an entry lives when a call gives no ``ttl``; None = no expiry.
+        max_entry_bytes: entries larger than this once encoded are not stored (counted).
+    """
+
+    def __init__(
+        self,
+        backend: Backend | None = None,
+        key_builder: CacheKeyBuilder | None = None,
+        *,
+        serializer: Serializer | None = None,
+        default_ttl: float | None = None,
+        max_entry_bytes: int | None = DEFAULT_MAX_ENTRY_BYTES,
+    ) -> None:
+        if max_entry_bytes is not None and max_entry_bytes < 1:
+            raise ValueError(f"max_entry_bytes must be positive or None, got {max_entry_bytes!r}")
+        self.backend: Backend = backend if backend is not None else InMemoryBackend()
+        self.key_builder = key_builder if key_builder is not None else CacheKeyBuilder()
+        self.serializer: Serializer = serializer if serializer is not None else CompactSerializer()
+        self.default_ttl = check_ttl(default_ttl)
+        self.max_entry_bytes = max_entry_bytes
+        self._counters = _Counters(
+            "hits", "misses", "sets", "backend_errors", "corrupt_entries", "encode_errors",
+            "oversized_entries",
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"CacheManager(backend={self.backend!r}, key_builder={self.key_builder!r}, "
+            f"serializer={type(self.serializer).__name__}, default_ttl={self.default_ttl!r})"
+        )
+
+    # -- shared rules (both twins call these; the twins only do the I/O) ------------------
+
+    def resolve_ttl(self, ttl: float | None) -> float | None:
+        return self.default_ttl if ttl is None else check_ttl(ttl)
+
+    def count(self, name: str, n: int = 1) -> None:
+        self._counters.add(name, n)
+
+    def backend_failed(self, op: str, key: str, exc: BaseException) -> None:
+        self.count("backend_errors")
+        logger.warning("chengeta_ai: backend %s failed for %s: %r", op, key, exc)
+
+    def corrupt(self, key: str, exc: BaseException) -> None:
+        self.count("corrupt_entries")
+        logger.warning("chengeta_ai: corrupt entry %s dropped: %s", key, exc)
+
+    def _encode(self, key: str, value: Any, serializer: Serializer | None) -> bytes | None:
+        try:
+            payload = (serializer or self.serializer).dumps(value)
+        except Exception as exc:  # an unserializable value is a skipped store, never an error
+            self.count("encode_errors")
+            logger.warning("chengeta_ai: value for %s not cached, cannot encode: %s", key, exc)
+            return None
+        return self.fit(key, frame(payload))
+
+    def fit(self, key: str, data: bytes) -> bytes | None:
+        """``data`` if it is within ``max_entry_bytes``, else None (counted, logged)."""
+        if self.max_entry_bytes is not None and len(data) > self.max_entry_bytes:
+            self.count("oversized_entries")
+            logger.info(
+                "chengeta_ai: entry %s not cached: %d bytes > max_entry_bytes=%d",
+                key, len(data), self.max_entry_bytes,
+            )
+            return None
+        return data
+
+    def _decode(self, key: str, raw: bytes | None, serializer: Serializer | None) -> Any:
+        if raw is None:
+            self.count("misses")
+            return _MISSING
+        try:
+            value = (serializer or self.serializer).loads(bytes(unframe(raw)))
+        except DecodeError as exc:
+            self.corrupt(key, exc)
+            self.count("misses")
+            return DecodeError
+        self.count("hits")
+        return value
+
+    # -- raw (framed bytes) access, used by the streaming layer ---------------------------
+
+    def get_raw(self, key: str) -> bytes | None:
+        """The framed bytes under ``key``, or None on a miss or a backend failure."""
+        try:
+            return self.backend.get(key)
+        except Exception as exc:
+            self.backend_failed("get", key, exc)
+            return None
+
+    async def aget_raw(self, key: str) -> bytes | None:
+        try:
+            return await self.backend.aget(key)
+        except Exception as exc:
+            self.backend_failed("get", key, exc)
+            return None
+
+    def set_raw(self, key: str, data: bytes, ttl: float | None, tags: tuple[str, ...]) -> bool:
+        try:
+            self.backend.set(key, data, ttl, tags)
+        except Exception as exc:
+            self.backend_failed("set", key, exc)
+            return False
+        self.count("sets")
+        return True
+
+    async def aset_raw(
+        self, key: str, data: bytes, ttl: float | None, tags: tuple[str, ...]
+    ) -> bool:
+        try:
+            await self.backend.aset(key, data, ttl, tags)
+        except Exception as exc:
+            self.backend_failed("set", key, exc)
+            return False
+        self.count("sets")
+        return True
+
+    def drop_corrupt(self, key: str, exc: BaseException) -> None:
+        self.corrupt(key, exc)
+        try:
+            self.backend.delete(key)
+        except Exception as del_exc:
+            self.backend_failed("delete", key, del_exc)
+
+    async def adrop_corrupt(self, key: str, exc: BaseException) -> None:
+        self.corrupt(key, exc)
+        try:
+            await self.backend.adelete(key)
+        except Exception as del_exc:
+            self.backend_failed("delete", key, del_exc)
+
+    # -- public API: sync ------------------------------------------------------------------
+
+    def get(self, key: str, default: Any = None, *, serializer: Serializer | None = None) -> Any:
+        """The value under ``key``, or ``default`` on a miss (backend failures are misses)."""
+        value = self._decode(key, self.get_raw(key), serializer)
+        if value is DecodeError:
+            self.drop_corrupt(key, DecodeError("dropped"))
+            return default
+        return default if value is _MISSING else value
+
+    def set(
+        self,
+        key: str,
+        value: Any,
+        ttl: float | None = None,
+        tags: Iterable[str] | None = None,
+        *,
+        serializer: Serializer | None = None,
+    ) -> bool:
+        """Stores ``value``; returns False if it was not stored (unencodable, too large, backend
+        failure: each logged and counted)."""
+        ttl, tag_tuple = self.resolve_ttl(ttl), check_tags(tags)
+        data = self._encode(key, value, serializer)
+        return data is not None and self.set_raw(key, data, ttl, tag_tuple)
+
+    def delete(self, key: str) -> bool:
+        """Removes ``key``; True if it existed. Raises `BackendError` if the backend fails."""
+        return self._removal("delete", self.backend.delete, key)
+
+    def exists(self, key: str) -> bool:
+        try:
+            return self.backend.exists(key)
+        except Exception as exc:
+            self.backend_failed("exists", key, exc)
+            return False
+
+    def invalidate(self, tag: str) -> int:
+        """Removes every entry carrying ``tag``; returns how many. Raises `BackendError`."""
+        check_tags([tag])
+        return self._removal("invalidate", self.backend.invalidate, tag)
+
+    def clear(self) -> None:
+        """Removes every entry. Raises `BackendError` if the backend fails."""
+        self._removal("clear", lambda _: self.backend.clear(), "*")
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def _removal(self, op: str, fn: Any, arg: str) -> Any:
+        try:
+            return fn(arg)
+        except BackendError:
+            self.count("backend_errors")
+            raise
+        except Exception as exc:
+            self.count("backend_errors")
+            raise BackendError(f"backend {op} failed for {arg}: {exc!r}") from exc
+
+    # -- public API: async twins ------------------------------------------------------------
+
+    async def aget(
+        self, key: str, default: Any = None, *, serializer: Serializer | None = None
+    ) -> Any:
+        value = self._decode(key, await self.aget_raw(key), serializer)
+        if value is DecodeError:
+            await self.adrop_corrupt(key, DecodeError("dropped"))
+            return default
+        return default if value is _MISSING else value
+
+    async def aset(
+        self,
+        key: str,
+        value: Any,
+        ttl: float | None = None,
+        tags: Iterable[str] | None = None,
+        *,
+        serializer: Serializer | None = None,
+    ) -> bool:
+        ttl, tag_tuple = self.resolve_ttl(ttl), check_tags(tags)
+        data = self._encode(key, value, serializer)
+        return data is not None and await self.aset_raw(key, data, ttl, tag_tuple)
+
+    async def adelete(self, key: str) -> bool:
+        return await self._aremoval("delete", self.backend.adelete, key)
+
+    async def aexists(self, key: str) -> bool:
+        try:
+            return await self.backend.aexists(key)
+        except Exception as exc:
+            self.backend_failed("exists", key, exc)
+            return False
+
+    async def ainvalidate(self, tag: str) -> int:
+        check_tags([tag])
+        return await self._aremoval("invalidate", self.backend.ainvalidate, tag)
+
+    async def aclear(self) -> None:
+        async def clear(_: str) -> None:
+            await self.backend.aclear()
+
+        await self._aremoval("clear", clear, "*")
+
+    async def aclose(self) -> None:
+        await self.backend.aclose()
+
+    async def _aremoval(self, op: str, fn: Any, arg: str) -> Any:
+        try:
+            return await fn(arg)
+        except BackendError:
+            self.count("backend_errors")
+            raise
+        except Exception as exc:
+            self.count("backend_errors")
+            raise BackendError(f"backend {op} failed for {arg}: {exc!r}") from exc
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this manager plus ``backend``: the backend's own stats (or its error)."""
+        out: dict[str, Any] = dict(self._counters.snapshot())
+        try:
+            out["backend"] = self.backend.stats()
+        except Exception as exc:
+            out["backend"] = {"error": repr(exc)}
+        return out

@@ -1,0 +1,1 @@
+"""Cache layers on top of `CacheManager`: `streaming_cache` (and its in-flight `fanout`)."""

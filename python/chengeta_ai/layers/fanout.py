@@ -1,0 +1,451 @@
+"""In-flight streams shared by every concurrent caller of one key.
+
+A *flight* is one upstream stream being read, with a Rust `ChunkLog` holding its chunks and one
+cursor per attached consumer. The first caller of a key leads (it starts the flight); callers
+that arrive while it runs join it and replay the log from the first chunk, then follow live.
+
+Async flights (`AsyncFlight`) are pumped by a background task, so that any consumer (the
+leader included) can be cancelled at any moment without disturbing the upstream read the
+others depend on. Sync flights (`SyncFlight`) are pumped cooperatively: whichever thread needs
+the next chunk and finds nobody pulling pulls it; a sync consumer leaves only between chunks.
+
+Flights belong to one event loop (async) or to the threads of the process (sync): an async
+caller never joins a sync flight or a flight of another loop, because waiting across them
+would need a thread per waiter. Both kinds share the bookkeeping in `FlightCore`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Literal
+
+import anyio
+import anyio.lowlevel
+
+from chengeta_ai._core import ChunkLog
+from chengeta_ai.core.cache_manager import frame
+from chengeta_ai.errors import ChengetaError
+
+if TYPE_CHECKING:
+    from chengeta_ai.layers.streaming_cache import StreamingResponseCache
+
+__all__ = ["AsyncFlight", "FlightCore", "SyncFlight"]
+
+logger = logging.getLogger("chengeta_ai")
+
+SlowConsumerPolicy = Literal["wait", "detach"]
+AbandonPolicy = Literal["cancel", "finish"]
+
+#: Chunks handed to a consumer per read of the log (one Rust call).
+READ_BATCH = 256
+#: A pump that was never held back yields to the event loop at least this often.
+CHECKPOINT_EVERY = 64
+#: Size accounted for a chunk the serializer could not encode.
+UNENCODED_CHUNK_BYTES = 256
+
+
+class FlightCore:
+    """What sync and async flights share: the log, the encoder, the store decision, stats."""
+
+    def __init__(
+        self,
+        cache: StreamingResponseCache,
+        slot: tuple[object, str],
+        ttl: float | None,
+        tags: tuple[str, ...],
+    ) -> None:
+        self.cache = cache
+        self.slot = slot
+        self.key = slot[1]
+        self.ttl = ttl
+        self.tags = tags
+        self.log = ChunkLog(cache.max_lag, cache.max_entry_bytes)
+        self.encoder: Any = None
+        self.storable = True
+        self.error: BaseException | None = None
+        self.finished = False
+        self.abandoned = False
+        if cache.chunk_joiner is None:
+            self.encoder = cache.serializer.stream_encoder()
+
+    # -- per chunk ----------------------------------------------------------------------------
+
+    def append(self, chunk: Any) -> None:
+        """Encodes (when storing chunk by chunk) and appends one upstream chunk to the log."""
+        nbytes = UNENCODED_CHUNK_BYTES
+        encoder = self.encoder
+        if encoder is not None:
+            before = encoder.nbytes
+            try:
+                encoder.push(chunk)
+                nbytes = encoder.nbytes - before
+            except Exception as exc:
+                self.encoder = None
+                self.not_stored("unserializable", f"chunk {self.log.end} cannot be encoded: {exc}")
+        if self.log.push(chunk, nbytes):
+            # Over max_entry_bytes: no longer retained whole, so never stored; new callers of
+            # the key start their own upstream instead of joining a stream they cannot replay.
+            self.not_stored("oversized", f"stream exceeded max_entry_bytes={self.cache.max_entry_bytes}")
+            self.cache.release_slot(self)
+
+    def not_stored(self, reason: str, detail: str) -> None:
+        if self.storable:
+            self.storable = False
+            self.cache.count(f"not_stored_{reason}")
+            logger.warning("chengeta_ai: stream %s will not be cached: %s", self.key, detail)
+
+    # -- end of stream ------------------------------------------------------------------------
+
+    def entry(self) -> bytes | None:
+        """The framed entry to store for a stream that ended normally, or None."""
+        if not self.storable or self.abandoned and self.cache.on_abandon == "cancel":
+            return None
+        try:
+            if self.encoder is not None:
+                payload = self.encoder.finish()
+                chunks = self.log.end
+            else:
+                snapshot = self.log.snapshot()
+                if snapshot is None:
+                    return None
+                chunks = len(snapshot)
+                joiner = self.cache.chunk_joiner
+                value = joiner(list(snapshot)) if joiner is not None else list(snapshot)
+                payload = self.cache.serializer.dumps(value)
+        except Exception as exc:
+            self.not_stored("unserializable", f"cannot encode the stream: {exc}")
+            return None
+        data = self.cache.manager.fit(self.key, frame(payload))
+        if data is not None:
+            self.stored_chunks = chunks
+        return data
+
+    def stored(self, ok: bool, data: bytes) -> None:
+        if ok:
+            self.cache.count("stores")
+            self.cache.count("stored_bytes", len(data))
+            self.cache.count("stored_chunks", self.stored_chunks)
+        else:
+            self.cache.count("not_stored_backend_error")
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = exc
+        self.cache.count("upstream_errors")
+
+
+# ---------------------------------------------------------------------------------------------
+# async
+
+
+async def _open_upstream(stream_fn: Callable[[Any], Any], messages: Any) -> Any:
+    """Calls ``stream_fn`` and returns something to iterate: async iterator or plain iterable.
+
+    Accepts what users hand us: an async iterator or async generator, an awaitable resolving to
+    one (``AsyncOpenAI().chat.completions.create(..., stream=True)``), or a sync iterable.
+    """
+    result = stream_fn(messages)
+    if inspect.isawaitable(result) and not hasattr(result, "__anext__"):
+        result = await result
+    if hasattr(result, "__anext__"):
+        return result
+    if hasattr(result, "__aiter__"):
+        return result.__aiter__()
+    if hasattr(result, "__iter__"):
+        return iter(result)
+    raise TypeError(
+        "stream_fn must return an async iterator, an awaitable of one, or an iterable; "
+        f"got {type(result).__name__}"
+    )
+
+
+async def _aclose_upstream(upstream: Any) -> None:
+    """Closes an upstream iterator (HTTP response, generator) without letting errors escape."""
+    for name in ("aclose", "close"):
+        closer = getattr(upstream, name, None)
+        if closer is None:
+            continue
+        try:
+            result = closer()
+            if inspect.isawaitable(result):
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    await result
+        except Exception as exc:
+            logger.debug("chengeta_ai: closing upstream raised %r", exc)
+        return
+
+
+class AsyncFlight(FlightCore):
+    """A flight on one event loop, pumped by a background task."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._data: anyio.Event | None = None
+        self._space: anyio.Event | None = None
+        self._scope: anyio.CancelScope | None = None
+
+    # wake-ups are batched: an event exists only while somebody waits on it
+
+    def _wake_data(self) -> None:
+        ev, self._data = self._data, None
+        if ev is not None:
+            ev.set()
+
+    def _wake_space(self) -> None:
+        ev, self._space = self._space, None
+        if ev is not None:
+            ev.set()
+
+    async def _wait_data(self) -> None:
+        if self._data is None:
+            self._data = anyio.Event()
+        await self._data.wait()
+
+    async def _wait_space(self) -> None:
+        if self._space is None:
+            self._space = anyio.Event()
+        await self._space.wait()
+
+    def start(self, stream_fn: Callable[[Any], Any], messages: Any) -> None:
+        self._scope = anyio.CancelScope()
+        self.cache.spawn(self._pump, stream_fn, messages)
+
+    async def _pump(self, stream_fn: Callable[[Any], Any], messages: Any) -> None:
+        # A background task: upstream errors go to the consumers, never out of this task (a
+        # trio system task must not raise); only an outside cancellation propagates.
+        upstream: Any = None
+        assert self._scope is not None
+        try:
+            with self._scope:
+                upstream = await _open_upstream(stream_fn, messages)
+                if hasattr(upstream, "__anext__"):
+                    await self._pump_async(upstream)
+                else:
+                    await self._pump_sync(upstream)
+                self.finished = True
+            if self.finished:
+                # Consumers finish now; the store runs after them, off their path.
+                self.log.close()
+                self._wake_data()
+                data = self.entry()
+                if data is not None:
+                    with anyio.CancelScope(shield=True):
+                        self.stored(await self.cache.manager.aset_raw(self.key, data, self.ttl, self.tags), data)
+            elif self.abandoned:
+                self.cache.count("abandoned_cancelled")
+        except anyio.get_cancelled_exc_class():
+            # Cancelled from outside (the cache's task group closing, the run ending): the
+            # consumers get a clear error, the cancellation goes on.
+            self.fail(ChengetaError(f"the upstream read for {self.key} was cancelled"))
+            raise
+        except Exception as exc:  # upstream failure: every consumer re-raises it
+            self.fail(exc)
+        finally:
+            if upstream is not None and not self.finished:
+                await _aclose_upstream(upstream)
+            self.log.close()
+            self.cache.release_slot(self)
+            self._wake_data()
+
+    async def _pump_async(self, upstream: Any) -> None:
+        since_checkpoint = 0
+        while True:
+            try:
+                chunk = await upstream.__anext__()
+            except StopAsyncIteration:
+                return
+            self.append(chunk)
+            self._wake_data()
+            since_checkpoint += 1
+            if await self._hold() or since_checkpoint >= CHECKPOINT_EVERY:
+                if since_checkpoint >= CHECKPOINT_EVERY:
+                    await anyio.lowlevel.checkpoint()
+                since_checkpoint = 0
+
+    async def _pump_sync(self, upstream: Iterator[Any]) -> None:
+        since_checkpoint = 0
+        for chunk in upstream:
+            self.append(chunk)
+            self._wake_data()
+            since_checkpoint += 1
+            if await self._hold() or since_checkpoint >= CHECKPOINT_EVERY:
+                if since_checkpoint >= CHECKPOINT_EVERY:
+                    await anyio.lowlevel.checkpoint()
+                since_checkpoint = 0
+
+    async def _hold(self) -> bool:
+        """Backpressure: waits while the slowest holding consumer is ``max_lag`` behind.
+
+        Returns True if it waited (the loop got control). Under the "detach" policy the
+        laggards are released instead of waited for.
+        """
+        waited = False
+        log = self.log
+        while log.headroom() == 0:
+            if self.cache.slow_consumer == "detach":
+                released = log.release_slowest()
+                if released:
+                    self.cache.count("detaches", released)
+                    continue
+            waited = True
+            await self._wait_space()
+        return waited
+
+    def abandon(self) -> None:
+        """The last consumer left before the end."""
+        self.abandoned = True
+        if self.cache.on_abandon == "cancel":
+            self.cache.release_slot(self)
+            if self._scope is not None:
+                self._scope.cancel()
+        else:
+            self.cache.count("abandoned_finished")
+            self._wake_space()
+
+    async def consume(self, consumer: int) -> AsyncIterator[Any]:
+        """Yields every chunk from the first, following the pump; raises its error at the end."""
+        log = self.log
+        try:
+            while True:
+                batch = log.read(consumer, READ_BATCH)
+                if batch:
+                    self._wake_space()
+                    for chunk in batch:
+                        yield chunk
+                    continue
+                if log.closed:
+                    if log.available(consumer):
+                        continue
+                    if self.error is not None:
+                        raise self.error
+                    return
+                await self._wait_data()
+        finally:
+            remaining = log.detach(consumer)
+            self._wake_space()
+            if remaining == 0 and not log.closed:
+                self.abandon()
+
+
+# ---------------------------------------------------------------------------------------------
+# sync
+
+
+class SyncFlight(FlightCore):
+    """A flight shared by threads, pumped by whichever consumer needs the next chunk."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._cond = threading.Condition()
+        self._pulling = False
+        self._upstream: Iterator[Any] | None = None
+        self._stream_fn: Callable[[Any], Any] | None = None
+        self._messages: Any = None
+
+    def start(self, stream_fn: Callable[[Any], Any], messages: Any) -> None:
+        self._stream_fn = stream_fn
+        self._messages = messages
+
+    def _pull_one(self) -> None:
+        """Reads one upstream chunk (or the end, or an error) into the log. Lock not held."""
+        try:
+            if self._upstream is None:
+                assert self._stream_fn is not None
+                result = self._stream_fn(self._messages)
+                if not hasattr(result, "__iter__"):
+                    raise TypeError(
+                        "get_or_stream needs stream_fn to return an iterable; got "
+                        f"{type(result).__name__} (use aget_or_stream for async streams)"
+                    )
+                self._upstream = iter(result)
+            chunk = next(self._upstream)
+        except StopIteration:
+            self.finished = True
+            self._finish()
+            return
+        except BaseException as exc:
+            self.fail(exc)
+            self._close_upstream()
+            self.log.close()
+            self.cache.release_slot(self)
+            return
+        self.append(chunk)
+
+    def _finish(self) -> None:
+        self.log.close()
+        with self._cond:
+            self._cond.notify_all()
+        data = self.entry()
+        if data is not None:
+            self.stored(self.cache.manager.set_raw(self.key, data, self.ttl, self.tags), data)
+        self.cache.release_slot(self)
+
+    def _close_upstream(self) -> None:
+        closer = getattr(self._upstream, "close", None)
+        if closer is not None:
+            try:
+                closer()
+            except Exception as exc:
+                logger.debug("chengeta_ai: closing upstream raised %r", exc)
+
+    def consume(self, consumer: int) -> Iterator[Any]:
+        log, cond = self.log, self._cond
+        try:
+            while True:
+                batch = log.read(consumer, READ_BATCH)
+                if batch:
+                    with cond:
+                        cond.notify_all()
+                    yield from batch
+                    continue
+                with cond:
+                    if log.available(consumer):
+                        continue
+                    if log.closed:
+                        if self.error is not None:
+                            raise self.error
+                        return
+                    if self._pulling:
+                        cond.wait()
+                        continue
+                    if log.headroom() == 0:
+                        if self.cache.slow_consumer == "detach":
+                            released = log.release_slowest()
+                            if released:
+                                self.cache.count("detaches", released)
+                                continue
+                        cond.wait()
+                        continue
+                    self._pulling = True
+                try:
+                    self._pull_one()
+                finally:
+                    with cond:
+                        self._pulling = False
+                        cond.notify_all()
+        finally:
+            with cond:
+                remaining = log.detach(consumer)
+                cond.notify_all()
+                last = remaining == 0 and not log.closed and not self._pulling
+            if last:
+                self._abandon()
+
+    def _abandon(self) -> None:
+        self.abandoned = True
+        if self.cache.on_abandon == "cancel":
+            self.cache.count("abandoned_cancelled")
+            self._close_upstream()
+            self.log.close()
+            self.cache.release_slot(self)
+            return
+        self.cache.count("abandoned_finished")
+        ctx = contextvars.copy_context()
+        threading.Thread(target=ctx.run, args=(self._drain,), name="chengeta-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        while not self.log.closed:
+            self._pull_one()

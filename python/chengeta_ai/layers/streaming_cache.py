@@ -1,0 +1,382 @@
+"""`StreamingResponseCache`: cache streamed LLM responses and replay them as streams.
+
+- Miss: each upstream chunk reaches the caller as soon as it arrives; the stream is stored once
+  it ended normally. An upstream error reaches the caller unchanged and stores nothing; a caller
+  that stops early (break, close, cancellation) stores nothing unless other callers share the
+  stream or ``on_abandon="finish"``.
+- Hit: the stored chunks are replayed, decoded lazily in batches, as equal objects of the same
+  types.
+- In flight: identical requests arriving while a stream runs join it (see `fanout`).
+- The cache never breaks the stream: a backend that fails, a corrupt entry, a chunk that cannot
+  be encoded are logged (logger ``chengeta_ai``), counted in `stats()`, and stepped around.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import sniffio
+
+from chengeta_ai.core.cache_manager import CacheManager, _Counters, check_tags, unframe
+from chengeta_ai.errors import DecodeError
+from chengeta_ai.layers.fanout import (
+    READ_BATCH,
+    AbandonPolicy,
+    AsyncFlight,
+    FlightCore,
+    SlowConsumerPolicy,
+    SyncFlight,
+    _aclose_upstream,
+    _open_upstream,
+)
+from chengeta_ai.serializers import Serializer
+
+__all__ = ["StreamingResponseCache"]
+
+_SYNC = "sync"
+
+
+class StreamingResponseCache:
+    """Caches streamed responses through a `CacheManager`.
+
+    Args:
+        manager: the cache manager (backend, key builder, default TTL).
+        serializer: encodes stored streams; the manager's serializer (the compact Rust codec by
+            default) if None.
+        chunk_joiner: if given, the stored value is ``chunk_joiner(chunks)`` and a hit replays it
+            (a list item by item, anything else as a single item); None stores the chunks.
+        max_lag: how many chunks the upstream may be read ahead of the slowest consumer that
+            holds it back (default 64).
+        slow_consumer: ``"detach"`` (default): a consumer ``max_lag`` behind stops holding the
+            upstream back and catches up from the retained log at its own pace; ``"wait"``: the
+            upstream is read no faster than the slowest consumer.
+        on_abandon: when the last consumer of an unfinished stream leaves: ``"cancel"``
+            (default) closes the upstream and stores nothing; ``"finish"`` reads it to the end
+            in the background and stores it.
+        max_entry_bytes: bound on an in-flight stream's retained log and on stored entries;
+            defaults to the manager's (16 MiB).
+        task_group: an anyio task group to run background pumps in (see ``async with``).
+    """
+
+    def __init__(
+        self,
+        manager: CacheManager,
+        serializer: Serializer | None = None,
+        chunk_joiner: Callable[[list[Any]], Any] | None = None,
+        *,
+        max_lag: int = 64,
+        slow_consumer: SlowConsumerPolicy = "detach",
+        on_abandon: AbandonPolicy = "cancel",
+        max_entry_bytes: int | None = None,
+        task_group: anyio.abc.TaskGroup | None = None,
+    ) -> None:
+        if not isinstance(manager, CacheManager):
+            raise TypeError(
+                f"manager must be a CacheManager, got {type(manager).__name__}"
+            )
+        if chunk_joiner is not None and not callable(chunk_joiner):
+            raise TypeError("chunk_joiner must be callable or None")
+        if isinstance(max_lag, bool) or not isinstance(max_lag, int) or max_lag < 1:
+            raise ValueError(f"max_lag must be an int >= 1, got {max_lag!r}")
+        if slow_consumer not in ("wait", "detach"):
+            raise ValueError(f"slow_consumer must be 'wait' or 'detach', got {slow_consumer!r}")
+        if on_abandon not in ("cancel", "finish"):
+            raise ValueError(f"on_abandon must be 'cancel' or 'finish', got {on_abandon!r}")
+        self.manager = manager
+        self.serializer: Serializer = serializer if serializer is not None else manager.serializer
+        self.chunk_joiner = chunk_joiner
+        self.max_lag = max_lag
+        self.slow_consumer: SlowConsumerPolicy = slow_consumer
+        self.on_abandon: AbandonPolicy = on_abandon
+        self.max_entry_bytes = (
+            max_entry_bytes if max_entry_bytes is not None else manager.max_entry_bytes
+        )
+        self._task_group = task_group
+        self._own_task_group: anyio.abc.TaskGroup | None = None
+        self._asyncio_tasks: set[asyncio.Task[Any]] = set()
+        self._flights: dict[tuple[object, str], FlightCore] = {}
+        self._flights_lock = threading.Lock()
+        self._counters = _Counters(
+            "hits", "misses", "joins", "streams_led", "bypasses", "stores", "stored_bytes",
+            "stored_chunks", "chunks_replayed", "corrupt_entries", "upstream_errors",
+            "not_stored_unserializable", "not_stored_oversized", "not_stored_backend_error",
+            "abandoned_cancelled", "abandoned_finished", "detaches", "lag_errors",
+        )
+
+    def __repr__(self) -> str:
+        return f"StreamingResponseCache(manager={self.manager!r}, max_lag={self.max_lag})"
+
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    def count(self, name: str, n: int = 1) -> None:
+        self._counters.add(name, n)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: hits, misses, joins, streams_led, stores, stored_bytes, stored_chunks,
+        chunks_delivered, detaches, abandons, lag errors, ...; ``manager``: the manager's."""
+        out: dict[str, Any] = dict(self._counters.snapshot())
+        out["in_flight"] = len(self._flights)
+        out["manager"] = self.manager.stats()
+        return out
+
+    def release_slot(self, flight: FlightCore) -> None:
+        """Stops new callers from joining ``flight`` (it ended, failed, overflowed or was
+        abandoned)."""
+        with self._flights_lock:
+            if self._flights.get(flight.slot) is flight:
+                del self._flights[flight.slot]
+
+    def _join_or_lead(
+        self, slot: tuple[object, str], make: Callable[[], FlightCore]
+    ) -> tuple[FlightCore, int, bool]:
+        with self._flights_lock:
+            flight = self._flights.get(slot)
+            if flight is not None:
+                consumer = flight.log.attach()
+                if consumer is not None:
+                    return flight, consumer, False
+            flight = make()
+            consumer = flight.log.attach()
+            assert consumer is not None
+            self._flights[slot] = flight
+            return flight, consumer, True
+
+    # -- background tasks --------------------------------------------------------------------
+
+    async def __aenter__(self) -> StreamingResponseCache:
+        """Runs background pumps in a task group owned by this block (structured concurrency)."""
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._own_task_group = tg
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        tg, self._own_task_group = self._own_task_group, None
+        assert tg is not None
+        tg.cancel_scope.cancel()
+        return await tg.__aexit__(exc_type, exc, tb)
+
+    def spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Starts a pump: in the given or owned task group, else as a loop-level task
+        (asyncio) or a trio system task, which ends with ``trio.run``."""
+        tg = self._task_group or self._own_task_group
+        if tg is not None:
+            tg.start_soon(fn, *args)
+            return
+        library = sniffio.current_async_library()
+        if library == "asyncio":
+            task = asyncio.get_running_loop().create_task(fn(*args))
+            self._asyncio_tasks.add(task)
+            task.add_done_callback(self._asyncio_tasks.discard)
+        elif library == "trio":
+            import trio
+
+            trio.lowlevel.spawn_system_task(fn, *args, context=contextvars.copy_context())
+        else:  # pragma: no cover - anyio supports only these two
+            raise RuntimeError(f"unsupported async library {library!r}")
+
+    # -- the public twins --------------------------------------------------------------------
+
+    def _prepare(
+        self,
+        messages: Any,
+        stream_fn: Callable[[Any], Any],
+        model_id: str,
+        params: Any,
+        ttl: float | None,
+        tags: Iterable[str] | None,
+    ) -> tuple[str, float | None, tuple[str, ...]]:
+        if not callable(stream_fn):
+            raise TypeError(f"stream_fn must be callable, got {type(stream_fn).__name__}")
+        if not isinstance(model_id, str) or not model_id:
+            raise TypeError(f"model_id must be a non-empty str, got {model_id!r}")
+        if params is not None and not isinstance(params, dict):
+            raise TypeError(f"params must be a dict or None, got {type(params).__name__}")
+        key = self.manager.key_builder.build(messages, model_id, params)
+        tag_tuple = check_tags(tags) if tags is not None else (f"model:{model_id}",)
+        return key, self.manager.resolve_ttl(ttl), tag_tuple
+
+    def _replay_batches(self, raw: bytes) -> Iterator[list[Any]]:
+        """Batches of a stored entry; raises `DecodeError` up front if it is corrupt (the
+        frame's checksum and the first batch are checked before anything is yielded)."""
+        batches = self.serializer.iter_batches(bytes(unframe(raw)), READ_BATCH)
+        first = next(batches, [])
+
+        def chained() -> Iterator[list[Any]]:
+            yield first
+            yield from batches
+
+        return chained()
+
+    def get_or_stream(
+        self,
+        messages: Any,
+        stream_fn: Callable[[Any], Iterable[Any]],
+        model_id: str = "default",
+        params: dict[str, Any] | None = None,
+        ttl: float | None = None,
+        tags: Iterable[str] | None = None,
+        *,
+        bypass: bool = False,
+    ) -> Iterator[Any]:
+        """Yields the response's chunks: replayed on a hit, live (and stored) on a miss.
+
+        ``stream_fn(messages)`` is called only on a miss and must return an iterable of chunks
+        (e.g. ``client.chat.completions.create(..., stream=True)``). ``bypass=True`` neither
+        joins nor stores: a fresh upstream call.
+        """
+        key, ttl, tag_tuple = self._prepare(messages, stream_fn, model_id, params, ttl, tags)
+        return self._get_or_stream(key, messages, stream_fn, ttl, tag_tuple, bypass)
+
+    def _get_or_stream(
+        self,
+        key: str,
+        messages: Any,
+        stream_fn: Callable[[Any], Iterable[Any]],
+        ttl: float | None,
+        tags: tuple[str, ...],
+        bypass: bool,
+    ) -> Iterator[Any]:
+        if bypass:
+            self.count("bypasses")
+            yield from stream_fn(messages)
+            return
+        slot = (_SYNC, key)
+        with self._flights_lock:
+            joining = slot in self._flights
+        if not joining:
+            raw = self.manager.get_raw(key)
+            if raw is not None:
+                try:
+                    batches = self._replay_batches(raw)
+                except DecodeError as exc:
+                    self.count("corrupt_entries")
+                    self.manager.drop_corrupt(key, exc)
+                else:
+                    self.count("hits")
+                    yield from self._replay(batches)
+                    return
+        flight, consumer, leads = self._join_or_lead(
+            slot, lambda: SyncFlight(self, slot, ttl, tags)
+        )
+        if leads:
+            self.count("misses")
+            self.count("streams_led")
+            flight.start(stream_fn, messages)
+        else:
+            self.count("joins")
+        assert isinstance(flight, SyncFlight)
+        yield from flight.consume(consumer)
+
+    def _replay(self, batches: Iterator[list[Any]]) -> Iterator[Any]:
+        replayed = 0
+        try:
+            for batch in batches:
+                replayed += len(batch)
+                yield from batch
+        finally:
+            self.count("chunks_replayed", replayed)
+
+    def aget_or_stream(
+        self,
+        messages: Any,
+        stream_fn: Callable[[Any], Any],
+        model_id: str = "default",
+        params: dict[str, Any] | None = None,
+        ttl: float | None = None,
+        tags: Iterable[str] | None = None,
+        *,
+        bypass: bool = False,
+    ) -> AsyncIterator[Any]:
+        """Async twin of `get_or_stream`, on asyncio and trio.
+
+        ``stream_fn(messages)`` may return an async iterator (an async generator), an awaitable
+        resolving to one (``AsyncOpenAI().chat.completions.create(..., stream=True)``), or a
+        non-blocking iterable.
+        """
+        key, ttl, tag_tuple = self._prepare(messages, stream_fn, model_id, params, ttl, tags)
+        return self._aget_or_stream(key, messages, stream_fn, ttl, tag_tuple, bypass)
+
+    async def _aget_or_stream(
+        self,
+        key: str,
+        messages: Any,
+        stream_fn: Callable[[Any], Any],
+        ttl: float | None,
+        tag_tuple: tuple[str, ...],
+        bypass: bool,
+    ) -> AsyncIterator[Any]:
+        if bypass:
+            self.count("bypasses")
+            upstream = await _open_upstream(stream_fn, messages)
+            try:
+                if hasattr(upstream, "__anext__"):
+                    async for chunk in upstream:
+                        yield chunk
+                else:
+                    for chunk in upstream:
+                        yield chunk
+            finally:
+                await _aclose_upstream(upstream)
+            return
+        slot = (_loop_token(), key)
+        if slot not in self._flights:
+            raw = await self.manager.aget_raw(key)
+            if raw is not None:
+                try:
+                    batches = self._replay_batches(raw)
+                except DecodeError as exc:
+                    self.count("corrupt_entries")
+                    await self.manager.adrop_corrupt(key, exc)
+                else:
+                    self.count("hits")
+                    replayed = 0
+                    try:
+                        for batch in batches:
+                            replayed += len(batch)
+                            for chunk in batch:
+                                yield chunk
+                            # one batch per turn: the loop is never held for a whole stream
+                            await anyio.lowlevel.checkpoint()
+                    finally:
+                        self.count("chunks_replayed", replayed)
+                    return
+        flight, consumer, leads = self._join_or_lead(
+            slot, lambda: AsyncFlight(self, slot, ttl, tag_tuple)
+        )
+        assert isinstance(flight, AsyncFlight)
+        if leads:
+            self.count("misses")
+            self.count("streams_led")
+            flight.start(stream_fn, messages)
+        else:
+            self.count("joins")
+        consume = flight.consume(consumer)
+        try:
+            async for chunk in consume:
+                yield chunk
+        finally:
+            # close the inner generator now (it detaches the consumer), not at garbage collection
+            await consume.aclose()
+
+
+def _loop_token() -> object:
+    """Identifies the running event loop (flights never cross loops)."""
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        return trio.lowlevel.current_trio_token()
+    return asyncio.get_running_loop()
