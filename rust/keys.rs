@@ -188,8 +188,9 @@ fn redundant_sign_bytes(bytes: &[u8]) -> usize {
 /// few hasher updates).
 pub struct KeyHasher {
     hasher: blake3::Hasher,
-    buf: [u8; BUFFER_SIZE],
-    len: usize,
+    // Capacity BUFFER_SIZE, never exceeded; a Vec rather than an array so that creating a
+    // hasher neither zeroes nor moves 16 KiB.
+    buf: Vec<u8>,
 }
 
 impl KeyHasher {
@@ -197,22 +198,37 @@ impl KeyHasher {
     pub fn new() -> Self {
         KeyHasher {
             hasher: blake3::Hasher::new(),
-            buf: [0; BUFFER_SIZE],
-            len: 0,
+            buf: Vec::with_capacity(BUFFER_SIZE),
+        }
+    }
+
+    /// A hasher that writes through `buf` (emptied first), e.g. one kept from an earlier
+    /// [`KeyHasher::finalize_keep_buffer`] to skip an allocation.
+    pub fn with_buffer(mut buf: Vec<u8>) -> Self {
+        buf.clear();
+        buf.reserve_exact(BUFFER_SIZE);
+        KeyHasher {
+            hasher: blake3::Hasher::new(),
+            buf,
         }
     }
 
     /// The 32-byte digest of everything written.
-    pub fn finalize(mut self) -> [u8; 32] {
+    pub fn finalize(self) -> [u8; 32] {
+        self.finalize_keep_buffer().0
+    }
+
+    /// The digest, and the buffer back for reuse.
+    pub fn finalize_keep_buffer(mut self) -> ([u8; 32], Vec<u8>) {
         self.flush();
-        *self.hasher.finalize().as_bytes()
+        (*self.hasher.finalize().as_bytes(), self.buf)
     }
 
     #[inline]
     fn flush(&mut self) {
-        if self.len > 0 {
-            self.hasher.update(&self.buf[..self.len]);
-            self.len = 0;
+        if !self.buf.is_empty() {
+            self.hasher.update(&self.buf);
+            self.buf.clear();
         }
     }
 }
@@ -226,19 +242,28 @@ impl Default for KeyHasher {
 impl Sink for KeyHasher {
     #[inline]
     fn put(&mut self, bytes: &[u8]) {
-        if bytes.len() <= BUFFER_SIZE - self.len {
-            self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
-            self.len += bytes.len();
+        if bytes.len() <= BUFFER_SIZE - self.buf.len() {
+            self.buf.extend_from_slice(bytes);
         } else {
-            self.flush();
-            if bytes.len() >= BUFFER_SIZE {
-                // Large strings go straight to BLAKE3, which hashes them with SIMD.
-                self.hasher.update(bytes);
-            } else {
-                self.buf[..bytes.len()].copy_from_slice(bytes);
-                self.len = bytes.len();
-            }
+            self.put_slow(bytes);
         }
+    }
+}
+
+impl KeyHasher {
+    #[inline(never)]
+    fn put_slow(&mut self, bytes: &[u8]) {
+        // Top the buffer up to a whole 16 KiB (BLAKE3 hashes full buffers 16 chunks at a
+        // time), then hash what remains in whole buffers straight from `bytes`.
+        let room = BUFFER_SIZE - self.buf.len();
+        self.buf.extend_from_slice(&bytes[..room]);
+        self.flush();
+        let rest = &bytes[room..];
+        let direct = rest.len() - rest.len() % BUFFER_SIZE;
+        if direct > 0 {
+            self.hasher.update(&rest[..direct]);
+        }
+        self.buf.extend_from_slice(&rest[direct..]);
     }
 }
 
@@ -258,6 +283,15 @@ impl KeyOrder {
     pub fn clear(&mut self) {
         self.keys.clear();
         self.entries.clear();
+    }
+
+    /// Forgets every entry and gives back memory beyond about `max_bytes` (for buffers kept
+    /// between requests, so that one huge request does not pin its memory for good).
+    pub fn clear_and_trim(&mut self, max_bytes: usize) {
+        self.clear();
+        self.keys.shrink_to(max_bytes);
+        self.entries
+            .shrink_to(max_bytes / std::mem::size_of::<(usize, usize, usize)>());
     }
 
     /// Where the next key's encoding is written.
