@@ -774,7 +774,7 @@ impl<'a> Dec<'a, '_> {
             TAG_DICT => self.dict_body(py, depth)?.into_any(),
             TAG_MODEL_DEF => {
                 let name = self.str_value(py, "model name")?;
-                let name = name.to_str()?;
+                let name = name.to_str().map_err(|_| CodecError::InvalidUtf8)?;
                 let cls = registry_read()
                     .by_name
                     .get(name)
