@@ -1,0 +1,146 @@
+"""Cache keys for LLM requests.
+
+A key is ``"{namespace}:{kind}:{hex digest}"``. The digest is
+:func:`chengeta_ai._core.hash_request` (BLAKE3 over a canonical, typed encoding) of the tuple
+``(KEY_FORMAT, namespace, str(version), kind, model_id, messages, params or {})``, so:
+
+- everything that changes the upstream response belongs in the key, and is in it: the model,
+  the messages *and the params* (``temperature``, ``tools``, ``response_format``, ...). Two
+  requests that differ only in a param never share a cache entry; ``params=None`` and
+  ``params={}`` are the same request;
+- dict order never matters, lists and tuples hash alike, ``1``, ``1.0``, ``True`` and ``"1"``
+  are different requests; pydantic models hash like the dict of their set fields, dataclasses
+  like the dict of their fields (see ``hash_request``);
+- bumping ``version`` retires every key made with the old one (the old entries simply stop
+  being found and age out of the backend);
+- ``namespace`` and ``kind`` are also readable in the key, so a backend can list or purge
+  them by prefix.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from chengeta_ai._core import hash_request
+
+__all__ = ["KEY_FORMAT", "CacheKeyBuilder"]
+
+#: Version of the key derivation itself. Bump it (``chengeta-key/2``) whenever the canonical
+#: encoding or the tuple hashed below changes: every stored key changes with it, on purpose.
+KEY_FORMAT = "chengeta-key/1"
+
+# Position of each argument in the hashed tuple, to name it in error messages.
+_ARGUMENT_AT = {"4": "model_id", "5": "messages", "6": "params"}
+_TOP_INDEX = re.compile(r" at \[(\d)\]")
+
+
+def _check_label(what: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, not {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{what} must not be empty")
+    if ":" in value:
+        raise ValueError(f"{what} must not contain ':' (it separates the parts of a key): {value!r}")
+    return value
+
+
+class CacheKeyBuilder:
+    """Builds cache keys ``"{namespace}:{kind}:{64 hex digits}"`` for chat requests.
+
+    Args:
+        namespace: first part of every key; non-empty, no ``':'``.
+        version: part of the digest only; change it to retire every existing key.
+        kind: default second part of the key (``"stream"``); non-empty, no ``':'``.
+            ``build(kind=...)`` overrides it per call.
+
+    Raises ``ValueError`` (or ``TypeError`` for a non-str) on an invalid namespace or kind.
+    Instances are immutable and safe to share between threads and tasks.
+    """
+
+    __slots__ = ("_kind", "_namespace", "_version", "_version_str")
+
+    _namespace: str
+    _version: str | int
+    _version_str: str
+    _kind: str
+
+    def __init__(
+        self, namespace: str = "chengeta", *, version: str | int = 1, kind: str = "stream"
+    ) -> None:
+        if isinstance(version, bool) or not isinstance(version, (str, int)):
+            raise TypeError(f"version must be a str or an int, not {type(version).__name__}")
+        object.__setattr__(self, "_namespace", _check_label("namespace", namespace))
+        object.__setattr__(self, "_kind", _check_label("kind", kind))
+        object.__setattr__(self, "_version", version)
+        object.__setattr__(self, "_version_str", str(version))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    @property
+    def namespace(self) -> str:
+        """First part of every key."""
+        return self._namespace
+
+    @property
+    def version(self) -> str | int:
+        """Hashed into every digest; changing it retires every key."""
+        return self._version
+
+    @property
+    def kind(self) -> str:
+        """Default second part of the key."""
+        return self._kind
+
+    def digest(
+        self,
+        messages: Any,
+        model_id: str = "default",
+        params: Any = None,
+        *,
+        kind: str | None = None,
+    ) -> bytes:
+        """The 32-byte digest of a request (the hex part of :meth:`build`).
+
+        Raises ``TypeError`` naming the unsupported value and where it sits, e.g.
+        ``cannot hash object of type 'set' at messages[0]['content']``.
+        """
+        kind = self._kind if kind is None else _check_label("kind", kind)
+        request = (
+            KEY_FORMAT,
+            self._namespace,
+            self._version_str,
+            kind,
+            model_id,
+            messages,
+            {} if params is None else params,
+        )
+        try:
+            return hash_request(request)
+        except (TypeError, ValueError) as exc:
+            # Name the argument instead of its position in the hashed tuple.
+            message = _TOP_INDEX.sub(lambda m: f" at {_ARGUMENT_AT[m.group(1)]}", str(exc), 1)
+            raise type(exc)(message) from None
+
+    def build(
+        self,
+        messages: Any,
+        model_id: str = "default",
+        params: Any = None,
+        *,
+        kind: str | None = None,
+    ) -> str:
+        """The cache key of a request: ``"{namespace}:{kind}:{hex digest}"``.
+
+        ``messages`` and ``params`` may hold dicts, lists, tuples, str, int, float, bool, None,
+        bytes, pydantic models and dataclasses. ``params`` is part of the key.
+        """
+        kind = self._kind if kind is None else _check_label("kind", kind)
+        return f"{self._namespace}:{kind}:{self.digest(messages, model_id, params, kind=kind).hex()}"
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(namespace={self._namespace!r}, "
+            f"version={self._version!r}, kind={self._kind!r})"
+        )
