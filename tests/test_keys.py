@@ -1,0 +1,638 @@
+"""Request key hashing: `_core.hash_request` and `CacheKeyBuilder`.
+
+Golden vectors live in tests/data/key_vectors.json. Regenerate them (only together with a
+KEY_FORMAT bump) with: .venv/bin/python tests/test_keys.py --regenerate
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import enum
+import json
+import math
+import random
+import sys
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pydantic
+import pytest
+from chengeta_ai._core import hash_request
+from chengeta_ai.core.key_builder import KEY_FORMAT, CacheKeyBuilder
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+VECTORS = Path(__file__).parent / "data" / "key_vectors.json"
+
+# --- golden vectors ---------------------------------------------------------------------------
+#
+# Inputs are JSON, with a few tagged objects for what JSON cannot say:
+#   {"$bytes": "<hex>"}, {"$bytearray": "<hex>"}, {"$tuple": [...]}, {"$int": "<decimal>"},
+#   {"$float": "nan" | "inf" | "-inf" | "-0.0" | "<repr>"}, {"$dict": [[key, value], ...]}
+#   (any keys, in the given insertion order), {"$repeat": ["<str>", n]} (str * n).
+
+
+def decode(node: Any) -> Any:
+    """A vector's input as the Python object it describes."""
+    if isinstance(node, list):
+        return [decode(item) for item in node]
+    if isinstance(node, dict):
+        if len(node) == 1:
+            ((tag, arg),) = node.items()
+            if tag == "$bytes":
+                return bytes.fromhex(arg)
+            if tag == "$bytearray":
+                return bytearray.fromhex(arg)
+            if tag == "$tuple":
+                return tuple(decode(item) for item in arg)
+            if tag == "$int":
+                return int(arg)
+            if tag == "$float":
+                return float(arg)
+            if tag == "$dict":
+                return {decode(k): decode(v) for k, v in arg}
+            if tag == "$repeat":
+                return arg[0] * arg[1]
+        return {k: decode(v) for k, v in node.items()}
+    return node
+
+
+CHAT = {
+    "messages": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name a prime."},
+    ],
+    "model": "gpt-4o-mini",
+    "temperature": 0.2,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+}
+CHAT_REORDERED = {
+    "stream_options": {"include_usage": True},
+    "stream": True,
+    "temperature": 0.2,
+    "model": "gpt-4o-mini",
+    "messages": [
+        {"content": "You are terse.", "role": "system"},
+        {"content": "Name a prime.", "role": "user"},
+    ],
+}
+TOOLS = {
+    "tools": [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                    "required": ["city"],
+                },
+            },
+        }
+    ],
+    "tool_choice": "auto",
+    "max_tokens": 256,
+    "seed": None,
+}
+
+HASH_CASES: list[tuple[str, Any]] = [
+    ("none", None),
+    ("true", True),
+    ("false", False),
+    ("int zero", 0),
+    ("int one", 1),
+    ("int minus one", -1),
+    ("int 2**64", {"$int": str(2**64)}),
+    ("int -2**200", {"$int": str(-(2**200))}),
+    ("float one", 1.0),
+    ("float minus zero", {"$float": "-0.0"}),
+    ("float nan", {"$float": "nan"}),
+    ("float -inf", {"$float": "-inf"}),
+    ("float 0.1", 0.1),
+    ("str empty", ""),
+    ("str one", "1"),
+    ("str unicode", "héllo wörld 👋 ☃"),
+    ("bytes", {"$bytes": "31ff00"}),
+    ("bytearray", {"$bytearray": "31ff00"}),
+    ("list empty", []),
+    ("tuple", {"$tuple": [1, "a", None]}),
+    ("dict empty", {}),
+    (
+        "dict mixed keys",
+        {
+            "$dict": [
+                [1, "a"],
+                ["1", "b"],
+                [{"$bytes": "31"}, "c"],
+                [{"$tuple": [1, 2]}, None],
+                [True, 1.5],
+            ]
+        },
+    ),
+    ("chat request", CHAT),
+    ("chat request reordered", CHAT_REORDERED),
+    ("tools params", TOOLS),
+    ("long str", {"$repeat": ["abcdefgh", 5000]}),
+    ("nested lists", [[[[[[[[[[1]]]]]]]]]]),
+]
+
+BUILDER_CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+    ("defaults", {}, {"messages": CHAT["messages"]}),
+    (
+        "model and params",
+        {},
+        {"messages": CHAT["messages"], "model_id": "gpt-4o-mini", "params": {"temperature": 0.2}},
+    ),
+    ("params none", {}, {"messages": CHAT["messages"], "model_id": "gpt-4o-mini", "params": None}),
+    ("namespace", {"namespace": "acme"}, {"messages": CHAT["messages"]}),
+    ("version 2", {"version": 2}, {"messages": CHAT["messages"]}),
+    ("version str", {"version": "2"}, {"messages": CHAT["messages"]}),
+    ("kind default", {"kind": "completion"}, {"messages": CHAT["messages"]}),
+    ("kind per call", {}, {"messages": CHAT["messages"], "kind": "completion"}),
+    ("tools", {}, {"messages": CHAT["messages"], "model_id": "gpt-4o", "params": TOOLS}),
+]
+
+
+def builder_key(init: dict[str, Any], call: dict[str, Any]) -> str:
+    call = {name: decode(value) for name, value in call.items()}
+    return CacheKeyBuilder(**init).build(**call)
+
+
+def current_vectors() -> dict[str, Any]:
+    return {
+        "about": (
+            "Known-answer vectors for chengeta_ai request keys. A digest changing here means "
+            "every stored cache key changes: bump KEY_FORMAT in "
+            "python/chengeta_ai/core/key_builder.py, then regenerate with "
+            "`.venv/bin/python tests/test_keys.py --regenerate`. Input tags: tests/test_keys.py."
+        ),
+        "key_format": KEY_FORMAT,
+        "hash_request": [
+            {"name": name, "input": raw, "digest": hash_request(decode(raw)).hex()}
+            for name, raw in HASH_CASES
+        ],
+        "cache_key_builder": [
+            {"name": name, "init": init, "build": call, "key": builder_key(init, call)}
+            for name, init, call in BUILDER_CASES
+        ],
+    }
+
+
+CHANGED = (
+    "{what} changed for vector {name!r}: expected {expected}, got {actual}.\n"
+    "This would silently invalidate every user's cache. If the change is intended, bump "
+    "KEY_FORMAT in python/chengeta_ai/core/key_builder.py and regenerate the vectors "
+    "(.venv/bin/python tests/test_keys.py --regenerate); otherwise fix the regression."
+)
+
+
+def load_vectors() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(VECTORS.read_text())
+    return data
+
+
+def vector_params(section: str) -> list[dict[str, Any]]:
+    # A missing file fails test_vectors_cover_the_declared_cases, not the import.
+    return load_vectors()[section] if VECTORS.exists() else []
+
+
+def test_vectors_cover_the_declared_cases() -> None:
+    data = load_vectors()
+    assert data["key_format"] == KEY_FORMAT, (
+        "KEY_FORMAT changed: regenerate tests/data/key_vectors.json "
+        "(.venv/bin/python tests/test_keys.py --regenerate)"
+    )
+    assert [v["name"] for v in data["hash_request"]] == [name for name, _ in HASH_CASES]
+    assert [v["name"] for v in data["cache_key_builder"]] == [name for name, _, _ in BUILDER_CASES]
+
+
+@pytest.mark.parametrize("vector", vector_params("hash_request"), ids=lambda v: v["name"])
+def test_hash_request_golden_vectors(vector: dict[str, Any]) -> None:
+    actual = hash_request(decode(vector["input"])).hex()
+    assert actual == vector["digest"], CHANGED.format(
+        what="hash_request", name=vector["name"], expected=vector["digest"], actual=actual
+    )
+
+
+@pytest.mark.parametrize("vector", vector_params("cache_key_builder"), ids=lambda v: v["name"])
+def test_cache_key_builder_golden_vectors(vector: dict[str, Any]) -> None:
+    actual = builder_key(vector["init"], vector["build"])
+    assert actual == vector["key"], CHANGED.format(
+        what="CacheKeyBuilder.build", name=vector["name"], expected=vector["key"], actual=actual
+    )
+
+
+def test_vectors_pin_the_documented_equalities_and_differences() -> None:
+    digests = {v["name"]: v["digest"] for v in load_vectors()["hash_request"]}
+    assert digests["chat request"] == digests["chat request reordered"]
+    assert digests["float minus zero"] == hash_request(0.0).hex()
+    assert digests["bytes"] == digests["bytearray"]
+    assert digests["tuple"] == hash_request([1, "a", None]).hex()
+    distinct = ["str one", "true", "int one", "float one", "none", "int zero", "false"]
+    assert len({digests[name] for name in distinct}) == len(distinct)
+    keys = {v["name"]: v["key"] for v in load_vectors()["cache_key_builder"]}
+    assert keys["defaults"].startswith("chengeta:stream:")
+    assert keys["kind per call"].startswith("chengeta:completion:")
+    assert keys["namespace"].startswith("acme:stream:")
+    assert keys["params none"] == builder_key(
+        {}, {"messages": CHAT["messages"], "model_id": "gpt-4o-mini", "params": {}}
+    )
+    # The version only lives in the digest, and "2" and 2 are the same version.
+    assert keys["version 2"] == keys["version str"] != keys["defaults"]
+
+
+# --- hash_request behaviour -------------------------------------------------------------------
+
+
+def h(obj: object) -> bytes:
+    return hash_request(obj)
+
+
+def test_digest_is_32_bytes() -> None:
+    assert isinstance(h({"a": 1}), bytes)
+    assert len(h({"a": 1})) == 32
+
+
+def test_documented_type_rules() -> None:
+    class Pair(NamedTuple):
+        x: int
+        y: str
+
+    assert h([1, "a"]) == h((1, "a")) == h(Pair(1, "a"))
+    assert h(b"ab") == h(bytearray(b"ab"))
+    assert len({h("1"), h(True), h(b"1"), h(1), h(1.0), h([1]), h({1: None}), h(None)}) == 8
+    assert h(0) != h(False) and h(0) != h(0.0) and h("") != h(b"") != h([]) != h({})
+    assert h(-0.0) == h(0.0)
+    assert h(float("nan")) == h(-float("nan")) == h(math.inf - math.inf)
+    assert h(math.inf) != h(-math.inf)
+
+
+def test_subclasses_hash_like_their_base() -> None:
+    class Role(str, enum.Enum):
+        USER = "user"
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    class Ratio(float):
+        pass
+
+    assert h(Role.USER) == h("user")
+    assert h(Level.HIGH) == h(3)
+    assert h(Ratio(0.5)) == h(0.5)
+    assert h(OrderedDict([("b", 1), ("a", 2)])) == h({"a": 2, "b": 1})
+
+
+def test_lone_surrogates_hash_without_colliding() -> None:
+    assert h("\ud800") != h("\ud801")
+    assert h("\ud800") != h("\ud800".encode("utf-8", "surrogatepass").decode("latin-1"))
+
+
+@dataclasses.dataclass
+class DataMessage:
+    role: str
+    content: str
+    name: str | None = None
+
+
+class ModelMessage(pydantic.BaseModel):
+    role: str
+    content: str
+    name: str | None = None
+
+
+class LooseModel(pydantic.BaseModel, extra="allow"):
+    role: str
+
+
+class Conversation(pydantic.BaseModel):
+    messages: list[ModelMessage]
+    temperature: float = 1.0
+
+
+def test_pydantic_model_hashes_like_the_dict_of_its_set_fields() -> None:
+    as_dict = {"role": "user", "content": "hi"}
+    assert h(ModelMessage(role="user", content="hi")) == h(as_dict)
+    assert h(ModelMessage.model_validate(as_dict)) == h(as_dict)
+    # Explicitly set to its default is still set (as in model_dump(exclude_unset=True)).
+    assert h(ModelMessage(role="user", content="hi", name=None)) == h({**as_dict, "name": None})
+    loose = {"role": "user", "tag": [1, 2]}
+    assert h(LooseModel.model_validate(loose)) == h(loose)
+    convo = Conversation(messages=[ModelMessage(role="user", content="hi")])
+    assert h(convo) == h({"messages": [as_dict]})
+    assert h(convo) == h(convo.model_dump(exclude_unset=True))
+
+
+def test_dataclass_hashes_like_the_dict_of_all_its_fields() -> None:
+    assert h(DataMessage("user", "hi")) == h({"role": "user", "content": "hi", "name": None})
+    assert h([DataMessage("user", "hi")]) == h([dataclasses.asdict(DataMessage("user", "hi"))])
+    with pytest.raises(TypeError, match="'type'"):
+        h(DataMessage)  # the class, not an instance
+
+
+@pytest.mark.parametrize(
+    ("obj", "message"),
+    [
+        ({1, 2}, "cannot hash object of type 'set' at the top level"),
+        ({"messages": [{"content": {1}}]}, "type 'set' at ['messages'][0]['content']"),
+        ([0, (1, frozenset())], "type 'frozenset' at [1][1]"),
+        ({"a": object()}, "type 'object' at ['a']"),
+        ({frozenset(): 1}, "type 'frozenset' at the top level (a dict key)"),
+        ([ModelMessage.model_construct(role="u", content=1j)], "type 'complex' at [0].content"),
+        ([DataMessage("u", {"x": range(3)})], "type 'range' at [0].content['x']"),  # type: ignore[arg-type]
+        (memoryview(b"x"), "type 'memoryview'"),
+        ({"k": {"a", "b"}.__iter__()}, "type 'set_iterator' at ['k']"),
+    ],
+)
+def test_unsupported_types_raise_type_error_naming_type_and_place(
+    obj: object, message: str
+) -> None:
+    with pytest.raises(TypeError) as info:
+        h(obj)
+    assert message in str(info.value)
+
+
+def test_never_falls_back_to_str_or_repr() -> None:
+    class Stringy:
+        def __str__(self) -> str:
+            return "x"
+
+        __repr__ = __str__
+
+    with pytest.raises(TypeError, match="'Stringy'"):
+        h([Stringy()])
+
+
+def test_dict_with_two_keys_of_one_encoding_is_rejected() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class A:
+        x: int
+
+    @dataclasses.dataclass(frozen=True)
+    class B:
+        x: int
+
+    with pytest.raises(ValueError, match="same canonical encoding"):
+        h({A(1): "a", B(1): "b"})
+
+
+def test_deep_nesting_and_cycles_are_clean_errors() -> None:
+    deep: list[Any] = []
+    for _ in range(10_000):
+        deep = [deep]
+    with pytest.raises(ValueError, match="nested deeper than 512"):
+        h(deep)
+    looped: list[Any] = []
+    looped.append(looped)
+    with pytest.raises(ValueError, match="containing itself"):
+        h(looped)
+    loop_dict: dict[str, Any] = {}
+    loop_dict["self"] = loop_dict
+    with pytest.raises(ValueError):
+        h(loop_dict)
+    too_deep: Any = 1
+    for _ in range(257):
+        too_deep = {"k": [too_deep]}
+    with pytest.raises(ValueError, match="nested deeper"):
+        h(too_deep)  # 514 levels of dict and list
+
+
+def test_max_depth_fits_a_small_thread_stack() -> None:
+    nested: Any = 0
+    for i in range(511):
+        nested = {"k": nested} if i % 2 else [nested]
+    result: list[object] = []
+    # About 600 bytes of C stack per level: MAX_DEPTH fits comfortably in 512 KiB.
+    old = threading.stack_size(512 * 1024)
+    try:
+        thread = threading.Thread(target=lambda: result.append(h(nested)))
+        thread.start()
+        thread.join()
+    finally:
+        threading.stack_size(old)
+    assert result == [h(nested)]
+
+
+def test_reentrant_hashing_from_model_code() -> None:
+    class Inner:
+        @property
+        def value(self) -> bytes:
+            return h({"nested": [1, 2, 3]})
+
+    @dataclasses.dataclass
+    class Outer:
+        a: dict[str, int]
+        b: bytes = dataclasses.field(default_factory=lambda: Inner().value)
+
+    assert h([{"x": 1}, Outer({"y": 2})]) == h([{"x": 1}, {"a": {"y": 2}, "b": Outer({}).b}])
+
+
+def test_equal_after_error_and_across_threads() -> None:
+    with pytest.raises(TypeError):
+        h({"a": [{"b": {1}}]})
+    expected = h(CHAT)
+    results: list[bytes] = []
+
+    def worker() -> None:
+        results.extend(h(CHAT) for _ in range(200))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [expected] * 800
+
+
+# --- properties -------------------------------------------------------------------------------
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(2**300), max_value=2**300),
+    st.floats(allow_nan=True),
+    st.text(),
+    st.binary(),
+)
+hashable_keys = st.one_of(
+    st.text(), st.integers(), st.binary(), st.booleans(), st.tuples(st.text(), st.integers())
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=5),
+        st.lists(inner, max_size=5).map(tuple),
+        st.dictionaries(hashable_keys, inner, max_size=5),
+    ),
+    max_leaves=40,
+)
+
+
+def reorder(obj: Any, rng: random.Random) -> Any:
+    """The same value with every dict rebuilt in a shuffled insertion order."""
+    if isinstance(obj, dict):
+        items = [(k, reorder(v, rng)) for k, v in obj.items()]
+        rng.shuffle(items)
+        return dict(items)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(reorder(v, rng) for v in obj)
+    return obj
+
+
+def as_lists(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: as_lists(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [as_lists(v) for v in obj]
+    return obj
+
+
+@given(values, st.randoms(use_true_random=False))
+def test_dict_insertion_order_never_matters(value: Any, rng: random.Random) -> None:
+    assert h(reorder(value, rng)) == h(value)
+
+
+@given(values)
+def test_equal_inputs_hash_equal(value: Any) -> None:
+    assert h(copy.deepcopy(value)) == h(value)
+    assert h(as_lists(value)) == h(value)
+
+
+@given(values, values)
+def test_different_inputs_hash_differently(a: Any, b: Any) -> None:
+    # Equality modulo the documented rules (tuple == list, -0.0 == 0.0, NaN == NaN) means
+    # comparing canonical JSON-ish reprs; distinct canonical forms must give distinct hashes.
+    def canon(obj: Any) -> Any:
+        if isinstance(obj, bool):
+            return ("bool", obj)
+        if isinstance(obj, int):
+            return ("int", obj)
+        if isinstance(obj, float):
+            return ("float", "nan" if math.isnan(obj) else repr(obj + 0.0))
+        if isinstance(obj, (list, tuple)):
+            return ("list", [canon(v) for v in obj])
+        if isinstance(obj, dict):
+            return ("dict", sorted((repr(canon(k)), canon(v)) for k, v in obj.items()))
+        return (type(obj).__name__, obj)
+
+    if repr(canon(a)) != repr(canon(b)):
+        assert h(a) != h(b)
+    else:
+        assert h(a) == h(b)
+
+
+@given(st.integers())
+def test_ints_of_any_size_are_exact(n: int) -> None:
+    assert h(n) == h(int(str(n)))
+    assert h(n) != h(n + 1)
+    assert h(n) != h(str(n))
+    if -(2**53) < n < 2**53:
+        assert h(n) != h(float(n))
+
+
+@settings(max_examples=50)
+@given(st.integers(min_value=2**62, max_value=2**66))
+def test_ints_near_the_i64_boundary(n: int) -> None:
+    assert len({h(n), h(-n), h(n - 1), h(-n - 1)}) == 4
+
+
+@given(st.one_of(st.text(), st.integers(), st.floats(allow_nan=False), st.binary(), st.booleans()))
+def test_scalar_types_never_collide(x: Any) -> None:
+    forms = {h(x)}
+    for other in (str(x), repr(x), [x], (x,), {"v": x}):
+        assert h(other) not in forms or other == x
+
+
+# --- CacheKeyBuilder --------------------------------------------------------------------------
+
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def test_builder_key_shape_and_repr() -> None:
+    builder = CacheKeyBuilder("acme", version=3, kind="chat")
+    key = builder.build(MESSAGES, "gpt-4o", {"temperature": 0})
+    namespace, kind, digest = key.split(":")
+    assert (namespace, kind, len(digest)) == ("acme", "chat", 64)
+    assert bytes.fromhex(digest) == builder.digest(MESSAGES, "gpt-4o", {"temperature": 0})
+    assert repr(builder) == "CacheKeyBuilder(namespace='acme', version=3, kind='chat')"
+    assert (builder.namespace, builder.version, builder.kind) == ("acme", 3, "chat")
+    with pytest.raises(AttributeError):
+        builder.kind = "x"  # type: ignore[misc]
+
+
+def test_builder_digest_is_the_documented_tuple() -> None:
+    builder = CacheKeyBuilder()
+    expected = hash_request((KEY_FORMAT, "chengeta", "1", "stream", "m", MESSAGES, {"t": 1}))
+    assert builder.digest(MESSAGES, "m", {"t": 1}) == expected
+
+
+def test_everything_that_shapes_the_response_is_in_the_key() -> None:
+    b = CacheKeyBuilder()
+    base = b.build(MESSAGES, "gpt-4o", {"temperature": 0})
+    assert b.build(MESSAGES, "gpt-4o", {"temperature": 0.0}) != base  # 0 and 0.0 differ
+    assert b.build(MESSAGES, "gpt-4o", {"temperature": 1}) != base
+    assert b.build(MESSAGES, "gpt-4o-mini", {"temperature": 0}) != base
+    assert b.build([{"role": "user", "content": "hi!"}], "gpt-4o", {"temperature": 0}) != base
+    assert CacheKeyBuilder(version=2).build(MESSAGES, "gpt-4o", {"temperature": 0}) != base
+    assert b.build(MESSAGES, "gpt-4o", {"temperature": 0}, kind="x").split(":")[2] != base[-64:]
+    assert b.build(tuple(MESSAGES), "gpt-4o", {"temperature": 0}) == base
+    assert b.build(MESSAGES) == b.build(MESSAGES, params={})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"namespace": ""}, ValueError, "namespace must not be empty"),
+        ({"namespace": "a:b"}, ValueError, "namespace must not contain ':'"),
+        ({"kind": ""}, ValueError, "kind must not be empty"),
+        ({"kind": "a:b"}, ValueError, "kind must not contain ':'"),
+        ({"namespace": 1}, TypeError, "namespace must be a str"),
+        ({"version": 1.5}, TypeError, "version must be a str or an int"),
+        ({"version": True}, TypeError, "version must be a str or an int"),
+    ],
+)
+def test_builder_validates_its_configuration(
+    kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        CacheKeyBuilder(**kwargs)
+
+
+def test_builder_validates_kind_per_call() -> None:
+    with pytest.raises(ValueError, match="kind must not contain ':'"):
+        CacheKeyBuilder().build(MESSAGES, kind="a:b")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (([{"role": "user", "content": {1}}],), "type 'set' at messages[0]['content']"),
+        (({1},), "type 'set' at messages"),
+        ((MESSAGES, "m", {"stop": {"x"}}), "type 'set' at params['stop']"),
+        ((MESSAGES, object()), "type 'object' at model_id"),
+    ],
+)
+def test_builder_errors_name_the_argument(args: tuple[Any, ...], message: str) -> None:
+    with pytest.raises(TypeError) as info:
+        CacheKeyBuilder().build(*args)
+    assert message in str(info.value)
+
+
+def test_builder_accepts_models() -> None:
+    b = CacheKeyBuilder()
+    assert b.build([ModelMessage(role="user", content="hi")]) == b.build(MESSAGES)
+    assert b.build([DataMessage("user", "hi")]) == b.build([{**MESSAGES[0], "name": None}])
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--regenerate"]:
+        sys.exit("usage: python tests/test_keys.py --regenerate")
+    VECTORS.parent.mkdir(parents=True, exist_ok=True)
+    VECTORS.write_text(json.dumps(current_vectors(), indent=1, ensure_ascii=False) + "\n")
+    print(f"wrote {VECTORS}")
