@@ -227,9 +227,8 @@ class AsyncFlight(FlightCore):
                     await self._pump_sync(upstream)
                 self.finished = True
             if self.finished:
-                # Consumers finish now; the store runs after them, off their path.
-                self.log.close()
-                self._wake_data()
+                # Consumers already have every chunk; their stream ends once the entry is
+                # stored, so that a loop shut down right after still keeps it.
                 data = self.entry()
                 if data is not None:
                     with anyio.CancelScope(shield=True):
