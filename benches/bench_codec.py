@@ -1,0 +1,129 @@
+"""Compact codec vs pickle on realistic OpenAI streams (pytest-benchmark).
+
+Run for real: ``pytest benches/bench_codec.py -s`` (``make bench``); smoke:
+``pytest benches --benchmark-disable``. Each benchmark measures its pickle baseline in the same
+run (best of several timed calls) and records ``ratio`` (compact time / pickle time) and sizes
+in ``benchmark.extra_info``; the figures are also printed (visible with ``-s``).
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from chengeta_ai import _core
+from chengeta_ai.models import register_known_models
+from chengeta_ai.testing import openai_chunks
+
+register_known_models()
+
+SIZES = [500, 5000]
+_CHUNKS: dict[tuple[int, bool], list[Any]] = {}
+
+
+def chunks(n: int, obfuscation: bool = True) -> list[Any]:
+    key = (n, obfuscation)
+    if key not in _CHUNKS:
+        _CHUNKS[key] = openai_chunks(n, include_obfuscation=obfuscation)
+    return _CHUNKS[key]
+
+
+def compact_stream(items: list[Any]) -> bytes:
+    enc = _core.StreamEncoder()
+    for item in items:
+        enc.push(item)
+    return enc.finish()
+
+
+def best_of(fn: Callable[[], Any], repeat: int = 5) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def report(benchmark: Any, label: str, baseline_s: float, **extra: Any) -> None:
+    benchmark.extra_info.update(extra)
+    benchmark.extra_info["pickle_s"] = baseline_s
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None:  # None with --benchmark-disable
+        ours = stats.stats.min
+        benchmark.extra_info["ratio_vs_pickle"] = ours / baseline_s
+        print(
+            f"\n{label}: compact {ours * 1e3:.3f} ms, pickle {baseline_s * 1e3:.3f} ms, "
+            f"ratio {ours / baseline_s:.2f} {extra}"
+        )
+    else:
+        print(f"\n{label}: pickle {baseline_s * 1e3:.3f} ms {extra}")
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_encode_stream(benchmark: Any, n: int) -> None:
+    items = chunks(n)
+    baseline = best_of(lambda: pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL))
+    data = benchmark(compact_stream, items)
+    pickled = pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
+    report(
+        benchmark,
+        f"encode {n}",
+        baseline,
+        compact_bytes_per_chunk=len(data) / len(items),
+        pickle_bytes_per_chunk=len(pickled) / len(items),
+    )
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_decode_stream(benchmark: Any, n: int) -> None:
+    items = chunks(n)
+    data = compact_stream(items)
+    pickled = pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
+    baseline = best_of(lambda: pickle.loads(pickled))
+    out = benchmark(_core.decode, data)
+    assert out == items
+    report(benchmark, f"decode {n}", baseline)
+
+
+def test_finish_5000(benchmark: Any) -> None:
+    items = chunks(5000)
+
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        enc = _core.StreamEncoder()
+        for item in items:
+            enc.push(item)
+        return (enc,), {}
+
+    baseline = best_of(lambda: pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL), 3)
+    benchmark.pedantic(lambda enc: enc.finish(), setup=setup, rounds=10)
+    report(benchmark, "finish 5000 (pickle column: whole pickle.dumps)", baseline)
+
+
+def test_first_item_of_5000(benchmark: Any) -> None:
+    items = chunks(5000)
+    data = compact_stream(items)
+    pickled = pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
+    baseline = best_of(lambda: pickle.loads(pickled)[0])
+    first = benchmark(lambda: _core.StreamDecoder(data).take(1))
+    assert first == items[:1]
+    report(benchmark, "time to first item of 5000", baseline)
+
+
+@pytest.mark.parametrize("obfuscation", [True, False])
+def test_bytes_per_chunk(benchmark: Any, obfuscation: bool) -> None:
+    items = chunks(500, obfuscation)
+    pickled = pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
+    baseline = best_of(lambda: pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL))
+    data = benchmark(compact_stream, items)
+    report(
+        benchmark,
+        f"size, 500 chunks, obfuscation={obfuscation}",
+        baseline,
+        compact_bytes_per_chunk=round(len(data) / len(items), 2),
+        pickle_bytes_per_chunk=round(len(pickled) / len(items), 2),
+        size_ratio=round(len(pickled) / len(data), 1),
+    )
