@@ -8,17 +8,16 @@ import struct
 import sys
 import threading
 from collections import OrderedDict
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from pydantic import BaseModel, ConfigDict, PrivateAttr
-
 from chengeta_ai import _core
 from chengeta_ai.errors import DecodeError, EncodeError
 from chengeta_ai.models import register_known_models, register_model
 from chengeta_ai.testing import openai_chunks
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 register_known_models()
 
@@ -33,7 +32,7 @@ def same(a: Any, b: Any) -> bool:
     if isinstance(a, float):
         return struct.pack("<d", a) == struct.pack("<d", b)
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict):
         return list(a.keys()) == list(b.keys()) and all(same(a[k], b[k]) for k in a)
     if isinstance(a, BaseModel):
@@ -56,7 +55,7 @@ def stream(items: list[Any], **kw: Any) -> bytes:
 class Extra(BaseModel):
     model_config = ConfigDict(extra="allow")
     a: int = 0
-    b: Optional[str] = None
+    b: str | None = None
 
 
 class WithPrivate(BaseModel):
@@ -160,7 +159,7 @@ def test_openai_stream_round_trip_is_exact() -> None:
         assert dec.is_sequence and dec.count == len(chunks)
         out = list(dec)
         assert out == chunks
-        for a, b in zip(chunks, out):
+        for a, b in zip(chunks, out, strict=True):
             assert type(a) is type(b)
             assert same(a, b)
             assert a.obfuscation == b.obfuscation  # type: ignore[attr-defined]
@@ -195,7 +194,7 @@ def test_extras_private_and_fields_set() -> None:
     items.append(Tree.model_construct(label="partial"))
     for data in (stream(items), _core.encode(items)):
         out = _core.decode(data)
-        for a, b in zip(items, out):
+        for a, b in zip(items, out, strict=True):
             assert type(a) is type(b) and a == b and same(a, b)
             assert list((a.__pydantic_extra__ or {}).items()) == list(
                 (b.__pydantic_extra__ or {}).items()
@@ -210,7 +209,7 @@ def test_same_class_nested_fields_set_edge_case() -> None:
     outer = Tree(label="parent", children=[inner, Tree(label="parent")])
     items = [outer, Tree(label="child"), outer]
     out = _core.decode(stream(items))
-    assert all(same(a, b) for a, b in zip(items, out))
+    assert all(same(a, b) for a, b in zip(items, out, strict=True))
 
 
 # --------------------------------------------------------------------------- hypothesis
@@ -260,7 +259,7 @@ def test_hypothesis_stream_round_trip(items: list[Any], batch: int) -> None:
     while got := dec.take(batch):
         out.extend(got)
     assert dec.remaining == 0
-    assert len(out) == len(items) and all(same(a, b) for a, b in zip(items, out))
+    assert len(out) == len(items) and all(same(a, b) for a, b in zip(items, out, strict=True))
 
 
 def _decode_all(data: bytes) -> None:
@@ -305,7 +304,9 @@ VALID = [
         max_size=3,
     ),
 )
-def test_fuzz_mutations_only_decode_error(data: bytes, mutations: list[tuple[str, int, int]]) -> None:
+def test_fuzz_mutations_only_decode_error(
+    data: bytes, mutations: list[tuple[str, int, int]]
+) -> None:
     buf = bytearray(data)
     for op, pos, byte in mutations:
         pos %= len(buf) + 1
@@ -416,7 +417,9 @@ def test_unsupported_type_error_names_type_and_path() -> None:
     enc = _core.StreamEncoder()
     for chunk in chunks[:12]:
         enc.push(chunk)
-    with pytest.raises(EncodeError, match=r"^chunk 12 \.choices\[0\]\.delta\.foo: unsupported type 'set'$"):
+    with pytest.raises(
+        EncodeError, match=r"^chunk 12 \.choices\[0\]\.delta\.foo: unsupported type 'set'$"
+    ):
         enc.push(chunks[12])
     assert enc.count == 12
     with pytest.raises(EncodeError, match="poisoned"):

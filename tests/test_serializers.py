@@ -7,8 +7,6 @@ import sys
 from typing import Any, Literal, Optional, Union
 
 import pytest
-from pydantic import BaseModel
-
 from chengeta_ai import _core
 from chengeta_ai.errors import DecodeError, EncodeError
 from chengeta_ai.models import default_model_name, register_known_models, register_model
@@ -19,6 +17,7 @@ from chengeta_ai.serializers import (
     Serializer,
 )
 from chengeta_ai.testing import openai_chunks
+from pydantic import BaseModel
 
 ALL: list[Serializer] = [CompactSerializer(), PickleSerializer(), JsonSerializer()]
 MODEL_CAPABLE: list[Serializer] = [CompactSerializer(), PickleSerializer()]
@@ -63,7 +62,15 @@ def test_iter_batches_of_values(ser: Serializer) -> None:
         list(ser.iter_batches(ser.dumps(1), batch_size=0))
 
 
-FOREIGN = [b"", b"x", b"\x80\x05N.", b'{"a": 1}', b"CGPK\x02junk", b"CGJS\x01{not json", b"CGCB\x01"]
+FOREIGN = [
+    b"",
+    b"x",
+    b"\x80\x05N.",
+    b'{"a": 1}',
+    b"CGPK\x02junk",
+    b"CGJS\x01{not json",
+    b"CGCB\x01",
+]
 
 
 @pytest.mark.parametrize("ser", ALL, ids=lambda s: s.name)
@@ -144,8 +151,8 @@ class Other(BaseModel):
 
 
 class Mid(BaseModel):
-    leaf: Optional[Leaf] = None
-    many: list[Union[Leaf, Other]] = []
+    leaf: Optional[Leaf] = None  # noqa: UP045 (tests unwrapping of typing.Optional)
+    many: list[Union[Leaf, Other]] = []  # noqa: UP007 (tests unwrapping of typing.Union)
     kind: Literal["a", "b"] = "a"
 
 

@@ -88,10 +88,13 @@ def register_known_models() -> None:
         except ImportError:
             pass
         else:
-            for cls in (ChatCompletionChunk, ChatCompletion, Completion):
-                register_model(cls)
+            sdk_classes: tuple[type, ...] = (ChatCompletionChunk, ChatCompletion, Completion)
+            for sdk_cls in sdk_classes:
+                register_model(sdk_cls)
         try:
-            from anthropic.types import RawMessageStreamEvent
+            from anthropic.types import (  # type: ignore[import-not-found, unused-ignore]
+                RawMessageStreamEvent,
+            )
         except ImportError:
             pass
         else:
