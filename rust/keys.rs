@@ -242,8 +242,20 @@ impl Default for KeyHasher {
 impl Sink for KeyHasher {
     #[inline]
     fn put(&mut self, bytes: &[u8]) {
-        if bytes.len() <= BUFFER_SIZE - self.buf.len() {
-            self.buf.extend_from_slice(bytes);
+        let len = self.buf.len();
+        if bytes.len() <= BUFFER_SIZE - len {
+            // SAFETY: `buf` has capacity >= BUFFER_SIZE (reserved by `new`/`with_buffer`, never
+            // shrunk) and the check above keeps `len + bytes.len()` within it; the copied bytes
+            // initialise exactly the new length. (Vec::extend_from_slice re-checks capacity and
+            // is not inlined in the opt-level-1 dev build that the tests use.)
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    bytes.as_ptr(),
+                    self.buf.as_mut_ptr().add(len),
+                    bytes.len(),
+                );
+                self.buf.set_len(len + bytes.len());
+            }
         } else {
             self.put_slow(bytes);
         }

@@ -84,15 +84,14 @@ fn pydantic_base(py: Python<'_>) -> PyResult<Option<&Bound<'_, PyType>>> {
     ))
 }
 
-type Entries = Vec<(Py<PyAny>, Py<PyAny>)>;
+type Entries<'py> = Vec<(Bound<'py, PyAny>, Bound<'py, PyAny>)>;
 
-/// Buffers kept between calls on one thread: the hasher's buffer, and a [`KeyOrder`] and an
-/// entry list per nesting level (sibling dicts, and later requests, reuse the allocations).
+/// Buffers kept between calls on one thread: the hasher's buffer and a [`KeyOrder`] per
+/// nesting level (sibling dicts, and later requests, reuse the allocations).
 #[derive(Default)]
 struct Scratch {
     hasher_buf: Vec<u8>,
     orders: Vec<KeyOrder>,
-    entries: Vec<Entries>,
 }
 
 thread_local! {
@@ -101,11 +100,12 @@ thread_local! {
     static SCRATCH: std::cell::Cell<Option<Box<Scratch>>> = const { std::cell::Cell::new(None) };
 }
 
-/// One pass over one request.
+/// One pass over one request. Entry lists are per call (they hold references), one per
+/// nesting level, reused by sibling dicts.
 struct Walker<'py> {
     py: Python<'py>,
     orders: Vec<KeyOrder>,
-    entries: Vec<Entries>,
+    entries: Vec<Entries<'py>>,
 }
 
 /// How a mapping's entries are named in error paths.
@@ -122,25 +122,18 @@ impl<'py> Walker<'py> {
         Walker {
             py,
             orders: std::mem::take(&mut scratch.orders),
-            entries: std::mem::take(&mut scratch.entries),
+            entries: Vec::new(),
         }
     }
 
     fn into_scratch(self, scratch: &mut Scratch) {
-        // Entries are emptied as each mapping finishes, except after an error.
         // Keep buffers for the first few levels only, and none of a huge request's size.
         const KEEP_LEVELS: usize = 16;
         const KEEP_BYTES: usize = 64 * 1024;
-        let (mut orders, mut entries) = (self.orders, self.entries);
+        let mut orders = self.orders;
         orders.truncate(KEEP_LEVELS);
-        entries.truncate(KEEP_LEVELS);
         orders.iter_mut().for_each(|o| o.clear_and_trim(KEEP_BYTES));
-        for level in &mut entries {
-            level.clear();
-            level.shrink_to(KEEP_BYTES / std::mem::size_of::<(Py<PyAny>, Py<PyAny>)>());
-        }
         scratch.orders = orders;
-        scratch.entries = entries;
     }
 
     fn walk<S: Sink>(&mut self, sink: &mut S, obj: &Bound<'py, PyAny>, depth: usize) -> WalkResult {
@@ -230,7 +223,7 @@ impl<'py> Walker<'py> {
     }
 
     /// The `(name, value)` fields of a pydantic model or a dataclass instance, else `None`.
-    fn model_entries(&self, obj: &Bound<'py, PyAny>) -> PyResult<Option<Entries>> {
+    fn model_entries(&self, obj: &Bound<'py, PyAny>) -> PyResult<Option<Entries<'py>>> {
         let py = self.py;
         let ty = obj.get_type();
         if ty.hasattr(pyo3::intern!(py, "__dataclass_fields__"))? {
@@ -244,7 +237,7 @@ impl<'py> Walker<'py> {
             for field in fields.try_iter()? {
                 let name = field?.getattr(pyo3::intern!(py, "name"))?;
                 let value = obj.getattr(name.cast::<PyString>()?)?;
-                out.push((name.unbind(), value.unbind()));
+                out.push((name, value));
             }
             return Ok(Some(out));
         }
@@ -260,12 +253,12 @@ impl<'py> Walker<'py> {
         let mut out = Vec::with_capacity(values.len());
         for (name, value) in values.iter() {
             if fields_set.contains(&name)? {
-                out.push((name.unbind(), value.unbind()));
+                out.push((name, value));
             }
         }
         let extra = obj.getattr(pyo3::intern!(py, "__pydantic_extra__"))?;
         if let Ok(extra) = extra.cast::<PyDict>() {
-            out.extend(extra.iter().map(|(k, v)| (k.unbind(), v.unbind())));
+            out.extend(extra.iter());
         }
         Ok(Some(out))
     }
@@ -312,11 +305,23 @@ impl<'py> Walker<'py> {
         check_depth(depth)?;
         let mut entries = self.take_entries(depth);
         entries.reserve(dict.len());
-        entries.extend(dict.iter().map(|(k, v)| (k.unbind(), v.unbind())));
+        let mut pos: ffi::Py_ssize_t = 0;
+        let (mut key, mut value) = (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: PyDict_Next over a live dict (held by `dict`) with the GIL held; it hands out
+        // borrowed references, which are turned into owned ones at once. No Python code runs
+        // in this loop, so the dict cannot change under it.
+        unsafe {
+            while ffi::PyDict_Next(dict.as_ptr(), &mut pos, &mut key, &mut value) != 0 {
+                entries.push((
+                    Bound::from_borrowed_ptr(self.py, key),
+                    Bound::from_borrowed_ptr(self.py, value),
+                ));
+            }
+        }
         self.walk_entries(sink, entries, depth, Naming::Keys)
     }
 
-    fn take_entries(&mut self, depth: usize) -> Entries {
+    fn take_entries(&mut self, depth: usize) -> Entries<'py> {
         match self.entries.get_mut(depth) {
             Some(slot) => std::mem::take(slot),
             None => Vec::new(),
@@ -328,13 +333,15 @@ impl<'py> Walker<'py> {
     fn walk_entries<S: Sink>(
         &mut self,
         sink: &mut S,
-        mut entries: Entries,
+        mut entries: Entries<'py>,
         depth: usize,
         naming: Naming,
     ) -> WalkResult {
         check_depth(depth)?;
         if self.orders.len() <= depth {
             self.orders.resize_with(depth + 1, KeyOrder::default);
+        }
+        if self.entries.len() <= depth {
             self.entries.resize_with(depth + 1, Vec::new);
         }
         // Level `depth` owns this buffer; keys and values nest at `depth + 1` and up.
@@ -351,13 +358,21 @@ impl<'py> Walker<'py> {
         &mut self,
         sink: &mut S,
         order: &mut KeyOrder,
-        entries: &[(Py<PyAny>, Py<PyAny>)],
+        entries: &[(Bound<'py, PyAny>, Bound<'py, PyAny>)],
         depth: usize,
         naming: Naming,
     ) -> WalkResult {
         for (i, (key, _)) in entries.iter().enumerate() {
-            let keyed = self.walk(order.key_sink(), key.bind(self.py), depth + 1);
-            keyed.map_err(|e| e.within(|| Segment::DictKey))?;
+            if key.is_exact_instance_of::<PyString>() {
+                // The usual key, inlined.
+                // SAFETY: the exact type was checked just above.
+                write_str(order.key_sink(), unsafe {
+                    key.cast_unchecked::<PyString>()
+                })?;
+            } else {
+                let keyed = self.walk(order.key_sink(), key, depth + 1);
+                keyed.map_err(|e| e.within(|| Segment::DictKey))?;
+            }
             order.finish_key(i);
         }
         if order.sort().is_err() {
@@ -367,8 +382,8 @@ impl<'py> Walker<'py> {
         for (key_bytes, i) in order.iter() {
             sink.put(key_bytes);
             let (key, value) = &entries[i];
-            self.walk(sink, value.bind(self.py), depth + 1)
-                .map_err(|e| e.within(|| segment_for(key.bind(self.py), naming)))?;
+            self.walk(sink, value, depth + 1)
+                .map_err(|e| e.within(|| segment_for(key, naming)))?;
         }
         Ok(())
     }
