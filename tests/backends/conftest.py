@@ -2,7 +2,7 @@
 
 ``backend`` runs a test on each backend (memory, sqlite, redis); ``twin`` runs it through the
 sync methods and through their async twins (one test body, see `Twin`); ``anyio_backend`` puts
-every async test on asyncio and trio.
+every async test on asyncio and trio (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -21,11 +21,6 @@ from chengeta_ai.backends.base import Backend
 from redis_fixture import RedisServer
 
 BACKENDS = ["memory", "sqlite", "redis"]
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 @pytest.fixture(scope="session")
