@@ -16,6 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: redis_fi
 
 from redis_fixture import RedisServer
 
+# A row of the demo's table: label, first chunk, total, upstream calls, chunks, served from.
+MISS_ROW = r"^  MISS +[\d,.]+ ms +[\d,.]+ ms +1 +62 +upstream$"
+HIT_ROW = r"^  HIT +[\d,.]+ ms +[\d,.]+ ms +0 +62 +(stored entry|in-flight stream)$"
+
 
 def _run_demo(*extra: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
@@ -40,9 +44,9 @@ def test_demo_fast(async_backend: str) -> None:
     assert "[sync] openai.OpenAI + get_or_stream" in out
     assert f"[async] openai.AsyncOpenAI + aget_or_stream on {async_backend}" in out
     # Two tables, each: a header, a MISS row with one upstream call, a HIT row with none.
-    assert len(re.findall(r"first chunk +total +upstream calls +chunks", out)) == 2
-    assert len(re.findall(r"^  MISS +[\d,.]+ ms +[\d,.]+ ms +1 +62$", out, re.M)) == 2
-    assert len(re.findall(r"^  HIT +[\d,.]+ ms +[\d,.]+ ms +0 +62$", out, re.M)) == 2
+    assert len(re.findall(r"first chunk +total +upstream calls +chunks +served from", out)) == 2
+    assert len(re.findall(MISS_ROW, out, re.M)) == 2
+    assert len(re.findall(HIT_ROW, out, re.M)) == 2
     assert len(re.findall(r"stored: [\d,]+ bytes for 62 chunks \([\d,.]+ bytes/chunk\)", out)) == 2
     assert out.rstrip().endswith("replayed it from the cache.")
     assert "UNEXPECTED" not in out
@@ -52,8 +56,8 @@ def test_demo_fast(async_backend: str) -> None:
 def _assert_demo_ok(proc: subprocess.CompletedProcess[str], runs: int) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
-    assert len(re.findall(r"^  MISS +[\d,.]+ ms +[\d,.]+ ms +1 +62$", out, re.M)) == runs
-    assert len(re.findall(r"^  HIT +[\d,.]+ ms +[\d,.]+ ms +0 +62$", out, re.M)) == runs
+    assert len(re.findall(MISS_ROW, out, re.M)) == runs
+    assert len(re.findall(HIT_ROW, out, re.M)) == runs
     assert "UNEXPECTED" not in out
 
 

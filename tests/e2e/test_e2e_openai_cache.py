@@ -190,7 +190,9 @@ async def test_miss_then_hit(
 
     stats = cache.stats()
     assert stats["misses"] == 1
-    assert stats["hits"] == 1
+    # A hit: from the stored entry, or (if the store is still being written when the second
+    # call arrives) by joining the finished in-flight stream; never upstream.
+    assert stats["hits"] + stats.get("joins", 0) == 1
     assert stats["stores"] == 1
     assert stats["stored_chunks"] == len(live)
     assert stats["stored_bytes"] > 0

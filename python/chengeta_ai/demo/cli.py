@@ -95,6 +95,7 @@ class Pass:
     total: float = 0.0
     chunks: int = 0
     upstream_calls: int = 0
+    served_by: str = "?"
     text: str = ""
 
 
@@ -191,12 +192,14 @@ def _run_sync(args: argparse.Namespace, upstream: Upstream, cache: Any, out: Tex
     try:
         for label in ("MISS", "HIT"):
             p = Pass(label)
+            stats_before = cache.stats()
             before = upstream.count()
             clock = _start_pass(p, out)
             for chunk in cache.get_or_stream(messages, stream_fn, model_id=args.model):
                 clock.chunk(chunk)
             clock.done()
             p.upstream_calls = upstream.count() - before
+            p.served_by = _served_by(stats_before, cache.stats())
             report.passes.append(p)
     finally:
         client.close()
@@ -227,6 +230,7 @@ def _run_async(args: argparse.Namespace, upstream: Upstream, cache: Any, out: Te
             start_count = upstream.count()
             for label in ("MISS", "HIT"):
                 p = Pass(label)
+                stats_before = cache.stats()
                 before = upstream.count()
                 clock = _start_pass(p, out)
                 async for chunk in cache.aget_or_stream(
@@ -235,6 +239,7 @@ def _run_async(args: argparse.Namespace, upstream: Upstream, cache: Any, out: Te
                     clock.chunk(chunk)
                 clock.done()
                 p.upstream_calls = upstream.count() - before
+                p.served_by = _served_by(stats_before, cache.stats())
                 report.passes.append(p)
             report.upstream_total = upstream.count() - start_count
 
@@ -243,16 +248,34 @@ def _run_async(args: argparse.Namespace, upstream: Upstream, cache: Any, out: Te
     return report
 
 
+def _served_by(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """How the cache says it served a call, from its counters (not from our expectation)."""
+    ways = [
+        ("misses", "upstream"),
+        ("hits", "stored entry"),
+        ("joins", "in-flight stream"),  # the first call's store was still being written
+    ]
+    got = [text for key, text in ways if after.get(key, 0) - before.get(key, 0) > 0]
+    return " + ".join(got) or "?"
+
+
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:,.1f} ms"
 
 
 def _print_report(report: Report, upstream: Upstream, out: TextIO) -> list[str]:
     """Print the table; return the problems found (an empty list when all is as expected)."""
-    rows = [("", "first chunk", "total", "upstream calls", "chunks")]
+    rows = [("", "first chunk", "total", "upstream calls", "chunks", "served from")]
     for p in report.passes:
         rows.append(
-            (p.label, _ms(p.first_chunk), _ms(p.total), str(p.upstream_calls), str(p.chunks))
+            (
+                p.label,
+                _ms(p.first_chunk),
+                _ms(p.total),
+                str(p.upstream_calls),
+                str(p.chunks),
+                p.served_by,
+            )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out.write("\n")
@@ -260,7 +283,7 @@ def _print_report(report: Report, upstream: Upstream, out: TextIO) -> list[str]:
         out.write(
             "  "
             + "  ".join(
-                c.rjust(w) if i else c.ljust(w)
+                c.rjust(w) if 0 < i < len(r) - 1 else c.ljust(w)
                 for i, (c, w) in enumerate(zip(r, widths, strict=True))
             ).rstrip()
             + "\n"
@@ -279,10 +302,14 @@ def _print_report(report: Report, upstream: Upstream, out: TextIO) -> list[str]:
             f"({stored_bytes / stored_chunks:,.1f} bytes/chunk)\n"
         )
     else:
-        out.write(f"  stored: {stored_bytes!r} bytes, {stored_chunks!r} chunks\n")
+        out.write(
+            f"  stored: nothing yet according to cache.stats() (stored_bytes={stored_bytes!r},"
+            f" stored_chunks={stored_chunks!r})\n"
+        )
     out.write(
-        f"  cache.stats(): hits={report.stats.get('hits')} misses={report.stats.get('misses')}"
-        f" stores={report.stats.get('stores')}; upstream calls in all: {report.upstream_total}\n"
+        f"  cache.stats(): hits={report.stats.get('hits')} joins={report.stats.get('joins')}"
+        f" misses={report.stats.get('misses')} stores={report.stats.get('stores')};"
+        f" upstream calls in all: {report.upstream_total}\n"
     )
 
     problems = []
