@@ -327,6 +327,17 @@ impl KeyOrder {
     /// equals its predecessor's.
     pub fn sort(&mut self) -> Result<(), usize> {
         let keys = &self.keys;
+        if let [a, b] = &mut self.entries[..] {
+            // The most common request dict ({"role", "content"}): one comparison.
+            return match keys[a.0..a.1].cmp(&keys[b.0..b.1]) {
+                std::cmp::Ordering::Less => Ok(()),
+                std::cmp::Ordering::Greater => {
+                    std::mem::swap(a, b);
+                    Ok(())
+                }
+                std::cmp::Ordering::Equal => Err(1),
+            };
+        }
         self.entries
             .sort_unstable_by(|a, b| keys[a.0..a.1].cmp(&keys[b.0..b.1]));
         for (i, pair) in self.entries.windows(2).enumerate() {
@@ -720,6 +731,28 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn key_order_sorts_bytewise_and_finds_duplicates(
+            keys in proptest::collection::vec(proptest::collection::vec(0u8..4, 0..4), 0..6)
+        ) {
+            let mut order = KeyOrder::default();
+            for (i, key) in keys.iter().enumerate() {
+                order.key_sink().extend_from_slice(key);
+                order.finish_key(i);
+            }
+            let mut expected = keys.clone();
+            expected.sort();
+            let has_dup = expected.windows(2).any(|w| w[0] == w[1]);
+            prop_assert_eq!(order.sort().is_err(), has_dup);
+            if !has_dup {
+                let got: Vec<Vec<u8>> = order.iter().map(|(k, _)| k.to_vec()).collect();
+                prop_assert_eq!(&got, &expected);
+                for (k, i) in order.iter() {
+                    prop_assert_eq!(k, &keys[i][..]);
+                }
+            }
+        }
+
         #[test]
         fn i64_fast_path_matches_bigint(i in any::<i64>()) {
             let mut fast = Vec::new();
