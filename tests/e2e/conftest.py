@@ -1,5 +1,7 @@
 """Fixtures for the end-to-end tests: a real `LocalOpenAIServer` and the real ``openai`` client.
 
+``anyio_backend`` (asyncio and trio) comes from tests/conftest.py.
+
 The server is shared by the whole session and paced fast; tests that count upstream requests
 use deltas of ``server.request_count`` and their own prompts, so they do not depend on order.
 """
@@ -11,23 +13,10 @@ from collections.abc import Iterator
 import pytest
 from chengeta_ai.demo.server import LocalOpenAIServer
 
-TOKENS = 20
-
-
-@pytest.fixture(
-    params=[
-        pytest.param("asyncio", id="asyncio"),
-        pytest.param("trio", id="trio"),
-    ]
-)
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    """Every async test here runs on asyncio and on trio."""
-    return str(request.param)
-
 
 @pytest.fixture(scope="session")
 def server() -> Iterator[LocalOpenAIServer]:
-    with LocalOpenAIServer(first_token_delay=0.01, token_interval=0.001, tokens=TOKENS) as srv:
+    with LocalOpenAIServer(first_token_delay=0.01, token_interval=0.001, tokens=20) as srv:
         yield srv
 
 
