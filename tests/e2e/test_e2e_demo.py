@@ -14,6 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: redis_fixture
 
+from chengeta_ai.demo.server import LocalOpenAIServer
 from redis_fixture import RedisServer
 
 # A row of the demo's table: label, first chunk, total, upstream calls, chunks, served from.
@@ -21,10 +22,13 @@ MISS_ROW = r"^  MISS +[\d,.]+ ms +[\d,.]+ ms +1 +62 +upstream$"
 HIT_ROW = r"^  HIT +[\d,.]+ ms +[\d,.]+ ms +0 +62 +(stored entry|in-flight stream)$"
 
 
-def _run_demo(*extra: str) -> subprocess.CompletedProcess[str]:
+def _run_demo(
+    *extra: str, env_extra: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env.pop("OPENAI_API_KEY", None)  # never reach the real API from the test suite
     env.pop("OPENAI_BASE_URL", None)
+    env.update(env_extra or {})
     return subprocess.run(
         [sys.executable, "-m", "chengeta_ai", "demo", "--fast", *extra],
         capture_output=True,
@@ -53,11 +57,12 @@ def test_demo_fast(async_backend: str) -> None:
     assert proc.stderr == ""
 
 
-def _assert_demo_ok(proc: subprocess.CompletedProcess[str], runs: int) -> None:
+def _assert_demo_ok(proc: subprocess.CompletedProcess[str], runs: int, chunks: int = 62) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
-    assert len(re.findall(MISS_ROW, out, re.M)) == runs
-    assert len(re.findall(HIT_ROW, out, re.M)) == runs
+    miss_row, hit_row = (r.replace("62", str(chunks)) for r in (MISS_ROW, HIT_ROW))
+    assert len(re.findall(miss_row, out, re.M)) == runs
+    assert len(re.findall(hit_row, out, re.M)) == runs
     assert "UNEXPECTED" not in out
 
 
@@ -99,6 +104,23 @@ def test_demo_redis_unreachable_is_a_clear_error() -> None:
     proc = _run_demo("--backend", "redis", "--redis-url", f"redis://127.0.0.1:{free_port()}/0")
     assert proc.returncode == 2
     assert "cannot reach Redis" in proc.stderr
+
+
+def test_demo_real_mode_uses_the_environment(server: LocalOpenAIServer) -> None:
+    """``--real`` builds the clients from OPENAI_API_KEY / OPENAI_BASE_URL, as the SDK does;
+    pointed at the local server here, so the test never leaves the machine."""
+    before = server.request_count
+    proc = _run_demo(
+        "--real",
+        "--model",
+        "gpt-4o",
+        env_extra={"OPENAI_API_KEY": "x", "OPENAI_BASE_URL": server.base_url},
+    )
+    _assert_demo_ok(proc, runs=2, chunks=server.tokens + 2)
+    assert f"upstream: the OpenAI API at {server.base_url} (OPENAI_API_KEY)" in proc.stdout
+    assert server.request_count - before == 2  # one miss per run
+    assert server.last_request is not None
+    assert server.last_request["model"] == "gpt-4o"
 
 
 def test_demo_real_without_key_is_a_usage_error() -> None:

@@ -327,7 +327,8 @@ def _print_report(report: Report, upstream: Upstream, out: TextIO) -> list[str]:
 def _upstream(args: argparse.Namespace, out: TextIO) -> Iterator[Upstream]:
     if args.real:
         # The real API cannot be asked how often it was called: count the stream_fn calls.
-        real = Upstream("the OpenAI API (OPENAI_API_KEY)", None, None, lambda: real.calls)
+        url = os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+        real = Upstream(f"the OpenAI API at {url} (OPENAI_API_KEY)", None, None, lambda: real.calls)
         yield real
         return
     if args.fast:
