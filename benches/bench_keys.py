@@ -26,11 +26,13 @@ def chat_request(target_bytes: int) -> dict[str, Any]:
     """A realistic chat request of about `target_bytes` of JSON: alternating turns + params."""
     system = {"role": "system", "content": "You are a helpful assistant. Answer concisely."}
     messages: list[dict[str, Any]] = [system]
+    size = len(json.dumps({"model": "gpt-4o-mini", "messages": messages, **PARAMS}))
     turn = 0
-    while len(json.dumps({"messages": messages, **PARAMS})) < target_bytes:
+    while size < target_bytes:
         role = "user" if turn % 2 == 0 else "assistant"
         text = f"Turn {turn}: could you explain step {turn} of the plan in more detail? " * 3
         messages.append({"role": role, "content": text})
+        size += len(json.dumps(messages[-1])) + 2
         turn += 1
     return {"model": "gpt-4o-mini", "messages": messages, **PARAMS}
 

@@ -416,9 +416,18 @@ impl KeyError {
     }
 
     /// The path from the root, Python-style: `[0]['content']`, `.messages[2]`, `` for the root.
+    /// Paths longer than 24 segments keep their first and last 12, around `...`.
     pub fn path(&self) -> String {
+        const KEEP: usize = 12;
+        let n = self.rev_path.len();
         let mut out = String::new();
-        for segment in self.rev_path.iter().rev() {
+        for (i, segment) in self.rev_path.iter().rev().enumerate() {
+            if n > 2 * KEEP && (KEEP..n - KEEP).contains(&i) {
+                if i == KEEP {
+                    out.push_str("...");
+                }
+                continue;
+            }
             match segment {
                 Segment::Index(i) => out.push_str(&format!("[{i}]")),
                 Segment::Key(k) => out.push_str(&format!("[{k}]")),
@@ -681,7 +690,7 @@ mod tests {
         let value = Value::List(vec![value]);
         let err = hash_value(&value).unwrap_err();
         assert_eq!(err.kind, KeyErrorKind::TooDeep);
-        assert!(err.path().starts_with("[0][0]"));
+        assert_eq!(err.path(), format!("{0}...{0}", "[0]".repeat(12)));
     }
 
     #[test]

@@ -15,8 +15,9 @@
 //! sits; there is no `str()`/`repr()` fallback. Nesting deeper than
 //! [`crate::keys::MAX_DEPTH`] (or a container holding itself) is a `ValueError`.
 //!
-//! The GIL stays held: the walk reads Python objects throughout. Speed comes from exact-type
-//! dispatch, UTF-8 read straight from `str` objects, a buffered hasher and reused sort buffers.
+//! The GIL stays held: the walk reads Python objects throughout (and requests are small, so
+//! detaching would cost more than it frees). Speed comes from exact-type dispatch, UTF-8 read
+//! straight from `str` objects, a buffered hasher, and per-thread reused buffers.
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::ffi;
@@ -453,6 +454,7 @@ fn write_int<S: Sink>(sink: &mut S, obj: &Bound<'_, PyAny>) {
 /// deeper than 512 levels (or a container holding itself) and for dicts with two different
 /// keys of the same encoding.
 #[pyfunction]
+#[pyo3(signature = (obj, /))]
 pub fn hash_request<'py>(
     py: Python<'py>,
     obj: &Bound<'py, PyAny>,
