@@ -41,7 +41,9 @@ def _check_label(what: str, value: object) -> str:
     if not value:
         raise ValueError(f"{what} must not be empty")
     if ":" in value:
-        raise ValueError(f"{what} must not contain ':' (it separates the parts of a key): {value!r}")
+        raise ValueError(
+            f"{what} must not contain ':' (it separates the parts of a key): {value!r}"
+        )
     return value
 
 
@@ -137,7 +139,9 @@ class CacheKeyBuilder:
         bytes, pydantic models and dataclasses. ``params`` is part of the key.
         """
         kind = self._kind if kind is None else _check_label("kind", kind)
-        return f"{self._namespace}:{kind}:{self.digest(messages, model_id, params, kind=kind).hex()}"
+        return (
+            f"{self._namespace}:{kind}:{self.digest(messages, model_id, params, kind=kind).hex()}"
+        )
 
     def __repr__(self) -> str:
         return (
