@@ -624,6 +624,28 @@ def test_builder_errors_name_the_argument(args: tuple[Any, ...], message: str) -
     assert message in str(info.value)
 
 
+def test_builder_passes_errors_from_model_code_through() -> None:
+    class Exploding(pydantic.BaseModel):
+        role: str
+
+        @pydantic.field_validator("role")
+        @classmethod
+        def never(cls, value: str) -> str:
+            raise ValueError("no at [5] here")
+
+    @dataclasses.dataclass
+    class Lazy:
+        content: str = "x"
+
+        def __getattribute__(self, name: str) -> Any:
+            if name == "content":
+                Exploding(role="x")
+            return object.__getattribute__(self, name)
+
+    with pytest.raises(pydantic.ValidationError):
+        CacheKeyBuilder().build([Lazy()])
+
+
 def test_builder_accepts_models() -> None:
     b = CacheKeyBuilder()
     assert b.build([ModelMessage(role="user", content="hi")]) == b.build(MESSAGES)

@@ -109,6 +109,9 @@ class CacheKeyBuilder:
         ``cannot hash object of type 'set' at messages[0]['content']``.
         """
         kind = self._kind if kind is None else _check_label("kind", kind)
+        return self._digest(messages, model_id, params, kind)
+
+    def _digest(self, messages: Any, model_id: Any, params: Any, kind: str) -> bytes:
         request = (
             KEY_FORMAT,
             self._namespace,
@@ -121,8 +124,12 @@ class CacheKeyBuilder:
         try:
             return hash_request(request)
         except (TypeError, ValueError) as exc:
-            # Name the argument instead of its position in the hashed tuple.
-            message = _TOP_INDEX.sub(lambda m: f" at {_ARGUMENT_AT[m.group(1)]}", str(exc), 1)
+            # hash_request's own errors: name the argument instead of its position in the
+            # hashed tuple. Anything else (raised by a model's code) passes through untouched.
+            message = str(exc)
+            if type(exc) not in (TypeError, ValueError) or not message.startswith("cannot hash"):
+                raise
+            message = _TOP_INDEX.sub(lambda m: f" at {_ARGUMENT_AT[m.group(1)]}", message, 1)
             raise type(exc)(message) from None
 
     def build(
@@ -139,9 +146,7 @@ class CacheKeyBuilder:
         bytes, pydantic models and dataclasses. ``params`` is part of the key.
         """
         kind = self._kind if kind is None else _check_label("kind", kind)
-        return (
-            f"{self._namespace}:{kind}:{self.digest(messages, model_id, params, kind=kind).hex()}"
-        )
+        return f"{self._namespace}:{kind}:{self._digest(messages, model_id, params, kind).hex()}"
 
     def __repr__(self) -> str:
         return (
