@@ -9,10 +9,11 @@ on trio. Upstream calls are counted by the server (`LocalOpenAIServer.request_co
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import anyio.to_thread
 import openai
 import pytest
@@ -374,3 +375,45 @@ async def test_chunk_joiner_from_the_page(
     pieces = [r if isinstance(r, str) else _text([r]) for r in replayed]
     assert "".join(pieces) == _text(live)
     assert stream_cache.stats()["stores"] == 1
+
+
+# -- concurrent identical requests ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slow_server() -> Iterator[LocalOpenAIServer]:
+    """First token after 0.2 s: identical callers started together all arrive in flight."""
+    with LocalOpenAIServer(first_token_delay=0.2, token_interval=0.001, tokens=20) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("kind", ["threads", "tasks"])
+async def test_concurrent_identical_requests_share_one_upstream_call(
+    slow_server: LocalOpenAIServer, prompt: Messages, kind: str
+) -> None:
+    """8 callers at once (real threads with ``openai.OpenAI``, or real tasks with
+    ``openai.AsyncOpenAI``): one upstream request, everyone gets the whole stream."""
+    callers = 8
+    cache = _new_cache()
+    before = slow_server.request_count
+    results: list[list[Any]] = []
+    with openai.OpenAI(base_url=slow_server.base_url, api_key="local", max_retries=0) as client:
+        async with openai.AsyncOpenAI(
+            base_url=slow_server.base_url, api_key="local", max_retries=0
+        ) as aclient:
+            twin: Twin = SyncTwin(client) if kind == "threads" else AsyncTwin(aclient)
+
+            async def one() -> None:
+                results.append(await twin.collect(cache, prompt))
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(callers):
+                    tg.start_soon(one)
+    assert slow_server.request_count - before == 1
+    assert len(results) == callers
+    reference = _direct(slow_server, prompt)
+    for chunks in results:
+        assert_same_chunks(chunks, reference)
+    stats = cache.stats()
+    assert stats["misses"] + stats["joins"] + stats["hits"] == callers
+    assert stats["misses"] == 1
