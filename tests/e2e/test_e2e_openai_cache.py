@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import openai
 import pytest
@@ -417,3 +418,39 @@ async def test_concurrent_identical_requests_share_one_upstream_call(
     stats = cache.stats()
     assert stats["misses"] + stats["joins"] + stats["hits"] == callers
     assert stats["misses"] == 1
+
+
+async def test_cancelled_async_consumer_stores_nothing(
+    aclient: openai.AsyncOpenAI,
+    cache: StreamingResponseCache,
+    prompt: Messages,
+    server: LocalOpenAIServer,
+    upstream_calls: Callable[[], int],
+) -> None:
+    """A consumer cancelled mid-stream (a cancel scope, as a timeout would) leaves no entry.
+
+    The generator is closed with ``aclosing``: until an abandoned async generator is closed
+    (explicitly, or whenever the event loop finalizes it), it still counts as a consumer.
+    """
+    twin = AsyncTwin(aclient)
+    got: list[Any] = []
+    agen = cache.aget_or_stream(
+        prompt,
+        lambda m: aclient.chat.completions.create(model=MODEL, messages=m, stream=True),
+        model_id=MODEL,
+    )
+    with anyio.CancelScope() as scope:
+        async with contextlib.aclosing(agen):
+            async for chunk in agen:
+                got.append(chunk)
+                if len(got) == 5:
+                    scope.cancel()
+                    await anyio.lowlevel.checkpoint()
+    assert scope.cancelled_caught
+    assert len(got) == 5
+    assert cache.stats()["stores"] == 0
+
+    full = await twin.collect(cache, prompt)
+    assert upstream_calls() == 2
+    assert full[:5] == got
+    assert len(full) == server.tokens + 2
