@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-
 from chengeta_ai._core import hash_request
 from chengeta_ai.core.key_builder import CacheKeyBuilder
 
@@ -44,21 +43,26 @@ def baseline(request: dict[str, Any]) -> bytes:
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).digest()
 
 
-def best_of(fn: Callable[[], object], seconds: float = 0.2) -> float:
-    """Best per-call time over 5 rounds of about `seconds / 5` each."""
-    timer = timeit.Timer(fn)
-    number, _ = timer.autorange()
-    number = max(1, int(number * seconds / 5 / 0.2))
-    return min(timer.repeat(repeat=5, number=number)) / number
+def interleaved_best(
+    a: Callable[[], object], b: Callable[[], object], rounds: int = 9
+) -> tuple[float, float]:
+    """Best per-call times of `a` and `b`, timed in alternating rounds of about 40 ms each,
+    so that a noisy neighbour slows both rather than one."""
+    timers = timeit.Timer(a), timeit.Timer(b)
+    numbers = [max(1, int(t.autorange()[0] * 0.04 / 0.2)) for t in timers]
+    best = [float("inf"), float("inf")]
+    for _ in range(rounds):
+        for i, (timer, number) in enumerate(zip(timers, numbers, strict=True)):
+            best[i] = min(best[i], timer.timeit(number) / number)
+    return best[0], best[1]
 
 
 def record_ratio(benchmark: Any, name: str, ours: Callable[[], object], size: str) -> None:
-    """Times `ours` and the baseline back to back; prints and stores the speed-up."""
+    """Times `ours` and the baseline in the same run; prints and stores the speed-up."""
     if benchmark.disabled:
         return
     request = REQUESTS[size]
-    base = best_of(lambda: baseline(request))
-    fast = best_of(ours)
+    base, fast = interleaved_best(lambda: baseline(request), ours)
     ratio = base / fast
     benchmark.extra_info.update(
         {"baseline_us": base * 1e6, "ours_us": fast * 1e6, "speedup_vs_sha256_json": ratio}
