@@ -38,8 +38,19 @@ def compact_stream(items: list[Any]) -> bytes:
     return enc.finish()
 
 
+SMOKE = False  # set by the autouse fixture below under --benchmark-disable
+
+
+@pytest.fixture(autouse=True)
+def _smoke(benchmark: Any) -> None:
+    global SMOKE
+    SMOKE = bool(getattr(benchmark, "disabled", False))
+
+
 def best_of(fn: Callable[[], Any], repeat: int = 5) -> float:
+    """Best wall time of ``repeat`` calls (one call in smoke mode)."""
     times = []
+    repeat = 1 if SMOKE else repeat
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()

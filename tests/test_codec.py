@@ -207,7 +207,7 @@ def test_same_class_nested_fields_set_edge_case() -> None:
     # state must be tracked in the same order on both sides.
     inner = Tree.model_construct(label="child")
     outer = Tree(label="parent", children=[inner, Tree(label="parent")])
-    items = [outer, Tree(label="child"), outer]
+    items = [outer, Tree(label="child"), outer, outer]  # the last one: FS_SAME + children
     out = _core.decode(stream(items))
     assert all(same(a, b) for a, b in zip(items, out, strict=True))
 
