@@ -363,6 +363,9 @@ impl<'py> Walker<'py> {
         depth: usize,
         naming: Naming,
     ) -> WalkResult {
+        if let Some(result) = self.write_str_keyed(sink, entries, depth, naming) {
+            return result;
+        }
         for (i, (key, _)) in entries.iter().enumerate() {
             if key.is_exact_instance_of::<PyString>() {
                 // The usual key, inlined.
@@ -387,6 +390,62 @@ impl<'py> Walker<'py> {
                 .map_err(|e| e.within(|| segment_for(key, naming)))?;
         }
         Ok(())
+    }
+}
+
+/// Most request dicts: at most [`SMALL_DICT`] entries, every key an exact `str`.
+const SMALL_DICT: usize = 16;
+
+impl<'py> Walker<'py> {
+    /// The fast path of [`Walker::write_entries`] for small dicts keyed by exact `str`s, or
+    /// `None` to take the general path. The encodings of two strs compare like their
+    /// `(UTF-8 length, UTF-8 bytes)` (tag equal, big-endian length first), so the keys are
+    /// sorted in place without being encoded apart.
+    #[inline]
+    fn write_str_keyed<S: Sink>(
+        &mut self,
+        sink: &mut S,
+        entries: &[(Bound<'py, PyAny>, Bound<'py, PyAny>)],
+        depth: usize,
+        naming: Naming,
+    ) -> Option<WalkResult> {
+        let n = entries.len();
+        if n > SMALL_DICT {
+            return None;
+        }
+        let mut keys: [(&[u8], usize); SMALL_DICT] = [(&[], 0); SMALL_DICT];
+        for (i, (key, _)) in entries.iter().enumerate() {
+            if !key.is_exact_instance_of::<PyString>() {
+                return None;
+            }
+            // SAFETY: the exact type was checked just above.
+            let utf8 = unsafe { key.cast_unchecked::<PyString>() }.to_str().ok()?;
+            keys[i] = (utf8.as_bytes(), i);
+        }
+        let keys = &mut keys[..n];
+        // Insertion sort: n is small and usually 2-4.
+        for i in 1..n {
+            let mut j = i;
+            while j > 0 && (keys[j - 1].0.len(), keys[j - 1].0) > (keys[j].0.len(), keys[j].0) {
+                keys.swap(j - 1, j);
+                j -= 1;
+            }
+        }
+        if keys.windows(2).any(|w| w[0].0 == w[1].0) {
+            // Equal strs are one dict key; only str subclasses could get here, never exact.
+            return Some(Err(WalkError::Key(KeyError::new(
+                KeyErrorKind::DuplicateKey,
+            ))));
+        }
+        sink.dict_header(n);
+        for &(utf8, i) in keys.iter() {
+            sink.str_utf8(utf8);
+            let (key, value) = &entries[i];
+            if let Err(e) = self.walk(sink, value, depth + 1) {
+                return Some(Err(e.within(|| segment_for(key, naming))));
+            }
+        }
+        Some(Ok(()))
     }
 }
 
