@@ -4,12 +4,14 @@
 //! ```text
 //! header   "CGCB" | version u8 | flags u8 | count varint | body_len varint
 //! body     (raw, or one zstd frame when FLAG_ZSTD) =
-//!          structure_len varint | structure bytes | data bytes
+//!          structure_len varint | lengths_len varint | structure | lengths | data
 //! ```
 //! The *structure* stream holds tags, varints, bitmasks and back-references: it repeats from
 //! chunk to chunk and compresses to almost nothing. The *data* stream holds the payload of new
-//! strings, bytes, floats and big ints (length-prefixed). Keeping the two apart lets zstd find
-//! long periodic matches in the structure while the incompressible payload sits together.
+//! strings, bytes, floats and big ints, whose lengths (varints) go to the *lengths* stream.
+//! Keeping the three apart lets zstd find long periodic matches in the structure and entropy-code
+//! the incompressible payload (e.g. OpenAI's random `obfuscation` padding) with a tight literal
+//! table that length bytes do not dilute.
 //!
 //! Values are a tag byte in the structure stream followed by their operands (see the `TAG_*`
 //! constants). Strings up to [`INTERN_MAX_LEN`] bytes are interned: the first occurrence is
@@ -50,17 +52,17 @@ pub const TAG_FALSE: u8 = 1;
 pub const TAG_TRUE: u8 = 2;
 /// An int in `i64`: zigzag varint in structure.
 pub const TAG_INT: u8 = 3;
-/// An int outside `i64`: data = varint len + little-endian two's complement bytes.
+/// An int outside `i64`: data = (len in lengths) + little-endian two's complement bytes.
 pub const TAG_BIGINT: u8 = 4;
 /// A float: data = 8 bytes, little-endian IEEE-754 bits.
 pub const TAG_FLOAT: u8 = 5;
-/// A new interned string: data = varint len + UTF-8; appended to the intern table.
+/// A new interned string: data = (len in lengths) + UTF-8; appended to the intern table.
 pub const TAG_STR_NEW: u8 = 6;
 /// A back-reference: structure = varint index into the intern table.
 pub const TAG_STR_REF: u8 = 7;
-/// A string not interned: data = varint len + UTF-8.
+/// A string not interned: data = (len in lengths) + UTF-8.
 pub const TAG_STR_RAW: u8 = 8;
-/// Bytes: data = varint len + bytes.
+/// Bytes: data = (len in lengths) + bytes.
 pub const TAG_BYTES: u8 = 9;
 /// A list: structure = varint length, then the items.
 pub const TAG_LIST: u8 = 10;
@@ -74,7 +76,7 @@ pub const TAG_MODEL_DEF: u8 = 13;
 /// A model instance of a known template: varint template index, then the instance body.
 pub const TAG_MODEL: u8 = 14;
 
-/// A string with lone surrogates (not UTF-8): data = varint len + "surrogatepass" UTF-8.
+/// A string with lone surrogates (not UTF-8): data = (len in lengths) + "surrogatepass" UTF-8.
 pub const TAG_STR_SURROGATES: u8 = 15;
 
 /// Instance flag: `__pydantic_fields_set__` equals the previous instance's of this template.
@@ -305,6 +307,8 @@ impl<'a> Reader<'a> {
 pub struct Writer {
     /// Tags, varints, bitmasks, back-references.
     pub structure: Vec<u8>,
+    /// Lengths (varints) of the payloads in `data`.
+    pub lengths: Vec<u8>,
     /// Payload of new strings, bytes, floats and big ints.
     pub data: Vec<u8>,
 }
@@ -312,7 +316,7 @@ pub struct Writer {
 impl Writer {
     /// Uncompressed body bytes written so far.
     pub fn len(&self) -> usize {
-        self.structure.len() + self.data.len()
+        self.structure.len() + self.lengths.len() + self.data.len()
     }
 
     /// Whether nothing was written.
@@ -346,11 +350,11 @@ impl Writer {
         self.data.extend_from_slice(&v.to_bits().to_le_bytes());
     }
 
-    /// A tag in structure and a length-prefixed payload in data.
+    /// A tag in structure, the length in lengths and the payload in data.
     #[inline]
     pub fn payload(&mut self, tag: u8, bytes: &[u8]) {
         self.structure.push(tag);
-        write_varint(&mut self.data, bytes.len() as u64);
+        write_varint(&mut self.lengths, bytes.len() as u64);
         self.data.extend_from_slice(bytes);
     }
 
@@ -621,11 +625,14 @@ pub fn zstd_decompress(frame: &[u8], expected: u64) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Builds the body (`structure_len | structure | data`) of a finished writer.
+/// Builds the body (`structure_len | lengths_len | structure | lengths | data`) of a finished
+/// writer.
 pub fn build_body(w: &Writer) -> Vec<u8> {
-    let mut body = Vec::with_capacity(w.len() + 10);
+    let mut body = Vec::with_capacity(w.len() + 20);
     write_varint(&mut body, w.structure.len() as u64);
+    write_varint(&mut body, w.lengths.len() as u64);
     body.extend_from_slice(&w.structure);
+    body.extend_from_slice(&w.lengths);
     body.extend_from_slice(&w.data);
     body
 }
@@ -691,11 +698,30 @@ pub fn open(data: &[u8]) -> Result<(Header, Vec<u8>)> {
     open_with(data, zstd_decompress)
 }
 
-/// Splits a body into its structure and data streams, checking the item count fits.
-pub fn split_body(body: &[u8], count: u64) -> Result<(std::ops::Range<usize>, usize)> {
+/// Where the three streams of a body are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BodyLayout {
+    /// The structure stream.
+    pub structure: std::ops::Range<usize>,
+    /// The lengths stream.
+    pub lengths: std::ops::Range<usize>,
+    /// Start of the data stream (it runs to the end of the body).
+    pub data: usize,
+}
+
+/// Splits a body into its streams, checking that they and the item count fit.
+pub fn split_body(body: &[u8], count: u64) -> Result<BodyLayout> {
     let mut r = Reader::new(body);
     let slen = r.count("structure", 1)?;
+    let llen = r.count("lengths", 1)?;
     let start = r.position();
+    if slen + llen > r.remaining() {
+        return Err(CodecError::LengthOutOfBounds {
+            what: "structure + lengths",
+            len: (slen + llen) as u64,
+            remaining: r.remaining(),
+        });
+    }
     if count > slen as u64 {
         return Err(CodecError::LengthOutOfBounds {
             what: "item count",
@@ -703,7 +729,53 @@ pub fn split_body(body: &[u8], count: u64) -> Result<(std::ops::Range<usize>, us
             remaining: slen,
         });
     }
-    Ok((start..start + slen, start + slen))
+    Ok(BodyLayout {
+        structure: start..start + slen,
+        lengths: start + slen..start + slen + llen,
+        data: start + slen + llen,
+    })
+}
+
+/// Reads payloads: a length from the lengths stream, then that many bytes of data.
+#[derive(Debug, Clone)]
+pub struct PayloadReader<'a> {
+    /// The lengths stream.
+    pub lengths: Reader<'a>,
+    /// The data stream.
+    pub data: Reader<'a>,
+}
+
+impl<'a> PayloadReader<'a> {
+    /// A length-prefixed payload, bounded by the data that remains.
+    #[inline]
+    pub fn len_prefixed(&mut self, what: &'static str) -> Result<&'a [u8]> {
+        let n = self.lengths.varint(what)?;
+        if n > self.data.remaining() as u64 {
+            return Err(CodecError::LengthOutOfBounds {
+                what,
+                len: n,
+                remaining: self.data.remaining(),
+            });
+        }
+        self.data.bytes(n as usize, what)
+    }
+
+    /// A length-prefixed UTF-8 string.
+    #[inline]
+    pub fn str(&mut self, what: &'static str) -> Result<&'a str> {
+        std::str::from_utf8(self.len_prefixed(what)?).map_err(|_| CodecError::InvalidUtf8)
+    }
+
+    /// 8 data bytes as a little-endian `u64` (no length).
+    #[inline]
+    pub fn u64_le(&mut self, what: &'static str) -> Result<u64> {
+        self.data.u64_le(what)
+    }
+
+    /// Unread bytes of both streams.
+    pub fn remaining(&self) -> usize {
+        self.lengths.remaining() + self.data.remaining()
+    }
 }
 
 #[cfg(test)]
@@ -821,9 +893,10 @@ mod tests {
             let (h, body) = open(&enc).unwrap();
             assert_eq!(h.compressed, min == 0);
             assert_eq!(body, build_body(&w));
-            let (s, d) = split_body(&body, h.count).unwrap();
-            assert_eq!(&body[s], &w.structure[..]);
-            assert_eq!(&body[d..], &w.data[..]);
+            let l = split_body(&body, h.count).unwrap();
+            assert_eq!(&body[l.structure], &w.structure[..]);
+            assert_eq!(&body[l.lengths], &w.lengths[..]);
+            assert_eq!(&body[l.data..], &w.data[..]);
             for cut in 0..enc.len() {
                 assert!(open(&enc[..cut]).is_err(), "cut {cut}");
             }
@@ -870,7 +943,7 @@ mod tests {
             let mut t = InternTable::new();
             for s in &words { w.string(&mut t, s); }
             let mut st = Reader::new(&w.structure);
-            let mut da = Reader::new(&w.data);
+            let mut da = PayloadReader { lengths: Reader::new(&w.lengths), data: Reader::new(&w.data) };
             let mut d: DecodeTable<String> = DecodeTable::new();
             for s in &words {
                 let got = match st.u8("tag").unwrap() {

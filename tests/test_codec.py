@@ -363,6 +363,10 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
+def body(structure: bytes, lengths: bytes = b"", data: bytes = b"") -> bytes:
+    return varint(len(structure)) + varint(len(lengths)) + structure + lengths + data
+
+
 def frame(body: bytes, *, count: int = 1, flags: int = 0) -> bytes:
     return b"CGCB\x01" + bytes([flags]) + varint(count) + varint(len(body)) + body
 
@@ -370,15 +374,17 @@ def frame(body: bytes, *, count: int = 1, flags: int = 0) -> bytes:
 def test_huge_declared_lengths_do_not_allocate() -> None:
     structure = b"\x0a" + varint(2**60)  # a list claiming 2**60 items
     with pytest.raises(DecodeError, match="list length"):
-        _core.decode(frame(varint(len(structure)) + structure))
+        _core.decode(frame(body(structure)))
     structure = b"\x06"  # a new string claiming 2**40 bytes of data
     with pytest.raises(DecodeError, match="string length"):
-        _core.decode(frame(varint(1) + structure + varint(2**40) + b"abc"))
+        _core.decode(frame(body(structure, varint(2**40), b"abc")))
     # a compressed body claiming 2**62 bytes
     with pytest.raises(DecodeError):
         _core.decode(b"CGCB\x01\x02\x01" + varint(2**62) + b"\x28\xb5\x2f\xfd\x00")
+    with pytest.raises(DecodeError, match="structure \\+ lengths"):
+        _core.decode(frame(varint(1) + varint(1) + b"\x00"))
     with pytest.raises(DecodeError, match="item count"):
-        _core.decode(frame(varint(1) + b"\x00", count=5, flags=1))
+        _core.decode(frame(body(b"\x00"), count=5, flags=1))
 
 
 def test_deep_nesting_is_bounded() -> None:
@@ -395,7 +401,7 @@ def test_deep_nesting_is_bounded() -> None:
         _core.encode(loop)
     structure = b"\x0a\x01" * 1000 + b"\x00"  # 1000 nested one-item lists
     with pytest.raises(DecodeError, match="nesting deeper"):
-        _core.decode(frame(varint(len(structure)) + structure))
+        _core.decode(frame(body(structure)))
 
 
 def test_single_value_and_empty_stream() -> None:

@@ -24,11 +24,11 @@ use pyo3::types::{
 };
 
 use crate::codec::{
-    self, mask_get, mask_len, mask_set, unzigzag, CodecError, DecodeTable, InternTable, Reader,
-    Writer, INST_EXTRA_DICT, INST_FIELDS_SET_SAME, INST_KNOWN_FLAGS, INST_PRIVATE_DICT, MAX_DEPTH,
-    TAG_BIGINT, TAG_BYTES, TAG_DICT, TAG_FALSE, TAG_FLOAT, TAG_INT, TAG_LIST, TAG_MODEL,
-    TAG_MODEL_DEF, TAG_NONE, TAG_STR_NEW, TAG_STR_RAW, TAG_STR_REF, TAG_STR_SURROGATES, TAG_TRUE,
-    TAG_TUPLE,
+    self, mask_get, mask_len, mask_set, unzigzag, CodecError, DecodeTable, InternTable,
+    PayloadReader, Reader, Writer, INST_EXTRA_DICT, INST_FIELDS_SET_SAME, INST_KNOWN_FLAGS,
+    INST_PRIVATE_DICT, MAX_DEPTH, TAG_BIGINT, TAG_BYTES, TAG_DICT, TAG_FALSE, TAG_FLOAT, TAG_INT,
+    TAG_LIST, TAG_MODEL, TAG_MODEL_DEF, TAG_NONE, TAG_STR_NEW, TAG_STR_RAW, TAG_STR_REF,
+    TAG_STR_SURROGATES, TAG_TRUE, TAG_TUPLE,
 };
 use crate::py::errors::{DecodeError, EncodeError};
 
@@ -688,7 +688,7 @@ struct DecTables {
 
 struct Dec<'a, 't> {
     s: Reader<'a>,
-    d: Reader<'a>,
+    d: PayloadReader<'a>,
     t: &'t mut DecTables,
 }
 
@@ -910,6 +910,8 @@ struct DecState {
     body: Vec<u8>,
     s_pos: usize,
     s_end: usize,
+    l_pos: usize,
+    l_end: usize,
     d_pos: usize,
     remaining: u64,
     tables: DecTables,
@@ -928,7 +930,10 @@ impl DecState {
         }
         let mut dec = Dec {
             s: Reader::at(&self.body[..self.s_end], self.s_pos),
-            d: Reader::at(&self.body, self.d_pos),
+            d: PayloadReader {
+                lengths: Reader::at(&self.body[..self.l_end], self.l_pos),
+                data: Reader::at(&self.body, self.d_pos),
+            },
             t: &mut self.tables,
         };
         let mut result: DResult<()> = Ok(());
@@ -941,9 +946,14 @@ impl DecState {
                 }
             }
         }
-        let (s_pos, d_pos) = (dec.s.position(), dec.d.position());
+        let (s_pos, l_pos, d_pos) = (
+            dec.s.position(),
+            dec.d.lengths.position(),
+            dec.d.data.position(),
+        );
         let (s_left, d_left) = (dec.s.remaining(), dec.d.remaining());
         self.s_pos = s_pos;
+        self.l_pos = l_pos;
         self.d_pos = d_pos;
         self.remaining -= out.len() as u64;
         if result.is_ok() && self.remaining == 0 && s_left + d_left != 0 {
@@ -984,18 +994,20 @@ fn open_decoder(py: Python<'_>, data: &[u8]) -> PyResult<StreamDecoder> {
         }
     });
     let (h, body) = opened.map_err(|e| DecodeError::new_err(e.to_string()))?;
-    let (srange, d_pos) =
+    let layout =
         codec::split_body(&body, h.count).map_err(|e| DecodeError::new_err(e.to_string()))?;
-    if h.count == 0 && body.len() != srange.start {
+    if h.count == 0 && body.len() != layout.structure.start {
         return Err(DecodeError::new_err(
-            CodecError::TrailingBytes(body.len() - srange.start).to_string(),
+            CodecError::TrailingBytes(body.len() - layout.structure.start).to_string(),
         ));
     }
     Ok(StreamDecoder {
         state: Mutex::new(DecState {
-            s_pos: srange.start,
-            s_end: srange.end,
-            d_pos,
+            s_pos: layout.structure.start,
+            s_end: layout.structure.end,
+            l_pos: layout.lengths.start,
+            l_end: layout.lengths.end,
+            d_pos: layout.data,
             remaining: h.count,
             body,
             tables: DecTables {
