@@ -288,17 +288,6 @@ impl Encoder {
             self.w.tag(TAG_DICT);
             return self.dict_body(d, depth, false);
         }
-        let ty = v.get_type();
-        let key = type_key(&ty);
-        if let Some((_, ids)) = self.by_type.get(&key) {
-            let ids = ids.clone();
-            return self.model(v, key, &ids, depth);
-        }
-        let registered = registry_read().by_type.get(&key).cloned();
-        if let Some(name) = registered {
-            self.by_type.insert(key, (name, Vec::new()));
-            return self.model(v, key, &[], depth);
-        }
         if let Ok(t) = v.cast_exact::<PyTuple>() {
             self.w.tag(TAG_TUPLE);
             self.w.varint(t.len() as u64);
@@ -311,6 +300,17 @@ impl Encoder {
         if let Ok(b) = v.cast_exact::<PyBytes>() {
             self.w.payload(TAG_BYTES, b.as_bytes());
             return Ok(());
+        }
+        let ty = v.get_type();
+        let key = type_key(&ty);
+        if let Some((_, ids)) = self.by_type.get(&key) {
+            let ids = ids.clone();
+            return self.model(v, key, &ids, depth);
+        }
+        let registered = registry_read().by_type.get(&key).cloned();
+        if let Some(name) = registered {
+            self.by_type.insert(key, (name, Vec::new()));
+            return self.model(v, key, &[], depth);
         }
         let name = type_name(v);
         if ty
