@@ -419,8 +419,7 @@ impl<'py> Walker<'py> {
                 return None;
             }
             // SAFETY: the exact type was checked just above.
-            let utf8 = unsafe { key.cast_unchecked::<PyString>() }.to_str().ok()?;
-            keys[i] = (utf8.as_bytes(), i);
+            keys[i] = (utf8_of(unsafe { key.cast_unchecked::<PyString>() })?, i);
         }
         let keys = &mut keys[..n];
         // Insertion sort: n is small and usually 2-4.
@@ -471,10 +470,9 @@ fn segment_for(key: &Bound<'_, PyAny>, naming: Naming) -> Segment {
 
 #[inline]
 fn write_str<S: Sink>(sink: &mut S, s: &Bound<'_, PyString>) -> WalkResult {
-    match s.to_str() {
-        // Borrowed from the str object's cached UTF-8 (the data itself for ASCII strings).
-        Ok(utf8) => sink.str_utf8(utf8.as_bytes()),
-        Err(_) => {
+    match utf8_of(s) {
+        Some(utf8) => sink.str_utf8(utf8),
+        None => {
             // Lone surrogates: their `surrogatepass` bytes are never valid UTF-8, so they
             // cannot collide with any real string.
             let bytes =
@@ -483,6 +481,23 @@ fn write_str<S: Sink>(sink: &mut S, s: &Bound<'_, PyString>) -> WalkResult {
         }
     }
     Ok(())
+}
+
+/// A str's UTF-8, borrowed from the object (its cached UTF-8, or the data itself for ASCII),
+/// or `None` for a str with lone surrogates. (`PyString::to_str` without its error object.)
+#[inline]
+fn utf8_of<'a>(s: &'a Bound<'_, PyString>) -> Option<&'a [u8]> {
+    let mut size: ffi::Py_ssize_t = 0;
+    // SAFETY: `s` is a live str (the Bound holds a reference) and the GIL is held.
+    let data = unsafe { ffi::PyUnicode_AsUTF8AndSize(s.as_ptr(), &mut size) };
+    if data.is_null() {
+        // The UnicodeEncodeError it set is replaced by the caller's fallback.
+        drop(PyErr::take(s.py()));
+        return None;
+    }
+    // SAFETY: CPython keeps `size` bytes of UTF-8 at `data` alive as long as the str object,
+    // which outlives the borrow `'a`; strs are immutable.
+    Some(unsafe { std::slice::from_raw_parts(data.cast::<u8>(), size as usize) })
 }
 
 #[inline]
