@@ -398,9 +398,7 @@ const SMALL_DICT: usize = 16;
 
 impl<'py> Walker<'py> {
     /// The fast path of [`Walker::write_entries`] for small dicts keyed by exact `str`s, or
-    /// `None` to take the general path. The encodings of two strs compare like their
-    /// `(UTF-8 length, UTF-8 bytes)` (tag equal, big-endian length first), so the keys are
-    /// sorted in place without being encoded apart.
+    /// `None` to take the general path.
     #[inline]
     fn write_str_keyed<S: Sink>(
         &mut self,
@@ -409,43 +407,66 @@ impl<'py> Walker<'py> {
         depth: usize,
         naming: Naming,
     ) -> Option<WalkResult> {
-        let n = entries.len();
-        if n > SMALL_DICT {
-            return None;
-        }
-        let mut keys: [(&[u8], usize); SMALL_DICT] = [(&[], 0); SMALL_DICT];
-        for (i, (key, _)) in entries.iter().enumerate() {
-            if !key.is_exact_instance_of::<PyString>() {
-                return None;
-            }
-            // SAFETY: the exact type was checked just above.
-            keys[i] = (utf8_of(unsafe { key.cast_unchecked::<PyString>() })?, i);
-        }
-        let keys = &mut keys[..n];
-        // Insertion sort: n is small and usually 2-4.
-        for i in 1..n {
-            let mut j = i;
-            while j > 0 && (keys[j - 1].0.len(), keys[j - 1].0) > (keys[j].0.len(), keys[j].0) {
-                keys.swap(j - 1, j);
-                j -= 1;
-            }
-        }
-        if keys.windows(2).any(|w| w[0].0 == w[1].0) {
-            // Equal strs are one dict key; only str subclasses could get here, never exact.
-            return Some(Err(WalkError::Key(KeyError::new(
-                KeyErrorKind::DuplicateKey,
-            ))));
-        }
-        sink.dict_header(n);
-        for &(utf8, i) in keys.iter() {
+        // Only the 16-byte permutation stays in this (recursive) frame.
+        let order = match str_key_order(entries)? {
+            Ok(order) => order,
+            Err(e) => return Some(Err(e)),
+        };
+        sink.dict_header(entries.len());
+        for &i in &order[..entries.len()] {
+            let (key, value) = &entries[usize::from(i)];
+            // SAFETY: str_key_order checked that every key is an exact str, and read its UTF-8
+            // (now cached on the immutable str), so this cannot fail.
+            let utf8 = utf8_of(unsafe { key.cast_unchecked::<PyString>() }).unwrap_or_default();
             sink.str_utf8(utf8);
-            let (key, value) = &entries[i];
             if let Err(e) = self.walk(sink, value, depth + 1) {
                 return Some(Err(e.within(|| segment_for(key, naming))));
             }
         }
         Some(Ok(()))
     }
+}
+
+/// The canonical order of a small dict whose keys are all exact `str`s (as indices into
+/// `entries`), or `None` if the dict is not such a dict. The encodings of two strs compare
+/// like their `(UTF-8 length, UTF-8 bytes)` (tag equal, big-endian length first), so the keys
+/// are sorted without being encoded apart.
+#[inline(never)]
+fn str_key_order(
+    entries: &[(Bound<'_, PyAny>, Bound<'_, PyAny>)],
+) -> Option<Result<[u8; SMALL_DICT], WalkError>> {
+    let n = entries.len();
+    if n > SMALL_DICT {
+        return None;
+    }
+    let mut keys: [&[u8]; SMALL_DICT] = [&[]; SMALL_DICT];
+    for (i, (key, _)) in entries.iter().enumerate() {
+        if !key.is_exact_instance_of::<PyString>() {
+            return None;
+        }
+        // SAFETY: the exact type was checked just above.
+        keys[i] = utf8_of(unsafe { key.cast_unchecked::<PyString>() })?;
+    }
+    let mut order = [0u8; SMALL_DICT];
+    for (i, slot) in order.iter_mut().enumerate() {
+        *slot = i as u8;
+    }
+    let rank = |i: u8| (keys[usize::from(i)].len(), keys[usize::from(i)]);
+    // Insertion sort: n is small and usually 2-4.
+    for i in 1..n {
+        let mut j = i;
+        while j > 0 && rank(order[j - 1]) > rank(order[j]) {
+            order.swap(j - 1, j);
+            j -= 1;
+        }
+    }
+    if order[..n].windows(2).any(|w| rank(w[0]) == rank(w[1])) {
+        // Equal exact strs are one dict key; only model fields and extras could meet here.
+        return Some(Err(WalkError::Key(KeyError::new(
+            KeyErrorKind::DuplicateKey,
+        ))));
+    }
+    Some(Ok(order))
 }
 
 fn check_depth(depth: usize) -> WalkResult {
@@ -525,7 +546,7 @@ fn write_int<S: Sink>(sink: &mut S, obj: &Bound<'_, PyAny>) {
 ///
 /// Raises TypeError for any other type, naming it and where it sits
 /// (e.g. "cannot hash object of type 'set' at [0]['content']"), and ValueError for nesting
-/// deeper than 512 levels (or a container holding itself) and for dicts with two different
+/// deeper than 256 levels (or a container holding itself) and for dicts with two different
 /// keys of the same encoding.
 #[pyfunction]
 #[pyo3(signature = (obj, /))]
