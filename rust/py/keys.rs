@@ -339,19 +339,35 @@ impl<'py> Walker<'py> {
         naming: Naming,
     ) -> WalkResult {
         check_depth(depth)?;
-        if self.orders.len() <= depth {
-            self.orders.resize_with(depth + 1, KeyOrder::default);
-        }
         if self.entries.len() <= depth {
             self.entries.resize_with(depth + 1, Vec::new);
+        }
+        let result = match self.write_str_keyed(sink, &entries, depth, naming) {
+            Some(result) => result,
+            None => self.write_sorted_entries(sink, &entries, depth, naming),
+        };
+        entries.clear();
+        self.entries[depth] = entries;
+        result
+    }
+
+    /// The general path: keys of any type, encoded apart and sorted by [`KeyOrder`].
+    #[inline(never)]
+    fn write_sorted_entries<S: Sink>(
+        &mut self,
+        sink: &mut S,
+        entries: &[(Bound<'py, PyAny>, Bound<'py, PyAny>)],
+        depth: usize,
+        naming: Naming,
+    ) -> WalkResult {
+        if self.orders.len() <= depth {
+            self.orders.resize_with(depth + 1, KeyOrder::default);
         }
         // Level `depth` owns this buffer; keys and values nest at `depth + 1` and up.
         let mut order = std::mem::take(&mut self.orders[depth]);
         order.clear();
-        let result = self.write_entries(sink, &mut order, &entries, depth, naming);
+        let result = self.write_entries(sink, &mut order, entries, depth, naming);
         self.orders[depth] = order;
-        entries.clear();
-        self.entries[depth] = entries;
         result
     }
 
@@ -363,9 +379,6 @@ impl<'py> Walker<'py> {
         depth: usize,
         naming: Naming,
     ) -> WalkResult {
-        if let Some(result) = self.write_str_keyed(sink, entries, depth, naming) {
-            return result;
-        }
         for (i, (key, _)) in entries.iter().enumerate() {
             if key.is_exact_instance_of::<PyString>() {
                 // The usual key, inlined.
