@@ -30,31 +30,42 @@ use pyo3::types::{
 use crate::keys::{Encode, KeyError, KeyErrorKind, KeyHasher, KeyOrder, Segment, Sink, MAX_DEPTH};
 
 /// The walk failed: a value the encoding rejects, or a Python exception raised under it.
-enum WalkError {
+/// Boxed, so that every level of the walk returns a one-word `Result` (a wide one costs a
+/// store-and-reload on each return).
+struct WalkError(Box<Failure>);
+
+enum Failure {
     Key(KeyError),
     Py(PyErr),
 }
 
 impl WalkError {
-    fn within(self, segment: impl FnOnce() -> Segment) -> Self {
-        match self {
-            WalkError::Key(e) => WalkError::Key(e.within(segment())),
-            py => py,
+    #[cold]
+    fn key(kind: KeyErrorKind) -> Self {
+        WalkError(Box::new(Failure::Key(KeyError::new(kind))))
+    }
+
+    #[cold]
+    fn within(mut self, segment: impl FnOnce() -> Segment) -> Self {
+        if let Failure::Key(e) = *self.0 {
+            *self.0 = Failure::Key(e.within(segment()));
         }
+        self
     }
 }
 
 impl From<PyErr> for WalkError {
+    #[cold]
     fn from(err: PyErr) -> Self {
-        WalkError::Py(err)
+        WalkError(Box::new(Failure::Py(err)))
     }
 }
 
 impl From<WalkError> for PyErr {
     fn from(err: WalkError) -> PyErr {
-        match err {
-            WalkError::Py(err) => err,
-            WalkError::Key(err) => match err.kind {
+        match *err.0 {
+            Failure::Py(err) => err,
+            Failure::Key(err) => match err.kind {
                 KeyErrorKind::Unsupported(_) => PyTypeError::new_err(err.to_string()),
                 KeyErrorKind::DuplicateKey | KeyErrorKind::TooDeep => {
                     PyValueError::new_err(err.to_string())
@@ -218,9 +229,7 @@ impl<'py> Walker<'py> {
             }
         }
         let type_name = obj.get_type().name()?.to_string();
-        Err(WalkError::Key(KeyError::new(KeyErrorKind::Unsupported(
-            type_name,
-        ))))
+        Err(WalkError::key(KeyErrorKind::Unsupported(type_name)))
     }
 
     /// The `(name, value)` fields of a pydantic model or a dataclass instance, else `None`.
@@ -393,7 +402,7 @@ impl<'py> Walker<'py> {
             order.finish_key(i);
         }
         if order.sort().is_err() {
-            return Err(WalkError::Key(KeyError::new(KeyErrorKind::DuplicateKey)));
+            return Err(WalkError::key(KeyErrorKind::DuplicateKey));
         }
         sink.dict_header(entries.len());
         for (key_bytes, i) in order.iter() {
@@ -475,16 +484,14 @@ fn str_key_order(
     }
     if order[..n].windows(2).any(|w| rank(w[0]) == rank(w[1])) {
         // Equal exact strs are one dict key; only model fields and extras could meet here.
-        return Some(Err(WalkError::Key(KeyError::new(
-            KeyErrorKind::DuplicateKey,
-        ))));
+        return Some(Err(WalkError::key(KeyErrorKind::DuplicateKey)));
     }
     Some(Ok(order))
 }
 
 fn check_depth(depth: usize) -> WalkResult {
     if depth >= MAX_DEPTH {
-        Err(WalkError::Key(KeyError::new(KeyErrorKind::TooDeep)))
+        Err(WalkError::key(KeyErrorKind::TooDeep))
     } else {
         Ok(())
     }
