@@ -43,6 +43,10 @@ impl std::fmt::Display for LogError {
 struct Cursor {
     /// Index of the next chunk this consumer will read.
     position: u64,
+    /// Chunks before this index were consumed. A read hands out a batch and acknowledges the
+    /// previous one: backpressure counts from here, so chunks handed out but still in a
+    /// consumer's batch never let the producer run further ahead.
+    acked: u64,
     /// Whether this consumer holds the producer back (false once detached as a laggard).
     holds: bool,
 }
@@ -132,6 +136,7 @@ impl<T> ChunkLog<T> {
             id,
             Cursor {
                 position: self.base,
+                acked: self.base,
                 holds: true,
             },
         );
@@ -155,11 +160,12 @@ impl<T> ChunkLog<T> {
         }
     }
 
+    /// The lowest acknowledged position among the consumers that hold the producer back.
     fn slowest_holding(&self) -> Option<u64> {
         self.cursors
             .values()
             .filter(|c| c.holds)
-            .map(|c| c.position)
+            .map(|c| c.acked)
             .min()
     }
 
@@ -170,16 +176,12 @@ impl<T> ChunkLog<T> {
         let Some(slowest) = self.slowest_holding() else {
             return 0;
         };
-        if !self
-            .cursors
-            .values()
-            .any(|c| c.holds && c.position > slowest)
-        {
+        if !self.cursors.values().any(|c| c.holds && c.acked > slowest) {
             return 0;
         }
         let mut released = 0;
         for c in self.cursors.values_mut() {
-            if c.holds && c.position == slowest {
+            if c.holds && c.acked == slowest {
                 c.holds = false;
                 released += 1;
             }
@@ -217,8 +219,9 @@ impl<T> ChunkLog<T> {
         self.closed = true;
     }
 
-    /// Visits up to `max_n` chunks from the consumer's cursor and advances it. A consumer that
-    /// reaches the live edge holds the producer again if it had been released.
+    /// Acknowledges the consumer's previous batch, then visits up to `max_n` chunks from its
+    /// cursor and advances it. A consumer that reaches the live edge holds the producer again
+    /// if it had been released.
     pub fn read(
         &mut self,
         id: u64,
@@ -239,6 +242,7 @@ impl<T> ChunkLog<T> {
                 first_retained: base,
             });
         }
+        cursor.acked = cursor.position;
         let start = (cursor.position - base) as usize;
         let n = ((end - cursor.position) as usize).min(max_n);
         for (item, _) in self.items.range(start..start + n) {
@@ -279,7 +283,13 @@ impl<T> ChunkLog<T> {
         if self.retaining {
             return;
         }
-        let keep_from = self.slowest_holding().unwrap_or(self.end());
+        let keep_from = self
+            .cursors
+            .values()
+            .filter(|c| c.holds)
+            .map(|c| c.position)
+            .min()
+            .unwrap_or(self.end());
         while self.base < keep_from {
             match self.items.pop_front() {
                 Some((_, nbytes)) => {
@@ -297,9 +307,11 @@ impl<T> ChunkLog<T> {
 mod tests {
     use super::*;
 
+    /// Reads everything available and consumes it (a second, empty read acknowledges it).
     fn read_all(log: &mut ChunkLog<u32>, id: u64) -> Result<Vec<u32>, LogError> {
         let mut out = Vec::new();
         log.read(id, usize::MAX, |x| out.push(*x))?;
+        log.read(id, 0, |_| {})?;
         Ok(out)
     }
 
@@ -397,6 +409,21 @@ mod tests {
         log.push(0, 1);
         assert_eq!(log.headroom(), 0);
         assert_eq!(log.release_slowest(), 0);
+    }
+
+    #[test]
+    fn a_batch_handed_out_counts_as_consumed_only_at_the_next_read() {
+        let mut log = ChunkLog::new(4, None);
+        let c = log.attach().unwrap();
+        for i in 0..4 {
+            log.push(i, 1);
+        }
+        let mut batch = Vec::new();
+        log.read(c, 10, |x| batch.push(*x)).unwrap();
+        assert_eq!(batch, vec![0, 1, 2, 3]);
+        assert_eq!(log.headroom(), 0, "the batch is still being consumed");
+        log.read(c, 10, |_| {}).unwrap();
+        assert_eq!(log.headroom(), 4);
     }
 
     #[test]

@@ -69,6 +69,9 @@ class FlightCore:
         self.error: BaseException | None = None
         self.finished = False
         self.abandoned = False
+        #: False once abandoned under on_abandon="cancel": callers wait for it to wind down
+        #: (its upstream closed) and then lead their own, so that a key never has two.
+        self.joinable = True
         if cache.chunk_joiner is None:
             self.encoder = cache.serializer.stream_encoder()
 
@@ -91,6 +94,24 @@ class FlightCore:
             # the key start their own upstream instead of joining a stream they cannot replay.
             self.not_stored("oversized", f"stream exceeded max_entry_bytes={self.cache.max_entry_bytes}")
             self.cache.release_slot(self)
+
+    def try_abandon(self) -> bool:
+        """After a consumer left: True if none remain and the flight is now abandoned.
+
+        Decided under the cache's flight lock, the lock joiners attach under, so a caller
+        either joined before (and the flight goes on) or sees it abandoned.
+        """
+        with self.cache.flights_lock:
+            if self.log.consumers or self.log.closed or self.abandoned:
+                return False
+            self.abandoned = True
+            if self.cache.on_abandon == "cancel":
+                self.joinable = False
+            return True
+
+    def mark_released(self) -> None:
+        """Called once the flight no longer occupies its key's slot."""
+        raise NotImplementedError
 
     def not_stored(self, reason: str, detail: str) -> None:
         if self.storable:
@@ -186,6 +207,13 @@ class AsyncFlight(FlightCore):
         self._data: anyio.Event | None = None
         self._space: anyio.Event | None = None
         self._scope: anyio.CancelScope | None = None
+        self._released = anyio.Event()
+
+    def mark_released(self) -> None:
+        self._released.set()
+
+    async def wait_released(self) -> None:
+        await self._released.wait()
 
     # wake-ups are batched: an event exists only while somebody waits on it
 
@@ -294,10 +322,8 @@ class AsyncFlight(FlightCore):
         return waited
 
     def abandon(self) -> None:
-        """The last consumer left before the end."""
-        self.abandoned = True
+        """The last consumer left before the end: cancel the pump, or let it finish."""
         if self.cache.on_abandon == "cancel":
-            self.cache.release_slot(self)
             if self._scope is not None:
                 self._scope.cancel()
         else:
@@ -307,11 +333,14 @@ class AsyncFlight(FlightCore):
     async def consume(self, consumer: int) -> AsyncIterator[Any]:
         """Yields every chunk from the first, following the pump; raises its error at the end."""
         log = self.log
+        acked_batch = False
         try:
             while True:
                 batch = log.read(consumer, READ_BATCH)
-                if batch:
+                if acked_batch:  # this read acknowledged the previous batch: maybe room now
                     self._wake_space()
+                acked_batch = bool(batch)
+                if batch:
                     for chunk in batch:
                         yield chunk
                     continue
@@ -325,7 +354,7 @@ class AsyncFlight(FlightCore):
         finally:
             remaining = log.detach(consumer)
             self._wake_space()
-            if remaining == 0 and not log.closed:
+            if remaining == 0 and self.try_abandon():
                 self.abandon()
 
 
@@ -343,6 +372,13 @@ class SyncFlight(FlightCore):
         self._upstream: Iterator[Any] | None = None
         self._stream_fn: Callable[[Any], Any] | None = None
         self._messages: Any = None
+        self._released = threading.Event()
+
+    def mark_released(self) -> None:
+        self._released.set()
+
+    def wait_released(self) -> None:
+        self._released.wait()
 
     def start(self, stream_fn: Callable[[Any], Any], messages: Any) -> None:
         self._stream_fn = stream_fn
@@ -392,12 +428,15 @@ class SyncFlight(FlightCore):
 
     def consume(self, consumer: int) -> Iterator[Any]:
         log, cond = self.log, self._cond
+        acked_batch = False
         try:
             while True:
                 batch = log.read(consumer, READ_BATCH)
-                if batch:
+                if acked_batch:  # this read acknowledged the previous batch: maybe room now
                     with cond:
                         cond.notify_all()
+                acked_batch = bool(batch)
+                if batch:
                     yield from batch
                     continue
                 with cond:
@@ -429,12 +468,10 @@ class SyncFlight(FlightCore):
             with cond:
                 remaining = log.detach(consumer)
                 cond.notify_all()
-                last = remaining == 0 and not log.closed and not self._pulling
-            if last:
+            if remaining == 0 and self.try_abandon():
                 self._abandon()
 
     def _abandon(self) -> None:
-        self.abandoned = True
         if self.cache.on_abandon == "cancel":
             self.cache.count("abandoned_cancelled")
             self._close_upstream()

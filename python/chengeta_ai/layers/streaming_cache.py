@@ -103,7 +103,7 @@ class StreamingResponseCache:
         self._own_task_group: anyio.abc.TaskGroup | None = None
         self._asyncio_tasks: set[asyncio.Task[Any]] = set()
         self._flights: dict[tuple[object, str], FlightCore] = {}
-        self._flights_lock = threading.Lock()
+        self.flights_lock = threading.Lock()
         self._counters = _Counters(
             "hits", "misses", "joins", "streams_led", "bypasses", "stores", "stored_bytes",
             "stored_chunks", "chunks_replayed", "corrupt_entries", "upstream_errors",
@@ -130,16 +130,21 @@ class StreamingResponseCache:
     def release_slot(self, flight: FlightCore) -> None:
         """Stops new callers from joining ``flight`` (it ended, failed, overflowed or was
         abandoned)."""
-        with self._flights_lock:
+        with self.flights_lock:
             if self._flights.get(flight.slot) is flight:
                 del self._flights[flight.slot]
+        flight.mark_released()
 
     def _join_or_lead(
         self, slot: tuple[object, str], make: Callable[[], FlightCore]
-    ) -> tuple[FlightCore, int, bool]:
-        with self._flights_lock:
+    ) -> tuple[FlightCore, int | None, bool]:
+        """Joins the key's flight, or starts one; ``(flight, None, False)`` means the key's
+        flight is winding down after being abandoned: wait for its release, then retry."""
+        with self.flights_lock:
             flight = self._flights.get(slot)
             if flight is not None:
+                if not flight.joinable:
+                    return flight, None, False
                 consumer = flight.log.attach()
                 if consumer is not None:
                     return flight, consumer, False
@@ -255,7 +260,7 @@ class StreamingResponseCache:
             yield from stream_fn(messages)
             return
         slot = (_SYNC, key)
-        with self._flights_lock:
+        with self.flights_lock:
             joining = slot in self._flights
         if not joining:
             raw = self.manager.get_raw(key)
@@ -269,9 +274,14 @@ class StreamingResponseCache:
                     self.count("hits")
                     yield from self._replay(batches)
                     return
-        flight, consumer, leads = self._join_or_lead(
-            slot, lambda: SyncFlight(self, slot, ttl, tags)
-        )
+        while True:
+            flight, consumer, leads = self._join_or_lead(
+                slot, lambda: SyncFlight(self, slot, ttl, tags)
+            )
+            if consumer is not None:
+                break
+            assert isinstance(flight, SyncFlight)
+            flight.wait_released()
         if leads:
             self.count("misses")
             self.count("streams_led")
@@ -354,10 +364,14 @@ class StreamingResponseCache:
                     finally:
                         self.count("chunks_replayed", replayed)
                     return
-        flight, consumer, leads = self._join_or_lead(
-            slot, lambda: AsyncFlight(self, slot, ttl, tag_tuple)
-        )
-        assert isinstance(flight, AsyncFlight)
+        while True:
+            flight, consumer, leads = self._join_or_lead(
+                slot, lambda: AsyncFlight(self, slot, ttl, tag_tuple)
+            )
+            assert isinstance(flight, AsyncFlight)
+            if consumer is not None:
+                break
+            await flight.wait_released()
         if leads:
             self.count("misses")
             self.count("streams_led")
