@@ -24,6 +24,7 @@ from typing import Any
 import anyio
 import openai
 import pytest
+
 from chengeta_ai.demo.server import LocalOpenAIServer
 
 ROOT = Path(__file__).resolve().parent.parent

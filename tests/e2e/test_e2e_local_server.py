@@ -9,6 +9,7 @@ from typing import Any
 
 import openai
 import pytest
+
 from chengeta_ai.demo.server import LocalOpenAIServer
 
 MODEL = "gpt-4o-mini"

@@ -18,10 +18,11 @@ import anyio.lowlevel
 import anyio.to_thread
 import openai
 import pytest
+from openai.types.chat import ChatCompletionChunk
+
 from chengeta_ai import CacheKeyBuilder, CacheManager, InMemoryBackend
 from chengeta_ai.demo.server import LocalOpenAIServer
 from chengeta_ai.layers.streaming_cache import StreamingResponseCache
-from openai.types.chat import ChatCompletionChunk
 
 pytestmark = pytest.mark.anyio
 
