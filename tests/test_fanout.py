@@ -13,11 +13,12 @@ from contextlib import aclosing
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
+from tests.helpers import Boom, Upstream, collect
 
 from chengeta_ai import CacheKeyBuilder, CacheManager, ConsumerLagged, InMemoryBackend
 from chengeta_ai.layers.streaming_cache import StreamingResponseCache
-from tests.helpers import Boom, Upstream, collect
 
 MESSAGES = [{"role": "user", "content": "same prompt"}]
 
@@ -152,8 +153,8 @@ async def test_first_caller_cancelled_mid_stream_others_continue_and_store() -> 
         # the leader waits for chunk 30, which is seconds away: cancelling it returns at once
         t0 = anyio.current_time()
         holder[0].cancel()
-        await anyio.sleep(0)
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
+        await anyio.lowlevel.checkpoint()
         assert anyio.current_time() - t0 < 0.5
         up.gate.set()
     assert first_got == list(range(30))
@@ -398,7 +399,7 @@ async def test_random_schedules_keep_the_invariants(seed: int) -> None:
             peak_live = max(peak_live, live)
             try:
                 async for chunk in up.asyncgen(messages):
-                    await anyio.sleep(0)
+                    await anyio.lowlevel.checkpoint()
                     yield chunk
             finally:
                 live -= 1

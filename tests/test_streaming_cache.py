@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import anyio
 import pytest
+from tests.helpers import Boom, Heartbeat, Upstream, collect
 
 from chengeta_ai import CacheKeyBuilder, CacheManager, InMemoryBackend
 from chengeta_ai.backends.base import BaseBackend
 from chengeta_ai.layers.streaming_cache import StreamingResponseCache
 from chengeta_ai.testing import openai_chunks
-from tests.helpers import Boom, Heartbeat, Upstream, collect
 
 MESSAGES = [{"role": "user", "content": "Explain caching in 3 sentences"}]
 
@@ -82,7 +81,7 @@ def test_miss_then_hit_replays_equal_chunks_of_the_same_type(mode: str) -> None:
     assert up.calls == 1
     assert first == chunks
     assert second == chunks
-    for a, b in zip(second, chunks):
+    for a, b in zip(second, chunks, strict=True):
         assert type(a) is type(b)
         assert a.model_dump(exclude_unset=True) == b.model_dump(exclude_unset=True)
         assert a.obfuscation == b.obfuscation
@@ -329,7 +328,11 @@ async def test_stream_fn_may_return_an_awaitable_or_a_plain_iterable() -> None:
     async def awaitable_stream(messages: Any) -> Any:
         return Upstream([1, 2, 3]).asyncgen(messages)
 
-    assert await collect(cache.aget_or_stream(MESSAGES, awaitable_stream, model_id="a")) == [1, 2, 3]
+    assert await collect(cache.aget_or_stream(MESSAGES, awaitable_stream, model_id="a")) == [
+        1,
+        2,
+        3,
+    ]
     assert await collect(cache.aget_or_stream(MESSAGES, lambda m: [4, 5], model_id="b")) == [4, 5]
     assert await collect(cache.aget_or_stream(MESSAGES, lambda m: [9], model_id="b")) == [4, 5]
     with pytest.raises(TypeError, match="stream_fn must return"):
@@ -363,5 +366,3 @@ async def test_a_5000_chunk_stream_never_stalls_the_event_loop(phase: str) -> No
     assert cache.stats()["stores"] == 1
     # generous for a loaded CI machine; benches/bench_streaming.py reports the real figure
     assert beat.max_gap < 0.05, f"event loop stalled for {beat.max_gap * 1000:.1f} ms"
-
-

@@ -14,13 +14,13 @@ import logging
 import math
 import threading
 import zlib
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 from chengeta_ai.backends.base import Backend
 from chengeta_ai.backends.memory_backend import InMemoryBackend
 from chengeta_ai.core.key_builder import CacheKeyBuilder
-from chengeta_ai.errors import BackendError, DecodeError, EncodeError
+from chengeta_ai.errors import BackendError, DecodeError
 from chengeta_ai.serializers import CompactSerializer, Serializer
 
 __all__ = ["DEFAULT_MAX_ENTRY_BYTES", "CacheManager"]
@@ -31,6 +31,7 @@ DEFAULT_MAX_ENTRY_BYTES = 16 * 2**20
 _FRAME_MAGIC = b"\xc6\x01"
 _FRAME_HEADER = 6
 _MISSING = object()
+_T = TypeVar("_T")
 
 
 def frame(payload: bytes) -> bytes:
@@ -114,7 +115,12 @@ class CacheManager:
         self.default_ttl = check_ttl(default_ttl)
         self.max_entry_bytes = max_entry_bytes
         self._counters = _Counters(
-            "hits", "misses", "sets", "backend_errors", "corrupt_entries", "encode_errors",
+            "hits",
+            "misses",
+            "sets",
+            "backend_errors",
+            "corrupt_entries",
+            "encode_errors",
             "oversized_entries",
         )
 
@@ -155,7 +161,9 @@ class CacheManager:
             self.count("oversized_entries")
             logger.info(
                 "chengeta_ai: entry %s not cached: %d bytes > max_entry_bytes=%d",
-                key, len(data), self.max_entry_bytes,
+                key,
+                len(data),
+                self.max_entry_bytes,
             )
             return None
         return data
@@ -272,7 +280,7 @@ class CacheManager:
     def close(self) -> None:
         self.backend.close()
 
-    def _removal(self, op: str, fn: Any, arg: str) -> Any:
+    def _removal(self, op: str, fn: Callable[[str], _T], arg: str) -> _T:
         try:
             return fn(arg)
         except BackendError:
@@ -329,7 +337,7 @@ class CacheManager:
     async def aclose(self) -> None:
         await self.backend.aclose()
 
-    async def _aremoval(self, op: str, fn: Any, arg: str) -> Any:
+    async def _aremoval(self, op: str, fn: Callable[[str], Awaitable[_T]], arg: str) -> _T:
         try:
             return await fn(arg)
         except BackendError:

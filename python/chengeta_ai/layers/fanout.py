@@ -20,7 +20,7 @@ import contextvars
 import inspect
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -92,7 +92,9 @@ class FlightCore:
         if self.log.push(chunk, nbytes):
             # Over max_entry_bytes: no longer retained whole, so never stored; new callers of
             # the key start their own upstream instead of joining a stream they cannot replay.
-            self.not_stored("oversized", f"stream exceeded max_entry_bytes={self.cache.max_entry_bytes}")
+            self.not_stored(
+                "oversized", f"stream exceeded max_entry_bytes={self.cache.max_entry_bytes}"
+            )
             self.cache.release_slot(self)
 
     def try_abandon(self) -> bool:
@@ -113,6 +115,10 @@ class FlightCore:
         """Called once the flight no longer occupies its key's slot."""
         raise NotImplementedError
 
+    def start(self, stream_fn: Callable[[Any], Any], messages: Any) -> None:
+        """Arranges for the upstream to be read (the leader calls this once)."""
+        raise NotImplementedError
+
     def not_stored(self, reason: str, detail: str) -> None:
         if self.storable:
             self.storable = False
@@ -123,7 +129,7 @@ class FlightCore:
 
     def entry(self) -> bytes | None:
         """The framed entry to store for a stream that ended normally, or None."""
-        if not self.storable or self.abandoned and self.cache.on_abandon == "cancel":
+        if not self.storable or (self.abandoned and self.cache.on_abandon == "cancel"):
             return None
         try:
             if self.encoder is not None:
@@ -260,7 +266,10 @@ class AsyncFlight(FlightCore):
                 data = self.entry()
                 if data is not None:
                     with anyio.CancelScope(shield=True):
-                        self.stored(await self.cache.manager.aset_raw(self.key, data, self.ttl, self.tags), data)
+                        self.stored(
+                            await self.cache.manager.aset_raw(self.key, data, self.ttl, self.tags),
+                            data,
+                        )
             elif self.abandoned:
                 self.cache.count("abandoned_cancelled")
         except anyio.get_cancelled_exc_class():
@@ -330,7 +339,7 @@ class AsyncFlight(FlightCore):
             self.cache.count("abandoned_finished")
             self._wake_space()
 
-    async def consume(self, consumer: int) -> AsyncIterator[Any]:
+    async def consume(self, consumer: int) -> AsyncGenerator[Any, None]:
         """Yields every chunk from the first, following the pump; raises its error at the end."""
         log = self.log
         acked_batch = False
@@ -480,7 +489,9 @@ class SyncFlight(FlightCore):
             return
         self.cache.count("abandoned_finished")
         ctx = contextvars.copy_context()
-        threading.Thread(target=ctx.run, args=(self._drain,), name="chengeta-drain", daemon=True).start()
+        threading.Thread(
+            target=ctx.run, args=(self._drain,), name="chengeta-drain", daemon=True
+        ).start()
 
     def _drain(self) -> None:
         while not self.log.closed:

@@ -79,9 +79,7 @@ class StreamingResponseCache:
         task_group: anyio.abc.TaskGroup | None = None,
     ) -> None:
         if not isinstance(manager, CacheManager):
-            raise TypeError(
-                f"manager must be a CacheManager, got {type(manager).__name__}"
-            )
+            raise TypeError(f"manager must be a CacheManager, got {type(manager).__name__}")
         if chunk_joiner is not None and not callable(chunk_joiner):
             raise TypeError("chunk_joiner must be callable or None")
         if isinstance(max_lag, bool) or not isinstance(max_lag, int) or max_lag < 1:
@@ -105,10 +103,24 @@ class StreamingResponseCache:
         self._flights: dict[tuple[object, str], FlightCore] = {}
         self.flights_lock = threading.Lock()
         self._counters = _Counters(
-            "hits", "misses", "joins", "streams_led", "bypasses", "stores", "stored_bytes",
-            "stored_chunks", "chunks_replayed", "corrupt_entries", "upstream_errors",
-            "not_stored_unserializable", "not_stored_oversized", "not_stored_backend_error",
-            "abandoned_cancelled", "abandoned_finished", "detaches", "lag_errors",
+            "hits",
+            "misses",
+            "joins",
+            "streams_led",
+            "bypasses",
+            "stores",
+            "stored_bytes",
+            "stored_chunks",
+            "chunks_replayed",
+            "corrupt_entries",
+            "upstream_errors",
+            "not_stored_unserializable",
+            "not_stored_oversized",
+            "not_stored_backend_error",
+            "abandoned_cancelled",
+            "abandoned_finished",
+            "detaches",
+            "lag_errors",
         )
 
     def __repr__(self) -> str:
