@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+
 from chengeta_ai import _core
 from chengeta_ai.models import register_known_models
 from chengeta_ai.testing import openai_chunks

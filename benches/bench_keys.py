@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+
 from chengeta_ai._core import hash_request
 from chengeta_ai.core.key_builder import CacheKeyBuilder
 

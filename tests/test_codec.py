@@ -11,13 +11,14 @@ from collections import OrderedDict
 from typing import Any, ClassVar
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel, ConfigDict, PrivateAttr
+
 from chengeta_ai import _core
 from chengeta_ai.errors import DecodeError, EncodeError
 from chengeta_ai.models import register_known_models, register_model
 from chengeta_ai.testing import openai_chunks
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 register_known_models()
 

@@ -20,10 +20,11 @@ from typing import Any, NamedTuple
 
 import pydantic
 import pytest
-from chengeta_ai._core import hash_request
-from chengeta_ai.core.key_builder import KEY_FORMAT, CacheKeyBuilder
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from chengeta_ai._core import hash_request
+from chengeta_ai.core.key_builder import KEY_FORMAT, CacheKeyBuilder
 
 VECTORS = Path(__file__).parent / "data" / "key_vectors.json"
 

@@ -7,6 +7,8 @@ import sys
 from typing import Any, Literal, Optional, Union
 
 import pytest
+from pydantic import BaseModel
+
 from chengeta_ai import _core
 from chengeta_ai.errors import DecodeError, EncodeError
 from chengeta_ai.models import default_model_name, register_known_models, register_model
@@ -17,7 +19,6 @@ from chengeta_ai.serializers import (
     Serializer,
 )
 from chengeta_ai.testing import openai_chunks
-from pydantic import BaseModel
 
 ALL: list[Serializer] = [CompactSerializer(), PickleSerializer(), JsonSerializer()]
 MODEL_CAPABLE: list[Serializer] = [CompactSerializer(), PickleSerializer()]

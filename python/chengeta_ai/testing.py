@@ -89,9 +89,7 @@ def openai_chunk_dicts(
 
     def chunk(delta: dict[str, Any], finish: str | None, content: str) -> dict[str, Any]:
         d: dict[str, Any] = dict(head)
-        d["choices"] = [
-            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        ]
+        d["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
         if include_usage:
             d["usage"] = None
         if include_obfuscation:

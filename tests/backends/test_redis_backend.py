@@ -10,9 +10,10 @@ from typing import Any
 import anyio
 import pytest
 import redis
+from redis.crc import key_slot
+
 from chengeta_ai.backends.redis_backend import RedisBackend
 from chengeta_ai.errors import BackendError
-from redis.crc import key_slot
 from redis_fixture import RedisServer
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from chengeta_ai.backends.sqlite_backend import SQLiteBackend, default_cache_path
 from chengeta_ai.errors import BackendError
 

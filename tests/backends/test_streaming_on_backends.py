@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
+
 from chengeta_ai.backends.redis_backend import RedisBackend
 from chengeta_ai.backends.sqlite_backend import SQLiteBackend
 from chengeta_ai.core.cache_manager import CacheManager
@@ -60,7 +61,7 @@ class Source:
 async def wait_for_store(cache: StreamingResponseCache, n: int = 1) -> None:
     """Poll the counter: the store happens after the stream ends, with no event to wait on."""
     with anyio.fail_after(10):
-        while cache.stats()["stores"] < n:  # noqa: ASYNC110
+        while cache.stats()["stores"] < n:
             await anyio.sleep(0.005)
 
 

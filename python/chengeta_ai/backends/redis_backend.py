@@ -58,6 +58,7 @@ import redis.asyncio
 import redis.asyncio.retry
 import redis.backoff
 import redis.retry
+
 from chengeta_ai.backends.base import BaseBackend
 from chengeta_ai.errors import BackendError
 
