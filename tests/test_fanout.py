@@ -51,6 +51,7 @@ async def test_100_concurrent_callers_share_one_upstream() -> None:
     assert all(r == list(range(200)) for r in results)
     stats = cache.stats()
     assert (stats["streams_led"], stats["joins"], stats["stores"]) == (1, 99, 1)
+    assert stats["chunks_delivered"] == 100 * 200
     assert stored(cache) == list(range(200))
     assert stats["in_flight"] == 0
 
@@ -352,6 +353,7 @@ async def test_laggard_behind_the_dropped_part_gets_consumer_lagged() -> None:
     assert len(got) == 100
     with pytest.raises(ConsumerLagged, match="lagged"):
         await collect(laggard)
+    assert cache.stats()["lag_errors"] == 1
     assert cache.manager.stats()["backend"]["entries"] == 0
 
 

@@ -168,16 +168,16 @@ class CacheManager:
             return None
         return data
 
-    def _decode(self, key: str, raw: bytes | None, serializer: Serializer | None) -> Any:
+    def _decode(self, raw: bytes | None, serializer: Serializer | None) -> Any:
+        """The value in a framed entry, `_MISSING`, or the `DecodeError` it raised."""
         if raw is None:
             self.count("misses")
             return _MISSING
         try:
             value = (serializer or self.serializer).loads(bytes(unframe(raw)))
         except DecodeError as exc:
-            self.corrupt(key, exc)
             self.count("misses")
-            return DecodeError
+            return exc
         self.count("hits")
         return value
 
@@ -236,9 +236,9 @@ class CacheManager:
 
     def get(self, key: str, default: Any = None, *, serializer: Serializer | None = None) -> Any:
         """The value under ``key``, or ``default`` on a miss (backend failures are misses)."""
-        value = self._decode(key, self.get_raw(key), serializer)
-        if value is DecodeError:
-            self.drop_corrupt(key, DecodeError("dropped"))
+        value = self._decode(self.get_raw(key), serializer)
+        if isinstance(value, DecodeError):
+            self.drop_corrupt(key, value)
             return default
         return default if value is _MISSING else value
 
@@ -295,9 +295,9 @@ class CacheManager:
     async def aget(
         self, key: str, default: Any = None, *, serializer: Serializer | None = None
     ) -> Any:
-        value = self._decode(key, await self.aget_raw(key), serializer)
-        if value is DecodeError:
-            await self.adrop_corrupt(key, DecodeError("dropped"))
+        value = self._decode(await self.aget_raw(key), serializer)
+        if isinstance(value, DecodeError):
+            await self.adrop_corrupt(key, value)
             return default
         return default if value is _MISSING else value
 

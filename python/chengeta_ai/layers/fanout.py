@@ -28,7 +28,7 @@ import anyio.lowlevel
 
 from chengeta_ai._core import ChunkLog
 from chengeta_ai.core.cache_manager import frame
-from chengeta_ai.errors import ChengetaError
+from chengeta_ai.errors import ChengetaError, ConsumerLagged
 
 if TYPE_CHECKING:
     from chengeta_ai.layers.streaming_cache import StreamingResponseCache
@@ -118,6 +118,14 @@ class FlightCore:
     def start(self, stream_fn: Callable[[Any], Any], messages: Any) -> None:
         """Arranges for the upstream to be read (the leader calls this once)."""
         raise NotImplementedError
+
+    def _read(self, consumer: int) -> list[Any]:
+        """The consumer's next batch from the log; counts a `ConsumerLagged` on its way out."""
+        try:
+            return self.log.read(consumer, READ_BATCH)
+        except ConsumerLagged:
+            self.cache.count("lag_errors")
+            raise
 
     def not_stored(self, reason: str, detail: str) -> None:
         if self.storable:
@@ -343,13 +351,15 @@ class AsyncFlight(FlightCore):
         """Yields every chunk from the first, following the pump; raises its error at the end."""
         log = self.log
         acked_batch = False
+        delivered = 0
         try:
             while True:
-                batch = log.read(consumer, READ_BATCH)
+                batch = self._read(consumer)
                 if acked_batch:  # this read acknowledged the previous batch: maybe room now
                     self._wake_space()
                 acked_batch = bool(batch)
                 if batch:
+                    delivered += len(batch)
                     for chunk in batch:
                         yield chunk
                     continue
@@ -361,6 +371,7 @@ class AsyncFlight(FlightCore):
                     return
                 await self._wait_data()
         finally:
+            self.cache.count("chunks_delivered", delivered)
             remaining = log.detach(consumer)
             self._wake_space()
             if remaining == 0 and self.try_abandon():
@@ -438,14 +449,16 @@ class SyncFlight(FlightCore):
     def consume(self, consumer: int) -> Iterator[Any]:
         log, cond = self.log, self._cond
         acked_batch = False
+        delivered = 0
         try:
             while True:
-                batch = log.read(consumer, READ_BATCH)
+                batch = self._read(consumer)
                 if acked_batch:  # this read acknowledged the previous batch: maybe room now
                     with cond:
                         cond.notify_all()
                 acked_batch = bool(batch)
                 if batch:
+                    delivered += len(batch)
                     yield from batch
                     continue
                 with cond:
@@ -474,6 +487,7 @@ class SyncFlight(FlightCore):
                         self._pulling = False
                         cond.notify_all()
         finally:
+            self.cache.count("chunks_delivered", delivered)
             with cond:
                 remaining = log.detach(consumer)
                 cond.notify_all()

@@ -112,6 +112,7 @@ class StreamingResponseCache:
             "stored_bytes",
             "stored_chunks",
             "chunks_replayed",
+            "chunks_delivered",
             "corrupt_entries",
             "upstream_errors",
             "not_stored_unserializable",
