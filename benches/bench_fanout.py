@@ -16,6 +16,7 @@ smoke: ``pytest benches --benchmark-disable`` (every path once, sizes scaled dow
 
 from __future__ import annotations
 
+import gc
 import itertools
 import statistics
 import time
@@ -69,6 +70,7 @@ async def fan_out_cache(cache: StreamingResponseCache, items: list[Any], k: int)
             n += 1
         counts[i] = n
 
+    gc.collect()  # untimed: the other side's garbage is not collected on this side's clock
     t0 = time.perf_counter()
     async with anyio.create_task_group() as tg:
         for i in range(k):
@@ -100,6 +102,7 @@ async def fan_out_streams(items: list[Any], k: int) -> float:
                 n += 1
         counts[i] = n
 
+    gc.collect()  # untimed: the other side's garbage is not collected on this side's clock
     t0 = time.perf_counter()
     async with anyio.create_task_group() as tg:
         for i in range(k):
@@ -164,7 +167,9 @@ def paced_upstream(items: list[Any], stamps: list[float], pace: float) -> Callab
     return stream_fn
 
 
-async def latency_cache(cache: StreamingResponseCache, items: list[Any], k: int, pace: float) -> list[float]:
+async def latency_cache(
+    cache: StreamingResponseCache, items: list[Any], k: int, pace: float
+) -> list[float]:
     messages = fresh_messages()
     stamps: list[float] = []
     stream_fn = paced_upstream(items, stamps, pace)
@@ -230,7 +235,9 @@ def test_fanout_latency(
     lat: dict[str, list[float]] = {}
 
     async def main() -> None:
+        gc.collect()
         lat["ours"] = await latency_cache(cache, items, k, pace)
+        gc.collect()
         lat["base"] = await latency_streams(items, k, pace)
 
     benchmark.pedantic(lambda: anyio.run(main, backend=mode), rounds=1, iterations=1)

@@ -12,6 +12,7 @@ Each comparison interleaves chengeta_ai rounds with rounds of its baseline in th
 - miss: a fresh key per round through a 5,000-chunk in-memory upstream vs iterating the same
   upstream directly: overhead per chunk (logging into the flight's ChunkLog, encoding for the
   store, storing at the end).
+- Every timed call starts after an untimed ``gc.collect()`` (GC stays enabled while timing).
 - stall: the largest gap of a 1 ms heartbeat task during a 5,000-chunk async miss and hit, with
   and without ``gc.freeze()``. No assertions on time anywhere.
 """
@@ -28,11 +29,11 @@ from typing import Any
 
 import anyio
 import pytest
+from tests.helpers import Heartbeat
 
 from chengeta_ai import CacheKeyBuilder, CacheManager, InMemoryBackend
 from chengeta_ai.layers.streaming_cache import StreamingResponseCache
 from chengeta_ai.testing import openai_chunks
-from tests.helpers import Heartbeat
 
 MODEL = "gpt-4o-2024-08-06"
 _CHUNKS: dict[int, list[Any]] = {}
@@ -75,12 +76,16 @@ def med(xs: list[float]) -> float:
 
 
 def timed(fn: Callable[[], Any]) -> float:
+    """Wall time of one call. A collection first, untimed: garbage left by the other side of
+    an interleaved comparison must not be collected on this side's clock."""
+    gc.collect()
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
 
 
 async def atimed(fn: Callable[[], Any]) -> float:
+    gc.collect()
     t0 = time.perf_counter()
     await fn()
     return time.perf_counter() - t0
@@ -179,7 +184,12 @@ def test_hit_replay(
     }
     benchmark.extra_info.update(info)
     name = f"hit {n} chunks, {mode}"
-    summary(f"{name}: time to first chunk", f"{of * 1e6:.0f} us", f"{bf * 1e6:.0f} us", f"{bf / of:.1f}x faster")
+    summary(
+        f"{name}: time to first chunk",
+        f"{of * 1e6:.0f} us",
+        f"{bf * 1e6:.0f} us",
+        f"{bf / of:.1f}x faster",
+    )
     summary(
         f"{name}: replay throughput",
         f"{n / ou / 1e3:.0f} k chunks/s",
@@ -194,7 +204,9 @@ def test_hit_replay(
 
 
 @pytest.mark.parametrize("mode", ["sync", "asyncio", "trio"])
-def test_miss_overhead(benchmark: Any, smoke: bool, summary: Callable[..., None], mode: str) -> None:
+def test_miss_overhead(
+    benchmark: Any, smoke: bool, summary: Callable[..., None], mode: str
+) -> None:
     n = 100 if smoke else 5000
     rounds = 1 if smoke else 15
     items = chunks(n)
