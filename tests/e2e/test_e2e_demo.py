@@ -20,12 +20,23 @@ from redis_fixture import RedisServer
 # A row of the demo's table: label, first chunk, total, upstream calls, chunks, served from.
 MISS_ROW = r"^  MISS +[\d,.]+ ms +[\d,.]+ ms +1 +62 +upstream$"
 HIT_ROW = r"^  HIT +[\d,.]+ ms +[\d,.]+ ms +0 +62 +(stored entry|in-flight stream)$"
+# The header's backend line for the default backend; group 1 is the file's path.
+SQLITE_LINE = r"^  backend:  SQLiteBackend \(a file kept across runs\) at (.+)$"
+
+
+@pytest.fixture(autouse=True)
+def cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every demo subprocess gets its own XDG_CACHE_HOME: the default SQLite backend never
+    writes into the real home directory."""
+    home = tmp_path / "xdg-cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home))
+    return home
 
 
 def _run_demo(
     *extra: str, env_extra: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
+    env = dict(os.environ)  # XDG_CACHE_HOME: a tmp dir (the autouse fixture above)
     env.pop("OPENAI_API_KEY", None)  # never reach the real API from the test suite
     env.pop("OPENAI_BASE_URL", None)
     env.update(env_extra or {})
@@ -66,10 +77,70 @@ def _assert_demo_ok(proc: subprocess.CompletedProcess[str], runs: int, chunks: i
     assert "UNEXPECTED" not in out
 
 
+def _sqlite_path(out: str) -> Path:
+    match = re.search(SQLITE_LINE, out, re.M)
+    assert match, out
+    return Path(match.group(1))
+
+
+def test_demo_default_backend_is_sqlite_under_the_cache_dir(cache_home: Path) -> None:
+    proc = _run_demo("--sync-only")
+    _assert_demo_ok(proc, runs=1)
+    path = _sqlite_path(proc.stdout)
+    assert path == cache_home / "chengeta_ai" / "cache.sqlite3"
+    assert path.is_file()
+
+
 def test_demo_sqlite_backend() -> None:
     proc = _run_demo("--backend", "sqlite", "--async-backend", "trio")
     _assert_demo_ok(proc, runs=2)
-    assert "backend:  SQLiteBackend" in proc.stdout
+    assert _sqlite_path(proc.stdout).is_file()
+
+
+def test_demo_twice_on_the_same_file(tmp_path: Path) -> None:
+    """The file persists: the second run still shows a miss then a hit in both of its runs,
+    because each run drops the demo's own entries first, and only those."""
+    from chengeta_ai.backends.sqlite_backend import SQLiteBackend
+
+    path = tmp_path / "sub" / "demo.sqlite3"
+    other = SQLiteBackend(path)
+    other.set("someone-else", b"kept", tags=["model:gpt-4o-mini"])
+    other.close()
+
+    dropped = []
+    for _ in range(2):
+        proc = _run_demo("--sqlite-path", str(path))
+        _assert_demo_ok(proc, runs=2)
+        assert _sqlite_path(proc.stdout) == path
+        assert path.is_file()
+        dropped.append(
+            [
+                int(n)
+                for n in re.findall(
+                    r"^  manager\.invalidate\('chengeta-demo'\) dropped (\d+) entr",
+                    proc.stdout,
+                    re.M,
+                )
+            ]
+        )
+    # sync finds the file empty of demo entries, async finds the sync run's; the second process
+    # finds the first one's.
+    assert dropped == [[0, 1], [1, 1]]
+
+    backend = SQLiteBackend(path)
+    try:
+        assert backend.get("someone-else") == b"kept"  # not the demo's: left alone
+        assert backend.stats()["entries"] == 2  # that one and the demo's last entry
+    finally:
+        backend.close()
+
+
+def test_demo_sqlite_unusable_path_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    proc = _run_demo("--sqlite-path", str(blocker / "cache.sqlite3"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "cannot open the SQLite cache at" in proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +167,13 @@ def test_demo_redis_backend(redis_server: RedisServer, async_backend: str) -> No
     )
     with redis.Redis.from_url(redis_server.url) as client:
         assert client.dbsize() == 0  # the demo cleaned up after itself
+
+
+def test_demo_memory_backend(cache_home: Path) -> None:
+    proc = _run_demo("--backend", "memory")
+    _assert_demo_ok(proc, runs=2)
+    assert "backend:  InMemoryBackend (process memory)\n" in proc.stdout
+    assert not cache_home.exists()  # no file written
 
 
 def test_demo_redis_unreachable_is_a_clear_error() -> None:
@@ -139,4 +217,5 @@ def test_demo_help() -> None:
     )
     assert proc.returncode == 0
     assert "--backend" in proc.stdout
+    assert "--sqlite-path" in proc.stdout
     assert "--async-backend" in proc.stdout

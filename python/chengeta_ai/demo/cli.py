@@ -6,7 +6,11 @@ It streams the prompt twice with ``openai.OpenAI`` + ``get_or_stream`` (a miss, 
 then twice with ``openai.AsyncOpenAI`` + ``aget_or_stream`` under anyio (asyncio or trio), and
 prints what it measured: time to the first chunk, total time, upstream calls, bytes stored.
 
-Each of the two runs gets a fresh cache (a new backend), so each shows a miss and then a hit.
+The default backend is a SQLite file that persists across runs, at
+`chengeta_ai.backends.sqlite_backend.default_cache_path()` (``--sqlite-path`` to choose another).
+The demo's entries carry their own tag (`DEMO_TAG`), and each of the two runs starts with
+``manager.invalidate(DEMO_TAG)``: only the demo's own entries are dropped, so each run shows a
+miss and then a hit while anything else in the file is left alone.
 Storage backends (`--backend memory|sqlite|redis`) are built by the factories in `BACKENDS`;
 add one there to offer it on the command line.
 """
@@ -30,10 +34,13 @@ from chengeta_ai.demo.server import LocalOpenAIServer
 if TYPE_CHECKING:
     from openai.types.chat import ChatCompletionMessageParam
 
-__all__ = ["BACKENDS", "add_arguments", "run"]
+__all__ = ["BACKENDS", "DEMO_TAG", "add_arguments", "run"]
 
 DEFAULT_PROMPT = "Explain caching in 3 sentences"
 DEFAULT_MODEL = "gpt-4o-mini"
+DEFAULT_BACKEND = "sqlite"
+#: The tag on every entry the demo stores; each run drops the entries carrying it, and only them.
+DEMO_TAG = "chengeta-demo"
 
 
 # -- storage backends ------------------------------------------------------------------------
@@ -49,11 +56,27 @@ def _memory_backend(args: argparse.Namespace, workdir: str, name: str, stack: Ex
     return InMemoryBackend()
 
 
+def _sqlite_path(args: argparse.Namespace) -> str:
+    """The demo's SQLite file: ``--sqlite-path``, else the user's cache file (absolute)."""
+    from chengeta_ai.backends.sqlite_backend import default_cache_path
+
+    path = os.path.expanduser(args.sqlite_path) if args.sqlite_path else default_cache_path()
+    return os.path.abspath(path)
+
+
 def _sqlite_backend(args: argparse.Namespace, workdir: str, name: str, stack: ExitStack) -> Any:
     from chengeta_ai.backends.sqlite_backend import SQLiteBackend
+    from chengeta_ai.errors import BackendError
 
-    backend = SQLiteBackend(os.path.join(workdir, f"{name}.sqlite3"))
+    # A file kept across runs (and maybe shared with other programs): the demo never clears it,
+    # it only drops its own entries (DEMO_TAG) before each run.
+    path = _sqlite_path(args)
+    backend = SQLiteBackend(path)
     stack.callback(backend.close)
+    try:
+        backend.exists("probe")  # opening is lazy: fail here, in one line, not mid-stream
+    except (BackendError, OSError) as exc:
+        raise DemoError(f"cannot open the SQLite cache at {path}: {exc}") from exc
     return backend
 
 
@@ -74,11 +97,12 @@ def _redis_backend(args: argparse.Namespace, workdir: str, name: str, stack: Exi
 
 
 #: ``--backend`` choices: name -> (description, factory). A factory is called once per demo run
-#: (sync, async) with ``(args, workdir, run_name, exit_stack)``, must return an empty backend and
-#: registers its cleanup on the exit stack.
+#: (sync, async) with ``(args, workdir, run_name, exit_stack)`` (``workdir``: a scratch
+#: directory deleted at exit), returns a backend and registers its cleanup on the exit stack.
+#: The backend need not be empty: the demo drops its own entries (`DEMO_TAG`) before each run.
 BACKENDS: dict[str, tuple[str, Callable[[argparse.Namespace, str, str, ExitStack], Any]]] = {
     "memory": ("InMemoryBackend (process memory)", _memory_backend),
-    "sqlite": ("SQLiteBackend (a temporary file, deleted at exit)", _sqlite_backend),
+    "sqlite": ("SQLiteBackend (a file kept across runs)", _sqlite_backend),
     "redis": ("RedisBackend (a fresh key prefix, cleared at exit)", _redis_backend),
 }
 
@@ -177,6 +201,21 @@ def _new_cache(args: argparse.Namespace, workdir: str, name: str, stack: ExitSta
     return StreamingResponseCache(manager)
 
 
+def _tags(args: argparse.Namespace) -> list[str]:
+    """The demo's tag, plus the ``model:<id>`` tag the cache gives entries by default."""
+    return [DEMO_TAG, f"model:{args.model}"]
+
+
+def _drop_demo_entries(cache: Any) -> int:
+    """``manager.invalidate(DEMO_TAG)``: drops the entries earlier demo runs left, only them."""
+    from chengeta_ai.errors import BackendError
+
+    try:
+        return int(cache.manager.invalidate(DEMO_TAG))
+    except BackendError as exc:
+        raise DemoError(f"cannot drop the demo's earlier entries: {exc}") from exc
+
+
 def _run_sync(args: argparse.Namespace, upstream: Upstream, cache: Any, out: TextIO) -> Report:
     import openai
 
@@ -195,7 +234,9 @@ def _run_sync(args: argparse.Namespace, upstream: Upstream, cache: Any, out: Tex
             stats_before = cache.stats()
             before = upstream.count()
             clock = _start_pass(p, out)
-            for chunk in cache.get_or_stream(messages, stream_fn, model_id=args.model):
+            for chunk in cache.get_or_stream(
+                messages, stream_fn, model_id=args.model, tags=_tags(args)
+            ):
                 clock.chunk(chunk)
             clock.done()
             p.upstream_calls = upstream.count() - before
@@ -234,7 +275,7 @@ def _run_async(args: argparse.Namespace, upstream: Upstream, cache: Any, out: Te
                 before = upstream.count()
                 clock = _start_pass(p, out)
                 async for chunk in cache.aget_or_stream(
-                    messages, async_stream_fn, model_id=args.model
+                    messages, async_stream_fn, model_id=args.model, tags=_tags(args)
                 ):
                     clock.chunk(chunk)
                 clock.done()
@@ -359,8 +400,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
         choices=sorted(BACKENDS),
-        default="memory",
-        help="cache storage backend (default: %(default)s)",
+        default=DEFAULT_BACKEND,
+        help="cache storage backend (default: %(default)s, a file under the user's cache dir)",
+    )
+    parser.add_argument(
+        "--sqlite-path",
+        metavar="PATH",
+        default=None,
+        help="for --backend sqlite: the cache file (default: $XDG_CACHE_HOME or ~/.cache, "
+        "then chengeta_ai/cache.sqlite3)",
     )
     parser.add_argument(
         "--redis-url",
@@ -419,7 +467,11 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         if has_key and not args.real:
             out.write("  (OPENAI_API_KEY is set; pass --real to use the real API)\n")
         out.write(f"  model:    {args.model}\n")
-        where = f" at {args.redis_url}" if args.backend == "redis" else ""
+        where = ""
+        if args.backend == "redis":
+            where = f" at {args.redis_url}"
+        elif args.backend == "sqlite":
+            where = f" at {_sqlite_path(args)}"
         out.write(f"  backend:  {BACKENDS[args.backend][0]}{where}\n")
         out.write(f"  prompt:   {args.prompt!r}\n")
 
@@ -429,6 +481,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         for name, fn in runs:
             try:
                 cache = _new_cache(args, workdir, name, stack)
+                dropped = _drop_demo_entries(cache)
             except DemoError as exc:
                 print(f"chengeta-ai demo: {exc}", file=sys.stderr)
                 return 2
@@ -439,6 +492,10 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
                 else f"openai.AsyncOpenAI + aget_or_stream on {args.async_backend}"
             )
             out.write(title + "\n")
+            out.write(
+                f"  manager.invalidate({DEMO_TAG!r}) dropped {dropped} "
+                f"entr{'y' if dropped == 1 else 'ies'} from earlier demo runs (only the demo's)\n"
+            )
             report = fn(args, upstream, cache, out)
             problems += _print_report(report, upstream, out)
 
