@@ -455,7 +455,7 @@ mod tests {
             let mut pushed = 0;
             while pushed < total || seen.is_empty() {
                 match rnd(3) {
-                    0 => {
+                    0 if seen.len() < 8 => {
                         if let Some(id) = log.attach() {
                             seen.insert(id, Vec::new());
                         }
