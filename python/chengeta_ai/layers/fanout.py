@@ -197,6 +197,11 @@ async def _open_upstream(stream_fn: Callable[[Any], Any], messages: Any) -> Any:
     )
 
 
+async def _aiter_plain(iterable: Iterator[Any]) -> AsyncGenerator[Any, None]:
+    for item in iterable:
+        yield item
+
+
 async def _aclose_upstream(upstream: Any) -> None:
     """Closes an upstream iterator (HTTP response, generator) without letting errors escape."""
     for name in ("aclose", "close"):
@@ -253,9 +258,9 @@ class AsyncFlight(FlightCore):
 
     def start(self, stream_fn: Callable[[Any], Any], messages: Any) -> None:
         self._scope = anyio.CancelScope()
-        self.cache.spawn(self._pump, stream_fn, messages)
+        self.cache.spawn(self._run, stream_fn, messages)
 
-    async def _pump(self, stream_fn: Callable[[Any], Any], messages: Any) -> None:
+    async def _run(self, stream_fn: Callable[[Any], Any], messages: Any) -> None:
         # A background task: upstream errors go to the consumers, never out of this task (a
         # trio system task must not raise); only an outside cancellation propagates.
         upstream: Any = None
@@ -263,10 +268,9 @@ class AsyncFlight(FlightCore):
         try:
             with self._scope:
                 upstream = await _open_upstream(stream_fn, messages)
-                if hasattr(upstream, "__anext__"):
-                    await self._pump_async(upstream)
-                else:
-                    await self._pump_sync(upstream)
+                if not hasattr(upstream, "__anext__"):
+                    upstream = _aiter_plain(upstream)
+                await self._pump(upstream)
                 self.finished = True
             if self.finished:
                 # Consumers already have every chunk; their stream ends once the entry is
@@ -294,24 +298,13 @@ class AsyncFlight(FlightCore):
             self.cache.release_slot(self)
             self._wake_data()
 
-    async def _pump_async(self, upstream: Any) -> None:
+    async def _pump(self, upstream: Any) -> None:
         since_checkpoint = 0
         while True:
             try:
                 chunk = await upstream.__anext__()
             except StopAsyncIteration:
                 return
-            self.append(chunk)
-            self._wake_data()
-            since_checkpoint += 1
-            if await self._hold() or since_checkpoint >= CHECKPOINT_EVERY:
-                if since_checkpoint >= CHECKPOINT_EVERY:
-                    await anyio.lowlevel.checkpoint()
-                since_checkpoint = 0
-
-    async def _pump_sync(self, upstream: Iterator[Any]) -> None:
-        since_checkpoint = 0
-        for chunk in upstream:
             self.append(chunk)
             self._wake_data()
             since_checkpoint += 1
