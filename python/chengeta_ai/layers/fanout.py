@@ -119,6 +119,16 @@ class FlightCore:
         """Arranges for the upstream to be read (the leader calls this once)."""
         raise NotImplementedError
 
+    def release_laggards(self) -> bool:
+        """Under the "detach" policy, stops the slowest consumers from holding the upstream
+        back; True if any were released."""
+        if self.cache.slow_consumer != "detach":
+            return False
+        released = self.log.release_slowest()
+        if released:
+            self.cache.count("detaches", released)
+        return released > 0
+
     def _read(self, consumer: int) -> list[Any]:
         """The consumer's next batch from the log; counts a `ConsumerLagged` on its way out."""
         try:
@@ -322,11 +332,8 @@ class AsyncFlight(FlightCore):
         waited = False
         log = self.log
         while log.headroom() == 0:
-            if self.cache.slow_consumer == "detach":
-                released = log.release_slowest()
-                if released:
-                    self.cache.count("detaches", released)
-                    continue
+            if self.release_laggards():
+                continue
             waited = True
             await self._wait_space()
         return waited
@@ -376,12 +383,19 @@ class AsyncFlight(FlightCore):
 
 
 class SyncFlight(FlightCore):
-    """A flight shared by threads, pumped by whichever consumer needs the next chunk."""
+    """A flight shared by threads, pumped by whichever consumer needs the next chunk.
+
+    The pull lock makes one thread at a time read the upstream. Threads with nothing to do
+    wait on a condition; every change (a chunk, the end, an acknowledged batch, a consumer
+    leaving) is signalled to it, and only when someone waits, so a lone caller never touches
+    the condition.
+    """
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self._cond = threading.Condition()
-        self._pulling = False
+        self._pull_lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._waiters = 0
         self._upstream: Iterator[Any] | None = None
         self._stream_fn: Callable[[Any], Any] | None = None
         self._messages: Any = None
@@ -397,8 +411,13 @@ class SyncFlight(FlightCore):
         self._stream_fn = stream_fn
         self._messages = messages
 
+    def _signal(self) -> None:
+        if self._waiters:
+            with self._cond:
+                self._cond.notify_all()
+
     def _pull_one(self) -> None:
-        """Reads one upstream chunk (or the end, or an error) into the log. Lock not held."""
+        """Reads one upstream chunk (or the end, or an error) into the log. Pull lock held."""
         try:
             if self._upstream is None:
                 assert self._stream_fn is not None
@@ -412,7 +431,12 @@ class SyncFlight(FlightCore):
             chunk = next(self._upstream)
         except StopIteration:
             self.finished = True
-            self._finish()
+            self.log.close()
+            self._signal()
+            data = self.entry()
+            if data is not None:
+                self.stored(self.cache.manager.set_raw(self.key, data, self.ttl, self.tags), data)
+            self.cache.release_slot(self)
             return
         except BaseException as exc:
             self.fail(exc)
@@ -422,14 +446,33 @@ class SyncFlight(FlightCore):
             return
         self.append(chunk)
 
-    def _finish(self) -> None:
-        self.log.close()
+    def _pull_if_room(self, consumer: int) -> bool:
+        """With the pull lock held: reads the next chunk unless there is one already or the
+        stream ended. False if the upstream must wait for a slow consumer."""
+        log = self.log
+        if log.available(consumer) or log.closed:
+            return True
+        while log.headroom() == 0:
+            if not self.release_laggards():
+                return False
+        self._pull_one()
+        return True
+
+    def _wait(self, consumer: int | None) -> None:
+        """Sleeps until something changes; returns at once if it already has."""
+        log = self.log
         with self._cond:
-            self._cond.notify_all()
-        data = self.entry()
-        if data is not None:
-            self.stored(self.cache.manager.set_raw(self.key, data, self.ttl, self.tags), data)
-        self.cache.release_slot(self)
+            self._waiters += 1
+            try:
+                # re-checked under the condition's lock: a change signalled before this point
+                # is seen here, one signalled after it wakes the wait
+                if log.closed or (consumer is not None and log.available(consumer)):
+                    return
+                if not self._pull_lock.locked() and log.headroom() > 0:
+                    return
+                self._cond.wait()
+            finally:
+                self._waiters -= 1
 
     def _close_upstream(self) -> None:
         closer = getattr(self._upstream, "close", None)
@@ -440,58 +483,47 @@ class SyncFlight(FlightCore):
                 logger.debug("chengeta_ai: closing upstream raised %r", exc)
 
     def consume(self, consumer: int) -> Iterator[Any]:
-        log, cond = self.log, self._cond
+        log = self.log
         acked_batch = False
         delivered = 0
         try:
             while True:
                 batch = self._read(consumer)
                 if acked_batch:  # this read acknowledged the previous batch: maybe room now
-                    with cond:
-                        cond.notify_all()
+                    self._signal()
                 acked_batch = bool(batch)
                 if batch:
                     delivered += len(batch)
                     yield from batch
                     continue
-                with cond:
+                if log.closed:
                     if log.available(consumer):
                         continue
-                    if log.closed:
-                        if self.error is not None:
-                            raise self.error
-                        return
-                    if self._pulling:
-                        cond.wait()
+                    if self.error is not None:
+                        raise self.error
+                    return
+                if self._pull_lock.acquire(blocking=False):
+                    try:
+                        pulled = self._pull_if_room(consumer)
+                    finally:
+                        self._pull_lock.release()
+                    self._signal()
+                    if pulled:
                         continue
-                    if log.headroom() == 0:
-                        if self.cache.slow_consumer == "detach":
-                            released = log.release_slowest()
-                            if released:
-                                self.cache.count("detaches", released)
-                                continue
-                        cond.wait()
-                        continue
-                    self._pulling = True
-                try:
-                    self._pull_one()
-                finally:
-                    with cond:
-                        self._pulling = False
-                        cond.notify_all()
+                self._wait(consumer)
         finally:
             self.cache.count("chunks_delivered", delivered)
-            with cond:
-                remaining = log.detach(consumer)
-                cond.notify_all()
+            remaining = log.detach(consumer)
+            self._signal()
             if remaining == 0 and self.try_abandon():
                 self._abandon()
 
     def _abandon(self) -> None:
         if self.cache.on_abandon == "cancel":
             self.cache.count("abandoned_cancelled")
-            self._close_upstream()
-            self.log.close()
+            with self._pull_lock:
+                self._close_upstream()
+                self.log.close()
             self.cache.release_slot(self)
             return
         self.cache.count("abandoned_finished")
@@ -501,5 +533,16 @@ class SyncFlight(FlightCore):
         ).start()
 
     def _drain(self) -> None:
-        while not self.log.closed:
-            self._pull_one()
+        """Reads the rest of an abandoned stream (on_abandon="finish"), honouring any consumer
+        that joined meanwhile."""
+        log = self.log
+        while not log.closed:
+            with self._pull_lock:
+                if log.closed:
+                    break
+                pulled = log.headroom() > 0 or self.release_laggards()
+                if pulled:
+                    self._pull_one()
+            self._signal()
+            if not pulled:
+                self._wait(None)
