@@ -442,3 +442,82 @@ async def test_random_schedules_keep_the_invariants(seed: int) -> None:
     with anyio.fail_after(2):
         while cache.stats()["in_flight"]:
             await anyio.sleep(0.001)
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("CHENGETA_RANDOM_SCHEDULES", "12"))))
+def test_random_thread_schedules_keep_the_invariants(seed: int) -> None:
+    """The same invariants with real threads: random joins, pauses, early exits, errors."""
+    rng = random.Random(seed)
+    cache = new_cache(
+        max_lag=rng.choice([1, 2, 8, 64]),
+        slow_consumer=rng.choice(["wait", "detach"]),
+        on_abandon=rng.choice(["cancel", "finish"]),
+    )
+    n = rng.randint(1, 150)
+    up = Upstream(list(range(n)), fail_at=rng.choice([None, None, rng.randrange(n)]))
+    live = 0
+    peak_live = 0
+    live_lock = threading.Lock()
+
+    def stream_fn(messages: Any) -> Any:
+        nonlocal live, peak_live
+        with live_lock:
+            live += 1
+            peak_live = max(peak_live, live)
+        try:
+            yield from up.sync(messages)
+        finally:
+            with live_lock:
+                live -= 1
+
+    finished: list[list[Any]] = []
+    failures: list[BaseException] = []
+
+    def consumer(stop_after: int | None, pause: float, start_delay: float) -> None:
+        threading.Event().wait(start_delay)
+        got: list[Any] = []
+        gen = cache.get_or_stream(MESSAGES, stream_fn)
+        try:
+            for chunk in gen:
+                got.append(chunk)
+                if pause:
+                    threading.Event().wait(pause)
+                if stop_after is not None and len(got) >= stop_after:
+                    gen.close()
+                    return
+        except Boom:
+            if got != list(range(len(got))):
+                failures.append(AssertionError(got))
+            return
+        except BaseException as exc:
+            failures.append(exc)
+            return
+        finished.append(got)
+
+    threads = [
+        threading.Thread(
+            target=consumer,
+            args=(
+                rng.choice([None, None, rng.randint(1, n)]),
+                rng.choice([0, 0, 0.0002]),
+                rng.choice([0, 0.0005, 0.002]),
+            ),
+        )
+        for _ in range(rng.randint(1, 12))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+        assert not t.is_alive(), "a consumer thread is stuck (lost wake-up?)"
+    assert not failures, failures
+    assert peak_live <= 1
+    for got in finished:
+        assert got == list(range(n))
+    for _ in range(2000):  # an abandoned "finish" stream is drained by a background thread
+        if not cache.stats()["in_flight"]:
+            break
+        threading.Event().wait(0.001)
+    assert cache.stats()["in_flight"] == 0
+    entry = stored(cache)
+    assert entry is None or entry == list(range(n))
