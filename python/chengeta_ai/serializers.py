@@ -105,8 +105,11 @@ class CompactSerializer:
     @staticmethod
     def _iter(decoder: _core.StreamDecoder, batch_size: int) -> Iterator[list[Any]]:
         if decoder.is_sequence:
-            while batch := decoder.take(batch_size):
+            # a small first batch: the first chunk is out before the rest is decoded
+            n = min(batch_size, 16)
+            while batch := decoder.take(n):
                 yield batch
+                n = batch_size
             return
         (value,) = decoder.take(1)
         if isinstance(value, list):
