@@ -347,8 +347,10 @@ class AsyncFlight(FlightCore):
             self.cache.count("abandoned_finished")
             self._wake_space()
 
-    async def consume(self, consumer: int) -> AsyncGenerator[Any, None]:
-        """Yields every chunk from the first, following the pump; raises its error at the end."""
+    async def consume(self, consumer: int) -> AsyncGenerator[list[Any], None]:
+        """Yields every chunk from the first, in batches, following the pump; raises the
+        upstream's error at the end. (Batches: one async-generator hop per batch, not per
+        chunk; the caller's generator yields the chunks.)"""
         log = self.log
         acked_batch = False
         delivered = 0
@@ -360,8 +362,7 @@ class AsyncFlight(FlightCore):
                 acked_batch = bool(batch)
                 if batch:
                     delivered += len(batch)
-                    for chunk in batch:
-                        yield chunk
+                    yield batch
                     continue
                 if log.closed:
                     if log.available(consumer):

@@ -393,8 +393,9 @@ class StreamingResponseCache:
             self.count("joins")
         consume = flight.consume(consumer)
         try:
-            async for chunk in consume:
-                yield chunk
+            async for batch in consume:
+                for chunk in batch:
+                    yield chunk
         finally:
             # close the inner generator now (it detaches the consumer), not at garbage collection
             await consume.aclose()
