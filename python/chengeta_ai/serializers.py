@@ -65,9 +65,11 @@ def _check_batch_size(batch_size: int) -> None:
 class CompactSerializer:
     """The compact Rust codec (default).
 
-    Registers the known SDK model classes (`models.register_known_models`) on first use; other
-    pydantic models must be registered with `chengeta_ai.models.register_model`.
-    Bodies of at least ``compress_min_bytes`` are zstd-compressed at ``level``.
+    Registers the known SDK model classes (`models.register_known_models`) when constructed,
+    at start-up rather than inside the first request (where importing the SDKs' type modules
+    would stall an event loop); other pydantic models must be registered with
+    `chengeta_ai.register_model`. Bodies of at least ``compress_min_bytes`` are
+    zstd-compressed at ``level``.
     """
 
     name = "compact"
@@ -75,6 +77,7 @@ class CompactSerializer:
     def __init__(self, *, compress_min_bytes: int = 2048, level: int = 3) -> None:
         self.compress_min_bytes = compress_min_bytes
         self.level = level
+        self._ready()
 
     @staticmethod
     def _ready() -> None:
