@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 
 from chengeta_ai._core import ChunkLog
 from chengeta_ai.core.cache_manager import frame
@@ -44,6 +45,8 @@ AbandonPolicy = Literal["cancel", "finish"]
 READ_BATCH = 256
 #: A pump that was never held back yields to the event loop at least this often.
 CHECKPOINT_EVERY = 64
+#: Streams longer than this are finished (encoded, framed) in a worker thread, off the loop.
+ENTRY_IN_THREAD_ABOVE = 1000
 #: Size accounted for a chunk the serializer could not encode.
 UNENCODED_CHUNK_BYTES = 256
 
@@ -285,13 +288,15 @@ class AsyncFlight(FlightCore):
             if self.finished:
                 # Consumers already have every chunk; their stream ends once the entry is
                 # stored, so that a loop shut down right after still keeps it.
-                data = self.entry()
-                if data is not None:
-                    with anyio.CancelScope(shield=True):
-                        self.stored(
-                            await self.cache.manager.aset_raw(self.key, data, self.ttl, self.tags),
-                            data,
-                        )
+                with anyio.CancelScope(shield=True):
+                    if self.log.end > ENTRY_IN_THREAD_ABOVE:
+                        # finishing a long stream (zstd, checksum, a joiner) takes milliseconds
+                        data = await anyio.to_thread.run_sync(self.entry)
+                    else:
+                        data = self.entry()
+                    if data is not None:
+                        ok = await self.cache.manager.aset_raw(self.key, data, self.ttl, self.tags)
+                        self.stored(ok, data)
             elif self.abandoned:
                 self.cache.count("abandoned_cancelled")
         except anyio.get_cancelled_exc_class():
