@@ -5,26 +5,40 @@
 //! BLAKE3 through a fixed buffer, so the digest is `BLAKE3(encoding)` and never depends on
 //! how the walk happened to be split into writes.
 //!
-//! # Encoding, format 1
+//! # Encoding, format 2
 //!
-//! Lengths and counts are `u64` big-endian (8 bytes). Every value starts with a tag byte:
+//! Lengths and counts (`n` below) are written as a *length prefix*: below 248, the single byte
+//! `n`; otherwise the byte `0xf7 + k` followed by `n` in big-endian in its minimal number of
+//! bytes `k` (1 to 8). So 5 is `05`, 247 is `f7`, 248 is `f8 f8`, 300 is `f9 01 2c`,
+//! 2^64 - 1 is `ff` and eight `ff`. Every `n` has exactly one length prefix, its first byte
+//! says how long it is (prefix-free), and prefixes compare bytewise like the numbers they encode
+//! (order-preserving). Every value starts with a tag byte:
 //!
 //! | value        | bytes                                                                  |
 //! |--------------|------------------------------------------------------------------------|
 //! | `None`       | `N`                                                                    |
 //! | `False/True` | `F` / `T`                                                              |
-//! | int          | `i`, length, minimal two's-complement big-endian magnitude (0 is `00`) |
+//! | int          | `i`, byte length, minimal two's-complement big-endian bytes (0 is `00`) |
 //! | float        | `f`, 8 bytes IEEE-754 big-endian; `-0.0` is written as `0.0`, every NaN as `7ff8000000000000` |
-//! | str          | `s`, byte length, UTF-8                                                |
+//! | str          | `s`, UTF-8 byte length, UTF-8                                          |
 //! | bytes        | `b`, length, the bytes                                                 |
 //! | list, tuple  | `l`, item count, the items in order                                    |
 //! | dict         | `d`, entry count, then `key value` pairs sorted bytewise by the key's encoding |
 //!
-//! Consequences: values of different types never share an encoding (`"1"`, `True`, `b"1"`,
-//! `1` and `1.0` are five different digests); dict insertion order never matters; two
-//! different keys of one dict that encode the same are rejected ([`KeyErrorKind::DuplicateKey`])
-//! rather than hashed in an order-dependent way. Nesting deeper than [`MAX_DEPTH`] is an error,
-//! which also stops self-referencing containers.
+//! For example `{"role": "user"}` is `d 01 s 04 role s 04 user` (tags and text as ASCII).
+//! Since length prefixes are order-preserving, the encodings of two strs compare like their
+//! `(UTF-8 length, UTF-8 bytes)`, which lets the Python walk sort `str` keys without encoding
+//! them apart.
+//!
+//! Consequences: every encoding is self-delimiting (a tag, then a length or a fixed size), so
+//! a container's encoding determines its items and no two nestings collide; values of
+//! different types never share an encoding (`"1"`, `True`, `b"1"`, `1` and `1.0` are five
+//! different digests); dict insertion order never matters; two different keys of one dict that
+//! encode the same are rejected ([`KeyErrorKind::DuplicateKey`]) rather than hashed in an
+//! order-dependent way. Nesting deeper than [`MAX_DEPTH`] is an error, which also stops
+//! self-referencing containers.
+//!
+//! (Format 1, never released, wrote every length as 8 bytes big-endian.)
 
 use std::fmt;
 
@@ -61,15 +75,40 @@ pub const MAX_DEPTH: usize = 256;
 /// hash many chunks at once with SIMD.
 const BUFFER_SIZE: usize = 16 * 1024;
 
+/// Length prefixes up to this value are one byte (see the format above).
+pub const MAX_SHORT_LEN: u64 = 0xf7;
+
+/// The length prefix of `n` (see the format above): the bytes, and how many of them are used.
+#[inline]
+pub fn length_prefix(n: u64) -> ([u8; 9], usize) {
+    let mut out = [0u8; 9];
+    if n <= MAX_SHORT_LEN {
+        out[0] = n as u8;
+        return (out, 1);
+    }
+    let k = 8 - (n.leading_zeros() / 8) as usize;
+    out[0] = MAX_SHORT_LEN as u8 + k as u8;
+    out[1..=k].copy_from_slice(&n.to_be_bytes()[8 - k..]);
+    (out, 1 + k)
+}
+
 /// Where encoded bytes go: a [`KeyHasher`], or a `Vec<u8>` when a dict key must be encoded
 /// apart to be sorted.
 pub trait Sink {
     /// Appends `bytes`.
     fn put(&mut self, bytes: &[u8]);
 
-    /// Appends a tag byte and a big-endian `u64` (every header of the encoding). Sinks may
-    /// write it directly: assembling the 9 bytes on the stack first and copying them costs a
-    /// store-forwarding stall on every string.
+    /// Appends a tag byte and the length prefix of `n` (the header of every sized value).
+    #[inline]
+    fn put_header(&mut self, tag: u8, n: u64) {
+        let (prefix, len) = length_prefix(n);
+        self.put(&[tag]);
+        self.put(&prefix[..len]);
+    }
+
+    /// Appends a tag byte and a big-endian `u64` (a float). Sinks may write it directly:
+    /// assembling the 9 bytes on the stack first and copying them costs a store-forwarding
+    /// stall.
     #[inline]
     fn put_tagged_u64(&mut self, tag: u8, value: u64) {
         self.put(&[tag]);
@@ -110,7 +149,7 @@ pub trait Encode: Sink {
     /// `BigInt::to_signed_bytes_be` returns them; zero is one `0x00` byte).
     #[inline]
     fn int_be_bytes(&mut self, minimal: &[u8]) {
-        self.put_tagged_u64(TAG_INT, minimal.len() as u64);
+        self.put_header(TAG_INT, minimal.len() as u64);
         self.put(minimal);
     }
 
@@ -169,7 +208,7 @@ pub trait Encode: Sink {
     #[doc(hidden)]
     #[inline]
     fn count_header(&mut self, tag: u8, len: usize) {
-        self.put_tagged_u64(tag, len as u64);
+        self.put_header(tag, len as u64);
     }
 }
 
@@ -286,9 +325,53 @@ impl Sink for KeyHasher {
             self.put(&value.to_be_bytes());
         }
     }
+
+    #[inline(always)]
+    fn put_header(&mut self, tag: u8, n: u64) {
+        let len = self.buf.len();
+        if n <= MAX_SHORT_LEN && BUFFER_SIZE - len >= 2 {
+            // SAFETY: as in `put`: capacity >= BUFFER_SIZE and 2 bytes fit; the write
+            // initialises exactly the 2 new bytes.
+            unsafe {
+                let at = self.buf.as_mut_ptr().add(len);
+                at.cast::<[u8; 2]>().write_unaligned([tag, n as u8]);
+                self.buf.set_len(len + 2);
+            }
+        } else {
+            self.put_long_header(tag, n);
+        }
+    }
 }
 
 impl KeyHasher {
+    /// [`Sink::put_header`] for a length of more than one byte, or at the end of the buffer.
+    #[inline(never)]
+    fn put_long_header(&mut self, tag: u8, n: u64) {
+        let len = self.buf.len();
+        if n <= MAX_SHORT_LEN || BUFFER_SIZE - len < 10 {
+            let (prefix, used) = length_prefix(n);
+            self.put(&[tag]);
+            self.put(&prefix[..used]);
+            return;
+        }
+        // `0xf7 + k`, then `n` shifted to the top of 8 big-endian bytes: their first k bytes are
+        // the minimal big-endian form, the rest is scratch beyond the new length.
+        let (_, used) = length_prefix(n);
+        let k = used - 1;
+        let high = n << (8 * (8 - k));
+        // SAFETY: as in `put`: capacity >= BUFFER_SIZE and 10 bytes fit; the writes stay in the
+        // spare capacity and the new length covers the 1 + used bytes that are meant.
+        unsafe {
+            let at = self.buf.as_mut_ptr().add(len);
+            at.cast::<[u8; 2]>()
+                .write_unaligned([tag, (MAX_SHORT_LEN as usize + k) as u8]);
+            at.add(2)
+                .cast::<[u8; 8]>()
+                .write_unaligned(high.to_be_bytes());
+            self.buf.set_len(len + 1 + used);
+        }
+    }
+
     #[inline(never)]
     fn put_slow(&mut self, bytes: &[u8]) {
         // Top the buffer up to a whole 16 KiB (BLAKE3 hashes full buffers 16 chunks at a
@@ -632,16 +715,82 @@ mod tests {
         assert_eq!(enc(&Value::None), b"N");
         assert_eq!(enc(&Value::Bool(false)), b"F");
         assert_eq!(enc(&Value::Bool(true)), b"T");
-        assert_eq!(enc(&int(0)), b"i\0\0\0\0\0\0\0\x01\x00");
-        assert_eq!(enc(&int(-1)), b"i\0\0\0\0\0\0\0\x01\xff");
-        assert_eq!(enc(&int(128)), b"i\0\0\0\0\0\0\0\x02\x00\x80");
-        assert_eq!(enc(&int(-129)), b"i\0\0\0\0\0\0\0\x02\xff\x7f");
-        assert_eq!(enc(&s("hi")), b"s\0\0\0\0\0\0\0\x02hi");
-        assert_eq!(enc(&Value::Bytes(b"hi".to_vec())), b"b\0\0\0\0\0\0\0\x02hi");
+        assert_eq!(enc(&int(0)), b"i\x01\x00");
+        assert_eq!(enc(&int(-1)), b"i\x01\xff");
+        assert_eq!(enc(&int(128)), b"i\x02\x00\x80");
+        assert_eq!(enc(&int(-129)), b"i\x02\xff\x7f");
+        assert_eq!(enc(&s("hi")), b"s\x02hi");
+        assert_eq!(enc(&Value::Bytes(b"hi".to_vec())), b"b\x02hi");
         assert_eq!(
             enc(&Value::Float(1.0)),
             b"f\x3f\xf0\x00\x00\x00\x00\x00\x00"
         );
+        assert_eq!(
+            enc(&Value::Dict(vec![(s("role"), s("user"))])),
+            b"d\x01s\x04roles\x04user"
+        );
+        assert_eq!(
+            enc(&Value::List(vec![Value::None, Value::Bool(true)])),
+            b"l\x02NT"
+        );
+        let long = enc(&s(&"x".repeat(300)));
+        assert_eq!(&long[..4], b"s\xf9\x01\x2c");
+        assert_eq!(long.len(), 4 + 300);
+    }
+
+    #[test]
+    fn length_prefixes_are_as_documented() {
+        let prefix = |n: u64| {
+            let (bytes, used) = length_prefix(n);
+            bytes[..used].to_vec()
+        };
+        assert_eq!(prefix(0), [0x00]);
+        assert_eq!(prefix(5), [0x05]);
+        assert_eq!(prefix(247), [0xf7]);
+        assert_eq!(prefix(248), [0xf8, 0xf8]);
+        assert_eq!(prefix(255), [0xf8, 0xff]);
+        assert_eq!(prefix(256), [0xf9, 0x01, 0x00]);
+        assert_eq!(prefix(300), [0xf9, 0x01, 0x2c]);
+        assert_eq!(prefix(1 << 56), [0xff, 1, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(prefix(u64::MAX), [0xff; 9]);
+    }
+
+    #[test]
+    fn hasher_headers_match_the_plain_encoding_across_buffer_edges() {
+        // The hasher writes headers on its own fast paths; they must produce the same bytes as
+        // the generic ones, wherever in the buffer they land.
+        let lens = [
+            0u64,
+            1,
+            247,
+            248,
+            255,
+            256,
+            65_535,
+            65_536,
+            1 << 40,
+            u64::MAX,
+        ];
+        for pad in 0..12 {
+            let mut plain = Vec::new();
+            let mut hasher = KeyHasher::new();
+            for round in 0..3 {
+                let filler = vec![0xabu8; BUFFER_SIZE - 11 + pad + round];
+                plain.put(&filler);
+                hasher.put(&filler);
+                for &n in &lens {
+                    plain.put_header(TAG_STR, n);
+                    hasher.put_header(TAG_STR, n);
+                    plain.put_tagged_u64(TAG_FLOAT, n);
+                    hasher.put_tagged_u64(TAG_FLOAT, n);
+                }
+            }
+            assert_eq!(
+                hasher.finalize(),
+                *blake3::hash(&plain).as_bytes(),
+                "pad {pad}"
+            );
+        }
     }
 
     #[test]
@@ -754,6 +903,8 @@ mod tests {
             any::<f64>().prop_map(Value::Float),
             ".{0,12}".prop_map(Value::Str),
             proptest::collection::vec(any::<u8>(), 0..12).prop_map(Value::Bytes),
+            // Around the one-byte length limit (247).
+            proptest::collection::vec(any::<u8>(), 240..260).prop_map(Value::Bytes),
         ];
         leaf.prop_recursive(4, 48, 6, |inner| {
             prop_oneof![
@@ -789,6 +940,21 @@ mod tests {
         }
 
         #[test]
+        fn length_prefixes_are_order_preserving_and_prefix_free(
+            a in prop_oneof![0u64..600, any::<u64>(), (0u32..64).prop_map(|s| 1u64 << s)],
+            b in prop_oneof![0u64..600, any::<u64>(), (0u32..64).prop_map(|s| 1u64 << s)],
+        ) {
+            let (pa, ua) = length_prefix(a);
+            let (pb, ub) = length_prefix(b);
+            let (pa, pb) = (&pa[..ua], &pb[..ub]);
+            prop_assert_eq!(pa.cmp(pb), a.cmp(&b));
+            prop_assert_eq!(usize::from(pa[0].saturating_sub(0xf7)) + 1, ua);
+            if a != b {
+                prop_assert!(!pa.starts_with(pb) && !pb.starts_with(pa));
+            }
+        }
+
+        #[test]
         fn i64_fast_path_matches_bigint(i in any::<i64>()) {
             let mut fast = Vec::new();
             fast.int_i64(i);
@@ -802,9 +968,11 @@ mod tests {
             let value = BigInt::from(i) << shift;
             let mut out = Vec::new();
             out.int_big(&value);
-            let len = u64::from_be_bytes(out[1..9].try_into().unwrap()) as usize;
-            prop_assert_eq!(out.len(), 9 + len);
-            prop_assert_eq!(BigInt::from_signed_bytes_be(&out[9..]), value);
+            let (prefix, used) = length_prefix(out.len() as u64 - 2);
+            prop_assume!(used == 1); // under 248 bytes: all of these
+            prop_assert_eq!(usize::from(out[1]), out.len() - 2);
+            prop_assert_eq!(prefix[0], out[1]);
+            prop_assert_eq!(BigInt::from_signed_bytes_be(&out[2..]), value);
         }
 
         #[test]

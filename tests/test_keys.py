@@ -138,6 +138,21 @@ HASH_CASES: list[tuple[str, Any]] = [
     ("chat request reordered", CHAT_REORDERED),
     ("tools params", TOOLS),
     ("long str", {"$repeat": ["abcdefgh", 5000]}),
+    # Around the one-byte length prefix (lengths up to 247) and its two- and three-byte forms.
+    ("str 247", {"$repeat": ["x", 247]}),
+    ("str 248", {"$repeat": ["x", 248]}),
+    ("str 300", {"$repeat": ["x", 300]}),
+    (
+        "dict keys around 248",
+        {
+            "$dict": [
+                [{"$repeat": ["b", 248]}, 1],
+                [{"$repeat": ["a", 300]}, 2],
+                [{"$repeat": ["c", 247]}, 3],
+                ["z", 4],
+            ]
+        },
+    ),
     ("nested lists", [[[[[[[[[[1]]]]]]]]]]),
 ]
 
@@ -432,6 +447,60 @@ def test_reentrant_hashing_from_model_code() -> None:
         b: bytes = dataclasses.field(default_factory=lambda: Inner().value)
 
     assert h([{"x": 1}, Outer({"y": 2})]) == h([{"x": 1}, {"a": {"y": 2}, "b": Outer({}).b}])
+
+
+class Key(str):
+    """A str subclass: hashed like str, but its dict keys take the general (encode-and-sort)
+    path instead of the in-place str sort."""
+
+
+@settings(max_examples=200)
+@given(
+    st.dictionaries(
+        st.one_of(
+            st.text(max_size=3),
+            st.integers(240, 260).map(lambda n: "k" * n),
+            st.integers(250, 300).map(lambda n: "é" * n),
+        ),
+        st.integers(),
+        max_size=24,
+    )
+)
+def test_str_key_sort_matches_the_sort_of_encodings(d: dict[str, int]) -> None:
+    assert h(d) == h({Key(k): v for k, v in d.items()})
+    assert h(list(d.items())) != h(d) or not d
+
+
+def test_big_str_keyed_dict_order_never_matters() -> None:
+    items = [(f"k{i:03d}" * (i % 7 + 1), i) for i in range(300)]
+    shuffled = items[:]
+    random.Random(7).shuffle(shuffled)
+    assert h(dict(items)) == h(dict(shuffled)) == h({Key(k): v for k, v in shuffled})
+
+
+def test_containers_changed_during_the_walk() -> None:
+    # Model code runs in the middle of the walk; whatever it does to the containers being
+    # walked, the walk must neither crash nor read freed objects.
+    d: dict[str, Any] = {}
+    items: list[Any] = []
+
+    @dataclasses.dataclass
+    class Meddler:
+        x: int = 1
+
+        def __getattribute__(self, name: str) -> Any:
+            if name == "x":
+                d.clear()
+                items.clear()
+                d.update({f"new{i}": object() for i in range(50)})
+            return object.__getattribute__(self, name)
+
+    d.update({"a": Meddler(), "b": "x" * 100, "c": [1, 2]})
+    expected = h({"a": {"x": 1}, "b": "x" * 100, "c": [1, 2]})
+    assert h(d) == expected  # the entries as they were when the dict was read
+    items.extend([Meddler(), 1, 2])
+    with pytest.raises(IndexError):
+        h(items)  # the list shrank under the walk: as list[1] would
 
 
 def test_equal_after_error_and_across_threads() -> None:

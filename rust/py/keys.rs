@@ -19,13 +19,14 @@
 //! detaching would cost more than it frees). Speed comes from exact-type dispatch, UTF-8 read
 //! straight from `str` objects, a buffered hasher, and per-thread reused buffers.
 
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyIndexError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{
     PyBool, PyByteArray, PyBytes, PyDict, PyFloat, PyInt, PyList, PySet, PyString, PyTuple, PyType,
 };
+use pyo3::Borrowed;
 
 use crate::keys::{Encode, KeyError, KeyErrorKind, KeyHasher, KeyOrder, Segment, Sink, MAX_DEPTH};
 
@@ -96,13 +97,44 @@ fn pydantic_base(py: Python<'_>) -> PyResult<Option<&Bound<'_, PyType>>> {
     ))
 }
 
-type Entries<'py> = Vec<(Bound<'py, PyAny>, Bound<'py, PyAny>)>;
+type Fields<'py> = Vec<(Bound<'py, PyAny>, Bound<'py, PyAny>)>;
 
-/// Buffers kept between calls on one thread: the hasher's buffer and a [`KeyOrder`] per
-/// nesting level (sibling dicts, and later requests, reuse the allocations).
+/// One entry of a mapping being walked, in [`Walker::entries`]. The slot owns one reference to
+/// `key` and one to `value` (taken by [`Walker::push_entry`], given back by
+/// [`Walker::release_entries`]); `utf8` borrows the key's UTF-8 when the key is an exact `str`
+/// without lone surrogates (read once, then used to sort and to write), else it is null.
+#[derive(Clone, Copy)]
+struct Entry {
+    key: *mut ffi::PyObject,
+    value: *mut ffi::PyObject,
+    utf8: *const u8,
+    utf8_len: usize,
+}
+
+impl Entry {
+    /// The key's UTF-8, if the key is a plain `str`.
+    ///
+    /// # Safety
+    /// The entry must still be in [`Walker::entries`] (so that it owns its key), and the
+    /// returned slice must not outlive that.
+    #[inline]
+    unsafe fn key_utf8<'a>(self) -> Option<&'a [u8]> {
+        if self.utf8.is_null() {
+            None
+        } else {
+            // SAFETY: `utf8`/`utf8_len` came from `utf8_of` on the key, which the slot keeps
+            // alive; CPython keeps a str's UTF-8 as long as the (immutable) str.
+            Some(unsafe { std::slice::from_raw_parts(self.utf8, self.utf8_len) })
+        }
+    }
+}
+
+/// Buffers kept between calls on one thread: the hasher's buffer, the (empty) entry stack and
+/// a [`KeyOrder`] per nesting level (sibling dicts, and later requests, reuse the allocations).
 #[derive(Default)]
 struct Scratch {
     hasher_buf: Vec<u8>,
+    entries: Vec<Entry>,
     orders: Vec<KeyOrder>,
 }
 
@@ -112,12 +144,17 @@ thread_local! {
     static SCRATCH: std::cell::Cell<Option<Box<Scratch>>> = const { std::cell::Cell::new(None) };
 }
 
-/// One pass over one request. Entry lists are per call (they hold references), one per
-/// nesting level, reused by sibling dicts.
+/// One pass over one request.
+///
+/// The entries of every mapping being walked sit in one stack, `entries`: a mapping pushes
+/// its entries, sorts its own range in place, walks the values, and pops its range; the
+/// mappings nested in its values push and pop above it, so its range stays put (only the
+/// `Vec` may move, which is why entries are copied out by index, never borrowed across a
+/// nested walk).
 struct Walker<'py> {
     py: Python<'py>,
+    entries: Vec<Entry>,
     orders: Vec<KeyOrder>,
-    entries: Vec<Entries<'py>>,
 }
 
 /// How a mapping's entries are named in error paths.
@@ -129,23 +166,89 @@ enum Naming {
     Fields,
 }
 
+impl Drop for Walker<'_> {
+    fn drop(&mut self) {
+        // Normally empty already; not after a panic unwound through the walk.
+        self.release_entries(0);
+    }
+}
+
 impl<'py> Walker<'py> {
     fn new(py: Python<'py>, scratch: &mut Scratch) -> Self {
         Walker {
             py,
+            entries: std::mem::take(&mut scratch.entries),
             orders: std::mem::take(&mut scratch.orders),
-            entries: Vec::new(),
         }
     }
 
-    fn into_scratch(self, scratch: &mut Scratch) {
+    fn into_scratch(mut self, scratch: &mut Scratch) {
         // Keep buffers for the first few levels only, and none of a huge request's size.
         const KEEP_LEVELS: usize = 16;
         const KEEP_BYTES: usize = 64 * 1024;
-        let mut orders = self.orders;
+        let mut orders = std::mem::take(&mut self.orders);
         orders.truncate(KEEP_LEVELS);
         orders.iter_mut().for_each(|o| o.clear_and_trim(KEEP_BYTES));
         scratch.orders = orders;
+        let mut entries = std::mem::take(&mut self.entries);
+        debug_assert!(entries.is_empty());
+        entries.clear();
+        entries.shrink_to(KEEP_BYTES / std::mem::size_of::<Entry>());
+        scratch.entries = entries;
+    }
+
+    /// Pushes an entry, taking a reference to `key` and to `value`; returns whether the key is
+    /// a plain `str` (its UTF-8 read).
+    ///
+    /// # Safety
+    /// `key` and `value` must be live objects (the GIL is held by `self.py`).
+    #[inline]
+    unsafe fn push_entry(&mut self, key: *mut ffi::PyObject, value: *mut ffi::PyObject) -> bool {
+        // SAFETY: both are live (the caller's contract); the references taken here belong to
+        // the new slot until `release_entries`.
+        let key_ref = unsafe {
+            ffi::Py_INCREF(key);
+            ffi::Py_INCREF(value);
+            self.held(key)
+        };
+        let utf8 = if key_ref.is_exact_instance_of::<PyString>() {
+            // SAFETY: a live str (checked just above); the slot keeps it alive for the slice.
+            unsafe { utf8_of_ptr(self.py, key) }
+        } else {
+            None
+        };
+        let (utf8, utf8_len) = utf8.map_or((std::ptr::null(), 0), |s| (s.as_ptr(), s.len()));
+        self.entries.push(Entry {
+            key,
+            value,
+            utf8,
+            utf8_len,
+        });
+        !utf8.is_null()
+    }
+
+    /// Pops the entries from `start` on, giving back their references.
+    fn release_entries(&mut self, start: usize) {
+        for entry in self.entries.drain(start..) {
+            // SAFETY: each slot owns one reference to its key and value (`push_entry`), and
+            // the GIL is held (the walker lives inside a call from Python).
+            unsafe {
+                ffi::Py_DECREF(entry.key);
+                ffi::Py_DECREF(entry.value);
+            }
+        }
+    }
+
+    /// An object held by a slot of the stack, borrowed without borrowing `self` (so that the
+    /// walk can go on while it is used).
+    ///
+    /// # Safety
+    /// `ptr` must be the key or value of a slot, and the result must not be used after that
+    /// slot is released (only the mapping that pushed it releases it, once done with it).
+    #[inline]
+    unsafe fn held<'a>(&self, ptr: *mut ffi::PyObject) -> Borrowed<'a, 'py, PyAny> {
+        // SAFETY: the slot owns a reference to `ptr` (the caller's contract).
+        unsafe { Borrowed::from_ptr(self.py, ptr) }
     }
 
     fn walk<S: Sink>(&mut self, sink: &mut S, obj: &Bound<'py, PyAny>, depth: usize) -> WalkResult {
@@ -224,8 +327,18 @@ impl<'py> Walker<'py> {
             return self.walk_tuple(sink, t, depth);
         }
         if !obj.is_instance_of::<PyType>() && !obj.is_instance_of::<PySet>() {
-            if let Some(entries) = self.model_entries(obj)? {
-                return self.walk_entries(sink, entries, depth, Naming::Fields);
+            if let Some(fields) = self.model_entries(obj)? {
+                check_depth(depth)?;
+                let start = self.entries.len();
+                let mut str_keyed = true;
+                for (name, value) in &fields {
+                    // SAFETY: `fields` keeps both objects alive during the call.
+                    str_keyed &= unsafe { self.push_entry(name.as_ptr(), value.as_ptr()) };
+                }
+                drop(fields);
+                let result = self.write_mapping(sink, start, str_keyed, depth, Naming::Fields);
+                self.release_entries(start);
+                return result;
             }
         }
         let type_name = obj.get_type().name()?.to_string();
@@ -233,7 +346,7 @@ impl<'py> Walker<'py> {
     }
 
     /// The `(name, value)` fields of a pydantic model or a dataclass instance, else `None`.
-    fn model_entries(&self, obj: &Bound<'py, PyAny>) -> PyResult<Option<Entries<'py>>> {
+    fn model_entries(&self, obj: &Bound<'py, PyAny>) -> PyResult<Option<Fields<'py>>> {
         let py = self.py;
         let ty = obj.get_type();
         if ty.hasattr(pyo3::intern!(py, "__dataclass_fields__"))? {
@@ -283,8 +396,7 @@ impl<'py> Walker<'py> {
         let len = list.len();
         sink.list_header(len);
         for i in 0..len {
-            // An IndexError here means the list shrank under us (code run by a model getter).
-            let item = list.get_item(i)?;
+            let item = list_item(list, i)?;
             self.walk(sink, &item, depth + 1)
                 .map_err(|e| e.within(|| Segment::Index(i)))?;
         }
@@ -313,51 +425,91 @@ impl<'py> Walker<'py> {
         depth: usize,
     ) -> WalkResult {
         check_depth(depth)?;
-        let mut entries = self.take_entries(depth);
-        entries.reserve(dict.len());
+        let start = self.entries.len();
+        self.entries.reserve(dict.len());
+        let mut str_keyed = true;
         let mut pos: ffi::Py_ssize_t = 0;
         let (mut key, mut value) = (std::ptr::null_mut(), std::ptr::null_mut());
         // SAFETY: PyDict_Next over a live dict (held by `dict`) with the GIL held; it hands out
-        // borrowed references, which are turned into owned ones at once. No Python code runs
-        // in this loop, so the dict cannot change under it.
+        // borrowed references, which push_entry turns into owned ones at once. No Python code
+        // runs in this loop (reading a str's UTF-8 runs none), so the dict cannot change
+        // under it.
         unsafe {
             while ffi::PyDict_Next(dict.as_ptr(), &mut pos, &mut key, &mut value) != 0 {
-                entries.push((
-                    Bound::from_borrowed_ptr(self.py, key),
-                    Bound::from_borrowed_ptr(self.py, value),
-                ));
+                str_keyed &= self.push_entry(key, value);
             }
         }
-        self.walk_entries(sink, entries, depth, Naming::Keys)
+        let result = self.write_mapping(sink, start, str_keyed, depth, Naming::Keys);
+        self.release_entries(start);
+        result
     }
 
-    fn take_entries(&mut self, depth: usize) -> Entries<'py> {
-        match self.entries.get_mut(depth) {
-            Some(slot) => std::mem::take(slot),
-            None => Vec::new(),
-        }
-    }
-
-    /// Writes a mapping: keys encoded apart, sorted, then `key value` pairs in that order.
-    #[inline(never)]
-    fn walk_entries<S: Sink>(
+    /// Writes the mapping whose entries are `entries[start..]`: keys sorted by their encoding,
+    /// then `key value` pairs in that order.
+    #[inline]
+    fn write_mapping<S: Sink>(
         &mut self,
         sink: &mut S,
-        mut entries: Entries<'py>,
+        start: usize,
+        str_keyed: bool,
         depth: usize,
         naming: Naming,
     ) -> WalkResult {
-        check_depth(depth)?;
-        if self.entries.len() <= depth {
-            self.entries.resize_with(depth + 1, Vec::new);
+        if str_keyed {
+            self.write_str_keyed(sink, start, depth, naming)
+        } else {
+            self.write_sorted_entries(sink, start, depth, naming)
         }
-        let result = match self.write_str_keyed(sink, &entries, depth, naming) {
-            Some(result) => result,
-            None => self.write_sorted_entries(sink, &entries, depth, naming),
+    }
+
+    /// The usual mapping: every key a plain `str`. The encodings of two strs compare like
+    /// their `(UTF-8 length, UTF-8 bytes)` (same tag, order-preserving length prefix), so the
+    /// entries are sorted in place by those, without encoding the keys apart.
+    fn write_str_keyed<S: Sink>(
+        &mut self,
+        sink: &mut S,
+        start: usize,
+        depth: usize,
+        naming: Naming,
+    ) -> WalkResult {
+        let entries = &mut self.entries[start..];
+        let n = entries.len();
+        // SAFETY (both closures): every entry from `start` on is in the stack, with UTF-8 (the
+        // caller checked `str_keyed`).
+        let rank = |e: &Entry| unsafe { e.key_utf8() }.unwrap_or_default();
+        let cmp = |a: &Entry, b: &Entry| {
+            let (a, b) = (rank(a), rank(b));
+            a.len().cmp(&b.len()).then_with(|| a.cmp(b))
         };
-        entries.clear();
-        self.entries[depth] = entries;
-        result
+        if n <= 16 {
+            // Insertion sort: most request dicts have 2 to 8 keys.
+            for i in 1..n {
+                let mut j = i;
+                while j > 0 && cmp(&entries[j - 1], &entries[j]).is_gt() {
+                    entries.swap(j - 1, j);
+                    j -= 1;
+                }
+            }
+        } else {
+            entries.sort_unstable_by(cmp);
+        }
+        if entries.windows(2).any(|w| cmp(&w[0], &w[1]).is_eq()) {
+            // Equal exact strs are one dict key; only model fields and extras could meet here.
+            return Err(WalkError::key(KeyErrorKind::DuplicateKey));
+        }
+        sink.dict_header(n);
+        for index in start..start + n {
+            let entry = self.entries[index];
+            // SAFETY: the entry stays in the stack until this mapping is done, after this loop.
+            let (utf8, value) = unsafe { (entry.key_utf8(), self.held(entry.value)) };
+            sink.str_utf8(utf8.unwrap_or_default());
+            if let Err(e) = self.walk(sink, &value, depth + 1) {
+                // SAFETY: as above.
+                let key = unsafe { self.held(entry.key) };
+                return Err(e.within(|| segment_for(&key, naming)));
+            }
+        }
+        Ok(())
     }
 
     /// The general path: keys of any type, encoded apart and sorted by [`KeyOrder`].
@@ -365,7 +517,7 @@ impl<'py> Walker<'py> {
     fn write_sorted_entries<S: Sink>(
         &mut self,
         sink: &mut S,
-        entries: &[(Bound<'py, PyAny>, Bound<'py, PyAny>)],
+        start: usize,
         depth: usize,
         naming: Naming,
     ) -> WalkResult {
@@ -375,7 +527,7 @@ impl<'py> Walker<'py> {
         // Level `depth` owns this buffer; keys and values nest at `depth + 1` and up.
         let mut order = std::mem::take(&mut self.orders[depth]);
         order.clear();
-        let result = self.write_entries(sink, &mut order, entries, depth, naming);
+        let result = self.write_entries(sink, &mut order, start, depth, naming);
         self.orders[depth] = order;
         result
     }
@@ -384,109 +536,53 @@ impl<'py> Walker<'py> {
         &mut self,
         sink: &mut S,
         order: &mut KeyOrder,
-        entries: &[(Bound<'py, PyAny>, Bound<'py, PyAny>)],
+        start: usize,
         depth: usize,
         naming: Naming,
     ) -> WalkResult {
-        for (i, (key, _)) in entries.iter().enumerate() {
-            if key.is_exact_instance_of::<PyString>() {
-                // The usual key, inlined.
-                // SAFETY: the exact type was checked just above.
-                write_str(order.key_sink(), unsafe {
-                    key.cast_unchecked::<PyString>()
-                })?;
+        let n = self.entries.len() - start;
+        for i in 0..n {
+            let entry = self.entries[start + i];
+            // SAFETY (here and below): the entry stays in the stack until this mapping is done.
+            if let Some(utf8) = unsafe { entry.key_utf8() } {
+                order.key_sink().str_utf8(utf8);
             } else {
-                let keyed = self.walk(order.key_sink(), key, depth + 1);
-                keyed.map_err(|e| e.within(|| Segment::DictKey))?;
+                let key = unsafe { self.held(entry.key) };
+                if let Err(e) = self.walk(order.key_sink(), &key, depth + 1) {
+                    order.abandon_key();
+                    return Err(e.within(|| Segment::DictKey));
+                }
             }
             order.finish_key(i);
         }
         if order.sort().is_err() {
             return Err(WalkError::key(KeyErrorKind::DuplicateKey));
         }
-        sink.dict_header(entries.len());
+        sink.dict_header(n);
         for (key_bytes, i) in order.iter() {
             sink.put(key_bytes);
-            let (key, value) = &entries[i];
-            self.walk(sink, value, depth + 1)
-                .map_err(|e| e.within(|| segment_for(key, naming)))?;
+            let entry = self.entries[start + i];
+            let (key, value) = unsafe { (self.held(entry.key), self.held(entry.value)) };
+            self.walk(sink, &value, depth + 1)
+                .map_err(|e| e.within(|| segment_for(&key, naming)))?;
         }
         Ok(())
     }
 }
 
-/// Most request dicts: at most [`SMALL_DICT`] entries, every key an exact `str`.
-const SMALL_DICT: usize = 16;
-
-impl<'py> Walker<'py> {
-    /// The fast path of [`Walker::write_entries`] for small dicts keyed by exact `str`s, or
-    /// `None` to take the general path.
-    #[inline]
-    fn write_str_keyed<S: Sink>(
-        &mut self,
-        sink: &mut S,
-        entries: &[(Bound<'py, PyAny>, Bound<'py, PyAny>)],
-        depth: usize,
-        naming: Naming,
-    ) -> Option<WalkResult> {
-        // Only the 16-byte permutation stays in this (recursive) frame.
-        let order = match str_key_order(entries)? {
-            Ok(order) => order,
-            Err(e) => return Some(Err(e)),
-        };
-        sink.dict_header(entries.len());
-        for &i in &order[..entries.len()] {
-            let (key, value) = &entries[usize::from(i)];
-            // SAFETY: str_key_order checked that every key is an exact str, and read its UTF-8
-            // (now cached on the immutable str), so this cannot fail.
-            let utf8 = utf8_of(unsafe { key.cast_unchecked::<PyString>() }).unwrap_or_default();
-            sink.str_utf8(utf8);
-            if let Err(e) = self.walk(sink, value, depth + 1) {
-                return Some(Err(e.within(|| segment_for(key, naming))));
-            }
+/// Item `i` of a list, which may have shrunk since its length was read (only if walking an
+/// earlier item ran Python code that changed it): then an `IndexError`, as `list[i]` gives.
+#[inline]
+fn list_item<'py>(list: &Bound<'py, PyList>, i: usize) -> PyResult<Bound<'py, PyAny>> {
+    // SAFETY: `list` is a live list and the GIL is held; the index is checked against its
+    // current size, and the borrowed item is turned into an owned reference at once.
+    unsafe {
+        if i >= ffi::PyList_GET_SIZE(list.as_ptr()) as usize {
+            return Err(PyIndexError::new_err("list index out of range"));
         }
-        Some(Ok(()))
+        let item = ffi::PyList_GET_ITEM(list.as_ptr(), i as ffi::Py_ssize_t);
+        Ok(Bound::from_borrowed_ptr(list.py(), item))
     }
-}
-
-/// The canonical order of a small dict whose keys are all exact `str`s (as indices into
-/// `entries`), or `None` if the dict is not such a dict. The encodings of two strs compare
-/// like their `(UTF-8 length, UTF-8 bytes)` (tag equal, big-endian length first), so the keys
-/// are sorted without being encoded apart.
-#[inline(never)]
-fn str_key_order(
-    entries: &[(Bound<'_, PyAny>, Bound<'_, PyAny>)],
-) -> Option<Result<[u8; SMALL_DICT], WalkError>> {
-    let n = entries.len();
-    if n > SMALL_DICT {
-        return None;
-    }
-    let mut keys: [&[u8]; SMALL_DICT] = [&[]; SMALL_DICT];
-    for (i, (key, _)) in entries.iter().enumerate() {
-        if !key.is_exact_instance_of::<PyString>() {
-            return None;
-        }
-        // SAFETY: the exact type was checked just above.
-        keys[i] = utf8_of(unsafe { key.cast_unchecked::<PyString>() })?;
-    }
-    let mut order = [0u8; SMALL_DICT];
-    for (i, slot) in order.iter_mut().enumerate() {
-        *slot = i as u8;
-    }
-    let rank = |i: u8| (keys[usize::from(i)].len(), keys[usize::from(i)]);
-    // Insertion sort: n is small and usually 2-4.
-    for i in 1..n {
-        let mut j = i;
-        while j > 0 && rank(order[j - 1]) > rank(order[j]) {
-            order.swap(j - 1, j);
-            j -= 1;
-        }
-    }
-    if order[..n].windows(2).any(|w| rank(w[0]) == rank(w[1])) {
-        // Equal exact strs are one dict key; only model fields and extras could meet here.
-        return Some(Err(WalkError::key(KeyErrorKind::DuplicateKey)));
-    }
-    Some(Ok(order))
 }
 
 fn check_depth(depth: usize) -> WalkResult {
@@ -528,16 +624,26 @@ fn write_str<S: Sink>(sink: &mut S, s: &Bound<'_, PyString>) -> WalkResult {
 /// or `None` for a str with lone surrogates. (`PyString::to_str` without its error object.)
 #[inline]
 fn utf8_of<'a>(s: &'a Bound<'_, PyString>) -> Option<&'a [u8]> {
+    // SAFETY: `s` is a live str that outlives `'a`.
+    unsafe { utf8_of_ptr(s.py(), s.as_ptr()) }
+}
+
+/// [`utf8_of`] for a raw str pointer.
+///
+/// # Safety
+/// `s` must point to a live `str` (or subclass) that outlives `'a`.
+#[inline]
+unsafe fn utf8_of_ptr<'a>(py: Python<'_>, s: *mut ffi::PyObject) -> Option<&'a [u8]> {
     let mut size: ffi::Py_ssize_t = 0;
-    // SAFETY: `s` is a live str (the Bound holds a reference) and the GIL is held.
-    let data = unsafe { ffi::PyUnicode_AsUTF8AndSize(s.as_ptr(), &mut size) };
+    // SAFETY: `s` is a live str (the caller's contract) and the GIL is held (`py`).
+    let data = unsafe { ffi::PyUnicode_AsUTF8AndSize(s, &mut size) };
     if data.is_null() {
         // The UnicodeEncodeError it set is replaced by the caller's fallback.
-        drop(PyErr::take(s.py()));
+        drop(PyErr::take(py));
         return None;
     }
     // SAFETY: CPython keeps `size` bytes of UTF-8 at `data` alive as long as the str object,
-    // which outlives the borrow `'a`; strs are immutable.
+    // which outlives `'a`; strs are immutable.
     Some(unsafe { std::slice::from_raw_parts(data.cast::<u8>(), size as usize) })
 }
 
