@@ -28,7 +28,7 @@ __all__ = ["KEY_FORMAT", "CacheKeyBuilder"]
 
 #: Version of the key derivation itself. Bump it (``chengeta-key/2``) whenever the canonical
 #: encoding or the tuple hashed below changes: every stored key changes with it, on purpose.
-KEY_FORMAT = "chengeta-key/1"
+KEY_FORMAT = "chengeta-key/2"
 
 # Position of each argument in the hashed tuple, to name it in error messages.
 _ARGUMENT_AT = {"4": "model_id", "5": "messages", "6": "params"}
