@@ -42,6 +42,8 @@ from chengeta_ai.serializers import Serializer
 __all__ = ["StreamingResponseCache"]
 
 _SYNC = "sync"
+#: Chunks decoded per turn of the event loop on an async hit (~0.3 ms of work).
+ASYNC_REPLAY_BATCH = 64
 
 
 class StreamingResponseCache:
@@ -227,10 +229,10 @@ class StreamingResponseCache:
         tag_tuple = check_tags(tags) if tags is not None else (f"model:{model_id}",)
         return key, self.manager.resolve_ttl(ttl), tag_tuple
 
-    def _replay_batches(self, raw: bytes) -> Iterator[list[Any]]:
+    def _replay_batches(self, raw: bytes, batch: int = READ_BATCH) -> Iterator[list[Any]]:
         """Batches of a stored entry; raises `DecodeError` up front if it is corrupt (the
         frame's checksum and the first batch are checked before anything is yielded)."""
-        batches = self.serializer.iter_batches(bytes(unframe(raw)), READ_BATCH)
+        batches = self.serializer.iter_batches(bytes(unframe(raw)), batch)
         first = next(batches, [])
 
         def chained() -> Iterator[list[Any]]:
@@ -360,7 +362,7 @@ class StreamingResponseCache:
             raw = await self.manager.aget_raw(key)
             if raw is not None:
                 try:
-                    batches = self._replay_batches(raw)
+                    batches = self._replay_batches(raw, ASYNC_REPLAY_BATCH)
                 except DecodeError as exc:
                     self.count("corrupt_entries")
                     await self.manager.adrop_corrupt(key, exc)
