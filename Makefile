@@ -50,8 +50,9 @@ lint: $(STAMP)
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 
-typecheck: $(STAMP)
+typecheck: build
 	$(VENV)/bin/mypy python/chengeta_ai
+	$(PY) -m mypy.stubtest chengeta_ai._core
 
 fmt: $(STAMP)
 	$(VENV)/bin/ruff format python tests benches
