@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 MATURIN := $(VENV)/bin/maturin
 STAMP := $(VENV)/.deps-installed
 
-.PHONY: install build build-release demo test test-rust test-python bench lint typecheck fmt clean
+.PHONY: install build build-release demo test test-rust test-python lint-python bench lint typecheck fmt clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,17 +36,19 @@ test-python: build
 	$(PY) -m pytest tests -q
 	$(PY) -m pytest benches -q --benchmark-disable
 
-## test: Rust unit tests, the Python suite, and every benchmark once in smoke mode
-test: test-rust test-python
+## test: Rust unit tests, the Python suite, every benchmark once in smoke mode, ruff, mypy
+test: test-rust test-python lint-python typecheck
+
+lint-python: $(STAMP)
+	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/ruff format --check python tests benches
 
 ## bench: the benchmarks for real, on a release build; prints the ratios
 bench: build-release
 	bash scripts/ensure_redis.sh
 	$(PY) -m pytest benches -q -s --benchmark-columns=min,median,mean,rounds --benchmark-sort=name
 
-lint: $(STAMP)
-	$(VENV)/bin/ruff check python tests benches
-	$(VENV)/bin/ruff format --check python tests benches
+lint: lint-python
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 
