@@ -37,7 +37,7 @@ test-python: build
 	$(PY) -m pytest benches -q --benchmark-disable
 
 ## test: Rust unit tests, the Python suite, every benchmark once in smoke mode, ruff, mypy
-test: test-rust test-python lint-python typecheck
+test: lint-python typecheck test-rust test-python
 
 lint-python: $(STAMP)
 	$(VENV)/bin/ruff check python tests benches
