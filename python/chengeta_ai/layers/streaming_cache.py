@@ -272,7 +272,14 @@ class StreamingResponseCache:
     ) -> Iterator[Any]:
         if bypass:
             self.count("bypasses")
-            yield from stream_fn(messages)
+            upstream = stream_fn(messages)
+            try:
+                yield from upstream
+            finally:
+                # an HTTP stream (openai's Stream) is an iterator, not a generator: close it
+                closer = getattr(upstream, "close", None)
+                if closer is not None:
+                    closer()
             return
         slot = (_SYNC, key)
         with self.flights_lock:
