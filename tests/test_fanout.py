@@ -521,3 +521,61 @@ def test_random_thread_schedules_keep_the_invariants(seed: int) -> None:
     assert cache.stats()["in_flight"] == 0
     entry = stored(cache)
     assert entry is None or entry == list(range(n))
+
+
+async def test_a_pump_that_cannot_start_fails_its_caller_and_frees_the_key() -> None:
+    async with anyio.create_task_group() as closed_group:
+        pass  # exited: start_soon now raises
+    manager = CacheManager()
+    cache = StreamingResponseCache(manager, task_group=closed_group)
+    up = Upstream([1, 2])
+    for _ in range(2):  # the second caller must fail the same way, not join a dead flight
+        with anyio.fail_after(2), pytest.raises(RuntimeError):
+            await collect(cache.aget_or_stream(MESSAGES, up.asyncgen))
+        assert cache.stats()["in_flight"] == 0
+
+
+async def test_every_consumer_gets_the_upstream_traceback_not_a_growing_one() -> None:
+    import traceback
+
+    cache = new_cache()
+    up = Upstream(list(range(10)), fail_at=5, delay=0.001)
+    depths: list[int] = []
+
+    async def caller() -> None:
+        try:
+            await collect(cache.aget_or_stream(MESSAGES, up.asyncgen))
+        except Boom as exc:
+            depths.append(len(traceback.extract_tb(exc.__traceback__)))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(30):
+            tg.start_soon(caller)
+    assert len(depths) == 30
+    assert max(depths) < 15, depths
+
+
+async def test_async_with_lets_the_body_exception_through_unwrapped() -> None:
+    with pytest.raises(ValueError, match="mine"):
+        async with new_cache():
+            raise ValueError("mine")
+
+
+async def test_abandoned_plain_iterable_upstream_is_closed() -> None:
+    closed: list[bool] = []
+
+    class SDKLikeStream:
+        def __iter__(self) -> Any:
+            return iter(range(100))
+
+        def close(self) -> None:
+            closed.append(True)
+
+    cache = new_cache()
+    agen = cache.aget_or_stream(MESSAGES, lambda m: SDKLikeStream())
+    assert await agen.__anext__() == 0
+    await agen.aclose()
+    with anyio.fail_after(2):
+        while not closed:
+            await anyio.sleep(0.001)
+    assert cache.stats()["abandoned_cancelled"] == 1

@@ -20,7 +20,8 @@ import contextvars
 import inspect
 import logging
 import threading
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -47,6 +48,8 @@ READ_BATCH = 256
 CHECKPOINT_EVERY = 64
 #: Streams longer than this are finished (encoded, framed) in a worker thread, off the loop.
 ENTRY_IN_THREAD_ABOVE = 1000
+#: Seconds the end-of-stream store may take before it is abandoned (consumers wait for it).
+STORE_TIMEOUT = 10.0
 #: Size accounted for a chunk the serializer could not encode.
 UNENCODED_CHUNK_BYTES = 256
 
@@ -70,6 +73,7 @@ class FlightCore:
         self.encoder: Any = None
         self.storable = True
         self.error: BaseException | None = None
+        self._error_tb: TracebackType | None = None
         self.finished = False
         self.abandoned = False
         #: False once abandoned under on_abandon="cancel": callers wait for it to wind down
@@ -107,7 +111,7 @@ class FlightCore:
         either joined before (and the flight goes on) or sees it abandoned.
         """
         with self.cache.flights_lock:
-            if self.log.consumers or self.log.closed or self.abandoned:
+            if self.log.consumers or self.log.closed or self.abandoned or self.finished:
                 return False
             self.abandoned = True
             if self.cache.on_abandon == "cancel":
@@ -182,7 +186,14 @@ class FlightCore:
 
     def fail(self, exc: BaseException) -> None:
         self.error = exc
+        self._error_tb = exc.__traceback__
         self.cache.count("upstream_errors")
+
+    def raise_error(self) -> None:
+        """Re-raises the upstream's exception in a consumer, with the upstream's traceback:
+        not one grown by every consumer that re-raised the same object before."""
+        assert self.error is not None
+        raise self.error.with_traceback(self._error_tb)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,16 +214,21 @@ async def _open_upstream(stream_fn: Callable[[Any], Any], messages: Any) -> Any:
     if hasattr(result, "__aiter__"):
         return result.__aiter__()
     if hasattr(result, "__iter__"):
-        return iter(result)
+        return result  # closed through `_aiter_plain`, the object itself (it may hold a socket)
     raise TypeError(
         "stream_fn must return an async iterator, an awaitable of one, or an iterable; "
         f"got {type(result).__name__}"
     )
 
 
-async def _aiter_plain(iterable: Iterator[Any]) -> AsyncGenerator[Any, None]:
-    for item in iterable:
-        yield item
+async def _aiter_plain(iterable: Iterable[Any]) -> AsyncGenerator[Any, None]:
+    try:
+        for item in iterable:
+            yield item
+    finally:
+        closer = getattr(iterable, "close", None)
+        if closer is not None:
+            closer()
 
 
 async def _aclose_upstream(upstream: Any) -> None:
@@ -288,7 +304,8 @@ class AsyncFlight(FlightCore):
             if self.finished:
                 # Consumers already have every chunk; their stream ends once the entry is
                 # stored, so that a loop shut down right after still keeps it.
-                with anyio.CancelScope(shield=True):
+                with anyio.CancelScope(shield=True) as store_scope:
+                    store_scope.deadline = anyio.current_time() + STORE_TIMEOUT
                     if self.log.end > ENTRY_IN_THREAD_ABOVE:
                         # finishing a long stream (zstd, checksum, a joiner) takes milliseconds
                         data = await anyio.to_thread.run_sync(self.entry)
@@ -297,6 +314,11 @@ class AsyncFlight(FlightCore):
                     if data is not None:
                         ok = await self.cache.manager.aset_raw(self.key, data, self.ttl, self.tags)
                         self.stored(ok, data)
+                if store_scope.cancelled_caught:
+                    self.cache.count("not_stored_backend_error")
+                    logger.warning(
+                        "chengeta_ai: storing %s took over %s s; skipped", self.key, STORE_TIMEOUT
+                    )
             elif self.abandoned:
                 self.cache.count("abandoned_cancelled")
         except anyio.get_cancelled_exc_class():
@@ -373,7 +395,7 @@ class AsyncFlight(FlightCore):
                     if log.available(consumer):
                         continue
                     if self.error is not None:
-                        raise self.error
+                        self.raise_error()
                     return
                 await self._wait_data()
         finally:
@@ -403,6 +425,7 @@ class SyncFlight(FlightCore):
         self._cond = threading.Condition(threading.Lock())
         self._waiters = 0
         self._upstream: Iterator[Any] | None = None
+        self._source: Any = None
         self._stream_fn: Callable[[Any], Any] | None = None
         self._messages: Any = None
         self._released = threading.Event()
@@ -433,22 +456,28 @@ class SyncFlight(FlightCore):
                         "get_or_stream needs stream_fn to return an iterable; got "
                         f"{type(result).__name__} (use aget_or_stream for async streams)"
                     )
+                self._source = result
                 self._upstream = iter(result)
             chunk = next(self._upstream)
         except StopIteration:
             self.finished = True
             self.log.close()
             self._signal()
-            data = self.entry()
-            if data is not None:
-                self.stored(self.cache.manager.set_raw(self.key, data, self.ttl, self.tags), data)
-            self.cache.release_slot(self)
+            try:
+                data = self.entry()
+                if data is not None:
+                    ok = self.cache.manager.set_raw(self.key, data, self.ttl, self.tags)
+                    self.stored(ok, data)
+            finally:  # even on KeyboardInterrupt: a finished flight must not keep its key
+                self.cache.release_slot(self)
             return
         except BaseException as exc:
             self.fail(exc)
-            self._close_upstream()
-            self.log.close()
-            self.cache.release_slot(self)
+            try:
+                self._close_upstream()
+            finally:
+                self.log.close()
+                self.cache.release_slot(self)
             return
         self.append(chunk)
 
@@ -481,12 +510,17 @@ class SyncFlight(FlightCore):
                 self._waiters -= 1
 
     def _close_upstream(self) -> None:
-        closer = getattr(self._upstream, "close", None)
-        if closer is not None:
-            try:
-                closer()
-            except Exception as exc:
-                logger.debug("chengeta_ai: closing upstream raised %r", exc)
+        """Closes the iterator and the object it came from (an SDK stream holding a socket)."""
+        objs = (
+            [self._upstream] if self._source is self._upstream else [self._upstream, self._source]
+        )
+        for obj in objs:
+            closer = getattr(obj, "close", None)
+            if closer is not None:
+                try:
+                    closer()
+                except Exception as exc:
+                    logger.debug("chengeta_ai: closing upstream raised %r", exc)
 
     def consume(self, consumer: int) -> Iterator[Any]:
         log = self.log
@@ -506,7 +540,7 @@ class SyncFlight(FlightCore):
                     if log.available(consumer):
                         continue
                     if self.error is not None:
-                        raise self.error
+                        self.raise_error()
                     return
                 if self._pull_lock.acquire(blocking=False):
                     try:
@@ -527,10 +561,14 @@ class SyncFlight(FlightCore):
     def _abandon(self) -> None:
         if self.cache.on_abandon == "cancel":
             self.cache.count("abandoned_cancelled")
-            with self._pull_lock:
-                self._close_upstream()
-                self.log.close()
-            self.cache.release_slot(self)
+            try:
+                with self._pull_lock:
+                    try:
+                        self._close_upstream()
+                    finally:
+                        self.log.close()
+            finally:
+                self.cache.release_slot(self)
             return
         self.cache.count("abandoned_finished")
         ctx = contextvars.copy_context()

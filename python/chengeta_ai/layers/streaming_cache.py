@@ -169,6 +169,20 @@ class StreamingResponseCache:
             self._flights[slot] = flight
             return flight, consumer, True
 
+    def _start(
+        self, flight: FlightCore, consumer: int, stream_fn: Callable[[Any], Any], messages: Any
+    ) -> None:
+        """Starts a flight the caller leads; if that fails (a closed task group), the flight is
+        failed and released at once, so no later caller joins a stream nobody pumps."""
+        try:
+            flight.start(stream_fn, messages)
+        except BaseException as exc:
+            flight.fail(exc)
+            flight.log.detach(consumer)
+            flight.log.close()
+            self.release_slot(flight)
+            raise
+
     # -- background tasks --------------------------------------------------------------------
 
     async def __aenter__(self) -> StreamingResponseCache:
@@ -187,7 +201,10 @@ class StreamingResponseCache:
         tg, self._own_task_group = self._own_task_group, None
         assert tg is not None
         tg.cancel_scope.cancel()
-        return await tg.__aexit__(exc_type, exc, tb)
+        # the body's own exception propagates unchanged (not wrapped in an ExceptionGroup):
+        # pumps never raise anything but the cancellation this scope catches
+        await tg.__aexit__(None, None, None)
+        return None
 
     def spawn(self, fn: Callable[..., Any], *args: Any) -> None:
         """Starts a pump: in the given or owned task group, else as a loop-level task
@@ -294,7 +311,7 @@ class StreamingResponseCache:
                     self.manager.drop_corrupt(key, exc)
                 else:
                     self.count("hits")
-                    yield from self._replay(batches)
+                    yield from self._replay(key, batches)
                     return
         while True:
             flight, consumer, leads = self._join_or_lead(
@@ -307,18 +324,24 @@ class StreamingResponseCache:
         if leads:
             self.count("misses")
             self.count("streams_led")
-            flight.start(stream_fn, messages)
+            self._start(flight, consumer, stream_fn, messages)
         else:
             self.count("joins")
         assert isinstance(flight, SyncFlight)
         yield from flight.consume(consumer)
 
-    def _replay(self, batches: Iterator[list[Any]]) -> Iterator[Any]:
+    def _replay(self, key: str, batches: Iterator[list[Any]]) -> Iterator[Any]:
         replayed = 0
         try:
             for batch in batches:
                 replayed += len(batch)
                 yield from batch
+        except DecodeError as exc:
+            # past the checked head of the entry (e.g. a model class this process never
+            # registered): drop it so that the next call streams afresh
+            self.count("corrupt_entries")
+            self.manager.drop_corrupt(key, exc)
+            raise
         finally:
             self.count("chunks_replayed", replayed)
 
@@ -383,6 +406,10 @@ class StreamingResponseCache:
                                 yield chunk
                             # one batch per turn: the loop is never held for a whole stream
                             await anyio.lowlevel.checkpoint()
+                    except DecodeError as exc:  # see _replay
+                        self.count("corrupt_entries")
+                        await self.manager.adrop_corrupt(key, exc)
+                        raise
                     finally:
                         self.count("chunks_replayed", replayed)
                     return
@@ -397,7 +424,7 @@ class StreamingResponseCache:
         if leads:
             self.count("misses")
             self.count("streams_led")
-            flight.start(stream_fn, messages)
+            self._start(flight, consumer, stream_fn, messages)
         else:
             self.count("joins")
         consume = flight.consume(consumer)
