@@ -14,7 +14,14 @@ import anyio
 import pytest
 from tests.helpers import Boom, Heartbeat, Upstream, collect
 
-from chengeta_ai import CacheKeyBuilder, CacheManager, InMemoryBackend
+from chengeta_ai import (
+    CacheKeyBuilder,
+    CacheManager,
+    CompactSerializer,
+    InMemoryBackend,
+    JsonSerializer,
+    PickleSerializer,
+)
 from chengeta_ai.backends.base import BaseBackend
 from chengeta_ai.layers.streaming_cache import StreamingResponseCache
 from chengeta_ai.testing import openai_chunks
@@ -366,3 +373,15 @@ async def test_a_5000_chunk_stream_never_stalls_the_event_loop(phase: str) -> No
     assert cache.stats()["stores"] == 1
     # generous for a loaded CI machine; benches/bench_streaming.py reports the real figure
     assert beat.max_gap < 0.05, f"event loop stalled for {beat.max_gap * 1000:.1f} ms"
+
+
+@pytest.mark.parametrize("serializer", [PickleSerializer(), JsonSerializer(), CompactSerializer()])
+def test_every_serializer_streams_stores_and_replays(mode: str, serializer: Any) -> None:
+    manager = CacheManager(backend=InMemoryBackend(), serializer=serializer)
+    cache = StreamingResponseCache(manager)
+    chunks = [{"delta": "a"}, {"delta": "b"}, {"delta": "c"}]
+    up = Upstream(chunks)
+    assert drive(mode, cache, up) == chunks
+    assert drive(mode, cache, up) == chunks
+    assert up.calls == 1
+    assert cache.stats()["stores"] == 1

@@ -31,11 +31,36 @@ __all__ = [
 
 
 class ChunkSink(Protocol):
-    """Accumulates a stream's items; ``finish`` returns the encoded sequence."""
+    """Accumulates a stream's items; ``finish`` returns the encoded sequence.
+
+    ``nbytes`` is the encoded size so far: the streaming layer bounds in-flight streams with it.
+    """
 
     def push(self, item: Any) -> None: ...
 
     def finish(self) -> bytes: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+class _PythonSink:
+    """What the pickle and JSON sinks share: one-shot finish, poisoned by a failed push."""
+
+    def __init__(self) -> None:
+        self._error: str | None = None
+        self._done = False
+        self.nbytes = 0
+
+    def _check(self) -> None:
+        if self._done:
+            raise EncodeError("stream encoder already finished")
+        if self._error is not None:
+            raise EncodeError(f"stream encoder poisoned by: {self._error}")
+
+    def _fail(self, message: str) -> EncodeError:
+        self._error = message
+        return EncodeError(message)
 
 
 class Serializer(Protocol):
@@ -125,32 +150,25 @@ _PICKLE_MAGIC = b"CGPK\x01"
 _PICKLE_SEQ = b"S"
 
 
-class _PickleSink:
+class _PickleSink(_PythonSink):
     """Pickles each pushed item into one stream (shared memo), so errors surface at `push`."""
 
     def __init__(self, protocol: int) -> None:
+        super().__init__()
         self._buf = io.BytesIO()
         self._buf.write(_PICKLE_MAGIC + _PICKLE_SEQ)
         self._pickler = pickle.Pickler(self._buf, protocol=protocol)
-        self._error: str | None = None
-        self._done = False
 
     def push(self, item: Any) -> None:
-        if self._done:
-            raise EncodeError("stream encoder already finished")
-        if self._error is not None:
-            raise EncodeError(f"stream encoder poisoned by: {self._error}")
+        self._check()
         try:
             self._pickler.dump(item)
         except Exception as exc:
-            self._error = f"cannot pickle {type(item).__qualname__}: {exc}"
-            raise EncodeError(self._error) from exc
+            raise self._fail(f"cannot pickle {type(item).__qualname__}: {exc}") from exc
+        self.nbytes = self._buf.tell()
 
     def finish(self) -> bytes:
-        if self._done:
-            raise EncodeError("stream encoder already finished")
-        if self._error is not None:
-            raise EncodeError(f"stream encoder poisoned by: {self._error}")
+        self._check()
         self._done = True
         return self._buf.getvalue()
 
@@ -249,28 +267,22 @@ def _json_dumps(value: Any) -> bytes:
         raise EncodeError(str(cause if isinstance(cause, TypeError) else exc)) from exc
 
 
-class _JsonSink:
+class _JsonSink(_PythonSink):
     def __init__(self) -> None:
+        super().__init__()
         self._parts: list[bytes] = []
-        self._error: str | None = None
-        self._done = False
 
     def push(self, item: Any) -> None:
-        if self._done:
-            raise EncodeError("stream encoder already finished")
-        if self._error is not None:
-            raise EncodeError(f"stream encoder poisoned by: {self._error}")
+        self._check()
         try:
-            self._parts.append(_json_dumps(item))
+            part = _json_dumps(item)
         except EncodeError as exc:
-            self._error = f"chunk {len(self._parts)}: {exc}"
-            raise EncodeError(self._error) from exc
+            raise self._fail(f"chunk {len(self._parts)}: {exc}") from exc
+        self._parts.append(part)
+        self.nbytes += len(part) + 1
 
     def finish(self) -> bytes:
-        if self._done:
-            raise EncodeError("stream encoder already finished")
-        if self._error is not None:
-            raise EncodeError(f"stream encoder poisoned by: {self._error}")
+        self._check()
         self._done = True
         return _JSON_MAGIC + b"[" + b",".join(self._parts) + b"]"
 

@@ -89,11 +89,11 @@ class FlightCore:
         nbytes = UNENCODED_CHUNK_BYTES
         encoder = self.encoder
         if encoder is not None:
-            before = encoder.nbytes
             try:
+                before = encoder.nbytes
                 encoder.push(chunk)
                 nbytes = encoder.nbytes - before
-            except Exception as exc:
+            except Exception as exc:  # a cache failure: the chunk is still delivered
                 self.encoder = None
                 self.not_stored("unserializable", f"chunk {self.log.end} cannot be encoded: {exc}")
         if self.log.push(chunk, nbytes):
