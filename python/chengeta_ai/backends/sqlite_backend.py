@@ -161,7 +161,11 @@ class SQLiteBackend(BaseBackend):
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("PRAGMA synchronous = NORMAL")
             if not self._schema_ready:
-                self._init_schema(conn)
+                # threads opening their first connections at once: one initialises the file
+                # (switching to WAL needs the file to itself and does not wait on busy_timeout)
+                with self._lock:
+                    if not self._schema_ready:
+                        self._init_schema(conn)
         except BaseException:
             conn.close()
             raise
@@ -174,7 +178,7 @@ class SQLiteBackend(BaseBackend):
         mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
         if version == 0 or mode != "wal":
             if mode != "wal":
-                conn.execute("PRAGMA journal_mode = WAL")  # persistent: once per file
+                self._switch_to_wal(conn)  # persistent: once per file
             try:
                 conn.executescript(
                     f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version = {_SCHEMA_VERSION};COMMIT;"
@@ -184,6 +188,19 @@ class SQLiteBackend(BaseBackend):
                     conn.execute("ROLLBACK")
                 raise
         self._schema_ready = True
+
+    def _switch_to_wal(self, conn: sqlite3.Connection) -> None:
+        """``PRAGMA journal_mode = WAL``, retried while another process holds the file: the
+        pragma fails at once with "database is locked" instead of waiting on busy_timeout."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
 
     def _conn(self) -> sqlite3.Connection:
         if self._closed:
