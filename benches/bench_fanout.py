@@ -17,7 +17,6 @@ smoke: ``pytest benches --benchmark-disable`` (every path once, sizes scaled dow
 from __future__ import annotations
 
 import gc
-import itertools
 import statistics
 import time
 from collections.abc import AsyncIterator, Callable
@@ -25,37 +24,15 @@ from typing import Any
 
 import anyio
 import pytest
+from benches.streams import (
+    MODEL,
+    async_upstream,
+    chunks,
+    fresh_messages,
+    new_cache,
+)
 
-from chengeta_ai import CacheKeyBuilder, CacheManager, InMemoryBackend
 from chengeta_ai.layers.streaming_cache import StreamingResponseCache
-from chengeta_ai.testing import openai_chunks
-
-MODEL = "gpt-4o-2024-08-06"
-_fresh = itertools.count()
-_CHUNKS: dict[int, list[Any]] = {}
-
-
-def chunks(n: int) -> list[Any]:
-    if n not in _CHUNKS:
-        _CHUNKS[n] = openai_chunks(n - 2)
-    return _CHUNKS[n]
-
-
-def fresh_messages() -> list[dict[str, str]]:
-    return [{"role": "user", "content": f"Explain caching in 3 sentences #{next(_fresh)}"}]
-
-
-def new_cache() -> StreamingResponseCache:
-    manager = CacheManager(backend=InMemoryBackend(), key_builder=CacheKeyBuilder())
-    return StreamingResponseCache(manager, max_lag=64)
-
-
-def async_upstream(items: list[Any]) -> Callable[[Any], AsyncIterator[Any]]:
-    async def stream_fn(messages: Any) -> AsyncIterator[Any]:
-        for item in items:
-            yield item
-
-    return stream_fn
 
 
 async def fan_out_cache(cache: StreamingResponseCache, items: list[Any], k: int) -> float:
