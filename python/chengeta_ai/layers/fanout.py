@@ -1,17 +1,19 @@
-"""In-flight streams shared by every concurrent caller of one key.
+"""In-flight streams shared by every concurrent caller of one key: the sync and async drivers.
 
 A *flight* is one upstream stream being read, with a Rust `ChunkLog` holding its chunks and one
 cursor per attached consumer. The first caller of a key leads (it starts the flight); callers
 that arrive while it runs join it and replay the log from the first chunk, then follow live.
 
-Async flights (`AsyncFlight`) are pumped by a background task, so that any consumer (the
-leader included) can be cancelled at any moment without disturbing the upstream read the
-others depend on. Sync flights (`SyncFlight`) are pumped cooperatively: whichever thread needs
-the next chunk and finds nobody pulling pulls it; a sync consumer leaves only between chunks.
+What a flight *is* (running, finishing, cancelling, failed, done) lives in one state machine,
+`flight_state.FlightState`, changed under the flight table's lock; its transitions return the
+actions to perform, which the drivers here carry out after releasing the lock:
 
-Flights belong to one event loop (async) or to the threads of the process (sync): an async
-caller never joins a sync flight or a flight of another loop, because waiting across them
-would need a thread per waiter. Both kinds share the bookkeeping in `FlightCore`.
+- `AsyncFlight` is pumped by a background task, so that any consumer (the leader included) can
+  be cancelled at any moment without disturbing the upstream read the others depend on.
+- `SyncFlight` is pumped cooperatively: whichever thread needs the next chunk and finds nobody
+  pulling pulls it; a sync consumer leaves only between chunks.
+
+Both share `Flight`: the log, the encoder, the store decision, the consumer's next batch.
 """
 
 from __future__ import annotations
@@ -21,71 +23,182 @@ import inspect
 import logging
 import threading
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
+from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
 from chengeta_ai._core import ChunkLog
-from chengeta_ai.core.cache_manager import frame
+from chengeta_ai.core.cache_manager import CacheManager, _Counters, frame
 from chengeta_ai.errors import ChengetaError, ConsumerLagged
+from chengeta_ai.layers.flight_state import (
+    CANCEL,
+    CLOSE_LOG,
+    DRAIN,
+    RELEASE,
+    STORE,
+    WAKE,
+    AbandonPolicy,
+    FlightState,
+    Phase,
+)
+from chengeta_ai.layers.flights import FlightTable, Slot
+from chengeta_ai.serializers import ChunkSink, Serializer
 
-if TYPE_CHECKING:
-    from chengeta_ai.layers.streaming_cache import StreamingResponseCache
-
-__all__ = ["AsyncFlight", "FlightCore", "SyncFlight"]
+__all__ = ["AsyncFlight", "Flight", "FlightSettings", "SyncFlight"]
 
 logger = logging.getLogger("chengeta_ai")
 
 SlowConsumerPolicy = Literal["wait", "detach"]
-AbandonPolicy = Literal["cancel", "finish"]
 
 #: Chunks handed to a consumer per read of the log (one Rust call).
 READ_BATCH = 256
 #: A pump that was never held back yields to the event loop at least this often.
 CHECKPOINT_EVERY = 64
-#: Streams longer than this are finished (encoded, framed) in a worker thread, off the loop.
+#: Streams longer than this are finished (checked, encoded, framed) in a worker thread.
 ENTRY_IN_THREAD_ABOVE = 1000
 #: Seconds the end-of-stream store may take before it is abandoned (consumers wait for it).
 STORE_TIMEOUT = 10.0
 #: Size accounted for a chunk the serializer could not encode.
 UNENCODED_CHUNK_BYTES = 256
+#: Reasons a stream is not stored that are counted as ``not_stored_<reason>`` and logged
+#: (an upstream error and an abandoned stream have counters of their own).
+_COUNTED_REASONS = frozenset(
+    {"unserializable", "oversized", "incomplete", "backend_error", "interrupted"}
+)
 
 
-class FlightCore:
-    """What sync and async flights share: the log, the encoder, the store decision, stats."""
+@dataclass(frozen=True, slots=True)
+class FlightSettings:
+    """Everything a flight needs from the cache that owns it (so it never reaches back)."""
+
+    table: FlightTable
+    manager: CacheManager
+    serializer: Serializer
+    #: Encodes a pristine copy of the chunks for a `chunk_joiner` (None: no joiner).
+    copy_serializer: Serializer | None
+    chunk_joiner: Callable[[list[Any]], Any] | None
+    is_complete: Callable[[list[Any]], bool]
+    max_lag: int
+    max_entry_bytes: int | None
+    slow_consumer: SlowConsumerPolicy
+    on_abandon: AbandonPolicy
+    counters: _Counters
+
+
+class Flight:
+    """What sync and async flights share: the log, the encoder, the store decision."""
 
     def __init__(
-        self,
-        cache: StreamingResponseCache,
-        slot: tuple[object, str],
-        ttl: float | None,
-        tags: tuple[str, ...],
+        self, settings: FlightSettings, slot: Slot, ttl: float | None, tags: tuple[str, ...]
     ) -> None:
-        self.cache = cache
+        self.settings = settings
+        self.count = settings.counters.add
         self.slot = slot
         self.key = slot[1]
         self.ttl = ttl
         self.tags = tags
-        self.log = ChunkLog(cache.max_lag, cache.max_entry_bytes)
-        self.encoder: Any = None
-        self.storable = True
-        self.error: BaseException | None = None
+        self.state = FlightState(settings.on_abandon)
+        self.log = ChunkLog(settings.max_lag, settings.max_entry_bytes)
+        # The stored bytes are encoded as each chunk arrives, before any consumer sees it, so
+        # a consumer that edits its chunk objects never changes what is stored. With a joiner,
+        # a compact copy is kept instead and the joiner is given objects decoded from it.
+        copy = settings.copy_serializer
+        self.encoder: ChunkSink | None = (
+            copy.stream_encoder() if copy is not None else settings.serializer.stream_encoder()
+        )
         self._error_tb: TracebackType | None = None
-        self.finished = False
-        self.abandoned = False
-        #: False once abandoned under on_abandon="cancel": callers wait for it to wind down
-        #: (its upstream closed) and then lead their own, so that a key never has two.
-        self.joinable = True
-        if cache.chunk_joiner is None:
-            self.encoder = cache.serializer.stream_encoder()
+        self._stored_chunks = 0
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.key} {self.state!r} chunks={self.log.end}>"
+
+    # -- the state machine: transitions under the table lock, actions after it --------------
+
+    def transition(self, step: Callable[[], int], detail: str = "") -> int:
+        """Runs one `FlightState` transition under the table lock; counts and logs a new
+        reason not to store; returns the actions the caller must perform."""
+        state = self.state
+        with self.settings.table.lock:
+            before = state.not_stored
+            actions = step()
+            reason = state.not_stored if before is None else None
+        if reason in _COUNTED_REASONS:
+            self.count(f"not_stored_{reason}")
+            logger.warning(
+                "chengeta_ai: stream %s will not be cached (%s)%s",
+                self.key,
+                reason,
+                f": {detail}" if detail else "",
+            )
+        if actions & CANCEL:
+            self.count("abandoned_cancelled")
+        elif actions & DRAIN:
+            self.count("abandoned_finished")
+        return actions
+
+    def perform(self, actions: int) -> None:
+        """Carries out the actions that need no waiting (``STORE`` is the pump's own step)."""
+        if actions & CANCEL:
+            self.cancel_upstream()
+        if actions & DRAIN:
+            self.drain()
+        if actions & CLOSE_LOG:
+            self.log.close()
+        if actions & RELEASE:
+            self.settings.table.release(self)
+        if actions & WAKE:
+            self.wake()
+
+    def cancel_upstream(self) -> None:
+        raise NotImplementedError
+
+    def drain(self) -> None:
+        raise NotImplementedError
+
+    def wake(self) -> None:
+        raise NotImplementedError
+
+    def on_released(self) -> None:
+        raise NotImplementedError
+
+    def start(self, stream_fn: Callable[[Any], Any], messages: Any) -> None:
+        """Arranges for the upstream to be read (the leader calls this once)."""
+        raise NotImplementedError
+
+    def fail(self, exc: BaseException) -> int:
+        """The upstream raised ``exc`` (any `BaseException`) or its read was interrupted:
+        every consumer will re-raise it. Returns the actions to perform."""
+        if isinstance(exc, GeneratorExit):
+            # re-raised in another frame it would read as that generator being closed
+            wrapped = ChengetaError(f"the upstream of {self.key} raised GeneratorExit")
+            wrapped.__cause__ = exc
+            exc = wrapped
+        self._error_tb = exc.__traceback__
+        actions = self.transition(lambda: self.state.upstream_failed(exc))
+        if actions:
+            self.count("upstream_errors")
+        return actions
+
+    def start_failed(self, exc: BaseException, consumer: int) -> None:
+        """The leader could not start the flight (a closed task group): nobody may join it."""
+        self.perform(self.fail(exc))
+        self.log.detach(consumer)
+
+    def raise_error(self) -> None:
+        """Re-raises the upstream's exception in a consumer, with the upstream's traceback:
+        not one grown by every consumer that re-raised the same object before."""
+        error = self.state.error
+        assert error is not None
+        raise error.with_traceback(self._error_tb)
 
     # -- per chunk ----------------------------------------------------------------------------
 
     def append(self, chunk: Any) -> None:
-        """Encodes (when storing chunk by chunk) and appends one upstream chunk to the log."""
+        """Encodes (for the store) and appends one upstream chunk to the log."""
         nbytes = UNENCODED_CHUNK_BYTES
         encoder = self.encoder
         if encoder is not None:
@@ -95,105 +208,121 @@ class FlightCore:
                 nbytes = encoder.nbytes - before
             except Exception as exc:  # a cache failure: the chunk is still delivered
                 self.encoder = None
-                self.not_stored("unserializable", f"chunk {self.log.end} cannot be encoded: {exc}")
+                self._cannot_encode(exc)
         if self.log.push(chunk, nbytes):
-            # Over max_entry_bytes: no longer retained whole, so never stored; new callers of
-            # the key start their own upstream instead of joining a stream they cannot replay.
-            self.not_stored(
-                "oversized", f"stream exceeded max_entry_bytes={self.cache.max_entry_bytes}"
+            self.perform(
+                self.transition(
+                    self.state.overflowed,
+                    f"stream exceeded max_entry_bytes={self.settings.max_entry_bytes}",
+                )
             )
-            self.cache.release_slot(self)
 
-    def try_abandon(self) -> bool:
-        """After a consumer left: True if none remain and the flight is now abandoned.
+    def _cannot_encode(self, exc: Exception) -> None:
+        if self.settings.copy_serializer is not None:
+            # the joiner gets the live objects instead of a pristine copy
+            logger.debug("chengeta_ai: no pristine copy of %s for the joiner: %s", self.key, exc)
+            return
+        self.transition(
+            lambda: self.state.keep_from_store("unserializable"),
+            f"chunk {self.log.end} cannot be encoded: {exc}",
+        )
 
-        Decided under the cache's flight lock, the lock joiners attach under, so a caller
-        either joined before (and the flight goes on) or sees it abandoned.
-        """
-        with self.cache.flights_lock:
-            if self.log.consumers or self.log.closed or self.abandoned or self.finished:
-                return False
-            self.abandoned = True
-            if self.cache.on_abandon == "cancel":
-                self.joinable = False
-            return True
+    # -- per consumer -------------------------------------------------------------------------
 
-    def mark_released(self) -> None:
-        """Called once the flight no longer occupies its key's slot."""
-        raise NotImplementedError
+    def next_batch(self, consumer: int) -> list[Any] | None:
+        """The consumer's next chunks; ``[]`` at the end of the stream, None when it must wait
+        for more. Raises the upstream's error after the last chunk, `ConsumerLagged` if the
+        consumer's next chunk was dropped."""
+        log = self.log
+        try:
+            batch = log.read(consumer, READ_BATCH)
+            if batch:
+                return batch
+            if not log.closed:
+                return None
+            # closed after the read above: what was pushed before the close is still there
+            batch = log.read(consumer, READ_BATCH)
+        except ConsumerLagged:
+            self.count("lag_errors")
+            raise
+        if batch:
+            return batch
+        if self.state.error is not None:
+            self.raise_error()
+        return batch
 
-    def start(self, stream_fn: Callable[[Any], Any], messages: Any) -> None:
-        """Arranges for the upstream to be read (the leader calls this once)."""
-        raise NotImplementedError
+    def consumer_left(self, consumer: int, delivered: int) -> int:
+        """Detaches a consumer; returns the actions (abandoning the flight if it was the last)."""
+        self.count("chunks_delivered", delivered)
+        log = self.log
+        log.detach(consumer)
+        # the count is read under the lock joiners attach under: a caller that joined just now
+        # keeps the flight going
+        return self.transition(lambda: self.state.consumer_left(log.consumers))
 
     def release_laggards(self) -> bool:
         """Under the "detach" policy, stops the slowest consumers from holding the upstream
         back; True if any were released."""
-        if self.cache.slow_consumer != "detach":
+        if self.settings.slow_consumer != "detach":
             return False
         released = self.log.release_slowest()
         if released:
-            self.cache.count("detaches", released)
+            self.count("detaches", released)
         return released > 0
-
-    def _read(self, consumer: int) -> list[Any]:
-        """The consumer's next batch from the log; counts a `ConsumerLagged` on its way out."""
-        try:
-            return self.log.read(consumer, READ_BATCH)
-        except ConsumerLagged:
-            self.cache.count("lag_errors")
-            raise
-
-    def not_stored(self, reason: str, detail: str) -> None:
-        if self.storable:
-            self.storable = False
-            self.cache.count(f"not_stored_{reason}")
-            logger.warning("chengeta_ai: stream %s will not be cached: %s", self.key, detail)
 
     # -- end of stream ------------------------------------------------------------------------
 
-    def entry(self) -> bytes | None:
-        """The framed entry to store for a stream that ended normally, or None."""
-        if not self.storable or (self.abandoned and self.cache.on_abandon == "cancel"):
-            return None
+    def prepare_entry(self) -> tuple[bool, bytes | None]:
+        """At the upstream's end: ``(complete, framed entry or None)``. Pure computation (the
+        async driver runs it in a worker thread for long streams)."""
+        settings = self.settings
+        chunks = self.log.snapshot()
+        if chunks is None:  # the log no longer holds the stream's start: not stored anyway
+            return True, None
         try:
-            if self.encoder is not None:
-                payload = self.encoder.finish()
-                chunks = self.log.end
-            else:
-                snapshot = self.log.snapshot()
-                if snapshot is None:
-                    return None
-                chunks = len(snapshot)
-                joiner = self.cache.chunk_joiner
-                value = joiner(list(snapshot)) if joiner is not None else list(snapshot)
-                payload = self.cache.serializer.dumps(value)
+            complete = bool(settings.is_complete(chunks))
         except Exception as exc:
-            self.not_stored("unserializable", f"cannot encode the stream: {exc}")
-            return None
-        data = self.cache.manager.fit(self.key, frame(payload))
-        if data is not None:
-            self.stored_chunks = chunks
-        return data
+            logger.warning("chengeta_ai: is_complete raised for %s: %r", self.key, exc)
+            complete = False
+        if not complete or self.state.not_stored is not None:
+            return complete, None
+        try:
+            encoder = self.encoder
+            joiner = settings.chunk_joiner
+            if joiner is None:
+                assert encoder is not None  # storable: every chunk was encoded
+                payload = encoder.finish()
+            else:
+                copy = settings.copy_serializer
+                if encoder is not None and copy is not None:
+                    pristine = copy.loads(encoder.finish())
+                else:
+                    pristine = list(chunks)
+                payload = settings.serializer.dumps(joiner(pristine))
+        except Exception as exc:
+            self.transition(
+                lambda: self.state.keep_from_store("unserializable"),
+                f"cannot encode the stream: {exc}",
+            )
+            return complete, None
+        data = settings.manager.fit(self.key, frame(payload))
+        if data is None:
+            self.transition(lambda: self.state.keep_from_store("oversized"))
+        self._stored_chunks = len(chunks)
+        return complete, data
 
-    def stored(self, ok: bool, data: bytes) -> None:
+    def store_outcome(self, ok: bool, data: bytes) -> int:
         if ok:
-            self.cache.count("stores")
-            self.cache.count("stored_bytes", len(data))
-            self.cache.count("stored_chunks", self.stored_chunks)
+            self.count("stores")
+            self.count("stored_bytes", len(data))
+            self.count("stored_chunks", self._stored_chunks)
         else:
-            self.cache.count("not_stored_backend_error")
+            self.count("not_stored_backend_error")
+        return self.transition(self.state.stored)
 
-    def fail(self, exc: BaseException) -> None:
-        self.error = exc
-        self._error_tb = exc.__traceback__
-        self.cache.count("upstream_errors")
-
-    def raise_error(self) -> None:
-        """Re-raises the upstream's exception in a consumer, with the upstream's traceback:
-        not one grown by every consumer that re-raised the same object before."""
-        assert self.error is not None
-        raise self.error.with_traceback(self._error_tb)
+    def give_up_store(self, reason: str) -> int:
+        """The end-of-stream step was interrupted or timed out: end without storing."""
+        return self.transition(lambda: self.state.store_aborted(reason))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,26 +367,26 @@ async def _aclose_upstream(upstream: Any) -> None:
         if closer is None:
             continue
         try:
-            result = closer()
-            if inspect.isawaitable(result):
-                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                result = closer()
+                if inspect.isawaitable(result):
                     await result
         except Exception as exc:
             logger.debug("chengeta_ai: closing upstream raised %r", exc)
         return
 
 
-class AsyncFlight(FlightCore):
+class AsyncFlight(Flight):
     """A flight on one event loop, pumped by a background task."""
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self._data: anyio.Event | None = None
         self._space: anyio.Event | None = None
-        self._scope: anyio.CancelScope | None = None
+        self._scope = anyio.CancelScope()
         self._released = anyio.Event()
 
-    def mark_released(self) -> None:
+    def on_released(self) -> None:
         self._released.set()
 
     async def wait_released(self) -> None:
@@ -275,6 +404,17 @@ class AsyncFlight(FlightCore):
         if ev is not None:
             ev.set()
 
+    def wake(self) -> None:
+        self._wake_data()
+        self._wake_space()
+
+    def cancel_upstream(self) -> None:
+        # the pump closes the upstream on its way out, then reports upstream_closed()
+        self._scope.cancel()
+
+    def drain(self) -> None:
+        self._wake_space()  # nobody holds the pump back any more
+
     async def _wait_data(self) -> None:
         if self._data is None:
             self._data = anyio.Event()
@@ -286,54 +426,60 @@ class AsyncFlight(FlightCore):
         await self._space.wait()
 
     def start(self, stream_fn: Callable[[Any], Any], messages: Any) -> None:
-        self._scope = anyio.CancelScope()
-        self.cache.spawn(self._run, stream_fn, messages)
+        self.settings.table.spawn(self._run, stream_fn, messages)
 
     async def _run(self, stream_fn: Callable[[Any], Any], messages: Any) -> None:
-        # A background task: upstream errors go to the consumers, never out of this task (a
-        # trio system task must not raise); only an outside cancellation propagates.
+        # A background task: upstream errors of every kind go to the consumers, never out of
+        # this task (a trio system task must not raise); only an outside cancellation
+        # propagates, after the consumers were told.
         upstream: Any = None
-        assert self._scope is not None
+        ended = False
+        cancelled_from_outside: BaseException | None = None
         try:
             with self._scope:
                 upstream = await _open_upstream(stream_fn, messages)
                 if not hasattr(upstream, "__anext__"):
                     upstream = _aiter_plain(upstream)
                 await self._pump(upstream)
-                self.finished = True
-            if self.finished:
-                # Consumers already have every chunk; their stream ends once the entry is
-                # stored, so that a loop shut down right after still keeps it.
-                with anyio.CancelScope(shield=True) as store_scope:
-                    store_scope.deadline = anyio.current_time() + STORE_TIMEOUT
-                    if self.log.end > ENTRY_IN_THREAD_ABOVE:
-                        # finishing a long stream (zstd, checksum, a joiner) takes milliseconds
-                        data = await anyio.to_thread.run_sync(self.entry)
-                    else:
-                        data = self.entry()
-                    if data is not None:
-                        ok = await self.cache.manager.aset_raw(self.key, data, self.ttl, self.tags)
-                        self.stored(ok, data)
-                if store_scope.cancelled_caught:
-                    self.cache.count("not_stored_backend_error")
-                    logger.warning(
-                        "chengeta_ai: storing %s took over %s s; skipped", self.key, STORE_TIMEOUT
-                    )
-            elif self.abandoned:
-                self.cache.count("abandoned_cancelled")
-        except anyio.get_cancelled_exc_class():
-            # Cancelled from outside (the cache's task group closing, the run ending): the
-            # consumers get a clear error, the cancellation goes on.
-            self.fail(ChengetaError(f"the upstream read for {self.key} was cancelled"))
-            raise
-        except Exception as exc:  # upstream failure: every consumer re-raises it
-            self.fail(exc)
-        finally:
-            if upstream is not None and not self.finished:
+                # An upstream that swallowed the cancellation of its read "ends" here: it did
+                # not end on its own, so it is not complete.
+                await anyio.lowlevel.checkpoint_if_cancelled()
+                ended = True
+        except anyio.get_cancelled_exc_class() as exc:
+            # Cancelled from outside (the cache's task group closing, the run ending).
+            cancelled_from_outside = exc
+            self.perform(self.fail(ChengetaError(f"the upstream read of {self.key} was cancelled")))
+        except BaseException as exc:  # any upstream failure: every consumer re-raises it
+            self.perform(self.fail(exc))
+        if ended:
+            await self._finish()
+        else:
+            if upstream is not None:
                 await _aclose_upstream(upstream)
-            self.log.close()
-            self.cache.release_slot(self)
-            self._wake_data()
+            # a flight cancelled because it was abandoned frees its key only now
+            self.perform(self.transition(self.state.upstream_closed))
+        if cancelled_from_outside is not None:
+            raise cancelled_from_outside
+
+    async def _finish(self) -> None:
+        """Checks and stores a stream that ended; consumers' streams end once it is stored,
+        so that a loop shut down right after still keeps it."""
+        actions = 0
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = anyio.current_time() + STORE_TIMEOUT
+            if self.log.end > ENTRY_IN_THREAD_ABOVE:
+                # checking and encoding a long stream takes milliseconds: off the loop
+                complete, data = await anyio.to_thread.run_sync(self.prepare_entry)
+            else:
+                complete, data = self.prepare_entry()
+            actions = self.transition(lambda: self.state.upstream_ended(complete))
+            if actions & STORE:
+                assert data is not None
+                ok = await self.settings.manager.aset_raw(self.key, data, self.ttl, self.tags)
+                actions = self.store_outcome(ok, data)
+        if scope.cancelled_caught:
+            actions |= self.give_up_store("backend_error")
+        self.perform(actions)
 
     async def _pump(self, upstream: Any) -> None:
         since_checkpoint = 0
@@ -365,52 +511,37 @@ class AsyncFlight(FlightCore):
             await self._wait_space()
         return waited
 
-    def abandon(self) -> None:
-        """The last consumer left before the end: cancel the pump, or let it finish."""
-        if self.cache.on_abandon == "cancel":
-            if self._scope is not None:
-                self._scope.cancel()
-        else:
-            self.cache.count("abandoned_finished")
-            self._wake_space()
-
     async def consume(self, consumer: int) -> AsyncGenerator[list[Any], None]:
         """Yields every chunk from the first, in batches, following the pump; raises the
         upstream's error at the end. (Batches: one async-generator hop per batch, not per
         chunk; the caller's generator yields the chunks.)"""
-        log = self.log
-        acked_batch = False
         delivered = 0
+        acked = False
         try:
             while True:
-                batch = self._read(consumer)
-                if acked_batch:  # this read acknowledged the previous batch: maybe room now
+                batch = self.next_batch(consumer)
+                if acked:  # this read acknowledged the previous batch: maybe room now
                     self._wake_space()
-                acked_batch = bool(batch)
-                if batch:
-                    delivered += len(batch)
-                    yield batch
+                if batch is None:
+                    acked = False
+                    await self._wait_data()
                     continue
-                if log.closed:
-                    if log.available(consumer):
-                        continue
-                    if self.error is not None:
-                        self.raise_error()
+                if not batch:
                     return
-                await self._wait_data()
+                acked = True
+                delivered += len(batch)
+                yield batch
         finally:
-            self.cache.count("chunks_delivered", delivered)
-            remaining = log.detach(consumer)
+            actions = self.consumer_left(consumer, delivered)
             self._wake_space()
-            if remaining == 0 and self.try_abandon():
-                self.abandon()
+            self.perform(actions)
 
 
 # ---------------------------------------------------------------------------------------------
 # sync
 
 
-class SyncFlight(FlightCore):
+class SyncFlight(Flight):
     """A flight shared by threads, pumped by whichever consumer needs the next chunk.
 
     The pull lock makes one thread at a time read the upstream. Threads with nothing to do
@@ -430,7 +561,7 @@ class SyncFlight(FlightCore):
         self._messages: Any = None
         self._released = threading.Event()
 
-    def mark_released(self) -> None:
+    def on_released(self) -> None:
         self._released.set()
 
     def wait_released(self) -> None:
@@ -440,13 +571,31 @@ class SyncFlight(FlightCore):
         self._stream_fn = stream_fn
         self._messages = messages
 
-    def _signal(self) -> None:
+    def wake(self) -> None:
         if self._waiters:
             with self._cond:
                 self._cond.notify_all()
 
+    def cancel_upstream(self) -> None:
+        try:
+            with self._pull_lock:
+                self._close_upstream()
+        finally:
+            self.perform(self.transition(self.state.upstream_closed))
+
+    def drain(self) -> None:
+        ctx = contextvars.copy_context()
+        threading.Thread(
+            target=ctx.run, args=(self._drain,), name="chengeta-drain", daemon=True
+        ).start()
+
     def _pull_one(self) -> None:
-        """Reads one upstream chunk (or the end, or an error) into the log. Pull lock held."""
+        """Reads one upstream chunk (or the end, or an error) into the log. Pull lock held.
+
+        The read and the append are one step: whatever interrupts it (an upstream error, a
+        KeyboardInterrupt landing after ``next()`` returned) fails the flight, so that no
+        consumer and no stored entry silently misses the chunk in between.
+        """
         try:
             if self._upstream is None:
                 assert self._stream_fn is not None
@@ -458,34 +607,38 @@ class SyncFlight(FlightCore):
                     )
                 self._source = result
                 self._upstream = iter(result)
-            chunk = next(self._upstream)
+            self.append(next(self._upstream))
         except StopIteration:
-            self.finished = True
-            self.log.close()
-            self._signal()
-            try:
-                data = self.entry()
-                if data is not None:
-                    ok = self.cache.manager.set_raw(self.key, data, self.ttl, self.tags)
-                    self.stored(ok, data)
-            finally:  # even on KeyboardInterrupt: a finished flight must not keep its key
-                self.cache.release_slot(self)
-            return
+            self._finish()
         except BaseException as exc:
-            self.fail(exc)
+            actions = self.fail(exc)
             try:
                 self._close_upstream()
             finally:
-                self.log.close()
-                self.cache.release_slot(self)
-            return
-        self.append(chunk)
+                self.perform(actions)
+
+    def _finish(self) -> None:
+        actions = 0
+        try:
+            complete, data = self.prepare_entry()
+            actions = self.transition(lambda: self.state.upstream_ended(complete))
+            if actions & STORE:
+                assert data is not None
+                ok = self.settings.manager.set_raw(self.key, data, self.ttl, self.tags)
+                actions = self.store_outcome(ok, data)
+        except BaseException:
+            # interrupted while checking or storing (KeyboardInterrupt): the consumers have
+            # every chunk; the flight still ends and frees its key
+            actions |= self.give_up_store("interrupted")
+            raise
+        finally:
+            self.perform(actions)
 
     def _pull_if_room(self, consumer: int) -> bool:
         """With the pull lock held: reads the next chunk unless there is one already or the
         stream ended. False if the upstream must wait for a slow consumer."""
         log = self.log
-        if log.available(consumer) or log.closed:
+        if log.available(consumer) or log.closed or self.state.phase is not Phase.RUNNING:
             return True
         while log.headroom() == 0:
             if not self.release_laggards():
@@ -523,70 +676,46 @@ class SyncFlight(FlightCore):
                     logger.debug("chengeta_ai: closing upstream raised %r", exc)
 
     def consume(self, consumer: int) -> Iterator[Any]:
-        log = self.log
-        acked_batch = False
         delivered = 0
+        acked = False
         try:
             while True:
-                batch = self._read(consumer)
-                if acked_batch:  # this read acknowledged the previous batch: maybe room now
-                    self._signal()
-                acked_batch = bool(batch)
-                if batch:
-                    delivered += len(batch)
-                    yield from batch
+                batch = self.next_batch(consumer)
+                if acked:  # this read acknowledged the previous batch: maybe room now
+                    self.wake()
+                if batch is None:
+                    acked = False
+                    if self._pull_lock.acquire(blocking=False):
+                        try:
+                            pulled = self._pull_if_room(consumer)
+                        finally:
+                            self._pull_lock.release()
+                        self.wake()
+                        if pulled:
+                            continue
+                    self._wait(consumer)
                     continue
-                if log.closed:
-                    if log.available(consumer):
-                        continue
-                    if self.error is not None:
-                        self.raise_error()
+                if not batch:
                     return
-                if self._pull_lock.acquire(blocking=False):
-                    try:
-                        pulled = self._pull_if_room(consumer)
-                    finally:
-                        self._pull_lock.release()
-                    self._signal()
-                    if pulled:
-                        continue
-                self._wait(consumer)
+                acked = True
+                delivered += len(batch)
+                yield from batch
         finally:
-            self.cache.count("chunks_delivered", delivered)
-            remaining = log.detach(consumer)
-            self._signal()
-            if remaining == 0 and self.try_abandon():
-                self._abandon()
-
-    def _abandon(self) -> None:
-        if self.cache.on_abandon == "cancel":
-            self.cache.count("abandoned_cancelled")
-            try:
-                with self._pull_lock:
-                    try:
-                        self._close_upstream()
-                    finally:
-                        self.log.close()
-            finally:
-                self.cache.release_slot(self)
-            return
-        self.cache.count("abandoned_finished")
-        ctx = contextvars.copy_context()
-        threading.Thread(
-            target=ctx.run, args=(self._drain,), name="chengeta-drain", daemon=True
-        ).start()
+            actions = self.consumer_left(consumer, delivered)
+            self.wake()
+            self.perform(actions)
 
     def _drain(self) -> None:
         """Reads the rest of an abandoned stream (on_abandon="finish"), honouring any consumer
         that joined meanwhile."""
         log = self.log
-        while not log.closed:
+        while not log.closed and self.state.phase is Phase.RUNNING:
             with self._pull_lock:
-                if log.closed:
+                if log.closed or self.state.phase is not Phase.RUNNING:
                     break
                 pulled = log.headroom() > 0 or self.release_laggards()
                 if pulled:
                     self._pull_one()
-            self._signal()
+            self.wake()
             if not pulled:
                 self._wait(None)

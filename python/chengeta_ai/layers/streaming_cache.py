@@ -13,9 +13,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any
@@ -23,25 +20,25 @@ from typing import Any
 import anyio
 import anyio.abc
 import anyio.lowlevel
-import sniffio
 
 from chengeta_ai.core.cache_manager import CacheManager, _Counters, check_tags, unframe
 from chengeta_ai.errors import DecodeError
+from chengeta_ai.layers.completeness import sdk_stream_complete
 from chengeta_ai.layers.fanout import (
     READ_BATCH,
-    AbandonPolicy,
     AsyncFlight,
-    FlightCore,
+    FlightSettings,
     SlowConsumerPolicy,
     SyncFlight,
     _aclose_upstream,
     _open_upstream,
 )
-from chengeta_ai.serializers import Serializer
+from chengeta_ai.layers.flight_state import AbandonPolicy
+from chengeta_ai.layers.flights import SYNC_SCOPE, FlightTable, current_loop_scope
+from chengeta_ai.serializers import CompactSerializer, Serializer
 
 __all__ = ["StreamingResponseCache"]
 
-_SYNC = "sync"
 #: Chunks decoded per turn of the event loop on an async hit (~0.3 ms of work).
 ASYNC_REPLAY_BATCH = 64
 
@@ -66,6 +63,10 @@ class StreamingResponseCache:
         max_entry_bytes: bound on an in-flight stream's retained log and on stored entries;
             defaults to the manager's (16 MiB).
         task_group: an anyio task group to run background pumps in (see ``async with``).
+        is_complete: ``is_complete(chunks) -> bool``, whether a stream that ended without error
+            is whole and may be stored; the default knows the OpenAI and Anthropic SDK stream
+            types (their terminal events) and takes any other stream as complete (see
+            `chengeta_ai.layers.completeness`).
     """
 
     def __init__(
@@ -79,11 +80,14 @@ class StreamingResponseCache:
         on_abandon: AbandonPolicy = "cancel",
         max_entry_bytes: int | None = None,
         task_group: anyio.abc.TaskGroup | None = None,
+        is_complete: Callable[[list[Any]], bool] | None = None,
     ) -> None:
         if not isinstance(manager, CacheManager):
             raise TypeError(f"manager must be a CacheManager, got {type(manager).__name__}")
         if chunk_joiner is not None and not callable(chunk_joiner):
             raise TypeError("chunk_joiner must be callable or None")
+        if is_complete is not None and not callable(is_complete):
+            raise TypeError("is_complete must be callable or None")
         if isinstance(max_lag, bool) or not isinstance(max_lag, int) or max_lag < 1:
             raise ValueError(f"max_lag must be an int >= 1, got {max_lag!r}")
         if slow_consumer not in ("wait", "detach"):
@@ -99,11 +103,8 @@ class StreamingResponseCache:
         self.max_entry_bytes = (
             max_entry_bytes if max_entry_bytes is not None else manager.max_entry_bytes
         )
-        self._task_group = task_group
-        self._own_task_group: anyio.abc.TaskGroup | None = None
-        self._asyncio_tasks: set[asyncio.Task[Any]] = set()
-        self._flights: dict[tuple[object, str], FlightCore] = {}
-        self.flights_lock = threading.Lock()
+        #: In-flight streams by (sync or event loop, key), and where their pumps run.
+        self.flights = FlightTable(task_group)
         self._counters = _Counters(
             "hits",
             "misses",
@@ -119,11 +120,28 @@ class StreamingResponseCache:
             "upstream_errors",
             "not_stored_unserializable",
             "not_stored_oversized",
+            "not_stored_incomplete",
             "not_stored_backend_error",
+            "not_stored_interrupted",
             "abandoned_cancelled",
             "abandoned_finished",
             "detaches",
             "lag_errors",
+        )
+        self._flight_settings = FlightSettings(
+            table=self.flights,
+            manager=manager,
+            serializer=self.serializer,
+            # a joiner is given objects decoded from a compact copy taken before any consumer
+            # could edit them (see Flight.prepare_entry)
+            copy_serializer=CompactSerializer() if chunk_joiner is not None else None,
+            chunk_joiner=chunk_joiner,
+            is_complete=is_complete if is_complete is not None else sdk_stream_complete,
+            max_lag=max_lag,
+            max_entry_bytes=self.max_entry_bytes,
+            slow_consumer=slow_consumer,
+            on_abandon=on_abandon,
+            counters=self._counters,
         )
 
     def __repr__(self) -> str:
@@ -138,58 +156,15 @@ class StreamingResponseCache:
         """Counters: hits, misses, joins, streams_led, stores, stored_bytes, stored_chunks,
         chunks_delivered, detaches, abandons, lag errors, ...; ``manager``: the manager's."""
         out: dict[str, Any] = dict(self._counters.snapshot())
-        out["in_flight"] = len(self._flights)
+        out["in_flight"] = len(self.flights)
         out["manager"] = self.manager.stats()
         return out
-
-    def release_slot(self, flight: FlightCore) -> None:
-        """Stops new callers from joining ``flight`` (it ended, failed, overflowed or was
-        abandoned)."""
-        with self.flights_lock:
-            if self._flights.get(flight.slot) is flight:
-                del self._flights[flight.slot]
-        flight.mark_released()
-
-    def _join_or_lead(
-        self, slot: tuple[object, str], make: Callable[[], FlightCore]
-    ) -> tuple[FlightCore, int | None, bool]:
-        """Joins the key's flight, or starts one; ``(flight, None, False)`` means the key's
-        flight is winding down after being abandoned: wait for its release, then retry."""
-        with self.flights_lock:
-            flight = self._flights.get(slot)
-            if flight is not None:
-                if not flight.joinable:
-                    return flight, None, False
-                consumer = flight.log.attach()
-                if consumer is not None:
-                    return flight, consumer, False
-            flight = make()
-            consumer = flight.log.attach()
-            assert consumer is not None
-            self._flights[slot] = flight
-            return flight, consumer, True
-
-    def _start(
-        self, flight: FlightCore, consumer: int, stream_fn: Callable[[Any], Any], messages: Any
-    ) -> None:
-        """Starts a flight the caller leads; if that fails (a closed task group), the flight is
-        failed and released at once, so no later caller joins a stream nobody pumps."""
-        try:
-            flight.start(stream_fn, messages)
-        except BaseException as exc:
-            flight.fail(exc)
-            flight.log.detach(consumer)
-            flight.log.close()
-            self.release_slot(flight)
-            raise
 
     # -- background tasks --------------------------------------------------------------------
 
     async def __aenter__(self) -> StreamingResponseCache:
         """Runs background pumps in a task group owned by this block (structured concurrency)."""
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
-        self._own_task_group = tg
+        await self.flights.open_task_group()
         return self
 
     async def __aexit__(
@@ -198,32 +173,9 @@ class StreamingResponseCache:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        tg, self._own_task_group = self._own_task_group, None
-        assert tg is not None
-        tg.cancel_scope.cancel()
-        # the body's own exception propagates unchanged (not wrapped in an ExceptionGroup):
-        # pumps never raise anything but the cancellation this scope catches
-        await tg.__aexit__(None, None, None)
+        # the body's own exception propagates unchanged (not wrapped in an ExceptionGroup)
+        await self.flights.close_task_group()
         return None
-
-    def spawn(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Starts a pump: in the given or owned task group, else as a loop-level task
-        (asyncio) or a trio system task, which ends with ``trio.run``."""
-        tg = self._task_group or self._own_task_group
-        if tg is not None:
-            tg.start_soon(fn, *args)
-            return
-        library = sniffio.current_async_library()
-        if library == "asyncio":
-            task = asyncio.get_running_loop().create_task(fn(*args))
-            self._asyncio_tasks.add(task)
-            task.add_done_callback(self._asyncio_tasks.discard)
-        elif library == "trio":
-            import trio
-
-            trio.lowlevel.spawn_system_task(fn, *args, context=contextvars.copy_context())
-        else:  # pragma: no cover - anyio supports only these two
-            raise RuntimeError(f"unsupported async library {library!r}")
 
     # -- the public twins --------------------------------------------------------------------
 
@@ -298,10 +250,8 @@ class StreamingResponseCache:
                 if closer is not None:
                     closer()
             return
-        slot = (_SYNC, key)
-        with self.flights_lock:
-            joining = slot in self._flights
-        if not joining:
+        slot = (SYNC_SCOPE, key)
+        if slot not in self.flights:
             raw = self.manager.get_raw(key)
             if raw is not None:
                 try:
@@ -313,21 +263,21 @@ class StreamingResponseCache:
                     self.count("hits")
                     yield from self._replay(key, batches)
                     return
+        settings = self._flight_settings
         while True:
-            flight, consumer, leads = self._join_or_lead(
-                slot, lambda: SyncFlight(self, slot, ttl, tags)
+            flight, consumer, leads = self.flights.join_or_lead(
+                slot, lambda: SyncFlight(settings, slot, ttl, tags)
             )
+            assert isinstance(flight, SyncFlight)
             if consumer is not None:
                 break
-            assert isinstance(flight, SyncFlight)
             flight.wait_released()
         if leads:
             self.count("misses")
             self.count("streams_led")
-            self._start(flight, consumer, stream_fn, messages)
+            flight.start(stream_fn, messages)
         else:
             self.count("joins")
-        assert isinstance(flight, SyncFlight)
         yield from flight.consume(consumer)
 
     def _replay(self, key: str, batches: Iterator[list[Any]]) -> Iterator[Any]:
@@ -387,8 +337,8 @@ class StreamingResponseCache:
             finally:
                 await _aclose_upstream(upstream)
             return
-        slot = (_loop_token(), key)
-        if slot not in self._flights:
+        slot = (current_loop_scope(), key)
+        if slot not in self.flights:
             raw = await self.manager.aget_raw(key)
             if raw is not None:
                 try:
@@ -413,9 +363,10 @@ class StreamingResponseCache:
                     finally:
                         self.count("chunks_replayed", replayed)
                     return
+        settings = self._flight_settings
         while True:
-            flight, consumer, leads = self._join_or_lead(
-                slot, lambda: AsyncFlight(self, slot, ttl, tag_tuple)
+            flight, consumer, leads = self.flights.join_or_lead(
+                slot, lambda: AsyncFlight(settings, slot, ttl, tag_tuple)
             )
             assert isinstance(flight, AsyncFlight)
             if consumer is not None:
@@ -424,7 +375,11 @@ class StreamingResponseCache:
         if leads:
             self.count("misses")
             self.count("streams_led")
-            self._start(flight, consumer, stream_fn, messages)
+            try:
+                flight.start(stream_fn, messages)
+            except BaseException as exc:  # a closed task group: nobody may join a dead flight
+                flight.start_failed(exc, consumer)
+                raise
         else:
             self.count("joins")
         consume = flight.consume(consumer)
@@ -435,12 +390,3 @@ class StreamingResponseCache:
         finally:
             # close the inner generator now (it detaches the consumer), not at garbage collection
             await consume.aclose()
-
-
-def _loop_token() -> object:
-    """Identifies the running event loop (flights never cross loops)."""
-    if sniffio.current_async_library() == "trio":
-        import trio
-
-        return trio.lowlevel.current_trio_token()
-    return asyncio.get_running_loop()

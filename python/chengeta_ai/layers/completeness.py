@@ -1,0 +1,56 @@
+"""When is a stream complete? Only a complete stream is stored.
+
+An HTTP stream that the server (or a proxy) ends cleanly half way looks, to the SDK, like a
+normal end: no error, just fewer chunks. For the SDK types we know, a stream is complete only
+when it carries its terminal event:
+
+- OpenAI Chat Completions (`ChatCompletionChunk`) and Completions (`Completion`): every choice
+  that appeared has a ``finish_reason``;
+- OpenAI Responses events: the last event is ``response.completed`` (or ``response.incomplete``,
+  the API's own deterministic end for a request cut by ``max_output_tokens``);
+- Anthropic Messages events: the last event is ``message_stop``.
+
+An empty stream is never complete. Any other chunk type (strings, dicts, your own classes) is
+complete when its upstream ends without error: pass ``is_complete=`` to
+`StreamingResponseCache` to say otherwise. The SDKs are recognised by module name, never
+imported here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["sdk_stream_complete"]
+
+_RESPONSES_DONE = frozenset({"response.completed", "response.incomplete"})
+
+
+def sdk_stream_complete(chunks: Sequence[Any]) -> bool:
+    """The default completeness rule (see the module docstring)."""
+    if not chunks:
+        return False
+    last = chunks[-1]
+    module = type(last).__module__
+    if module.startswith("openai."):
+        if module.startswith("openai.types.responses"):
+            return getattr(last, "type", None) in _RESPONSES_DONE
+        if hasattr(last, "choices"):
+            return _every_choice_finished(chunks)
+        return True
+    if module.startswith("anthropic."):
+        return getattr(last, "type", None) == "message_stop"
+    return True
+
+
+def _every_choice_finished(chunks: Sequence[Any]) -> bool:
+    """Every choice index seen has a finish_reason (a trailing usage chunk has no choices)."""
+    seen: set[int] = set()
+    finished: set[int] = set()
+    for chunk in chunks:
+        for choice in getattr(chunk, "choices", None) or ():
+            index = choice.index
+            seen.add(index)
+            if choice.finish_reason is not None:
+                finished.add(index)
+    return bool(finished) and seen <= finished

@@ -1,0 +1,176 @@
+"""The lifecycle of one in-flight stream, as one state machine with no I/O.
+
+Every transition is a method called with the flight table's lock held. It changes the state and
+*returns* the actions the caller must perform once the lock is released (the way httpcore's
+connection pool and anyio's memory-stream state work): the sync and async drivers in `fanout`
+only carry those actions out, so they cannot disagree about what a flight is doing.
+
+States::
+
+    RUNNING ──ended(complete, storable)──▶ FINISHING ──stored()──▶ DONE
+       │  └──ended(incomplete or not storable)───────────────────▶ DONE
+       ├──failed(exc)────────────────────────────────────────────▶ FAILED
+       └──last consumer left, on_abandon="cancel"──▶ CANCELLING ──upstream_closed()──▶ DONE
+
+- RUNNING: the upstream is being read. Joinable while the log holds the whole stream.
+- FINISHING: the upstream ended complete; the entry is being stored. Still joinable (the log is
+  whole); consumers' streams end once it is stored, so a process that exits right after keeps it.
+- CANCELLING: abandoned under ``on_abandon="cancel"``; its upstream is being closed. It keeps its
+  key (a key never has two upstreams) but nobody may join it: callers wait for its release.
+- FAILED: the upstream raised; every consumer re-raises the error. Nothing is stored.
+- DONE: over; consumers drain what the log holds.
+
+A flight occupies its key's slot in the table from its creation until an action ``RELEASE``;
+``storable`` is orthogonal: the first reason a stream cannot be stored is kept in ``not_stored``.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Literal
+
+__all__ = [
+    "CANCEL",
+    "CLOSE_LOG",
+    "DRAIN",
+    "RELEASE",
+    "STORE",
+    "WAKE",
+    "FlightState",
+    "Phase",
+]
+
+AbandonPolicy = Literal["cancel", "finish"]
+
+# Actions, as bits of a plain int (cheap to combine and test; transitions are rare, the checks
+# are not): the driver performs them in this order.
+STORE = 1  #: build the entry and write it, then report `stored(ok)`
+CANCEL = 2  #: stop reading the upstream and close it, then report `upstream_closed()`
+DRAIN = 4  #: read the rest with nobody attached (on_abandon="finish")
+CLOSE_LOG = 8  #: close the log: consumers drain it, then end or raise
+RELEASE = 16  #: free the key's slot (new callers lead or hit), wake callers waiting for it
+WAKE = 32  #: wake consumers waiting for data and a producer waiting for room
+
+
+class Phase(enum.Enum):
+    RUNNING = "running"
+    FINISHING = "finishing"
+    CANCELLING = "cancelling"
+    FAILED = "failed"
+    DONE = "done"
+
+
+class FlightState:
+    """The state of one flight. Every method must be called with the table lock held."""
+
+    __slots__ = ("abandoned", "error", "in_slot", "not_stored", "on_abandon", "phase")
+
+    def __init__(self, on_abandon: AbandonPolicy) -> None:
+        self.phase = Phase.RUNNING
+        self.on_abandon: AbandonPolicy = on_abandon
+        #: True until the flight gives its key's slot back (action RELEASE).
+        self.in_slot = True
+        #: Why the stream will not be stored (the first reason), or None while it may be.
+        self.not_stored: str | None = None
+        #: The upstream's exception, once FAILED.
+        self.error: BaseException | None = None
+        #: The last consumer left before the end (either policy).
+        self.abandoned = False
+
+    def __repr__(self) -> str:
+        return (
+            f"FlightState({self.phase.value}, in_slot={self.in_slot}, "
+            f"not_stored={self.not_stored!r}, abandoned={self.abandoned})"
+        )
+
+    # -- queries ----------------------------------------------------------------------------
+
+    @property
+    def joinable(self) -> bool:
+        """A new caller may attach: the stream is live or storing and the log holds it whole."""
+        return self.in_slot and self.phase in (Phase.RUNNING, Phase.FINISHING)
+
+    @property
+    def ended(self) -> bool:
+        return self.phase in (Phase.FAILED, Phase.DONE)
+
+    # -- transitions ------------------------------------------------------------------------
+
+    def keep_from_store(self, reason: str) -> bool:
+        """The stream cannot be stored (``reason``: unserializable, oversized, incomplete, ...).
+        True if this is the first reason (the caller counts and logs it)."""
+        if self.not_stored is not None:
+            return False
+        self.not_stored = reason
+        return True
+
+    def overflowed(self) -> int:
+        """The log stopped retaining the whole stream: it is no longer stored and new callers
+        of the key lead their own upstream instead of joining one they cannot replay."""
+        self.keep_from_store("oversized")
+        if self.in_slot and self.phase is Phase.RUNNING:
+            self.in_slot = False
+            return RELEASE
+        return 0
+
+    def consumer_left(self, remaining: int) -> int:
+        """A consumer detached and ``remaining`` are attached: with none left before the end,
+        the flight is abandoned (cancelled or drained by policy)."""
+        if remaining or self.phase is not Phase.RUNNING or self.abandoned:
+            return 0
+        self.abandoned = True
+        if self.on_abandon == "finish":
+            return DRAIN
+        self.phase = Phase.CANCELLING
+        self.keep_from_store("abandoned")
+        return CANCEL
+
+    def upstream_ended(self, complete: bool) -> int:
+        """The upstream ended without error; ``complete``: it carried its terminal event."""
+        if self.phase is Phase.CANCELLING:
+            return self.upstream_closed()
+        if self.phase is not Phase.RUNNING:
+            return 0
+        if not complete:
+            self.keep_from_store("incomplete")
+        if self.not_stored is None:
+            self.phase = Phase.FINISHING
+            return STORE
+        return self._end(Phase.DONE)
+
+    def upstream_failed(self, error: BaseException) -> int:
+        """The upstream raised, or its read was interrupted: every consumer re-raises
+        ``error``; returns 0 if the flight had already ended (the error is not theirs)."""
+        if self.phase is not Phase.RUNNING and self.phase is not Phase.FINISHING:
+            return 0  # a cancelling flight ends when its upstream is closed, as usual
+        self.error = error
+        self.keep_from_store("error")
+        return self._end(Phase.FAILED)
+
+    def stored(self) -> int:
+        """The entry was written (or the write failed or timed out: fail-open)."""
+        if self.phase is not Phase.FINISHING:
+            return 0
+        return self._end(Phase.DONE)
+
+    def store_aborted(self, reason: str) -> int:
+        """The end-of-stream check or store was interrupted or timed out: end, not stored
+        (the consumers have every chunk)."""
+        if self.phase is not Phase.RUNNING and self.phase is not Phase.FINISHING:
+            return 0
+        self.keep_from_store(reason)
+        return self._end(Phase.DONE)
+
+    def upstream_closed(self) -> int:
+        """A cancelled flight's upstream is closed: the key is free."""
+        if self.phase is not Phase.CANCELLING:
+            return 0
+        return self._end(Phase.DONE)
+
+    def _end(self, phase: Phase) -> int:
+        self.phase = phase
+        actions = CLOSE_LOG | WAKE
+        if self.in_slot:
+            self.in_slot = False
+            actions |= RELEASE
+        return actions

@@ -1,0 +1,134 @@
+"""The table of in-flight streams: which flight a key's callers join, and where pumps run.
+
+One lock guards the table *and* every flight's `FlightState`, so that "join this flight" and
+"this flight is abandoned / ended" can never interleave: a caller either attached before the
+transition (and the flight goes on for it) or sees its outcome.
+
+Flights are keyed by ``(scope, key)``: the scope is ``"sync"`` for threads, or the running event
+loop (flights never cross loops, because waiting across them would need a thread per waiter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+import sniffio
+
+from chengeta_ai._core import ChunkLog
+from chengeta_ai.layers.flight_state import FlightState
+
+__all__ = ["SYNC_SCOPE", "FlightTable", "TableFlight", "current_loop_scope"]
+
+SYNC_SCOPE = "sync"
+
+Slot = tuple[object, str]
+
+
+class TableFlight(Protocol):
+    """What the table needs of a flight."""
+
+    slot: Slot
+    state: FlightState
+    log: ChunkLog
+
+    def on_released(self) -> None: ...
+
+
+def current_loop_scope() -> object:
+    """Identifies the running event loop."""
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        return trio.lowlevel.current_trio_token()
+    return asyncio.get_running_loop()
+
+
+class FlightTable:
+    """In-flight streams by slot, the lock of their states, and the task group pumps run in."""
+
+    def __init__(self, task_group: anyio.abc.TaskGroup | None = None) -> None:
+        #: Guards the table and every flight's state (see the module docstring).
+        self.lock = threading.Lock()
+        self._flights: dict[Slot, TableFlight] = {}
+        self._task_group = task_group
+        self._own_task_group: anyio.abc.TaskGroup | None = None
+        self._asyncio_tasks: set[asyncio.Task[Any]] = set()
+
+    def __len__(self) -> int:
+        return len(self._flights)
+
+    def __contains__(self, slot: Slot) -> bool:
+        return slot in self._flights
+
+    def values(self) -> Iterator[TableFlight]:
+        with self.lock:
+            return iter(list(self._flights.values()))
+
+    def join_or_lead(
+        self, slot: Slot, make: Callable[[], TableFlight]
+    ) -> tuple[TableFlight, int | None, bool]:
+        """Attaches to the slot's flight, or creates one and attaches as its leader.
+
+        Returns ``(flight, consumer, leads)``; ``consumer`` is None when the slot's flight is
+        winding down (being cancelled): wait for its release, then call again.
+        """
+        with self.lock:
+            flight = self._flights.get(slot)
+            if flight is not None:
+                if not flight.state.joinable:
+                    return flight, None, False
+                consumer = flight.log.attach()
+                if consumer is not None:
+                    return flight, consumer, False
+                # the log stopped retaining the stream's start: lead a new one
+            flight = make()
+            consumer = flight.log.attach()
+            assert consumer is not None
+            self._flights[slot] = flight
+            return flight, consumer, True
+
+    def release(self, flight: TableFlight) -> None:
+        """Frees the flight's slot (action RELEASE): new callers of its key lead or hit."""
+        with self.lock:
+            if self._flights.get(flight.slot) is flight:
+                del self._flights[flight.slot]
+        flight.on_released()
+
+    # -- where pumps run ----------------------------------------------------------------------
+
+    async def open_task_group(self) -> None:
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._own_task_group = tg
+
+    async def close_task_group(self) -> None:
+        tg, self._own_task_group = self._own_task_group, None
+        assert tg is not None
+        tg.cancel_scope.cancel()
+        # pumps never raise anything but the cancellation this scope catches
+        await tg.__aexit__(None, None, None)
+
+    def spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Starts a pump: in the given or owned task group, else as a loop-level task
+        (asyncio) or a trio system task, which ends with ``trio.run``."""
+        tg = self._task_group or self._own_task_group
+        if tg is not None:
+            tg.start_soon(fn, *args)
+            return
+        library = sniffio.current_async_library()
+        if library == "asyncio":
+            task = asyncio.get_running_loop().create_task(fn(*args))
+            self._asyncio_tasks.add(task)
+            task.add_done_callback(self._asyncio_tasks.discard)
+        elif library == "trio":
+            import trio
+
+            trio.lowlevel.spawn_system_task(fn, *args, context=contextvars.copy_context())
+        else:  # pragma: no cover - anyio supports only these two
+            raise RuntimeError(f"unsupported async library {library!r}")
