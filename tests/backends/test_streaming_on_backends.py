@@ -27,6 +27,8 @@ from chengeta_ai.testing import openai_chunks
 from redis_fixture import RedisServer
 
 N_CHUNKS = 5000
+#: A whole 500-chunk stream (role, 497 tokens, finish, usage): a stream cut short is not stored.
+SHORT = openai_chunks(497)
 STALL_LIMIT = 0.050  # generous: the figure itself is in benches/ and printed below
 MESSAGES = [{"role": "user", "content": "Explain caching."}]
 
@@ -142,12 +144,12 @@ async def test_5000_chunk_miss_then_hit_never_stalls_the_loop(
 
 def test_sync_miss_then_hit(backend: Any, chunks: list[Any]) -> None:
     cache = StreamingResponseCache(CacheManager(backend=backend))
-    source = Source(chunks[:500])
-    assert list(cache.get_or_stream(MESSAGES, source.sync, model_id="m", ttl=60)) == chunks[:500]
+    source = Source(SHORT)
+    assert list(cache.get_or_stream(MESSAGES, source.sync, model_id="m", ttl=60)) == SHORT
     deadline = time.monotonic() + 10
     while cache.stats()["stores"] < 1 and time.monotonic() < deadline:
         time.sleep(0.005)
-    assert list(cache.get_or_stream(MESSAGES, source.sync, model_id="m", ttl=60)) == chunks[:500]
+    assert list(cache.get_or_stream(MESSAGES, source.sync, model_id="m", ttl=60)) == SHORT
     assert source.calls == 1 and cache.stats()["hits"] == 1
 
 
@@ -225,10 +227,10 @@ def test_locked_sqlite_file_passes_through(tmp_path: Path, chunks: list[Any]) ->
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
     holder.execute("UPDATE meta SET entries = entries WHERE id = 0")
-    source = Source(chunks[:500])
+    source = Source(SHORT)
     try:
         for _ in range(2):
-            assert list(cache.get_or_stream(MESSAGES, source.sync, model_id="m")) == chunks[:500]
+            assert list(cache.get_or_stream(MESSAGES, source.sync, model_id="m")) == SHORT
             time.sleep(0.3)
         assert source.calls == 2 and manager.stats()["backend_errors"] >= 2
     finally:
@@ -243,10 +245,10 @@ async def test_corrupt_sqlite_file_passes_through(tmp_path: Path, chunks: list[A
     path.write_bytes(b"\x00garbage" * 1000)
     manager = CacheManager(backend=SQLiteBackend(path))
     cache = StreamingResponseCache(manager)
-    source = Source(chunks[:500])
+    source = Source(SHORT)
     for _ in range(2):
         got = [c async for c in cache.aget_or_stream(MESSAGES, source.aio, model_id="m")]
-        assert got == chunks[:500]
+        assert got == SHORT
     assert source.calls == 2 and manager.stats()["backend_errors"] >= 2
 
 
