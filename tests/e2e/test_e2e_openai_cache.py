@@ -272,6 +272,27 @@ async def test_upstream_failure_mid_stream_reaches_caller_and_stores_nothing(
     assert cache.stats()["stores"] == 1
 
 
+async def test_stream_the_server_ends_cleanly_half_way_is_delivered_not_stored(
+    twin: Twin,
+    cache: StreamingResponseCache,
+    prompt: Messages,
+    server: LocalOpenAIServer,
+    upstream_calls: Callable[[], int],
+) -> None:
+    # the body ends properly after 5 events: no finish_reason, no [DONE]; the SDK sees a
+    # normal end, and so would a cache that stored on any normal end
+    headers = {"x-chengeta-fail-after": "5", "x-chengeta-fail-mode": "end"}
+    cut = await twin.collect(cache, prompt, headers=headers)
+    assert len(cut) == 5
+    assert all(c.choices[0].finish_reason is None for c in cut)
+    assert cache.stats()["stores"] == 0
+    assert cache.stats()["not_stored_incomplete"] == 1
+    full = await twin.collect(cache, prompt)
+    assert upstream_calls() == 2  # not a hit of the cut stream
+    assert full[:5] == cut and full[-1].choices[0].finish_reason == "stop"
+    assert cache.stats()["stores"] == 1
+
+
 async def test_caller_breaking_early_stores_nothing(
     twin: Twin,
     cache: StreamingResponseCache,

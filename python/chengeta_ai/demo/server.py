@@ -16,7 +16,9 @@ Failure injection, for tests of upstream errors mid-stream. Either per request, 
     x-chengeta-fail-after: 5        # fail after 5 chunks have been sent (0: before the first)
     x-chengeta-fail-mode: close     # "close" (default): drop the connection without ending the
                                     # chunked body, so the client sees a protocol error;
-                                    # "error": send an OpenAI error event and end the stream
+                                    # "error": send an OpenAI error event and end the stream;
+                                    # "end": end the body cleanly half way (no final chunk, no
+                                    # [DONE]), as a proxy that cut the stream would
 
 (pass them with the ``openai`` client's ``extra_headers=``), or for every request, with the
 attributes `LocalOpenAIServer.fail_after` / `LocalOpenAIServer.fail_mode`. Headers win.
@@ -38,7 +40,7 @@ from chengeta_ai.testing import TEXT, openai_chunk_dicts
 
 __all__ = ["FailMode", "LocalOpenAIServer"]
 
-FailMode = Literal["close", "error"]
+FailMode = Literal["close", "error", "end"]
 
 FAIL_AFTER_HEADER = "x-chengeta-fail-after"
 FAIL_MODE_HEADER = "x-chengeta-fail-mode"
@@ -260,6 +262,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 code="injected_failure",
             )
             self._write_chunk(b"data: " + json.dumps(err).encode() + b"\n\n")
+            self._write_chunk_end()
+        elif mode == "end":
             self._write_chunk_end()
         else:
             self._abort_connection()
@@ -522,7 +526,8 @@ class LocalOpenAIServer:
             after = int(raw_after)
         raw_mode = headers.get(FAIL_MODE_HEADER)
         if raw_mode is not None:
-            mode = "error" if raw_mode.strip().lower() == "error" else "close"
+            word = raw_mode.strip().lower()
+            mode = "error" if word == "error" else "end" if word == "end" else "close"
         return after, mode
 
 
