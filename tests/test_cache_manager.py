@@ -123,6 +123,12 @@ class DownBackend(InMemoryBackend):
     def invalidate(self, tag: str) -> int:
         raise ConnectionError("down")
 
+    def invalidate_namespace(self, namespace: str, tag: str) -> int:
+        raise ConnectionError("down")
+
+    def clear_namespace(self, namespace: str) -> None:
+        raise ConnectionError("down")
+
     def exists(self, key: str) -> bool:
         raise ConnectionError("down")
 
@@ -135,6 +141,12 @@ class DownBackend(InMemoryBackend):
     async def ainvalidate(self, tag: str) -> int:
         return self.invalidate(tag)
 
+    async def ainvalidate_namespace(self, namespace: str, tag: str) -> int:
+        return self.invalidate_namespace(namespace, tag)
+
+    async def aclear_namespace(self, namespace: str) -> None:
+        self.clear_namespace(namespace)
+
     async def aexists(self, key: str) -> bool:
         return self.exists(key)
 
@@ -146,7 +158,9 @@ def test_reads_and_writes_fail_open_removals_raise(twin: Any) -> None:
     assert twin(manager, "exists", "k") is False
     with pytest.raises(BackendError, match="invalidate"):
         twin(manager, "invalidate", "model:x")
-    assert manager.stats()["backend_errors"] == 4
+    with pytest.raises(BackendError, match="clear"):
+        twin(manager, "clear")
+    assert manager.stats()["backend_errors"] == 5
 
 
 @pytest.mark.parametrize(
