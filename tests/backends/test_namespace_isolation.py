@@ -169,3 +169,19 @@ def test_streaming_default_tags_are_per_namespace(backend: Any) -> None:
     assert calls == [2]  # B's entry survived: a hit
     assert stream(caches[0]) == ["a", "b", "c"]
     assert calls == [3]
+
+
+def test_redis_scoped_tags_cost_no_round_trip(redis_server: Any) -> None:
+    """Scoping happens in the manager, in memory: still one round trip per store and per hit."""
+    from chengeta_ai.backends.redis_backend import RedisBackend
+
+    backend = RedisBackend(redis_server.url, prefix="rt-ns:")
+    manager = CacheManager(backend=backend, key_builder=CacheKeyBuilder("tenant-a"))
+    key = manager.key_builder.build(MESSAGES, "gpt-4o")
+    before = backend.stats()["round_trips"]
+    assert manager.set(key, "v", tags=["model:gpt-4o", "team:x"])
+    assert backend.stats()["round_trips"] == before + 1
+    assert manager.get(key) == "v"
+    assert backend.stats()["round_trips"] == before + 2
+    manager.clear()
+    backend.close()
