@@ -21,6 +21,7 @@ from chengeta_ai import (
     JsonSerializer,
     PickleSerializer,
 )
+from chengeta_ai.backends.base import BaseBackend
 from chengeta_ai.core import cache_manager as cm
 from chengeta_ai.testing import openai_chunks
 
@@ -123,6 +124,12 @@ class DownBackend(InMemoryBackend):
     def invalidate(self, tag: str) -> int:
         raise ConnectionError("down")
 
+    def invalidate_namespace(self, namespace: str, tag: str) -> int:
+        raise ConnectionError("down")
+
+    def clear_namespace(self, namespace: str) -> None:
+        raise ConnectionError("down")
+
     def exists(self, key: str) -> bool:
         raise ConnectionError("down")
 
@@ -135,6 +142,12 @@ class DownBackend(InMemoryBackend):
     async def ainvalidate(self, tag: str) -> int:
         return self.invalidate(tag)
 
+    async def ainvalidate_namespace(self, namespace: str, tag: str) -> int:
+        return self.invalidate_namespace(namespace, tag)
+
+    async def aclear_namespace(self, namespace: str) -> None:
+        self.clear_namespace(namespace)
+
     async def aexists(self, key: str) -> bool:
         return self.exists(key)
 
@@ -146,7 +159,98 @@ def test_reads_and_writes_fail_open_removals_raise(twin: Any) -> None:
     assert twin(manager, "exists", "k") is False
     with pytest.raises(BackendError, match="invalidate"):
         twin(manager, "invalidate", "model:x")
-    assert manager.stats()["backend_errors"] == 4
+    with pytest.raises(BackendError, match="clear"):
+        twin(manager, "clear")
+    assert manager.stats()["backend_errors"] == 5
+
+
+class ProtocolOnlyBackend:
+    """A third-party backend written against the `Backend` protocol alone: no
+    ``invalidate_namespace`` / ``clear_namespace``."""
+
+    def __init__(self) -> None:
+        self.inner = InMemoryBackend()
+
+    def get(self, key: str) -> bytes | None:
+        return self.inner.get(key)
+
+    def set(self, key: str, value: bytes, ttl: float | None = None, tags: Any = ()) -> None:
+        self.inner.set(key, value, ttl, tags)
+
+    def delete(self, key: str) -> bool:
+        return self.inner.delete(key)
+
+    def exists(self, key: str) -> bool:
+        return self.inner.exists(key)
+
+    def invalidate(self, tag: str) -> int:
+        return self.inner.invalidate(tag)
+
+    def clear(self) -> None:
+        self.inner.clear()
+
+    def close(self) -> None:
+        pass
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    async def aget(self, key: str) -> bytes | None:
+        return self.get(key)
+
+    async def aset(self, key: str, value: bytes, ttl: float | None = None, tags: Any = ()) -> None:
+        self.set(key, value, ttl, tags)
+
+    async def adelete(self, key: str) -> bool:
+        return self.delete(key)
+
+    async def aexists(self, key: str) -> bool:
+        return self.exists(key)
+
+    async def ainvalidate(self, tag: str) -> int:
+        return self.invalidate(tag)
+
+    async def aclear(self) -> None:
+        self.clear()
+
+    async def aclose(self) -> None:
+        pass
+
+
+class BaseOnlyBackend(ProtocolOnlyBackend, BaseBackend):
+    """A third-party `BaseBackend` subclass from before: the sync operations only (its
+    namespace methods are BaseBackend's, raising NotImplementedError; async twins in threads)."""
+
+    aget = BaseBackend.aget
+    aset = BaseBackend.aset
+    adelete = BaseBackend.adelete
+    aexists = BaseBackend.aexists
+    ainvalidate = BaseBackend.ainvalidate
+    aclear = BaseBackend.aclear
+
+
+@pytest.mark.parametrize("backend_class", [ProtocolOnlyBackend, BaseOnlyBackend])
+def test_backend_without_namespace_methods_keeps_namespaces_apart(
+    twin: Any, backend_class: type, caplog: pytest.LogCaptureFixture
+) -> None:
+    """invalidate falls back to the backend's invalidate of the scoped tag (warned once);
+    clear raises rather than empty every namespace."""
+    backend = backend_class()
+    a = CacheManager(backend=backend, key_builder=CacheKeyBuilder("a"))
+    b = CacheManager(backend=backend, key_builder=CacheKeyBuilder("b"))
+    for manager in (a, b):
+        assert twin(manager, "set", manager.key_builder.build("hi"), 1, tags=["model:x"])
+        assert twin(manager, "set", "plain", 2)  # the same key: b's store replaces a's
+    with caplog.at_level(logging.WARNING, logger="chengeta_ai"):
+        assert twin(a, "invalidate", "model:x") == 1
+        assert twin(a, "invalidate", "model:x") == 0
+    assert caplog.text.count("has no invalidate_namespace()") == 1
+    assert twin(b, "get", b.key_builder.build("hi")) == 1
+    with pytest.raises(BackendError, match=r"no clear_namespace\(\).*'a'.*backend\.clear\(\)"):
+        twin(a, "clear")
+    assert twin(b, "get", b.key_builder.build("hi")) == 1
+    assert twin(b, "get", "plain") == 2
+    assert twin(b, "invalidate", "model:x") == 1
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: redis_fixture
 
-from chengeta_ai.backends.base import Backend
+from chengeta_ai.backends.base import Backend, NamespacedBackend
 from redis_fixture import RedisServer
 
 BACKENDS = ["memory", "sqlite", "redis"]
@@ -67,7 +67,7 @@ def backend_kind(request: pytest.FixtureRequest) -> str:
 def backend(backend_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
     server = request.getfixturevalue("redis_server") if backend_kind == "redis" else None
     b = make_backend(backend_kind, tmp_path, server)
-    assert isinstance(b, Backend)
+    assert isinstance(b, Backend) and isinstance(b, NamespacedBackend)
     yield b
     b.close()
 
@@ -102,6 +102,12 @@ class Twin:
 
     async def clear(self) -> None:
         await self._call("clear")
+
+    async def invalidate_namespace(self, namespace: str, tag: str) -> int:
+        return await self._call("invalidate_namespace", namespace, tag)  # type: ignore[no-any-return]
+
+    async def clear_namespace(self, namespace: str) -> None:
+        await self._call("clear_namespace", namespace)
 
 
 @pytest.fixture(params=["sync", "async"])

@@ -9,6 +9,8 @@ from typing import Any
 import anyio
 import pytest
 
+from chengeta_ai.backends.base import namespace_tag_prefix, scoped_tag
+
 pytestmark = pytest.mark.anyio
 
 
@@ -84,6 +86,56 @@ async def test_clear(twin: Any) -> None:
     assert await twin.invalidate("t") == 0
     await twin.set("after", b"ok", tags=["t"])
     assert await twin.get("after") == b"ok"
+
+
+async def test_invalidate_namespace_removes_that_namespace_only(twin: Any) -> None:
+    await twin.set("a:s:1", b"1", tags=[scoped_tag("a", "t"), scoped_tag("a", "u")])
+    await twin.set("plain", b"p", tags=[scoped_tag("a", "t")])
+    await twin.set("a:s:gone", b"x", ttl=0.05, tags=[scoped_tag("a", "t")])
+    await twin.set("a:s:old", b"o", tags=["t"])  # bare tag (stored before scoping), key in a
+    await twin.set("ab:s:old", b"o", tags=["t"])  # bare tag, key in ab
+    await twin.set("old", b"o", tags=["t"])  # bare tag, key in no namespace
+    await twin.set("ab:s:1", b"1", tags=[scoped_tag("ab", "t")])
+    await twin.set("b:s:1", b"1", tags=[scoped_tag("b", "t"), "t"])
+    await anyio.sleep(0.1)
+    assert await twin.invalidate_namespace("a", "t") == 3  # live ones: a:s:1, plain, a:s:old
+    for key in ("a:s:1", "plain", "a:s:old"):
+        assert await twin.get(key) is None
+    assert await twin.invalidate_namespace("a", "t") == 0
+    assert await twin.invalidate_namespace("a", "u") == 0
+    for key in ("ab:s:old", "old", "ab:s:1", "b:s:1"):
+        assert await twin.get(key) is not None
+    assert await twin.invalidate_namespace("ab", "t") == 2
+    assert await twin.invalidate("t") == 2  # the bare tag, whole store: old, b:s:1
+
+
+async def test_clear_namespace_removes_that_namespace_only(twin: Any) -> None:
+    await twin.set("a:s:1", b"1")
+    await twin.set("a:s:2", b"2", ttl=60, tags=[scoped_tag("a", "t"), "t"])
+    await twin.set("plain-a", b"p", tags=[namespace_tag_prefix("a")])
+    await twin.set("tagged-a", b"p", tags=[scoped_tag("a", "u")])
+    keep = {
+        "ab:s:1": [scoped_tag("ab", "t")],
+        "a%:s:1": [scoped_tag("a%", "t")],
+        "a_:s:1": [],
+        "a*:s:1": [scoped_tag("a*", "t")],
+        "b:s:1": ["t", scoped_tag("b", "t")],
+        "plain-ab": [namespace_tag_prefix("ab")],
+        "a": [],
+        "a;": ["a:s:1"],
+    }
+    for key, tags in keep.items():
+        await twin.set(key, b"k", tags=tags)
+    await twin.clear_namespace("a")
+    for key in ("a:s:1", "a:s:2", "plain-a", "tagged-a"):
+        assert await twin.get(key) is None
+    for key in keep:
+        assert await twin.get(key) == b"k", key
+    assert await twin.invalidate(scoped_tag("a", "t")) == 0
+    assert await twin.invalidate_namespace("ab", "t") == 1
+    await twin.clear_namespace("a")  # nothing left: a no-op
+    await twin.set("a:s:1", b"again", tags=[scoped_tag("a", "t")])
+    assert await twin.invalidate_namespace("a", "t") == 1
 
 
 async def test_stats_is_a_dict(backend: Any) -> None:

@@ -139,7 +139,7 @@ async def test_5000_chunk_miss_then_hit_never_stalls_the_loop(
     stats = cache.stats()
     assert stats["hits"] == 1 and stats["misses"] == 1 and stats["chunks_replayed"] == N_CHUNKS + 2
     assert max(stalls.values()) < STALL_LIMIT, stalls
-    assert await backend.ainvalidate("model:gpt-4o") == 1
+    assert await cache.manager.ainvalidate("model:gpt-4o") == 1
 
 
 def test_sync_miss_then_hit(backend: Any, chunks: list[Any]) -> None:

@@ -10,6 +10,18 @@ file-based backends; network backends override them with a native async client.
 
 Failures are raised as `chengeta_ai.errors.BackendError` (wrapping the driver's exception);
 `CacheManager` turns them into misses / skipped stores, logs and counts them.
+
+Namespaces. Several `CacheManager`s, each with its own ``CacheKeyBuilder(namespace=...)``, may
+share one backend; removals through a manager must stay in its namespace. Keys built for
+namespace ``ns`` start with ``"ns:"`` (`namespace_key_prefix`); the manager stores every tag
+scoped to its namespace (`scoped_tag`: ``"\\x1fns:" + tag``; namespaces never contain ``':'``,
+so no two namespaces share a scoped tag, and the leading unit separator keeps scoped tags apart
+from the bare tags stored before tags were scoped, or by code calling a backend directly). An
+entry stored through a manager under a key outside ``"ns:"`` also carries the bare scope
+``"\\x1fns:"`` (`namespace_tag_prefix`), so that it belongs to the namespace too.
+`NamespacedBackend` adds the two scoped removals: ``invalidate_namespace`` and
+``clear_namespace``. The plain ``invalidate`` and ``clear`` act on the whole store, for whoever
+calls a backend directly.
 """
 
 from __future__ import annotations
@@ -19,7 +31,32 @@ from typing import Any, Protocol, runtime_checkable
 
 import anyio.to_thread
 
-__all__ = ["Backend", "BaseBackend"]
+__all__ = [
+    "Backend",
+    "BaseBackend",
+    "NamespacedBackend",
+    "namespace_key_prefix",
+    "namespace_tag_prefix",
+    "scoped_tag",
+]
+
+_SCOPE = "\x1f"
+
+
+def namespace_key_prefix(namespace: str) -> str:
+    """What every key of ``namespace`` starts with: ``"ns:"`` (see `CacheKeyBuilder`)."""
+    return f"{namespace}:"
+
+
+def namespace_tag_prefix(namespace: str) -> str:
+    """What every tag scoped to ``namespace`` starts with: ``"\\x1fns:"``. On its own, it is
+    the tag of the entries a manager stored under keys outside the namespace's key prefix."""
+    return f"{_SCOPE}{namespace}:"
+
+
+def scoped_tag(namespace: str, tag: str) -> str:
+    """``tag`` as stored for ``namespace``: ``"\\x1fns:" + tag``."""
+    return f"{_SCOPE}{namespace}:{tag}"
 
 
 @runtime_checkable
@@ -48,6 +85,30 @@ class Backend(Protocol):
     async def aclose(self) -> None: ...
 
 
+@runtime_checkable
+class NamespacedBackend(Backend, Protocol):
+    """A `Backend` that can remove one namespace's entries only (see the module doc).
+
+    `CacheManager` uses these when the backend has them; a backend without them still works
+    (its ``invalidate`` is given the scoped tag; ``CacheManager.clear`` raises `BackendError`).
+    """
+
+    def invalidate_namespace(self, namespace: str, tag: str) -> int:
+        """Remove the entries tagged ``scoped_tag(namespace, tag)``, and those tagged with the
+        bare ``tag`` (stored before tags were scoped) whose key starts with
+        ``namespace_key_prefix(namespace)``; return how many live ones there were."""
+        ...
+
+    def clear_namespace(self, namespace: str) -> None:
+        """Remove every entry whose key starts with ``namespace_key_prefix(namespace)`` or
+        that carries a tag starting with ``namespace_tag_prefix(namespace)``; other namespaces'
+        entries stay."""
+        ...
+
+    async def ainvalidate_namespace(self, namespace: str, tag: str) -> int: ...
+    async def aclear_namespace(self, namespace: str) -> None: ...
+
+
 class BaseBackend:
     """Mixin: async twins that run the sync operation in a worker thread.
 
@@ -73,6 +134,15 @@ class BaseBackend:
         raise NotImplementedError
 
     def clear(self) -> None:
+        """Remove every entry of the store, whatever its namespace."""
+        raise NotImplementedError
+
+    def invalidate_namespace(self, namespace: str, tag: str) -> int:
+        """See `NamespacedBackend`; NotImplementedError here (the manager then falls back)."""
+        raise NotImplementedError
+
+    def clear_namespace(self, namespace: str) -> None:
+        """See `NamespacedBackend`; NotImplementedError here (the manager's clear raises)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -100,6 +170,12 @@ class BaseBackend:
 
     async def aclear(self) -> None:
         await anyio.to_thread.run_sync(self.clear)
+
+    async def ainvalidate_namespace(self, namespace: str, tag: str) -> int:
+        return await anyio.to_thread.run_sync(self.invalidate_namespace, namespace, tag)
+
+    async def aclear_namespace(self, namespace: str) -> None:
+        await anyio.to_thread.run_sync(self.clear_namespace, namespace)
 
     async def aclose(self) -> None:
         await anyio.to_thread.run_sync(self.close)

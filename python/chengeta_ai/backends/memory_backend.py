@@ -5,10 +5,15 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
-from chengeta_ai.backends.base import BaseBackend
+from chengeta_ai.backends.base import (
+    BaseBackend,
+    namespace_key_prefix,
+    namespace_tag_prefix,
+    scoped_tag,
+)
 
 __all__ = ["InMemoryBackend"]
 
@@ -123,7 +128,36 @@ class InMemoryBackend(BaseBackend):
                 self._remove(key)
             return len(keys)
 
+    def invalidate_namespace(self, namespace: str, tag: str) -> int:
+        """Delete the entries tagged ``tag`` in ``namespace`` (see `NamespacedBackend`)."""
+        prefix = namespace_key_prefix(namespace)
+        with self._lock:
+            keys = set(self._tags.get(scoped_tag(namespace, tag), ()))
+            keys.update(k for k in self._tags.get(tag, ()) if k.startswith(prefix))
+            return self._remove_counting_live(keys)
+
+    def clear_namespace(self, namespace: str) -> None:
+        """Delete ``namespace``'s entries (see `NamespacedBackend`): one walk over the keys and
+        one over the tags, under the lock."""
+        prefix, tag_prefix = namespace_key_prefix(namespace), namespace_tag_prefix(namespace)
+        with self._lock:
+            keys = {k for k in self._entries if k.startswith(prefix)}
+            for tag, tagged in self._tags.items():
+                if tag.startswith(tag_prefix):
+                    keys.update(tagged)
+            self._remove_counting_live(keys)
+
+    def _remove_counting_live(self, keys: Iterable[str]) -> int:
+        """Remove ``keys`` (lock held); how many of them had not expired."""
+        now, live = time.monotonic(), 0
+        for key in keys:
+            entry = self._remove(key)
+            if entry is not None and (entry.expires_at is None or entry.expires_at > now):
+                live += 1
+        return live
+
     def clear(self) -> None:
+        """Delete every entry, whatever its namespace."""
         with self._lock:
             self._entries.clear()
             self._tags.clear()
@@ -161,6 +195,12 @@ class InMemoryBackend(BaseBackend):
 
     async def aclear(self) -> None:
         self.clear()
+
+    async def ainvalidate_namespace(self, namespace: str, tag: str) -> int:
+        return self.invalidate_namespace(namespace, tag)
+
+    async def aclear_namespace(self, namespace: str) -> None:
+        self.clear_namespace(namespace)
 
     async def aclose(self) -> None:
         self.close()

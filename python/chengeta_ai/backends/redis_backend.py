@@ -15,6 +15,15 @@ and then, per 500 members, ``UNLINK``s the entries and ``ZREM``s exactly those m
 ``MULTI``: a key tagged concurrently after the read keeps its registration, so none is lost.
 `stats` counts round trips.
 
+Namespaces (managers with different ``CacheKeyBuilder`` namespaces on one backend; see
+`chengeta_ai.backends.base`). ``invalidate_namespace`` reads the scoped tag set and the bare
+one in one pipelined round trip, keeps the bare set's members of the namespace's keys only, and
+removes them like ``invalidate``. ``clear_namespace`` SCANs (never ``KEYS``) the entries under
+``{prefix}k:{namespace}:`` and ``UNLINK``s them, then SCANs the namespace's scoped tag sets
+``{prefix}tag:\x1f{namespace}:*`` and removes their members' entries and registrations like
+``invalidate``; glob characters in the prefix and namespace are escaped. Bare tag sets (entries
+stored before tags were scoped) may keep members of cleared keys: harmless, as above.
+
 Trade-offs of MULTI without reads: re-setting a key with *different* tags leaves it registered
 under its old tags too (until the old score passes), so invalidating an old tag also drops it.
 That errs toward a miss, never toward stale data; chengeta_ai derives tags from the request that
@@ -59,7 +68,12 @@ import redis.asyncio.retry
 import redis.backoff
 import redis.retry
 
-from chengeta_ai.backends.base import BaseBackend
+from chengeta_ai.backends.base import (
+    BaseBackend,
+    namespace_key_prefix,
+    namespace_tag_prefix,
+    scoped_tag,
+)
 from chengeta_ai.errors import BackendError
 
 __all__ = ["RedisBackend"]
@@ -67,10 +81,20 @@ __all__ = ["RedisBackend"]
 _FOREVER_MS = 100 * 365 * 24 * 3600 * 1000  # tag-set expiry for entries without TTL
 _INVALIDATE_BATCH = 500
 _SCAN_BATCH = 1000
+_TAG_SET_BATCH = 100  # tag sets read per pipelined round trip by clear_namespace
 
 
 def _escape_glob(s: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in s)
+
+
+def _batches(
+    tag_sets: Sequence[tuple[str | bytes, list[bytes]]],
+) -> Iterator[tuple[str | bytes, list[bytes]]]:
+    """``(tag set, members)`` in slices of at most `_INVALIDATE_BATCH` members, none empty."""
+    for tag_key, members in tag_sets:
+        for i in range(0, len(members), _INVALIDATE_BATCH):
+            yield tag_key, members[i : i + _INVALIDATE_BATCH]
 
 
 class RedisBackend(BaseBackend):
@@ -191,9 +215,26 @@ class RedisBackend(BaseBackend):
             pipe.pexpire(tk, tag_ms, nx=True)
             pipe.pexpire(tk, tag_ms, gt=True)
 
-    def _queue_invalidate(self, pipe: Any, tag: str, members: Sequence[bytes]) -> None:
+    def _queue_invalidate(self, pipe: Any, tag_key: str | bytes, members: Sequence[bytes]) -> None:
         pipe.unlink(*(self.entry_key(m.decode()) for m in members))
-        pipe.zrem(self.tag_key(tag), *members)
+        pipe.zrem(tag_key, *members)
+
+    def _namespace_tag_sets(
+        self, namespace: str, tag: str, scoped: list[bytes], bare: list[bytes]
+    ) -> list[tuple[str | bytes, list[bytes]]]:
+        """The members `invalidate_namespace` removes, by tag set: all of the scoped set, the
+        bare set's members that are keys of the namespace (entries stored before scoping)."""
+        prefix = namespace_key_prefix(namespace).encode()
+        return [
+            (self.tag_key(scoped_tag(namespace, tag)), scoped),
+            (self.tag_key(tag), [m for m in bare if m.startswith(prefix)]),
+        ]
+
+    def _namespace_matches(self, namespace: str) -> tuple[str, str]:
+        """SCAN patterns of the namespace's entries and of its scoped tag sets."""
+        entries = _escape_glob(self.entry_key(namespace_key_prefix(namespace))) + "*"
+        tag_sets = _escape_glob(self.tag_key(namespace_tag_prefix(namespace))) + "*"
+        return entries, tag_sets
 
     def _aclient(self) -> redis.asyncio.Redis | None:
         """The asyncio client for the running loop, or None when not on asyncio (trio)."""
@@ -245,25 +286,56 @@ class RedisBackend(BaseBackend):
         """Delete every entry tagged ``tag``; return how many existed."""
         with self._guard():
             members: list[bytes] = self._client.zrange(self.tag_key(tag), 0, -1)  # type: ignore[assignment]
-        removed = 0
-        for i in range(0, len(members), _INVALIDATE_BATCH):
-            with self._guard(), self._client.pipeline(transaction=True) as pipe:
-                self._queue_invalidate(pipe, tag, members[i : i + _INVALIDATE_BATCH])
-                removed += pipe.execute()[0]
         self._count(invalidations=1)
+        return self._remove_members([(self.tag_key(tag), members)])
+
+    def invalidate_namespace(self, namespace: str, tag: str) -> int:
+        """Delete the entries tagged ``tag`` in ``namespace`` (see the module doc)."""
+        with self._guard(), self._client.pipeline(transaction=False) as pipe:
+            pipe.zrange(self.tag_key(scoped_tag(namespace, tag)), 0, -1)
+            pipe.zrange(self.tag_key(tag), 0, -1)
+            scoped, bare = pipe.execute()
+        self._count(invalidations=1)
+        return self._remove_members(self._namespace_tag_sets(namespace, tag, scoped, bare))
+
+    def _remove_members(self, tag_sets: Sequence[tuple[str | bytes, list[bytes]]]) -> int:
+        """UNLINK the members' entries and ZREM exactly those members, per batch in a MULTI."""
+        removed = 0
+        for tag_key, batch in _batches(tag_sets):
+            with self._guard(), self._client.pipeline(transaction=True) as pipe:
+                self._queue_invalidate(pipe, tag_key, batch)
+                removed += pipe.execute()[0]
         return removed
 
-    def clear(self) -> None:
-        """Delete every key under this backend's prefix (SCAN + UNLINK; other prefixes stay)."""
+    def clear_namespace(self, namespace: str) -> None:
+        """Delete ``namespace``'s entries and scoped tag sets (SCAN, see the module doc)."""
+        entries, tag_sets = self._namespace_matches(namespace)
         with self._guard():
-            batch: list[bytes] = []
-            for k in self._client.scan_iter(match=_escape_glob(self.prefix) + "*", count=1000):
-                batch.append(k)
-                if len(batch) >= _SCAN_BATCH:
-                    self._client.unlink(*batch)
-                    batch = []
-            if batch:
+            self._unlink_matching(entries)
+            tag_keys: list[bytes] = list(self._client.scan_iter(match=tag_sets, count=1000))
+        for i in range(0, len(tag_keys), _TAG_SET_BATCH):
+            chunk = tag_keys[i : i + _TAG_SET_BATCH]
+            with self._guard(), self._client.pipeline(transaction=False) as pipe:
+                for tag_key in chunk:
+                    pipe.zrange(tag_key, 0, -1)
+                members = pipe.execute()
+            self._remove_members(list(zip(chunk, members, strict=True)))
+
+    def _unlink_matching(self, match: str) -> None:
+        batch: list[bytes] = []
+        for k in self._client.scan_iter(match=match, count=1000):
+            batch.append(k)
+            if len(batch) >= _SCAN_BATCH:
                 self._client.unlink(*batch)
+                batch = []
+        if batch:
+            self._client.unlink(*batch)
+
+    def clear(self) -> None:
+        """Delete every key under this backend's prefix (SCAN + UNLINK; other prefixes stay),
+        whatever its namespace: `CacheManager.clear` uses `clear_namespace` instead."""
+        with self._guard():
+            self._unlink_matching(_escape_glob(self.prefix) + "*")
 
     def close(self) -> None:
         """Close the clients this backend created (asyncio ones are dropped: see `aclose`)."""
@@ -326,28 +398,66 @@ class RedisBackend(BaseBackend):
             return await super().ainvalidate(tag)
         with self._guard():
             members: list[bytes] = await client.zrange(self.tag_key(tag), 0, -1)  # type: ignore[assignment]
+        self._count(invalidations=1)
+        return await self._aremove_members(client, [(self.tag_key(tag), members)])
+
+    async def ainvalidate_namespace(self, namespace: str, tag: str) -> int:
+        client = self._aclient()
+        if client is None:
+            return await super().ainvalidate_namespace(namespace, tag)
+        with self._guard():
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.zrange(self.tag_key(scoped_tag(namespace, tag)), 0, -1)
+                pipe.zrange(self.tag_key(tag), 0, -1)
+                scoped, bare = await pipe.execute()
+        self._count(invalidations=1)
+        tag_sets = self._namespace_tag_sets(namespace, tag, scoped, bare)
+        return await self._aremove_members(client, tag_sets)
+
+    async def _aremove_members(
+        self, client: redis.asyncio.Redis, tag_sets: Sequence[tuple[str | bytes, list[bytes]]]
+    ) -> int:
         removed = 0
-        for i in range(0, len(members), _INVALIDATE_BATCH):
+        for tag_key, batch in _batches(tag_sets):
             with self._guard():
                 async with client.pipeline(transaction=True) as pipe:
-                    self._queue_invalidate(pipe, tag, members[i : i + _INVALIDATE_BATCH])
+                    self._queue_invalidate(pipe, tag_key, batch)
                     removed += (await pipe.execute())[0]
-        self._count(invalidations=1)
         return removed
+
+    async def aclear_namespace(self, namespace: str) -> None:
+        client = self._aclient()
+        if client is None:
+            return await super().aclear_namespace(namespace)
+        entries, tag_sets = self._namespace_matches(namespace)
+        with self._guard():
+            await self._aunlink_matching(client, entries)
+            tag_keys: list[bytes] = [k async for k in client.scan_iter(match=tag_sets, count=1000)]
+        for i in range(0, len(tag_keys), _TAG_SET_BATCH):
+            chunk = tag_keys[i : i + _TAG_SET_BATCH]
+            with self._guard():
+                async with client.pipeline(transaction=False) as pipe:
+                    for tag_key in chunk:
+                        pipe.zrange(tag_key, 0, -1)
+                    members = await pipe.execute()
+            await self._aremove_members(client, list(zip(chunk, members, strict=True)))
+
+    async def _aunlink_matching(self, client: redis.asyncio.Redis, match: str) -> None:
+        batch: list[bytes] = []
+        async for k in client.scan_iter(match=match, count=1000):
+            batch.append(k)
+            if len(batch) >= _SCAN_BATCH:
+                await client.unlink(*batch)
+                batch = []
+        if batch:
+            await client.unlink(*batch)
 
     async def aclear(self) -> None:
         client = self._aclient()
         if client is None:
             return await super().aclear()
         with self._guard():
-            batch: list[bytes] = []
-            async for k in client.scan_iter(match=_escape_glob(self.prefix) + "*", count=1000):
-                batch.append(k)
-                if len(batch) >= _SCAN_BATCH:
-                    await client.unlink(*batch)
-                    batch = []
-            if batch:
-                await client.unlink(*batch)
+            await self._aunlink_matching(client, _escape_glob(self.prefix) + "*")
 
     async def aclose(self) -> None:
         """Close the running loop's asyncio client (if created here) and the sync client."""

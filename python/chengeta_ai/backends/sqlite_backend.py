@@ -45,7 +45,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from chengeta_ai.backends.base import BaseBackend
+from chengeta_ai.backends.base import (
+    BaseBackend,
+    namespace_key_prefix,
+    namespace_tag_prefix,
+    scoped_tag,
+)
 from chengeta_ai.errors import BackendError
 
 __all__ = ["SQLiteBackend", "default_cache_path"]
@@ -90,6 +95,14 @@ _UPSERT = (
     "ON CONFLICT (key) DO UPDATE SET value = excluded.value, size = excluded.size, "
     "expires_at = excluded.expires_at, accessed_at = excluded.accessed_at"
 )
+
+
+def _prefix_range(prefix: str) -> tuple[str, str]:
+    """``(lo, hi)`` such that ``lo <= s < hi`` exactly when ``s`` starts with ``prefix``
+    (non-empty), under SQLite's default BINARY collation: an indexed range scan, with no
+    wildcard to escape (a ``LIKE`` would read ``%`` and ``_`` in a namespace as patterns).
+    UTF-8 byte order is code point order, so bumping the last character bounds the range."""
+    return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
 def default_cache_path() -> Path:
@@ -353,7 +366,39 @@ class SQLiteBackend(BaseBackend):
             )
         return int(live)
 
+    def invalidate_namespace(self, namespace: str, tag: str) -> int:
+        """Delete the entries tagged ``tag`` in ``namespace`` (see `NamespacedBackend`); both
+        lookups are ranges of the ``tags`` primary key. Returns how many live ones there were."""
+        lo, hi = _prefix_range(namespace_key_prefix(namespace))
+        tagged = (
+            "SELECT key FROM tags WHERE tag = ? "
+            "UNION SELECT key FROM tags WHERE tag = ? AND key >= ? AND key < ?"
+        )
+        args = (scoped_tag(namespace, tag), tag, lo, hi)
+        with self._write() as conn:
+            live = conn.execute(
+                f"SELECT COUNT(*) FROM entries WHERE key IN ({tagged}) "
+                "AND (expires_at IS NULL OR expires_at > ?)",
+                (*args, time.time()),
+            ).fetchone()[0]
+            conn.execute(f"DELETE FROM entries WHERE key IN ({tagged})", args)
+        return int(live)
+
+    def clear_namespace(self, namespace: str) -> None:
+        """Delete ``namespace``'s entries (see `NamespacedBackend`): a range of the ``entries``
+        primary key, then a range of the ``tags`` one; tag rows go with their entries."""
+        key_lo, key_hi = _prefix_range(namespace_key_prefix(namespace))
+        tag_lo, tag_hi = _prefix_range(namespace_tag_prefix(namespace))
+        with self._write() as conn:
+            conn.execute("DELETE FROM entries WHERE key >= ? AND key < ?", (key_lo, key_hi))
+            conn.execute(
+                "DELETE FROM entries WHERE key IN "
+                "(SELECT key FROM tags WHERE tag >= ? AND tag < ?)",
+                (tag_lo, tag_hi),
+            )
+
     def clear(self) -> None:
+        """Delete every entry of the file, whatever its namespace."""
         with self._write() as conn:
             conn.execute("DELETE FROM tags")
             conn.execute("DELETE FROM entries")

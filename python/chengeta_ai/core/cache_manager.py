@@ -17,7 +17,12 @@ import zlib
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
-from chengeta_ai.backends.base import Backend
+from chengeta_ai.backends.base import (
+    Backend,
+    namespace_key_prefix,
+    namespace_tag_prefix,
+    scoped_tag,
+)
 from chengeta_ai.backends.memory_backend import InMemoryBackend
 from chengeta_ai.core.key_builder import CacheKeyBuilder
 from chengeta_ai.errors import BackendError, DecodeError
@@ -96,6 +101,17 @@ class CacheManager:
         serializer: encodes values; the Rust `CompactSerializer` if omitted (never unpickles).
         default_ttl: seconds an entry lives when a call gives no ``ttl``; None = no expiry.
         max_entry_bytes: entries larger than this once encoded are not stored (counted).
+
+    Namespaces. Managers whose key builders have different namespaces may share a backend:
+    their removals stay apart. Tags are stored scoped to the namespace (`scoped_tag`), so
+    ``invalidate("model:gpt-4o")`` reaches only this namespace's entries; ``clear()`` removes
+    the keys starting with ``"{namespace}:"`` and the entries stored through a manager of the
+    namespace under other keys (they carry the namespace's tag). Entries stored before tags
+    were scoped (bare tags) are still reached by ``invalidate`` when their key is in the
+    namespace. Both use the backend's ``invalidate_namespace`` / ``clear_namespace``
+    (`NamespacedBackend`); on a backend without them, ``invalidate`` falls back to the
+    backend's ``invalidate`` of the scoped tag (logged once: bare-tagged entries are not
+    reached) and ``clear`` raises `BackendError` rather than empty every namespace.
     """
 
     def __init__(
@@ -123,6 +139,7 @@ class CacheManager:
             "encode_errors",
             "oversized_entries",
         )
+        self._warned_unscoped = False
 
     def __repr__(self) -> str:
         return (
@@ -198,7 +215,18 @@ class CacheManager:
             self.backend_failed("get", key, exc)
             return None
 
+    def scope_tags(self, key: str, tags: tuple[str, ...]) -> tuple[str, ...]:
+        """``tags`` as stored: scoped to the namespace, plus the namespace's own tag when
+        ``key`` is not one of its keys (so that ``clear`` finds it)."""
+        namespace = self.key_builder.namespace
+        scoped = tuple([scoped_tag(namespace, tag) for tag in tags])
+        if key.startswith(namespace_key_prefix(namespace)):
+            return scoped
+        return (*scoped, namespace_tag_prefix(namespace))
+
     def set_raw(self, key: str, data: bytes, ttl: float | None, tags: tuple[str, ...]) -> bool:
+        """Stores framed ``data``; ``tags`` as given by the caller (they are scoped here)."""
+        tags = self.scope_tags(key, tags)
         try:
             self.backend.set(key, data, ttl, tags)
         except Exception as exc:
@@ -210,6 +238,7 @@ class CacheManager:
     async def aset_raw(
         self, key: str, data: bytes, ttl: float | None, tags: tuple[str, ...]
     ) -> bool:
+        tags = self.scope_tags(key, tags)
         try:
             await self.backend.aset(key, data, ttl, tags)
         except Exception as exc:
@@ -269,13 +298,54 @@ class CacheManager:
             return False
 
     def invalidate(self, tag: str) -> int:
-        """Removes every entry carrying ``tag``; returns how many. Raises `BackendError`."""
+        """Removes every entry of this namespace carrying ``tag``; returns how many. Raises
+        `BackendError`."""
         check_tags([tag])
-        return self._removal("invalidate", self.backend.invalidate, tag)
+        return self._removal("invalidate", self._invalidate_namespace, tag)
 
     def clear(self) -> None:
-        """Removes every entry. Raises `BackendError` if the backend fails."""
-        self._removal("clear", lambda _: self.backend.clear(), "*")
+        """Removes every entry of this namespace (see the class doc); other namespaces' stay.
+        Raises `BackendError` if the backend fails or cannot clear one namespace only."""
+        self._removal("clear", self._clear_namespace, self.key_builder.namespace)
+
+    def _invalidate_namespace(self, tag: str) -> int:
+        namespace = self.key_builder.namespace
+        scoped = getattr(self.backend, "invalidate_namespace", None)
+        if scoped is not None:
+            try:
+                return int(scoped(namespace, tag))
+            except NotImplementedError:
+                pass
+        self._unscoped_fallback()
+        return self.backend.invalidate(scoped_tag(namespace, tag))
+
+    def _clear_namespace(self, namespace: str) -> None:
+        scoped = getattr(self.backend, "clear_namespace", None)
+        if scoped is not None:
+            try:
+                scoped(namespace)
+                return
+            except NotImplementedError:
+                pass
+        raise self._cannot_clear(namespace)
+
+    def _unscoped_fallback(self) -> None:
+        if not self._warned_unscoped:
+            self._warned_unscoped = True
+            logger.warning(
+                "chengeta_ai: %s has no invalidate_namespace(): invalidating namespace %r's "
+                "scoped tags only; entries it stored under bare tags (before tags were "
+                "scoped) are not removed",
+                type(self.backend).__name__,
+                self.key_builder.namespace,
+            )
+
+    def _cannot_clear(self, namespace: str) -> BackendError:
+        return BackendError(
+            f"{type(self.backend).__name__} has no clear_namespace(): cannot remove namespace "
+            f"{namespace!r} alone; implement it (see chengeta_ai.backends.base."
+            "NamespacedBackend), or empty the whole store with manager.backend.clear()"
+        )
 
     def close(self) -> None:
         self.backend.close()
@@ -326,13 +396,31 @@ class CacheManager:
 
     async def ainvalidate(self, tag: str) -> int:
         check_tags([tag])
-        return await self._aremoval("invalidate", self.backend.ainvalidate, tag)
+        return await self._aremoval("invalidate", self._ainvalidate_namespace, tag)
 
     async def aclear(self) -> None:
-        async def clear(_: str) -> None:
-            await self.backend.aclear()
+        await self._aremoval("clear", self._aclear_namespace, self.key_builder.namespace)
 
-        await self._aremoval("clear", clear, "*")
+    async def _ainvalidate_namespace(self, tag: str) -> int:
+        namespace = self.key_builder.namespace
+        scoped = getattr(self.backend, "ainvalidate_namespace", None)
+        if scoped is not None:
+            try:
+                return int(await scoped(namespace, tag))
+            except NotImplementedError:
+                pass
+        self._unscoped_fallback()
+        return await self.backend.ainvalidate(scoped_tag(namespace, tag))
+
+    async def _aclear_namespace(self, namespace: str) -> None:
+        scoped = getattr(self.backend, "aclear_namespace", None)
+        if scoped is not None:
+            try:
+                await scoped(namespace)
+                return
+            except NotImplementedError:
+                pass
+        raise self._cannot_clear(namespace)
 
     async def aclose(self) -> None:
         await self.backend.aclose()
