@@ -1251,6 +1251,129 @@ mod tests {
         assert!(zstd_decompress(b"garbage!", 10).is_err());
     }
 
+    /// A zstd frame of `prefix` then `fill` zero bytes, in 4 bytes per 128 KiB (RLE blocks).
+    fn rle_frame(prefix: &[u8], mut fill: usize) -> Vec<u8> {
+        let mut out = vec![0x28, 0xb5, 0x2f, 0xfd, 0x00, 0x38];
+        let mut blocks: Vec<(u32, usize, Vec<u8>)> = vec![(0, prefix.len(), prefix.to_vec())];
+        while fill > 0 {
+            let n = fill.min(128 * 1024);
+            blocks.push((1, n, vec![0]));
+            fill -= n;
+        }
+        let last = blocks.len() - 1;
+        for (i, (kind, size, content)) in blocks.into_iter().enumerate() {
+            let h = u32::from(i == last) | (kind << 1) | ((size as u32) << 3);
+            out.extend_from_slice(&h.to_le_bytes()[..3]);
+            out.extend_from_slice(&content);
+        }
+        out
+    }
+
+    fn body_of(structure: &[u8], lengths: &[u8], data: &[u8]) -> Vec<u8> {
+        let mut b = varint_bytes(structure.len() as u64);
+        b.extend(varint_bytes(lengths.len() as u64));
+        b.extend_from_slice(structure);
+        b.extend_from_slice(lengths);
+        b.extend_from_slice(data);
+        b
+    }
+
+    fn check(body: &[u8], count: u64) -> Result<()> {
+        let layout = split_body(body, count)?;
+        validate(body, &layout, count, |name| name == "Known")
+    }
+
+    #[test]
+    fn rle_bomb_is_refused_from_the_header() {
+        let n = 1usize << 28;
+        let mut prefix = varint_bytes(n as u64);
+        prefix.push(0);
+        let frame = rle_frame(&prefix, n);
+        assert!(frame.len() < 9000);
+        let mut enc = Vec::new();
+        Header {
+            sequence: true,
+            compressed: true,
+            count: n as u64,
+            body_len: (prefix.len() + n) as u64,
+        }
+        .write(&mut enc);
+        enc.extend_from_slice(&frame);
+        let decompressed = std::cell::Cell::new(false);
+        let err = open_with(&enc, DEFAULT_MAX_DECODED_BYTES, |f, e| {
+            decompressed.set(true);
+            zstd_decompress(f, e)
+        })
+        .unwrap_err();
+        assert!(matches!(err, CodecError::TooLarge { .. }), "{err}");
+        assert!(!decompressed.get());
+        assert_eq!(body_limit(1000, true, u64::MAX), 256_000 + EXPANSION_SLACK);
+        assert_eq!(body_limit(1000, true, 10), 10);
+        assert_eq!(body_limit(1000, false, 10), 10);
+        assert!(expansion_ok(1000, 1_000_000) && !expansion_ok(1000, 2_000_000));
+    }
+
+    #[test]
+    fn validate_checks_counts_references_strings_and_trailing_bytes() {
+        assert_eq!(check(&body_of(&[TAG_NONE], &[], &[]), 1), Ok(()));
+        // a list declaring more items than the structure holds
+        let mut s = vec![TAG_LIST];
+        s.extend(varint_bytes(1 << 28));
+        s.extend([0; 16]);
+        assert!(matches!(
+            check(&body_of(&s, &[], &[]), 1),
+            Err(CodecError::LengthOutOfBounds { what: "list", .. })
+        ));
+        // a back-reference to a string never seen
+        assert_eq!(
+            check(&body_of(&[TAG_STR_REF, 0], &[], &[]), 1),
+            Err(CodecError::BadReference("string reference", 0))
+        );
+        assert_eq!(
+            check(&body_of(&[TAG_STR_NEW], &[2], &[0xc3, 0x28]), 1),
+            Err(CodecError::InvalidUtf8)
+        );
+        assert_eq!(
+            check(
+                &body_of(&[TAG_STR_SURROGATES], &[3], &[0xed, 0xa0, 0x80]),
+                1
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            check(&body_of(&[TAG_NONE], &[], &[7]), 1),
+            Err(CodecError::TrailingBytes(1))
+        );
+        assert_eq!(
+            check(&body_of(&[TAG_NONE, TAG_NONE], &[], &[]), 1),
+            Err(CodecError::TrailingBytes(1))
+        );
+        // {[]: None}
+        assert!(check(&body_of(&[TAG_DICT, 1, TAG_LIST, 0, TAG_NONE], &[], &[]), 1).is_err());
+        // a model of a class this process does not know, then one it knows
+        let model = |name: &[u8]| {
+            body_of(
+                &[TAG_MODEL_DEF, TAG_STR_NEW, 0, 0, 0],
+                &[name.len() as u8],
+                name,
+            )
+        };
+        assert!(matches!(
+            check(&model(b"Other"), 1),
+            Err(CodecError::Corrupt(m)) if m.contains("unknown model class name")
+        ));
+        assert_eq!(check(&model(b"Known"), 1), Ok(()));
+    }
+
+    #[test]
+    fn surrogatepass_matches_python() {
+        assert!(is_surrogatepass_utf8(b"abc"));
+        assert!(is_surrogatepass_utf8(b"a\xed\xa0\x80b\xed\xbf\xbf"));
+        assert!(!is_surrogatepass_utf8(b"\xed\xa0"));
+        assert!(!is_surrogatepass_utf8(b"\xff"));
+        assert!(!is_surrogatepass_utf8(b"\xc0\x80")); // overlong
+    }
+
     proptest! {
         #[test]
         fn varint_round_trip(v: u64) {
@@ -1290,6 +1413,13 @@ mod tests {
                     t => panic!("tag {t}"),
                 };
                 prop_assert_eq!(&got, s);
+            }
+        }
+
+        #[test]
+        fn validate_never_panics(body: Vec<u8>, count in 0u64..64) {
+            if let Ok(layout) = split_body(&body, count) {
+                let _ = validate(&body, &layout, count, |n| n.len() % 2 == 0);
             }
         }
 
