@@ -138,3 +138,24 @@ def test_bytes_per_chunk(benchmark: Any, obfuscation: bool) -> None:
         pickle_bytes_per_chunk=round(len(pickled) / len(items), 2),
         size_ratio=round(len(pickled) / len(data), 1),
     )
+
+
+def test_validation_of_5000(benchmark: Any) -> None:
+    """Up-front validation of a 5,000-chunk entry (`StreamDecoder` on an uncompressed entry:
+    a body copy + the validating walk), against the time to first item of the compressed entry
+    (decompression + validation + one item) measured in the same run."""
+    items = chunks(5000)
+    raw = _core.StreamEncoder(compress_min_bytes=2**62)
+    for item in items:
+        raw.push(item)
+    data_raw = raw.finish()
+    data = compact_stream(items)
+    first = best_of(lambda: _core.StreamDecoder(data).take(1), 50)
+    benchmark(lambda: _core.StreamDecoder(data_raw))
+    benchmark.extra_info["time_to_first_item_s"] = first
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None:
+        print(
+            f"\nvalidate 5000 (copy + walk of {len(data_raw)} B): {stats.stats.min * 1e3:.3f} ms; "
+            f"time to first item of the compressed entry: {first * 1e3:.3f} ms"
+        )

@@ -21,6 +21,11 @@
 //!
 //! Reading never trusts a length: every length and count is bounded by the bytes that remain,
 //! so corrupt input fails with a [`CodecError`] and never allocates more than the input implies.
+//! The decompressed body is bounded too ([`body_limit`]): by the caller's cap on decoded bytes
+//! and by [`MAX_EXPANSION`] times the compressed size (plus [`EXPANSION_SLACK`]), so a few-KB
+//! zstd bomb is refused from its header, before anything is decompressed. [`validate`] walks a
+//! whole body (every count, reference, string and class name) without building anything, so a
+//! decoder that validated first cannot fail half way through a stream.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -43,6 +48,15 @@ pub const MAX_DEPTH: usize = 200;
 pub const INTERN_MAX_LEN: usize = 256;
 /// The intern table stops growing at this many entries (strings are then written raw).
 pub const INTERN_MAX_ENTRIES: usize = 1 << 20;
+
+/// Default cap on a decoded (decompressed) body: 1 GiB. Callers pass their own.
+pub const DEFAULT_MAX_DECODED_BYTES: u64 = 1 << 30;
+/// A compressed body may expand to at most this many times its compressed size (plus
+/// [`EXPANSION_SLACK`]). zstd reaches ~32000x on degenerate input (RLE blocks); the encoder
+/// stores a body raw rather than write a frame that expands more than this.
+pub const MAX_EXPANSION: u64 = 256;
+/// Any compressed body may expand to this many bytes whatever its ratio.
+pub const EXPANSION_SLACK: u64 = 1 << 20;
 
 /// `None`.
 pub const TAG_NONE: u8 = 0;
@@ -122,6 +136,15 @@ pub enum CodecError {
     TrailingBytes(usize),
     /// zstd failed (corrupt frame, or output not of the declared size).
     Zstd(String),
+    /// A declared size above the decoder's limit (a decompression bomb, or a cap too small).
+    TooLarge {
+        /// What the size was for.
+        what: &'static str,
+        /// The declared size.
+        len: u64,
+        /// The limit it exceeds.
+        limit: u64,
+    },
     /// Any other inconsistency, described.
     Corrupt(String),
 }
@@ -153,6 +176,10 @@ impl fmt::Display for CodecError {
             Self::TooDeep => write!(f, "nesting deeper than {MAX_DEPTH} levels"),
             Self::TrailingBytes(n) => write!(f, "corrupt data: {n} trailing bytes"),
             Self::Zstd(msg) => write!(f, "corrupt compressed body: {msg}"),
+            Self::TooLarge { what, len, limit } => write!(
+                f,
+                "{what} of {len} bytes exceeds the decoding limit of {limit} bytes"
+            ),
             Self::Corrupt(msg) => write!(f, "corrupt data: {msg}"),
         }
     }
@@ -648,7 +675,8 @@ pub fn assemble(
 ) -> Result<Vec<u8>> {
     let body = build_body(w);
     let packed = if body.len() >= compress_min_bytes {
-        Some(zstd_compress(&body, level)?).filter(|c| c.len() < body.len())
+        Some(zstd_compress(&body, level)?)
+            .filter(|c| c.len() < body.len() && expansion_ok(c.len(), body.len()))
     } else {
         None
     };
@@ -670,14 +698,47 @@ pub fn frame(body: &[u8], compressed: Option<&[u8]>, sequence: bool, count: u64)
     out
 }
 
-/// Parses the header and returns it with the raw body; `decompress` is called for a compressed
-/// body (so the caller can release the GIL around it).
+/// The most bytes a body read from `payload_len` bytes may decode to: `max_decoded`, and for
+/// a compressed body also [`MAX_EXPANSION`] times its size plus [`EXPANSION_SLACK`].
+pub fn body_limit(payload_len: usize, compressed: bool, max_decoded: u64) -> u64 {
+    if compressed {
+        let ratio = (payload_len as u64)
+            .saturating_mul(MAX_EXPANSION)
+            .saturating_add(EXPANSION_SLACK);
+        ratio.min(max_decoded)
+    } else {
+        max_decoded
+    }
+}
+
+/// Whether a frame of `frame_len` bytes for a body of `body_len` bytes is within
+/// [`MAX_EXPANSION`] (the encoder stores the body raw otherwise).
+pub fn expansion_ok(frame_len: usize, body_len: usize) -> bool {
+    body_len as u64 <= body_limit(frame_len, true, u64::MAX)
+}
+
+/// Parses the header and returns it with the raw body, refusing a body above
+/// [`body_limit`] before decompressing anything; `decompress` is called for a compressed body
+/// (so the caller can release the GIL around it) and reads at most one byte more than declared.
 pub fn open_with(
     data: &[u8],
+    max_decoded: u64,
     decompress: impl FnOnce(&[u8], u64) -> Result<Vec<u8>>,
 ) -> Result<(Header, Vec<u8>)> {
     let (h, off) = Header::parse(data)?;
     let rest = &data[off..];
+    let limit = body_limit(rest.len(), h.compressed, max_decoded);
+    if h.body_len > limit {
+        return Err(CodecError::TooLarge {
+            what: if h.compressed {
+                "decompressed body"
+            } else {
+                "body"
+            },
+            len: h.body_len,
+            limit,
+        });
+    }
     let body = if h.compressed {
         decompress(rest, h.body_len)?
     } else {
@@ -693,9 +754,9 @@ pub fn open_with(
     Ok((h, body))
 }
 
-/// [`open_with`] using [`zstd_decompress`].
+/// [`open_with`] using [`zstd_decompress`] and [`DEFAULT_MAX_DECODED_BYTES`].
 pub fn open(data: &[u8]) -> Result<(Header, Vec<u8>)> {
-    open_with(data, zstd_decompress)
+    open_with(data, DEFAULT_MAX_DECODED_BYTES, zstd_decompress)
 }
 
 /// Where the three streams of a body are.
@@ -776,6 +837,283 @@ impl<'a> PayloadReader<'a> {
     pub fn remaining(&self) -> usize {
         self.lengths.remaining() + self.data.remaining()
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// validation
+
+/// Whether `b` is what Python's `b.decode("utf-8", "surrogatepass")` accepts: UTF-8 in which
+/// lone surrogates (U+D800..U+DFFF) may appear as their 3-byte encodings.
+pub fn is_surrogatepass_utf8(mut b: &[u8]) -> bool {
+    loop {
+        match std::str::from_utf8(b) {
+            Ok(_) => return true,
+            Err(e) => {
+                let rest = &b[e.valid_up_to()..];
+                match rest {
+                    [0xED, 0xA0..=0xBF, 0x80..=0xBF, ..] => b = &rest[3..],
+                    _ => return false,
+                }
+            }
+        }
+    }
+}
+
+/// The fields-set names an instance may reuse from its template's previous instance, per byte
+/// of structure (plus [`REUSE_BUDGET_SLACK`]): a mask bit per field costs 1/8 byte, so honest
+/// data stays near 8; a planted template with a huge fields set reused by every instance would
+/// otherwise make decoding quadratic.
+pub const REUSE_BUDGET_PER_BYTE: u64 = 16;
+/// See [`REUSE_BUDGET_PER_BYTE`].
+pub const REUSE_BUDGET_SLACK: u64 = 1 << 16;
+
+struct VTemplate {
+    /// `prev[i]`: field `i` of the previous instance was a scalar (so a mask bit may reuse it).
+    prev: Vec<bool>,
+    /// Members of the previous instance's fields set, if there was one.
+    prev_fs: Option<u64>,
+}
+
+struct Validator<'a, F> {
+    s: Reader<'a>,
+    d: PayloadReader<'a>,
+    strings: Vec<&'a str>,
+    templates: Vec<VTemplate>,
+    reuse_budget: u64,
+    known_class: F,
+}
+
+/// What kind of string a string tag held.
+enum VStr<'a> {
+    Text(&'a str),
+    Surrogates,
+}
+
+impl<'a, F: FnMut(&str) -> bool> Validator<'a, F> {
+    /// The string after `tag`, or `None` when `tag` is not a string tag.
+    fn string(&mut self, tag: u8) -> Result<Option<VStr<'a>>> {
+        Ok(Some(match tag {
+            TAG_STR_REF => {
+                let i = self.s.varint("string reference")?;
+                let s = usize::try_from(i)
+                    .ok()
+                    .and_then(|i| self.strings.get(i))
+                    .ok_or(CodecError::BadReference("string reference", i))?;
+                VStr::Text(s)
+            }
+            TAG_STR_NEW => {
+                let s = self.d.str("string")?;
+                if self.strings.len() >= INTERN_MAX_ENTRIES {
+                    return Err(CodecError::Corrupt("intern table overflow".into()));
+                }
+                self.strings.push(s);
+                VStr::Text(s)
+            }
+            TAG_STR_RAW => VStr::Text(self.d.str("string")?),
+            TAG_STR_SURROGATES => {
+                if !is_surrogatepass_utf8(self.d.len_prefixed("string")?) {
+                    return Err(CodecError::InvalidUtf8);
+                }
+                VStr::Surrogates
+            }
+            _ => return Ok(None),
+        }))
+    }
+
+    fn str_value(&mut self, what: &str) -> Result<VStr<'a>> {
+        let tag = self.s.u8("tag")?;
+        self.string(tag)?
+            .ok_or_else(|| CodecError::Corrupt(format!("{what} is not a string (tag {tag})")))
+    }
+
+    /// Walks one value; returns whether it is a scalar (what a model's same-field mask may
+    /// reuse). `in_key`: inside a dict key, where only hashable builtins may appear.
+    fn value(&mut self, depth: usize, in_key: bool) -> Result<bool> {
+        if depth > MAX_DEPTH {
+            return Err(CodecError::TooDeep);
+        }
+        let tag = self.s.u8("tag")?;
+        if self.string(tag)?.is_some() {
+            return Ok(true);
+        }
+        let unhashable = |what: &str| {
+            Err(CodecError::Corrupt(format!(
+                "dict key is a {what} (unhashable)"
+            )))
+        };
+        match tag {
+            TAG_NONE | TAG_FALSE | TAG_TRUE => {}
+            TAG_INT => {
+                self.s.varint("int")?;
+            }
+            TAG_BIGINT => {
+                self.d.len_prefixed("big int")?;
+            }
+            TAG_FLOAT => {
+                self.d.u64_le("float")?;
+            }
+            TAG_BYTES => {
+                self.d.len_prefixed("bytes")?;
+            }
+            TAG_LIST | TAG_TUPLE => {
+                if in_key && tag == TAG_LIST {
+                    return unhashable("list");
+                }
+                let n = self
+                    .s
+                    .count(if tag == TAG_LIST { "list" } else { "tuple" }, 1)?;
+                for _ in 0..n {
+                    self.value(depth + 1, in_key)?;
+                }
+                return Ok(false);
+            }
+            TAG_DICT => {
+                if in_key {
+                    return unhashable("dict");
+                }
+                self.dict_body(depth)?;
+                return Ok(false);
+            }
+            TAG_MODEL_DEF | TAG_MODEL if in_key => return unhashable("model instance"),
+            TAG_MODEL_DEF => {
+                let name = match self.str_value("model name")? {
+                    VStr::Text(s) => s,
+                    VStr::Surrogates => return Err(CodecError::InvalidUtf8),
+                };
+                if !(self.known_class)(name) {
+                    return Err(CodecError::Corrupt(format!(
+                        "unknown model class name {name:?} (not registered)"
+                    )));
+                }
+                let n = self.s.count("model fields", 1)?;
+                for _ in 0..n {
+                    self.str_value("field name")?;
+                }
+                let tid = self.templates.len();
+                if tid >= INTERN_MAX_ENTRIES {
+                    return Err(CodecError::Corrupt("too many model templates".into()));
+                }
+                self.templates.push(VTemplate {
+                    prev: vec![false; n],
+                    prev_fs: None,
+                });
+                self.model_body(tid, depth)?;
+                return Ok(false);
+            }
+            TAG_MODEL => {
+                let id = self.s.varint("model template")?;
+                if id >= self.templates.len() as u64 {
+                    return Err(CodecError::BadReference("model template", id));
+                }
+                self.model_body(id as usize, depth)?;
+                return Ok(false);
+            }
+            t => return Err(CodecError::UnknownTag(t)),
+        }
+        Ok(true)
+    }
+
+    fn dict_body(&mut self, depth: usize) -> Result<()> {
+        let n = self.s.count("dict", 2)?;
+        for _ in 0..n {
+            self.value(depth + 1, true)?;
+            self.value(depth + 1, false)?;
+        }
+        Ok(())
+    }
+
+    /// Mirrors the decoder's `model_body` step by step (a nested instance of the same template
+    /// updates its previous values in between).
+    fn model_body(&mut self, tid: usize, depth: usize) -> Result<()> {
+        let flags = self.s.u8("model flags")?;
+        if flags & !INST_KNOWN_FLAGS != 0 {
+            return Err(CodecError::Corrupt(format!(
+                "unknown model flags 0x{flags:02x}"
+            )));
+        }
+        let n = self.templates[tid].prev.len();
+        let fs_same = if flags & INST_FIELDS_SET_SAME != 0 {
+            let members = self.templates[tid].prev_fs.ok_or(CodecError::BadReference(
+                "previous fields set of template",
+                tid as u64,
+            ))?;
+            self.reuse_budget = self.reuse_budget.checked_sub(members).ok_or_else(|| {
+                CodecError::Corrupt("fields sets reused more than the data can justify".into())
+            })?;
+            Some(members)
+        } else {
+            None
+        };
+        let mask = self.s.bytes(mask_len(n), "same-field mask")?;
+        for i in 0..n {
+            if mask_get(mask, i) {
+                if !self.templates[tid].prev[i] {
+                    return Err(CodecError::BadReference(
+                        "previous value of field",
+                        i as u64,
+                    ));
+                }
+            } else {
+                let scalar = self.value(depth + 1, false)?;
+                self.templates[tid].prev[i] = scalar;
+            }
+        }
+        let members = match fs_same {
+            Some(m) => m,
+            None => {
+                let fs_mask = self.s.bytes(mask_len(n), "fields-set mask")?;
+                let set = (0..n).filter(|&i| mask_get(fs_mask, i)).count() as u64;
+                let others = self.s.count("fields-set names", 1)?;
+                for _ in 0..others {
+                    self.str_value("fields-set name")?;
+                }
+                set + others as u64
+            }
+        };
+        self.templates[tid].prev_fs = Some(members);
+        if flags & INST_EXTRA_DICT != 0 {
+            self.dict_body(depth)?;
+        }
+        if flags & INST_PRIVATE_DICT != 0 {
+            self.dict_body(depth)?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks a whole body as the decoder will read it, without building anything: `count` items,
+/// every tag, count, length and reference, every string's UTF-8, every model class name
+/// (`known_class` says whether this process can build it), the same-field and fields-set
+/// references, dict keys that are hashable builtins, and no trailing bytes. A body that passes
+/// decodes without a [`CodecError`].
+pub fn validate(
+    body: &[u8],
+    layout: &BodyLayout,
+    count: u64,
+    known_class: impl FnMut(&str) -> bool,
+) -> Result<()> {
+    let structure_len = layout.structure.len() as u64;
+    let mut v = Validator {
+        s: Reader::at(&body[..layout.structure.end], layout.structure.start),
+        d: PayloadReader {
+            lengths: Reader::at(&body[..layout.lengths.end], layout.lengths.start),
+            data: Reader::at(body, layout.data),
+        },
+        strings: Vec::new(),
+        templates: Vec::new(),
+        reuse_budget: structure_len
+            .saturating_mul(REUSE_BUDGET_PER_BYTE)
+            .saturating_add(REUSE_BUDGET_SLACK),
+        known_class,
+    };
+    for _ in 0..count {
+        v.value(0, false)?;
+    }
+    let left = v.s.remaining() + v.d.remaining();
+    if left != 0 {
+        return Err(CodecError::TrailingBytes(left));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -913,6 +1251,129 @@ mod tests {
         assert!(zstd_decompress(b"garbage!", 10).is_err());
     }
 
+    /// A zstd frame of `prefix` then `fill` zero bytes, in 4 bytes per 128 KiB (RLE blocks).
+    fn rle_frame(prefix: &[u8], mut fill: usize) -> Vec<u8> {
+        let mut out = vec![0x28, 0xb5, 0x2f, 0xfd, 0x00, 0x38];
+        let mut blocks: Vec<(u32, usize, Vec<u8>)> = vec![(0, prefix.len(), prefix.to_vec())];
+        while fill > 0 {
+            let n = fill.min(128 * 1024);
+            blocks.push((1, n, vec![0]));
+            fill -= n;
+        }
+        let last = blocks.len() - 1;
+        for (i, (kind, size, content)) in blocks.into_iter().enumerate() {
+            let h = u32::from(i == last) | (kind << 1) | ((size as u32) << 3);
+            out.extend_from_slice(&h.to_le_bytes()[..3]);
+            out.extend_from_slice(&content);
+        }
+        out
+    }
+
+    fn body_of(structure: &[u8], lengths: &[u8], data: &[u8]) -> Vec<u8> {
+        let mut b = varint_bytes(structure.len() as u64);
+        b.extend(varint_bytes(lengths.len() as u64));
+        b.extend_from_slice(structure);
+        b.extend_from_slice(lengths);
+        b.extend_from_slice(data);
+        b
+    }
+
+    fn check(body: &[u8], count: u64) -> Result<()> {
+        let layout = split_body(body, count)?;
+        validate(body, &layout, count, |name| name == "Known")
+    }
+
+    #[test]
+    fn rle_bomb_is_refused_from_the_header() {
+        let n = 1usize << 28;
+        let mut prefix = varint_bytes(n as u64);
+        prefix.push(0);
+        let frame = rle_frame(&prefix, n);
+        assert!(frame.len() < 9000);
+        let mut enc = Vec::new();
+        Header {
+            sequence: true,
+            compressed: true,
+            count: n as u64,
+            body_len: (prefix.len() + n) as u64,
+        }
+        .write(&mut enc);
+        enc.extend_from_slice(&frame);
+        let decompressed = std::cell::Cell::new(false);
+        let err = open_with(&enc, DEFAULT_MAX_DECODED_BYTES, |f, e| {
+            decompressed.set(true);
+            zstd_decompress(f, e)
+        })
+        .unwrap_err();
+        assert!(matches!(err, CodecError::TooLarge { .. }), "{err}");
+        assert!(!decompressed.get());
+        assert_eq!(body_limit(1000, true, u64::MAX), 256_000 + EXPANSION_SLACK);
+        assert_eq!(body_limit(1000, true, 10), 10);
+        assert_eq!(body_limit(1000, false, 10), 10);
+        assert!(expansion_ok(1000, 1_000_000) && !expansion_ok(1000, 2_000_000));
+    }
+
+    #[test]
+    fn validate_checks_counts_references_strings_and_trailing_bytes() {
+        assert_eq!(check(&body_of(&[TAG_NONE], &[], &[]), 1), Ok(()));
+        // a list declaring more items than the structure holds
+        let mut s = vec![TAG_LIST];
+        s.extend(varint_bytes(1 << 28));
+        s.extend([0; 16]);
+        assert!(matches!(
+            check(&body_of(&s, &[], &[]), 1),
+            Err(CodecError::LengthOutOfBounds { what: "list", .. })
+        ));
+        // a back-reference to a string never seen
+        assert_eq!(
+            check(&body_of(&[TAG_STR_REF, 0], &[], &[]), 1),
+            Err(CodecError::BadReference("string reference", 0))
+        );
+        assert_eq!(
+            check(&body_of(&[TAG_STR_NEW], &[2], &[0xc3, 0x28]), 1),
+            Err(CodecError::InvalidUtf8)
+        );
+        assert_eq!(
+            check(
+                &body_of(&[TAG_STR_SURROGATES], &[3], &[0xed, 0xa0, 0x80]),
+                1
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            check(&body_of(&[TAG_NONE], &[], &[7]), 1),
+            Err(CodecError::TrailingBytes(1))
+        );
+        assert_eq!(
+            check(&body_of(&[TAG_NONE, TAG_NONE], &[], &[]), 1),
+            Err(CodecError::TrailingBytes(1))
+        );
+        // {[]: None}
+        assert!(check(&body_of(&[TAG_DICT, 1, TAG_LIST, 0, TAG_NONE], &[], &[]), 1).is_err());
+        // a model of a class this process does not know, then one it knows
+        let model = |name: &[u8]| {
+            body_of(
+                &[TAG_MODEL_DEF, TAG_STR_NEW, 0, 0, 0],
+                &[name.len() as u8],
+                name,
+            )
+        };
+        assert!(matches!(
+            check(&model(b"Other"), 1),
+            Err(CodecError::Corrupt(m)) if m.contains("unknown model class name")
+        ));
+        assert_eq!(check(&model(b"Known"), 1), Ok(()));
+    }
+
+    #[test]
+    fn surrogatepass_matches_python() {
+        assert!(is_surrogatepass_utf8(b"abc"));
+        assert!(is_surrogatepass_utf8(b"a\xed\xa0\x80b\xed\xbf\xbf"));
+        assert!(!is_surrogatepass_utf8(b"\xed\xa0"));
+        assert!(!is_surrogatepass_utf8(b"\xff"));
+        assert!(!is_surrogatepass_utf8(b"\xc0\x80")); // overlong
+    }
+
     proptest! {
         #[test]
         fn varint_round_trip(v: u64) {
@@ -952,6 +1413,13 @@ mod tests {
                     t => panic!("tag {t}"),
                 };
                 prop_assert_eq!(&got, s);
+            }
+        }
+
+        #[test]
+        fn validate_never_panics(body: Vec<u8>, count in 0u64..64) {
+            if let Ok(layout) = split_body(&body, count) {
+                let _ = validate(&body, &layout, count, |n| n.len() % 2 == 0);
             }
         }
 

@@ -7,6 +7,10 @@ JSON-native values only (no models: JSON would lose their types).
 
 Every ``loads`` raises `chengeta_ai.errors.DecodeError` on foreign or corrupt bytes; every
 ``dumps``/``push`` raises `chengeta_ai.errors.EncodeError` on input it cannot store.
+
+Decoding is bounded: ``loads`` and ``iter_batches`` take ``max_decoded_bytes`` (default
+`DEFAULT_MAX_DECODED_BYTES`; `CacheManager` passes ``decode_cap(max_entry_bytes)``), and data
+that would decode to more is a `DecodeError`, raised before anything large is allocated.
 """
 
 from __future__ import annotations
@@ -22,12 +26,49 @@ from chengeta_ai import _core
 from chengeta_ai.errors import DecodeError, EncodeError
 
 __all__ = [
+    "DEFAULT_MAX_DECODED_BYTES",
     "ChunkSink",
     "CompactSerializer",
     "JsonSerializer",
     "PickleSerializer",
     "Serializer",
+    "decode_cap",
 ]
+
+#: The multiple of an entry's size its decoded body may reach (see `decode_cap`).
+DECODE_CAP_RATIO = 64
+#: `decode_cap` never returns less than this (16 MiB) ...
+DECODE_CAP_FLOOR = 16 * 2**20
+#: ... nor more than this (1 GiB), which is also the cap when entries are unbounded.
+DECODE_CAP_CEILING = 2**30
+
+
+def decode_cap(max_entry_bytes: int | None) -> int:
+    """The cap on decoded bytes for entries of at most ``max_entry_bytes`` stored bytes.
+
+    Rule: ``64 * max_entry_bytes``, at least 16 MiB and at most 1 GiB (1 GiB when
+    ``max_entry_bytes`` is None). zstd legitimately compresses a lot: realistic OpenAI streams
+    shrink 3-26x (26x without the random ``obfuscation`` padding), so 64x leaves room for
+    repetitive content at the largest entry; the floor keeps small entry caps from refusing
+    ordinary entries, the ceiling bounds what one entry can make a reader allocate. Independently
+    of this cap, the compact codec refuses a zstd frame that would expand more than 256x its
+    size plus 1 MiB (its encoder never writes one), so a few-KB entry cannot decode to more
+    than about 2 MiB whatever the cap.
+    """
+    if max_entry_bytes is None:
+        return DECODE_CAP_CEILING
+    return max(DECODE_CAP_FLOOR, min(DECODE_CAP_CEILING, DECODE_CAP_RATIO * max_entry_bytes))
+
+
+#: The decode cap for `CacheManager`'s default ``max_entry_bytes`` (16 MiB): 1 GiB.
+DEFAULT_MAX_DECODED_BYTES = decode_cap(16 * 2**20)
+
+
+def _check_size(data: Any, max_decoded_bytes: int | None) -> None:
+    """For serializers whose decoded size follows their input: refuse oversized input."""
+    cap = DEFAULT_MAX_DECODED_BYTES if max_decoded_bytes is None else max_decoded_bytes
+    if isinstance(data, (bytes, bytearray, memoryview)) and len(data) > cap:
+        raise DecodeError(f"entry of {len(data)} bytes exceeds the decoding limit of {cap} bytes")
 
 
 class ChunkSink(Protocol):
@@ -70,11 +111,19 @@ class Serializer(Protocol):
 
     def dumps(self, value: Any) -> bytes: ...
 
-    def loads(self, data: bytes) -> Any: ...
+    def loads(self, data: bytes, *, max_decoded_bytes: int | None = None) -> Any:
+        """The value; `DecodeError` if corrupt or if it would decode to more than
+        ``max_decoded_bytes`` (None: `DEFAULT_MAX_DECODED_BYTES`)."""
+        ...
 
     def stream_encoder(self) -> ChunkSink: ...
 
-    def iter_batches(self, data: bytes, batch_size: int = 256) -> Iterator[list[Any]]: ...
+    def iter_batches(
+        self, data: bytes, batch_size: int = 256, *, max_decoded_bytes: int | None = None
+    ) -> Iterator[list[Any]]:
+        """Decoded items in batches; `DecodeError` (as for `loads`) is raised by this call,
+        before the first batch, wherever the data can be checked up front."""
+        ...
 
 
 def _batches_of_list(items: list[Any], batch_size: int) -> Iterator[list[Any]]:
@@ -85,6 +134,13 @@ def _batches_of_list(items: list[Any], batch_size: int) -> Iterator[list[Any]]:
 def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def _cap(max_decoded_bytes: int | None) -> int:
+    cap = DEFAULT_MAX_DECODED_BYTES if max_decoded_bytes is None else max_decoded_bytes
+    if cap < 0:
+        raise ValueError(f"max_decoded_bytes must be >= 0 or None, got {max_decoded_bytes!r}")
+    return cap
 
 
 class CompactSerializer:
@@ -114,20 +170,24 @@ class CompactSerializer:
         self._ready()
         return _core.encode(value, compress_min_bytes=self.compress_min_bytes, level=self.level)
 
-    def loads(self, data: bytes) -> Any:
+    def loads(self, data: bytes, *, max_decoded_bytes: int | None = None) -> Any:
         self._ready()
-        return _core.decode(data)
+        return _core.decode(data, max_decoded_bytes=_cap(max_decoded_bytes))
 
     def stream_encoder(self) -> ChunkSink:
         self._ready()
         return _core.StreamEncoder(compress_min_bytes=self.compress_min_bytes, level=self.level)
 
-    def iter_batches(self, data: bytes, batch_size: int = 256) -> Iterator[list[Any]]:
-        """Decoded items in batches. The header is checked now; corrupt items raise
-        `DecodeError` from the batch that reaches them."""
+    def iter_batches(
+        self, data: bytes, batch_size: int = 256, *, max_decoded_bytes: int | None = None
+    ) -> Iterator[list[Any]]:
+        """Decoded items in batches. The whole entry is validated by this call (structure,
+        references, strings, model class names against this process's registry, size within
+        ``max_decoded_bytes``), so it raises `DecodeError` before any batch exists, and a
+        replay that starts cannot fail on corrupt data half way."""
         _check_batch_size(batch_size)
         self._ready()
-        decoder = _core.StreamDecoder(data)
+        decoder = _core.StreamDecoder(data, max_decoded_bytes=_cap(max_decoded_bytes))
         return self._iter(decoder, batch_size)
 
     @staticmethod
@@ -214,7 +274,8 @@ class PickleSerializer:
             except Exception as exc:
                 raise DecodeError(f"corrupt pickle data: {exc}") from exc
 
-    def loads(self, data: bytes) -> Any:
+    def loads(self, data: bytes, *, max_decoded_bytes: int | None = None) -> Any:
+        _check_size(data, max_decoded_bytes)
         body = self._body(data)
         if body[:1] == _PICKLE_SEQ:
             return list(self._iter_items(body))
@@ -223,12 +284,17 @@ class PickleSerializer:
         except Exception as exc:
             raise DecodeError(f"corrupt pickle data: {exc}") from exc
 
-    def iter_batches(self, data: bytes, batch_size: int = 256) -> Iterator[list[Any]]:
+    def iter_batches(
+        self, data: bytes, batch_size: int = 256, *, max_decoded_bytes: int | None = None
+    ) -> Iterator[list[Any]]:
+        """Items in batches, unpickled lazily: only the magic and the input size are checked
+        up front (a pickle cannot be validated without running it)."""
         _check_batch_size(batch_size)
+        _check_size(data, max_decoded_bytes)
         body = self._body(data)
         if body[:1] == _PICKLE_SEQ:
             return self._iter_seq(body, batch_size)
-        value = self.loads(data)
+        value = self.loads(data, max_decoded_bytes=max_decoded_bytes)
         return _batches_of_list(value, batch_size) if isinstance(value, list) else iter([[value]])
 
     def _iter_seq(self, body: memoryview, batch_size: int) -> Iterator[list[Any]]:
@@ -300,9 +366,10 @@ class JsonSerializer:
     def dumps(self, value: Any) -> bytes:
         return _JSON_MAGIC + _json_dumps(value)
 
-    def loads(self, data: bytes) -> Any:
+    def loads(self, data: bytes, *, max_decoded_bytes: int | None = None) -> Any:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise DecodeError(f"expected bytes, got {type(data).__qualname__}")
+        _check_size(data, max_decoded_bytes)
         view = memoryview(data)
         if view[: len(_JSON_MAGIC)] != _JSON_MAGIC:
             raise DecodeError("not a chengeta_ai JSON encoding (bad magic)")
@@ -314,7 +381,10 @@ class JsonSerializer:
     def stream_encoder(self) -> ChunkSink:
         return _JsonSink()
 
-    def iter_batches(self, data: bytes, batch_size: int = 256) -> Iterator[list[Any]]:
+    def iter_batches(
+        self, data: bytes, batch_size: int = 256, *, max_decoded_bytes: int | None = None
+    ) -> Iterator[list[Any]]:
+        """Decoded whole by this call (so every error is raised before the first batch)."""
         _check_batch_size(batch_size)
-        value = self.loads(data)
+        value = self.loads(data, max_decoded_bytes=max_decoded_bytes)
         return _batches_of_list(value, batch_size) if isinstance(value, list) else iter([[value]])

@@ -8,7 +8,9 @@
 //! `object.__setattr__`), exactly as `model_construct` does.
 //!
 //! Decoding only builds classes present in the registry, looked up by the name in the data; it
-//! never imports anything.
+//! never imports anything. A decoder validates the whole body ([`codec::validate`], a pure-Rust
+//! walk that builds nothing) before it hands out the first item, so a stream that starts
+//! decoding finishes decoding: a corrupt, planted or foreign entry is a `DecodeError` up front.
 
 use std::collections::HashMap;
 use std::sync::{LazyLock, Mutex, RwLock};
@@ -215,6 +217,33 @@ fn same_scalar(v: &Bound<'_, PyAny>, p: &Bound<'_, PyAny>) -> bool {
     false
 }
 
+/// Dict keys are builtin scalars or tuples of them: the decoder rebuilds them without calling
+/// user code (a model key would run its `__hash__` on data from the cache).
+fn check_key(k: &Bound<'_, PyAny>, depth: usize) -> EncResult {
+    if depth > MAX_DEPTH {
+        return Err(EncFail::new(format!(
+            "nesting deeper than {MAX_DEPTH} levels (recursive structure?)"
+        )));
+    }
+    if let Ok(t) = k.cast_exact::<PyTuple>() {
+        for item in t.iter() {
+            check_key(&item, depth + 1)?;
+        }
+        return Ok(());
+    }
+    if is_scalar(k)
+        || !k
+            .get_type()
+            .hasattr(intern!(k.py(), "__pydantic_fields__"))?
+    {
+        return Ok(()); // scalars; anything else unsupported is reported by `value`
+    }
+    Err(EncFail::new(format!(
+        "model instance '{}' as a dict key is not supported",
+        type_name(k)
+    )))
+}
+
 struct EncTemplate {
     fields: Vec<Py<PyString>>,
     prev: Vec<Option<Py<PyAny>>>,
@@ -345,6 +374,7 @@ impl Encoder {
                         .unwrap_or_else(|_| "?".into()),
                 ),
             };
+            check_key(&k, depth + 1).map_err(|e| e.at(seg()))?;
             self.value(&k, depth + 1).map_err(|e| e.at(seg()))?;
             self.value(&val, depth + 1).map_err(|e| e.at(seg()))?;
         }
@@ -514,7 +544,8 @@ fn pack<'py>(
         } else {
             codec::zstd_compress(&body, level)
         };
-        Some(r.map_err(|e| EncodeError::new_err(e.to_string()))?).filter(|c| c.len() < body.len())
+        Some(r.map_err(|e| EncodeError::new_err(e.to_string()))?)
+            .filter(|c| c.len() < body.len() && codec::expansion_ok(c.len(), body.len()))
     } else {
         None
     };
@@ -974,8 +1005,9 @@ impl DecState {
     }
 }
 
-/// Lazily decodes compact bytes: the header is validated (and the body decompressed) up
-/// front, items are built only as `take`/iteration asks for them.
+/// Lazily decodes compact bytes. The body is decompressed (at most `max_decoded_bytes`, default
+/// 1 GiB, and at most 256x the compressed size plus 1 MiB) and validated whole up front, so a
+/// corrupt entry raises `DecodeError` here; items are built only as `take`/iteration asks.
 #[pyclass(frozen, module = "chengeta_ai._core")]
 pub struct StreamDecoder {
     // Locking: `lock_py_attached` detaches while waiting; the holder may call into Python
@@ -985,22 +1017,33 @@ pub struct StreamDecoder {
     count: u64,
 }
 
-fn open_decoder(py: Python<'_>, data: &[u8]) -> PyResult<StreamDecoder> {
-    let opened = codec::open_with(data, |frame, expected| {
-        if frame.len() >= DETACH_MIN_BYTES / 4 {
-            py.detach(|| codec::zstd_decompress(frame, expected))
-        } else {
-            codec::zstd_decompress(frame, expected)
-        }
-    });
-    let (h, body) = opened.map_err(|e| DecodeError::new_err(e.to_string()))?;
-    let layout =
-        codec::split_body(&body, h.count).map_err(|e| DecodeError::new_err(e.to_string()))?;
-    if h.count == 0 && body.len() != layout.structure.start {
-        return Err(DecodeError::new_err(
-            CodecError::TrailingBytes(body.len() - layout.structure.start).to_string(),
-        ));
-    }
+/// Whether `name` is a registered model class. Takes only the registry's Rust lock, so it may
+/// run with the GIL released.
+fn is_registered(name: &str) -> bool {
+    registry_read().by_name.contains_key(name)
+}
+
+/// Opens, decompresses and validates an encoding (pure Rust: safe without the GIL).
+fn open_validated(
+    data: &[u8],
+    max_decoded: u64,
+) -> Result<(codec::Header, Vec<u8>, codec::BodyLayout), CodecError> {
+    let (h, body) = codec::open_with(data, max_decoded, codec::zstd_decompress)?;
+    let layout = codec::split_body(&body, h.count)?;
+    codec::validate(&body, &layout, h.count, is_registered)?;
+    Ok((h, body, layout))
+}
+
+fn open_decoder(py: Python<'_>, data: &[u8], max_decoded: Option<u64>) -> PyResult<StreamDecoder> {
+    let max_decoded = max_decoded.unwrap_or(codec::DEFAULT_MAX_DECODED_BYTES);
+    // One detach covers decompression and validation; small entries keep the GIL (re-taking
+    // it can cost a switch interval when other threads are busy).
+    let opened = if data.len() >= DETACH_MIN_BYTES / 4 {
+        py.detach(|| open_validated(data, max_decoded))
+    } else {
+        open_validated(data, max_decoded)
+    };
+    let (h, body, layout) = opened.map_err(|e| DecodeError::new_err(e.to_string()))?;
     Ok(StreamDecoder {
         state: Mutex::new(DecState {
             s_pos: layout.structure.start,
@@ -1024,8 +1067,9 @@ fn open_decoder(py: Python<'_>, data: &[u8]) -> PyResult<StreamDecoder> {
 #[pymethods]
 impl StreamDecoder {
     #[new]
-    fn new(py: Python<'_>, data: PyBackedBytes) -> PyResult<Self> {
-        open_decoder(py, &data)
+    #[pyo3(signature = (data, *, max_decoded_bytes = None))]
+    fn new(py: Python<'_>, data: PyBackedBytes, max_decoded_bytes: Option<u64>) -> PyResult<Self> {
+        open_decoder(py, &data, max_decoded_bytes)
     }
 
     /// True for `StreamEncoder` output, False for `encode()` output.
@@ -1073,10 +1117,16 @@ impl StreamDecoder {
     }
 }
 
-/// Decodes compact bytes: a single value, or the list of items of a sequence.
+/// Decodes compact bytes: a single value, or the list of items of a sequence. The decoded body
+/// is bounded by `max_decoded_bytes` (default 1 GiB) as in `StreamDecoder`.
 #[pyfunction]
-fn decode<'py>(py: Python<'py>, data: PyBackedBytes) -> PyResult<Bound<'py, PyAny>> {
-    let dec = open_decoder(py, &data)?;
+#[pyo3(signature = (data, *, max_decoded_bytes = None))]
+fn decode<'py>(
+    py: Python<'py>,
+    data: PyBackedBytes,
+    max_decoded_bytes: Option<u64>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let dec = open_decoder(py, &data, max_decoded_bytes)?;
     let mut st = dec.state.into_inner().unwrap_or_else(|e| e.into_inner());
     let mut items = st.take(py, usize::MAX)?;
     if dec.sequence {

@@ -26,7 +26,7 @@ from chengeta_ai.backends.base import (
 from chengeta_ai.backends.memory_backend import InMemoryBackend
 from chengeta_ai.core.key_builder import CacheKeyBuilder
 from chengeta_ai.errors import BackendError, DecodeError
-from chengeta_ai.serializers import CompactSerializer, Serializer
+from chengeta_ai.serializers import CompactSerializer, Serializer, decode_cap
 
 __all__ = ["DEFAULT_MAX_ENTRY_BYTES", "CacheManager"]
 
@@ -191,7 +191,9 @@ class CacheManager:
             self.count("misses")
             return _MISSING
         try:
-            value = (serializer or self.serializer).loads(bytes(unframe(raw)))
+            value = (serializer or self.serializer).loads(
+                bytes(unframe(raw)), max_decoded_bytes=decode_cap(self.max_entry_bytes)
+            )
         except DecodeError as exc:
             self.count("misses")
             return exc
