@@ -36,6 +36,9 @@ fn new_exception_type<'py>(
 
 /// Declares a Rust handle for an exception class made by [`new_exception_type`]: the same
 /// items `create_exception!` generates (`new_err`, `PyTypeInfo`), with several bases allowed.
+/// It uses the two PyO3 macros `create_exception!` itself expands to in user crates
+/// (`impl_exception_boilerplate!`, `pyobject_native_type_core!`); a PyO3 upgrade that changes
+/// `create_exception!` may need the same change here.
 macro_rules! chengeta_exception {
     ($name:ident, [$($base:ty),+ $(,)?], $doc:expr) => {
         #[doc = $doc]
@@ -99,6 +102,7 @@ Raised by backends to the cache layers, which log it, count it and step aside: c
 `get_or_stream` never see it."
 );
 
+/// Adds every exception class to `chengeta_ai._core` (and so to its `__all__`).
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("ChengetaError", py.get_type::<ChengetaError>())?;
