@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 MATURIN := $(VENV)/bin/maturin
 STAMP := $(VENV)/.deps-installed
 
-.PHONY: install build build-release demo test test-rust test-python lint-python bench lint typecheck fmt clean
+.PHONY: install build build-release demo test test-rust test-python lint-python lint-rust \
+	rustfmt-check clippy bench lint typecheck fmt clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,8 +37,9 @@ test-python: build
 	$(PY) -m pytest tests -q
 	$(PY) -m pytest benches -q --benchmark-disable
 
-## test: Rust unit tests, the Python suite, every benchmark once in smoke mode, ruff, mypy
-test: lint-python typecheck test-rust test-python
+## test: every linter (ruff, mypy + stubtest, cargo fmt, clippy), then the Rust unit tests, the
+## Python suite and every benchmark once in smoke mode (so the suite's closing line is last)
+test: lint-python typecheck lint-rust test-rust test-python
 
 lint-python: $(STAMP)
 	$(VENV)/bin/ruff check python tests benches
@@ -48,9 +50,25 @@ bench: build-release
 	bash scripts/ensure_redis.sh
 	$(PY) -m pytest benches -q -s --benchmark-columns=min,median,mean,rounds --benchmark-sort=name
 
-lint: lint-python
-	cargo fmt --check
-	cargo clippy --all-targets -- -D warnings
+lint: lint-python lint-rust
+
+## lint-rust: cargo fmt --check; clippy -D warnings with and without the `python` feature.
+## A missing rustfmt/clippy is added with rustup; when it cannot be had, a loud banner says
+## the check is skipped (scripts/ensure_rust_tools.sh).
+lint-rust: rustfmt-check clippy
+
+rustfmt-check:
+	@sh scripts/ensure_rust_tools.sh rustfmt; rc=$$?; \
+	if [ $$rc -eq 3 ]; then exit 0; elif [ $$rc -ne 0 ]; then exit $$rc; fi; \
+	echo "cargo fmt --check"; cargo fmt --check
+
+# The bindings are checked against the venv's interpreter, the one maturin builds for.
+clippy: $(STAMP)
+	@sh scripts/ensure_rust_tools.sh clippy; rc=$$?; \
+	if [ $$rc -eq 3 ]; then exit 0; elif [ $$rc -ne 0 ]; then exit $$rc; fi; \
+	set -x; \
+	PYO3_PYTHON=$(abspath $(PY)) cargo clippy --all-targets -- -D warnings && \
+	cargo clippy --all-targets --no-default-features -- -D warnings
 
 typecheck: build
 	$(VENV)/bin/mypy python/chengeta_ai

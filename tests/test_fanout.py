@@ -400,9 +400,12 @@ async def test_random_schedules_keep_the_invariants(seed: int) -> None:
             live += 1
             peak_live = max(peak_live, live)
             try:
-                async for chunk in up.asyncgen(messages):
-                    await anyio.lowlevel.checkpoint()
-                    yield chunk
+                # aclosing: closing this generator must close the inner one too, not leave it
+                # to the garbage collector
+                async with aclosing(up.asyncgen(messages)) as inner:
+                    async for chunk in inner:
+                        await anyio.lowlevel.checkpoint()
+                        yield chunk
             finally:
                 live -= 1
 

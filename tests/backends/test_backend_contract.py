@@ -138,7 +138,8 @@ async def test_clear_namespace_removes_that_namespace_only(twin: Any) -> None:
     assert await twin.invalidate_namespace("a", "t") == 1
 
 
-async def test_stats_is_a_dict(backend: Any) -> None:
+async def test_stats_is_a_dict(abackend: Any) -> None:
+    backend = abackend
     backend.set("k", b"v")
     stats = backend.stats()
     assert isinstance(stats, dict)
@@ -179,7 +180,8 @@ def test_tag_registrations_survive_8_threads(backend: Any) -> None:
     assert backend.get("bystander") == b"b"
 
 
-async def test_tag_registrations_survive_concurrent_tasks(backend: Any) -> None:
+async def test_tag_registrations_survive_concurrent_tasks(abackend: Any) -> None:
+    backend = abackend
     n_tasks, per_task = 16, 25
 
     async def worker(t: int) -> None:

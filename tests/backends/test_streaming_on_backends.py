@@ -109,8 +109,9 @@ class Heartbeat:
 
 @pytest.mark.anyio
 async def test_5000_chunk_miss_then_hit_never_stalls_the_loop(
-    backend: Any, backend_kind: str, chunks: list[Any]
+    abackend: Any, backend_kind: str, chunks: list[Any]
 ) -> None:
+    backend = abackend
     cache = StreamingResponseCache(CacheManager(backend=backend))
     source = Source(chunks)
     stalls, with_gc = {}, {}

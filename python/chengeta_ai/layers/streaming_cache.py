@@ -35,7 +35,7 @@ from chengeta_ai.layers.fanout import (
 )
 from chengeta_ai.layers.flight_state import AbandonPolicy
 from chengeta_ai.layers.flights import SYNC_SCOPE, FlightTable, current_loop_scope
-from chengeta_ai.serializers import CompactSerializer, Serializer
+from chengeta_ai.serializers import CompactSerializer, Serializer, decode_cap
 
 __all__ = ["StreamingResponseCache"]
 
@@ -103,6 +103,8 @@ class StreamingResponseCache:
         self.max_entry_bytes = (
             max_entry_bytes if max_entry_bytes is not None else manager.max_entry_bytes
         )
+        #: What one stored entry may decode to (planted or damaged bytes are refused).
+        self._decode_cap = decode_cap(self.max_entry_bytes)
         #: In-flight streams by (sync or event loop, key), and where their pumps run.
         self.flights = FlightTable(task_group)
         self._counters = _Counters(
@@ -199,9 +201,12 @@ class StreamingResponseCache:
         return key, self.manager.resolve_ttl(ttl), tag_tuple
 
     def _replay_batches(self, raw: bytes, batch: int = READ_BATCH) -> Iterator[list[Any]]:
-        """Batches of a stored entry; raises `DecodeError` up front if it is corrupt (the
-        frame's checksum and the first batch are checked before anything is yielded)."""
-        batches = self.serializer.iter_batches(bytes(unframe(raw)), batch)
+        """Batches of a stored entry; raises `DecodeError` up front if it is corrupt: the
+        frame's checksum, and (compact codec) the whole entry's structure, counts and class
+        names, within the decode cap, are checked before anything is yielded."""
+        batches = self.serializer.iter_batches(
+            bytes(unframe(raw)), batch, max_decoded_bytes=self._decode_cap
+        )
         first = next(batches, [])
 
         def chained() -> Iterator[list[Any]]:
