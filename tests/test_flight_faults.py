@@ -371,3 +371,36 @@ async def test_a_caller_never_joins_a_flight_that_is_being_cancelled() -> None:
         release_close.set()
     assert got == [1]
     assert calls["n"] == 2
+
+
+# -- 4 (issue 7). a hit never fails half way ------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["sync", "asyncio", "trio"])
+def test_hit_naming_an_unregistered_late_class_falls_back_to_the_live_stream(mode: str) -> None:
+    from tests.test_codec_bounds import late_class_entry
+
+    from chengeta_ai.core.cache_manager import frame
+
+    cache = new_cache()
+    key = cache.manager.key_builder.build(MESSAGES, "default", None)
+    # as if another process, which registered a class this one did not, had written it
+    assert cache.manager.set_raw(key, frame(late_class_entry()), None, ())
+    live = [f"live {i}" for i in range(5)]
+    if mode == "sync":
+        got = list(cache.get_or_stream(MESSAGES, lambda _: iter(live)))
+    else:
+
+        async def main() -> list[Any]:
+            async def upstream(_: Any) -> AsyncIterator[Any]:
+                for chunk in live:
+                    yield chunk
+
+            return await collect(cache.aget_or_stream(MESSAGES, upstream))
+
+        got = anyio.run(main, backend=mode)
+    assert got == live, "a hit gave some chunks and then failed"
+    stats = cache.stats()
+    assert stats["corrupt_entries"] == 1 and stats["hits"] == 0 and stats["misses"] == 1
+    # the entry was replaced by the live stream
+    assert list(cache.get_or_stream(MESSAGES, lambda _: iter([]))) == live
