@@ -185,11 +185,52 @@ def test_a_redefined_class_is_not_confused_with_the_old_one() -> None:
 
 
 def test_many_classes_churning_through_the_class_cache() -> None:
+    # More classes than the cache holds (it is dropped and refilled), made and freed on the
+    # fly (their addresses get reused): each request still hashes by its own class's facts.
     seen = set()
-    for i in range(3000):
-        cls = pydantic.create_model(f"Churn{i % 7}", x=(int, i % 5))
-        seen.add((cls.__qualname__, i % 5, hash_request(cls())))
-    assert len({digest for _, _, digest in seen}) == len({(q, x) for q, x, _ in seen}) == 35
+    for i in range(1100):  # the cache holds 1024 classes
+        field = f"f{i % 3}"
+        cls = pydantic.create_model(f"Churn{i % 7}", **{field: (int, i % 5)})
+        seen.add((cls.__qualname__, field, i % 5, hash_request(cls())))
+    requests = {(q, f, x) for q, f, x, _ in seen}
+    assert len({digest for *_, digest in seen}) == len(requests) == len(seen) == 7 * 3 * 5
+
+
+def test_classes_hashed_from_many_threads_at_once() -> None:
+    import threading
+
+    expected = {cls: hash_request(cls(content="x")) for cls in (HumanMessage, DataMessage)}
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            for i in range(150):
+                fresh = pydantic.create_model(f"Thread{n}_{i % 4}", x=(int, i))
+                assert hash_request(fresh()) != hash_request(fresh(x=i + 1))
+                for cls, digest in expected.items():
+                    assert hash_request(cls(content="x")) == digest
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_a_record_holding_itself_is_the_depth_error() -> None:
+    @dataclasses.dataclass
+    class Node:
+        child: Any = None
+
+    node = Node()
+    node.child = node
+    with pytest.raises(ValueError, match="containing itself"):
+        hash_request([node])
+    with pytest.raises(TypeError, match=r"type 'set' at messages\[0\]\.content\['k'\]"):
+        key([HumanMessage(content={"k": {1}})])
 
 
 # --- properties ---------------------------------------------------------------------------------
