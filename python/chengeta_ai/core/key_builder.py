@@ -138,7 +138,8 @@ class CacheKeyBuilder:
         """The cache key of a request: ``"{namespace}:{kind}:{hex digest}"``.
 
         ``messages`` and ``params`` may hold dicts, lists, tuples, str, int, float, bool, None,
-        bytes, pydantic models and dataclasses. ``params`` is part of the key.
+        bytes, pydantic models, dataclasses and named tuples (a record hashes as its class and
+        every field value, defaults included). ``params`` is part of the key.
         """
         kind = self._kind if kind is None else _check_label("kind", kind)
         return f"{self._namespace}:{kind}:{self._digest(messages, model_id, params, kind).hex()}"
