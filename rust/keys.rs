@@ -5,7 +5,7 @@
 //! BLAKE3 through a fixed buffer, so the digest is `BLAKE3(encoding)` and never depends on
 //! how the walk happened to be split into writes.
 //!
-//! # Encoding, format 2
+//! # Encoding, format 3
 //!
 //! Lengths and counts (`n` below) are written as a *length prefix*: below 248, the single byte
 //! `n`; otherwise the byte `0xf7 + k` followed by `n` in big-endian in its minimal number of
@@ -24,8 +24,14 @@
 //! | bytes        | `b`, length, the bytes                                                 |
 //! | list, tuple  | `l`, item count, the items in order                                    |
 //! | dict         | `d`, entry count, then `key value` pairs sorted bytewise by the key's encoding |
+//! | record       | `o`, the class's module and qualname as two strs, then its fields as a dict |
 //!
-//! For example `{"role": "user"}` is `d 01 s 04 role s 04 user` (tags and text as ASCII).
+//! For example `{"role": "user"}` is `d 01 s 04 role s 04 user` (tags and text as ASCII), and
+//! an instance of `class Msg` defined in module `app` with the one field `role = "user"` is
+//! `o s 03 app s 03 Msg d 01 s 04 role s 04 user`. A *record* is an object whose class decides
+//! what is sent (a pydantic model, a dataclass, a named tuple): its class identity and every
+//! field it sends are hashed, so it never shares an encoding with a dict or with a record of
+//! another class (which fields a record has is the binding's business, see `py::keys`).
 //! Since length prefixes are order-preserving, the encodings of two strs compare like their
 //! `(UTF-8 length, UTF-8 bytes)`, which lets the Python walk sort `str` keys without encoding
 //! them apart.
@@ -33,12 +39,19 @@
 //! Consequences: every encoding is self-delimiting (a tag, then a length or a fixed size), so
 //! a container's encoding determines its items and no two nestings collide; values of
 //! different types never share an encoding (`"1"`, `True`, `b"1"`, `1` and `1.0` are five
-//! different digests); dict insertion order never matters; two different keys of one dict that
+//! different digests, a record and the dict of its fields are two); dict insertion order never
+//! matters; two different keys of one dict that
 //! encode the same are rejected ([`KeyErrorKind::DuplicateKey`]) rather than hashed in an
 //! order-dependent way. Nesting deeper than [`MAX_DEPTH`] is an error, which also stops
 //! self-referencing containers.
 //!
-//! (Format 1, never released, wrote every length as 8 bytes big-endian.)
+//! (Format 1, never released, wrote every length as 8 bytes big-endian. Format 2 had no
+//! records: it hashed a pydantic model as the dict of its *set* fields and a dataclass as the
+//! dict of its fields, without their class, so that `HumanMessage(content=x)` and
+//! `SystemMessage(content=x)` whose `type` is a class default, or two dataclasses of different
+//! classes with equal fields, shared a key.) The encoding carries no version byte of its own:
+//! the key derivation hashes its format name (`KEY_FORMAT` in `chengeta_ai.core.key_builder`)
+//! in front of every request, and bumps it with any change here.
 
 use std::fmt;
 
@@ -60,8 +73,10 @@ pub const TAG_STR: u8 = b's';
 pub const TAG_BYTES: u8 = b'b';
 /// Tag of a sequence (list and tuple alike).
 pub const TAG_LIST: u8 = b'l';
-/// Tag of a mapping (dicts, and models/dataclasses by their fields).
+/// Tag of a mapping (dicts of any kind).
 pub const TAG_DICT: u8 = b'd';
+/// Tag of a record: an object hashed as its class identity and its fields.
+pub const TAG_RECORD: u8 = b'o';
 
 /// The bit pattern every NaN is hashed as.
 pub const CANONICAL_NAN_BITS: u64 = 0x7ff8_0000_0000_0000;
@@ -196,6 +211,14 @@ pub trait Encode: Sink {
     #[inline]
     fn dict_header(&mut self, len: usize) {
         self.count_header(TAG_DICT, len);
+    }
+
+    /// Writes the header of a record of the class `module`.`qualname` (UTF-8); its fields
+    /// follow, as a dict ([`Encode::dict_header`] and the sorted entries).
+    fn record_header(&mut self, module: &[u8], qualname: &[u8]) {
+        self.put(&[TAG_RECORD]);
+        self.str_utf8(module);
+        self.str_utf8(qualname);
     }
 
     #[doc(hidden)]
@@ -482,8 +505,11 @@ pub enum Segment {
     Index(usize),
     /// Value of a dict entry, with the key already rendered like Python's `repr`: `['role']`.
     Key(String),
-    /// Field of a model or dataclass: `.content`.
+    /// Field of a record (model, dataclass, named tuple): `.content`.
     Field(String),
+    /// A named top-level value, such as the `messages` argument of a key builder: `messages`.
+    /// Only meaningful as the outermost segment.
+    Name(String),
     /// Inside a dict's key rather than its value.
     DictKey,
 }
@@ -524,7 +550,8 @@ impl KeyError {
         self
     }
 
-    /// The path from the root, Python-style: `[0]['content']`, `.messages[2]`, `` for the root.
+    /// The path from the root, Python-style: `[0]['content']`, `.messages[2]`,
+    /// `messages[0]` (a [`Segment::Name`] first), `` for the root.
     /// Paths longer than 24 segments keep their first and last 12, around `...`.
     pub fn path(&self) -> String {
         const KEEP: usize = 12;
@@ -541,6 +568,7 @@ impl KeyError {
                 Segment::Index(i) => out.push_str(&format!("[{i}]")),
                 Segment::Key(k) => out.push_str(&format!("[{k}]")),
                 Segment::Field(f) => out.push_str(&format!(".{f}")),
+                Segment::Name(name) => out.push_str(name),
                 Segment::DictKey => out.push_str(" (a dict key)"),
             }
         }
@@ -626,8 +654,17 @@ pub enum Value {
     Bytes(Vec<u8>),
     /// `list` / `tuple`.
     List(Vec<Value>),
-    /// `dict` (or a model's fields), in any order.
+    /// `dict`, in any order.
     Dict(Vec<(Value, Value)>),
+    /// A record: an object of the class `module`.`qualname` and its fields, in any order.
+    Record {
+        /// The class's `__module__`.
+        module: String,
+        /// The class's `__qualname__`.
+        qualname: String,
+        /// Every field the object sends, by name.
+        fields: Vec<(String, Value)>,
+    },
 }
 
 /// Writes the canonical encoding of `value` into `sink`.
@@ -656,22 +693,50 @@ fn encode_at<S: Sink + ?Sized>(sink: &mut S, value: &Value, depth: usize) -> Res
             if depth >= MAX_DEPTH {
                 return Err(KeyError::new(KeyErrorKind::TooDeep));
             }
-            let mut order = KeyOrder::default();
-            for (i, (key, _)) in entries.iter().enumerate() {
-                encode_at(order.key_sink(), key, depth + 1)
-                    .map_err(|e| e.within(Segment::DictKey))?;
-                order.finish_key(i);
-            }
-            order
-                .sort()
-                .map_err(|_| KeyError::new(KeyErrorKind::DuplicateKey))?;
-            sink.dict_header(entries.len());
-            for (key_bytes, i) in order.iter() {
-                sink.put(key_bytes);
-                let (key, value) = &entries[i];
-                encode_at(sink, value, depth + 1).map_err(|e| e.within(key_segment(key)))?;
-            }
+            let entries: Vec<(&Value, &Value)> = entries.iter().map(|(k, v)| (k, v)).collect();
+            encode_entries(sink, &entries, depth, key_segment)?;
         }
+        Value::Record {
+            module,
+            qualname,
+            fields,
+        } => {
+            if depth >= MAX_DEPTH {
+                return Err(KeyError::new(KeyErrorKind::TooDeep));
+            }
+            sink.record_header(module.as_bytes(), qualname.as_bytes());
+            let names: Vec<Value> = fields.iter().map(|(n, _)| Value::Str(n.clone())).collect();
+            let entries: Vec<(&Value, &Value)> =
+                names.iter().zip(fields.iter().map(|(_, v)| v)).collect();
+            encode_entries(sink, &entries, depth, |key| match key {
+                Value::Str(name) => Segment::Field(name.clone()),
+                other => key_segment(other),
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// A dict's (or a record's fields') header and entries, sorted by the keys' encodings.
+fn encode_entries<S: Sink + ?Sized>(
+    sink: &mut S,
+    entries: &[(&Value, &Value)],
+    depth: usize,
+    segment: impl Fn(&Value) -> Segment,
+) -> Result<(), KeyError> {
+    let mut order = KeyOrder::default();
+    for (i, (key, _)) in entries.iter().enumerate() {
+        encode_at(order.key_sink(), key, depth + 1).map_err(|e| e.within(Segment::DictKey))?;
+        order.finish_key(i);
+    }
+    order
+        .sort()
+        .map_err(|_| KeyError::new(KeyErrorKind::DuplicateKey))?;
+    sink.dict_header(entries.len());
+    for (key_bytes, i) in order.iter() {
+        sink.put(key_bytes);
+        let (key, value) = entries[i];
+        encode_at(sink, value, depth + 1).map_err(|e| e.within(segment(key)))?;
     }
     Ok(())
 }
@@ -736,6 +801,71 @@ mod tests {
         let long = enc(&s(&"x".repeat(300)));
         assert_eq!(&long[..4], b"s\xf9\x01\x2c");
         assert_eq!(long.len(), 4 + 300);
+    }
+
+    fn record(module: &str, qualname: &str, fields: &[(&str, Value)]) -> Value {
+        Value::Record {
+            module: module.to_owned(),
+            qualname: qualname.to_owned(),
+            fields: fields
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), v.clone()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn records_encode_as_documented() {
+        let msg = record("app", "Msg", &[("role", s("user"))]);
+        assert_eq!(enc(&msg), b"os\x03apps\x03Msgd\x01s\x04roles\x04user");
+        let two = record("app", "Msg", &[("role", s("user")), ("content", s("hi"))]);
+        let swapped = record("app", "Msg", &[("content", s("hi")), ("role", s("user"))]);
+        assert_eq!(enc(&two), enc(&swapped));
+    }
+
+    #[test]
+    fn records_differ_from_dicts_and_from_other_classes() {
+        let fields = [("content", s("x")), ("type", s("human"))];
+        let human = record("app", "HumanMessage", &fields);
+        let as_dict = Value::Dict(fields.iter().map(|(n, v)| (s(n), v.clone())).collect());
+        let forms = [
+            human.clone(),
+            as_dict,
+            record("app", "SystemMessage", &fields),
+            record("other", "HumanMessage", &fields),
+            // Module and qualname are two strs, not one joined name.
+            record("app.HumanMessage", "", &fields),
+            record("app", "HumanMessage", &fields[..1]),
+            record(
+                "app",
+                "HumanMessage",
+                &[("content", s("x")), ("type", s("system"))],
+            ),
+        ];
+        for (i, a) in forms.iter().enumerate() {
+            for b in &forms[i + 1..] {
+                assert_ne!(
+                    hash_value(a).unwrap(),
+                    hash_value(b).unwrap(),
+                    "{a:?} vs {b:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn record_errors_name_the_field() {
+        let bad = record(
+            "app",
+            "Msg",
+            &[(
+                "role",
+                Value::Dict(vec![(s("a"), int(1)), (s("a"), int(2))]),
+            )],
+        );
+        let err = hash_value(&Value::List(vec![bad])).unwrap_err();
+        assert_eq!(err.kind, KeyErrorKind::DuplicateKey);
+        assert_eq!(err.path(), "[0].role");
     }
 
     #[test]
@@ -890,6 +1020,21 @@ mod tests {
             in_key.to_string(),
             "cannot hash object of type 'object' at .params (a dict key)"
         );
+        let named = KeyError::new(KeyErrorKind::Unsupported("set".into()))
+            .within(Segment::Key(python_str_repr("content")))
+            .within(Segment::Index(0))
+            .within(Segment::Name("messages".into()));
+        assert_eq!(
+            named.to_string(),
+            "cannot hash object of type 'set' at messages[0]['content']"
+        );
+        let named_key = KeyError::new(KeyErrorKind::Unsupported("frozenset".into()))
+            .within(Segment::DictKey)
+            .within(Segment::Name("params".into()));
+        assert_eq!(
+            named_key.to_string(),
+            "cannot hash object of type 'frozenset' at params (a dict key)"
+        );
         assert_eq!(python_str_repr("it's"), "\"it's\"");
         assert_eq!(python_str_repr("a\nb'\""), "'a\\nb\\'\"'");
     }
@@ -909,9 +1054,19 @@ mod tests {
         leaf.prop_recursive(4, 48, 6, |inner| {
             prop_oneof![
                 proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::List),
-                proptest::collection::btree_map(".{0,6}", inner, 0..6).prop_map(|m| {
+                proptest::collection::btree_map(".{0,6}", inner.clone(), 0..6).prop_map(|m| {
                     Value::Dict(m.into_iter().map(|(k, v)| (Value::Str(k), v)).collect())
                 }),
+                (
+                    prop_oneof![Just("app"), Just("lib")],
+                    prop_oneof![Just("A"), Just("B"), Just("")],
+                    proptest::collection::btree_map("[ab]{0,2}", inner, 0..4),
+                )
+                    .prop_map(|(module, qualname, m)| Value::Record {
+                        module: module.to_owned(),
+                        qualname: qualname.to_owned(),
+                        fields: m.into_iter().collect(),
+                    }),
             ]
         })
     }

@@ -1,7 +1,8 @@
 """Request key hashing: `_core.hash_request` and `CacheKeyBuilder`.
 
 Golden vectors live in tests/data/key_vectors.json. Regenerate them (only together with a
-KEY_FORMAT bump) with: .venv/bin/python tests/test_keys.py --regenerate
+KEY_FORMAT bump) with: .venv/bin/python tests/test_keys.py --regenerate (which also records the
+previous format's builder keys under "retired", to prove the bump retired every one of them).
 """
 
 from __future__ import annotations
@@ -33,7 +34,64 @@ VECTORS = Path(__file__).parent / "data" / "key_vectors.json"
 # Inputs are JSON, with a few tagged objects for what JSON cannot say:
 #   {"$bytes": "<hex>"}, {"$bytearray": "<hex>"}, {"$tuple": [...]}, {"$int": "<decimal>"},
 #   {"$float": "nan" | "inf" | "-inf" | "-0.0" | "<repr>"}, {"$dict": [[key, value], ...]}
-#   (any keys, in the given insertion order), {"$repeat": ["<str>", n]} (str * n).
+#   (any keys, in the given insertion order), {"$repeat": ["<str>", n]} (str * n),
+#   {"$record": ["<class in VECTOR_CLASSES>", {field: value, ...}]} (the class called with
+#   those keyword arguments; fields left out take their defaults).
+
+
+class VectorHumanMessage(pydantic.BaseModel):
+    """LangChain's shape: the kind of message is a field with a class default."""
+
+    __module__ = "chengeta_vectors"  # fixed, so that the digest does not depend on how the
+    # tests are imported (module names are part of a record's identity)
+    content: str
+    type: str = "human"
+
+
+class VectorSystemMessage(pydantic.BaseModel):
+    __module__ = "chengeta_vectors"
+    content: str
+    type: str = "system"
+
+
+class VectorLoose(pydantic.BaseModel, extra="allow"):
+    __module__ = "chengeta_vectors"
+    role: str = "user"
+
+
+class VectorParams(pydantic.BaseModel):
+    __module__ = "chengeta_vectors"
+    temperature: float = 1.0
+    max_tokens: int | None = None
+
+
+@dataclasses.dataclass
+class VectorData:
+    role: str
+    content: str = ""
+
+
+VectorData.__module__ = "chengeta_vectors"
+
+
+class VectorPair(NamedTuple):
+    role: str
+    content: str
+
+
+VectorPair.__module__ = "chengeta_vectors"
+
+VECTOR_CLASSES: dict[str, type[Any]] = {
+    cls.__qualname__: cls
+    for cls in (
+        VectorHumanMessage,
+        VectorSystemMessage,
+        VectorLoose,
+        VectorParams,
+        VectorData,
+        VectorPair,
+    )
+}
 
 
 def decode(node: Any) -> Any:
@@ -57,6 +115,9 @@ def decode(node: Any) -> Any:
                 return {decode(k): decode(v) for k, v in arg}
             if tag == "$repeat":
                 return arg[0] * arg[1]
+            if tag == "$record":
+                name, fields = arg
+                return VECTOR_CLASSES[name](**{k: decode(v) for k, v in fields.items()})
         return {k: decode(v) for k, v in node.items()}
     return node
 
@@ -154,6 +215,14 @@ HASH_CASES: list[tuple[str, Any]] = [
         },
     ),
     ("nested lists", [[[[[[[[[[1]]]]]]]]]]),
+    ("model defaults", {"$record": ["VectorHumanMessage", {"content": "hi"}]}),
+    ("model other class", {"$record": ["VectorSystemMessage", {"content": "hi"}]}),
+    ("model explicit", {"$record": ["VectorHumanMessage", {"content": "hi", "type": "human"}]}),
+    ("model dict", {"content": "hi", "type": "human"}),
+    ("model extras", {"$record": ["VectorLoose", {"tag": [1, 2], "role": "tool"}]}),
+    ("model nested", [{"$record": ["VectorParams", {"max_tokens": 5}]}, {"k": None}]),
+    ("dataclass", {"$record": ["VectorData", {"role": "user"}]}),
+    ("named tuple", {"$record": ["VectorPair", {"role": "user", "content": ""}]}),
 ]
 
 BUILDER_CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
@@ -170,6 +239,21 @@ BUILDER_CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("kind default", {"kind": "completion"}, {"messages": CHAT["messages"]}),
     ("kind per call", {}, {"messages": CHAT["messages"], "kind": "completion"}),
     ("tools", {}, {"messages": CHAT["messages"], "model_id": "gpt-4o", "params": TOOLS}),
+    (
+        "human message model",
+        {},
+        {"messages": [{"$record": ["VectorHumanMessage", {"content": "Name a prime."}]}]},
+    ),
+    (
+        "system message model",
+        {},
+        {"messages": [{"$record": ["VectorSystemMessage", {"content": "Name a prime."}]}]},
+    ),
+    (
+        "params model",
+        {},
+        {"messages": CHAT["messages"], "params": {"$record": ["VectorParams", {}]}},
+    ),
 ]
 
 
@@ -211,6 +295,24 @@ def load_vectors() -> dict[str, Any]:
     return data
 
 
+def regenerated_vectors() -> dict[str, Any]:
+    """The vectors file as `--regenerate` writes it: the current vectors, plus the keys of
+    every earlier format (`retired`), carried over and extended when KEY_FORMAT moved on."""
+    new = current_vectors()
+    old = load_vectors() if VECTORS.exists() else {}
+    retired: dict[str, dict[str, str]] = dict(old.get("retired", {}))
+    if old and old["key_format"] != KEY_FORMAT:
+        retired[old["key_format"]] = {v["name"]: v["key"] for v in old["cache_key_builder"]}
+    new["retired"] = retired
+    return new
+
+
+def format_number(key_format: str) -> int:
+    prefix, _, number = key_format.partition("/")
+    assert prefix == "chengeta-key", key_format
+    return int(number)
+
+
 def vector_params(section: str) -> list[dict[str, Any]]:
     # A missing file fails test_vectors_cover_the_declared_cases, not the import.
     return load_vectors()[section] if VECTORS.exists() else []
@@ -224,6 +326,30 @@ def test_vectors_cover_the_declared_cases() -> None:
     )
     assert [v["name"] for v in data["hash_request"]] == [name for name, _ in HASH_CASES]
     assert [v["name"] for v in data["cache_key_builder"]] == [name for name, _, _ in BUILDER_CASES]
+
+
+def test_vectors_file_is_what_the_code_produces() -> None:
+    # Byte for byte what `--regenerate` would write now: no vector edited by hand, none stale.
+    expected = json.dumps(regenerated_vectors(), indent=1, ensure_ascii=False) + "\n"
+    assert VECTORS.read_text() == expected, CHANGED.format(
+        what="tests/data/key_vectors.json", name="*", expected="the file", actual="other"
+    )
+
+
+def test_format_bumps_are_deliberate_and_retire_every_old_key() -> None:
+    # Each bump is recorded: the keys the earlier format gave for the same builder cases.
+    # The current format is newer than every retired one, and shares no key with them: a
+    # bump empties every cache exactly once, on purpose.
+    data = load_vectors()
+    retired = data["retired"]
+    assert "chengeta-key/2" in retired
+    # One step at a time, each recorded by `--regenerate` (format 3 retired format 2).
+    assert format_number(KEY_FORMAT) == 1 + max(format_number(f) for f in retired) >= 3
+    current = {v["key"] for v in data["cache_key_builder"]}
+    for old_format, old_keys in retired.items():
+        assert format_number(old_format) < format_number(KEY_FORMAT)
+        assert not current & set(old_keys.values()), old_format
+        assert set(old_keys) <= {name for name, _, _ in BUILDER_CASES}
 
 
 @pytest.mark.parametrize("vector", vector_params("hash_request"), ids=lambda v: v["name"])
@@ -259,6 +385,11 @@ def test_vectors_pin_the_documented_equalities_and_differences() -> None:
     )
     # The version only lives in the digest, and "2" and 2 are the same version.
     assert keys["version 2"] == keys["version str"] != keys["defaults"]
+    # Records: the class and every field, defaults included.
+    assert digests["model defaults"] == digests["model explicit"]
+    records = ["model defaults", "model other class", "model dict", "dataclass", "named tuple"]
+    assert len({digests[name] for name in records}) == len(records)
+    assert keys["human message model"] != keys["system message model"]
 
 
 # --- hash_request behaviour -------------------------------------------------------------------
@@ -278,7 +409,7 @@ def test_documented_type_rules() -> None:
         x: int
         y: str
 
-    assert h([1, "a"]) == h((1, "a")) == h(Pair(1, "a"))
+    assert h([1, "a"]) == h((1, "a")) != h(Pair(1, "a"))  # a named tuple is a record
     assert h(b"ab") == h(bytearray(b"ab"))
     assert len({h("1"), h(True), h(b"1"), h(1), h(1.0), h([1]), h({1: None}), h(None)}) == 8
     assert h(0) != h(False) and h(0) != h(0.0) and h("") != h(b"") != h([]) != h({})
@@ -330,22 +461,28 @@ class Conversation(pydantic.BaseModel):
     temperature: float = 1.0
 
 
-def test_pydantic_model_hashes_like_the_dict_of_its_set_fields() -> None:
+def test_pydantic_model_hashes_its_class_and_every_field() -> None:
     as_dict = {"role": "user", "content": "hi"}
-    assert h(ModelMessage(role="user", content="hi")) == h(as_dict)
-    assert h(ModelMessage.model_validate(as_dict)) == h(as_dict)
-    # Explicitly set to its default is still set (as in model_dump(exclude_unset=True)).
-    assert h(ModelMessage(role="user", content="hi", name=None)) == h({**as_dict, "name": None})
+    msg = ModelMessage(role="user", content="hi")
+    assert h(msg) != h(as_dict) and h(msg) != h({**as_dict, "name": None})
+    assert h(msg) == h(ModelMessage.model_validate(as_dict)) == h(msg.model_copy())
+    # A default left unset and the same value set explicitly send the same request.
+    assert h(msg) == h(ModelMessage(role="user", content="hi", name=None))
+    assert h(msg) != h(ModelMessage(role="user", content="hi", name="bob"))
     loose = {"role": "user", "tag": [1, 2]}
-    assert h(LooseModel.model_validate(loose)) == h(loose)
-    convo = Conversation(messages=[ModelMessage(role="user", content="hi")])
-    assert h(convo) == h({"messages": [as_dict]})
-    assert h(convo) == h(convo.model_dump(exclude_unset=True))
+    assert h(LooseModel.model_validate(loose)) != h(LooseModel.model_validate({"role": "user"}))
+    assert h(LooseModel.model_validate(loose)) == h(LooseModel(role="user", tag=(1, 2)))
+    convo = Conversation(messages=[msg])
+    assert h(convo) == h(Conversation(messages=[msg], temperature=1.0))
+    assert h(convo) != h(Conversation(messages=[msg], temperature=0.0))
+    assert h(convo) != h(convo.model_dump())
 
 
-def test_dataclass_hashes_like_the_dict_of_all_its_fields() -> None:
-    assert h(DataMessage("user", "hi")) == h({"role": "user", "content": "hi", "name": None})
-    assert h([DataMessage("user", "hi")]) == h([dataclasses.asdict(DataMessage("user", "hi"))])
+def test_dataclass_hashes_its_class_and_every_field() -> None:
+    msg = DataMessage("user", "hi")
+    assert h(msg) == h(DataMessage("user", "hi", None)) == h(dataclasses.replace(msg))
+    assert h(msg) != h({"role": "user", "content": "hi", "name": None})
+    assert h(msg) != h(DataMessage("user", "hi", "bob"))
     with pytest.raises(TypeError, match="'type'"):
         h(DataMessage)  # the class, not an instance
 
@@ -392,8 +529,14 @@ def test_dict_with_two_keys_of_one_encoding_is_rejected() -> None:
     class B:
         x: int
 
+    assert h({A(1): "a", B(1): "b"}) != h({A(1): "b", B(1): "a"})  # two classes: two keys
+
+    @dataclasses.dataclass(frozen=True, eq=False)
+    class ByIdentity:
+        x: int
+
     with pytest.raises(ValueError, match="same canonical encoding"):
-        h({A(1): "a", B(1): "b"})
+        h({ByIdentity(1): "a", ByIdentity(1): "b"})
 
 
 def test_deep_nesting_and_cycles_are_clean_errors() -> None:
@@ -436,17 +579,22 @@ def test_max_depth_fits_a_small_thread_stack() -> None:
 
 
 def test_reentrant_hashing_from_model_code() -> None:
-    class Inner:
-        @property
-        def value(self) -> bytes:
-            return h({"nested": [1, 2, 3]})
+    reenter = [False]
 
     @dataclasses.dataclass
     class Outer:
         a: dict[str, int]
-        b: bytes = dataclasses.field(default_factory=lambda: Inner().value)
+        b: str = "b"
 
-    assert h([{"x": 1}, Outer({"y": 2})]) == h([{"x": 1}, {"a": {"y": 2}, "b": Outer({}).b}])
+        def __getattribute__(self, name: str) -> Any:
+            if name == "a" and reenter[0]:
+                assert h({"nested": [1, 2, 3]}) == h({"nested": (1, 2, 3)})  # mid-walk
+            return object.__getattribute__(self, name)
+
+    request = [{"x": 1}, Outer({"y": 2}), {"z": Outer({})}]
+    expected = h(request)
+    reenter[0] = True
+    assert h(request) == expected
 
 
 class Key(str):
@@ -483,20 +631,22 @@ def test_containers_changed_during_the_walk() -> None:
     # walked, the walk must neither crash nor read freed objects.
     d: dict[str, Any] = {}
     items: list[Any] = []
+    armed = [False]
 
     @dataclasses.dataclass
     class Meddler:
         x: int = 1
 
         def __getattribute__(self, name: str) -> Any:
-            if name == "x":
+            if name == "x" and armed[0]:
                 d.clear()
                 items.clear()
                 d.update({f"new{i}": object() for i in range(50)})
             return object.__getattribute__(self, name)
 
     d.update({"a": Meddler(), "b": "x" * 100, "c": [1, 2]})
-    expected = h({"a": {"x": 1}, "b": "x" * 100, "c": [1, 2]})
+    expected = h(d)
+    armed[0] = True
     assert h(d) == expected  # the entries as they were when the dict was read
     items.extend([Meddler(), 1, 2])
     with pytest.raises(IndexError):
@@ -720,13 +870,45 @@ def test_builder_passes_errors_from_model_code_through() -> None:
 
 def test_builder_accepts_models() -> None:
     b = CacheKeyBuilder()
-    assert b.build([ModelMessage(role="user", content="hi")]) == b.build(MESSAGES)
-    assert b.build([DataMessage("user", "hi")]) == b.build([{**MESSAGES[0], "name": None}])
+    model = b.build([ModelMessage(role="user", content="hi")])
+    assert model == b.build([ModelMessage(role="user", content="hi", name=None)])
+    assert model != b.build(MESSAGES)  # a model is not the dict of its fields
+    data = b.build([DataMessage("user", "hi")])
+    assert data == b.build([DataMessage("user", "hi", None)])
+    assert data != b.build([{**MESSAGES[0], "name": None}])
+
+
+def test_builder_error_messages_come_from_the_core() -> None:
+    # The core names the argument itself; the builder only passes the names along.
+    request = (KEY_FORMAT, "chengeta", "1", "stream", "m", [{"c": {1}}], {})
+    names = ("key_format", "namespace", "version", "kind", "model_id", "messages", "params")
+    with pytest.raises(TypeError) as info:
+        hash_request(request, names=names)
+    assert str(info.value) == "cannot hash object of type 'set' at messages[0]['c']"
+    fine = (*request[:5], [], {})
+    assert hash_request(fine, names=names) == hash_request(fine)  # names never change the digest
+    with pytest.raises(TypeError) as type_info:
+        CacheKeyBuilder().build(MESSAGES, params={"a": 1, frozenset(): 2})
+    assert str(type_info.value) == "cannot hash object of type 'frozenset' at params (a dict key)"
+
+    @dataclasses.dataclass(frozen=True, eq=False)
+    class ByIdentity:
+        x: int
+
+    with pytest.raises(ValueError) as value_info:
+        CacheKeyBuilder().build([{"m": {ByIdentity(1): 0, ByIdentity(1): 1}}])
+    assert str(value_info.value) == (
+        "cannot hash dict at messages[0]['m']: two different keys have the same canonical encoding"
+    )
+    with pytest.raises(TypeError, match="with names, obj must be a tuple"):
+        hash_request([1], names=("a",))
+    with pytest.raises(ValueError, match="1 names for a tuple of 2 items"):
+        hash_request((1, 2), names=("a",))
 
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--regenerate"]:
         sys.exit("usage: python tests/test_keys.py --regenerate")
     VECTORS.parent.mkdir(parents=True, exist_ok=True)
-    VECTORS.write_text(json.dumps(current_vectors(), indent=1, ensure_ascii=False) + "\n")
+    VECTORS.write_text(json.dumps(regenerated_vectors(), indent=1, ensure_ascii=False) + "\n")
     print(f"wrote {VECTORS}")

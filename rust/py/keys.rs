@@ -1,19 +1,32 @@
 //! `hash_request`: walks Python request objects straight into the canonical encoding of
 //! [`crate::keys`] (no `json.dumps`, no intermediate tree).
 //!
-//! Python types map onto the encoding as follows (subclasses included, so `StrEnum`,
-//! `IntEnum`, `OrderedDict` and namedtuples work):
+//! Python types map onto the encoding (format 3) as follows:
 //! - `None`, `bool`, `int` (any size), `float`, `str`, `bytes`/`bytearray` (one type);
 //! - `list` and `tuple` alike (JSON and the OpenAI client use them interchangeably);
 //! - `dict`, in any insertion order, with keys of any supported type;
-//! - a pydantic v2 model as the dict of its *set* fields (`model_fields_set`) plus its extra
-//!   fields, i.e. what `model_dump(exclude_unset=True)` holds, so a message model and the dict
-//!   it was built from hash the same; fields by their Python names, not their aliases;
-//! - a dataclass instance as the dict of all its `dataclasses.fields`.
+//! - *records*, objects whose class decides what is sent, as their class identity
+//!   (`__module__` and `__qualname__`) and every field value, defaults included:
+//!   - a pydantic v2 model: every field of `model_fields` (by Python name, not alias, whether
+//!     set or defaulted), plus its extras (`__pydantic_extra__`); not its private attributes,
+//!     computed fields or cached properties (they derive from the class and the fields);
+//!   - a dataclass instance: every field of `dataclasses.fields`;
+//!   - a named tuple (a tuple subclass with `_fields`): its items by field name;
+//! - any other subclass of the types above hashes as its base value: `str`/`int` enum
+//!   members as their value, `OrderedDict` and `defaultdict` as dicts, list subclasses as
+//!   lists (they are sent as that value).
 //!
-//! Anything else (sets, arbitrary objects, ...) is a `TypeError` naming the type and where it
-//! sits; there is no `str()`/`repr()` fallback. Nesting deeper than
-//! [`crate::keys::MAX_DEPTH`] (or a container holding itself) is a `ValueError`.
+//! So a model and the dict of its fields, two models of different classes with equal fields,
+//! a subclass and its base, never share a digest; a model and its `model_copy` always do, and
+//! so does a model with a default left unset and the same model with the default spelt out.
+//! What a class is (record or not, its fields, its identity) is worked out once per class and
+//! cached ([`CLASS_CACHE`]).
+//!
+//! Anything else (sets, plain enums, arbitrary objects, ...) is a `TypeError` naming the type
+//! and where it sits; there is no `str()`/`repr()` fallback. Nesting deeper than
+//! [`crate::keys::MAX_DEPTH`] (or a container holding itself) is a `ValueError`. Errors carry
+//! their final message: given `names`, a top-level tuple's items are named in it
+//! (`at messages[0]['content']`).
 //!
 //! The GIL stays held: the walk reads Python objects throughout (and requests are small, so
 //! detaching would cost more than it frees). Speed comes from exact-type dispatch, UTF-8 read
@@ -24,9 +37,11 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{
-    PyBool, PyByteArray, PyBytes, PyDict, PyFloat, PyInt, PyList, PySet, PyString, PyTuple, PyType,
+    PyBool, PyByteArray, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple, PyType,
 };
 use pyo3::Borrowed;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::keys::{Encode, KeyError, KeyErrorKind, KeyHasher, KeyOrder, Segment, Sink, MAX_DEPTH};
 
@@ -97,7 +112,128 @@ fn pydantic_base(py: Python<'_>) -> PyResult<Option<&Bound<'_, PyType>>> {
     ))
 }
 
-type Fields<'py> = Vec<(Bound<'py, PyAny>, Bound<'py, PyAny>)>;
+/// How the walk treats instances of one class.
+enum ClassKind {
+    /// Not a record: a subclass of a supported type (hashed as its base), or unsupported.
+    Plain,
+    /// A pydantic v2 model: these `model_fields` names, read from the instance `__dict__`,
+    /// then the extras.
+    Pydantic(Vec<Py<PyString>>),
+    /// A dataclass: these `dataclasses.fields` names, read with `getattr`.
+    Dataclass(Vec<Py<PyString>>),
+    /// A named tuple: its items, named by these `_fields`.
+    NamedTuple(Vec<Py<PyString>>),
+}
+
+/// What the walk knows about a class, worked out once ([`class_info`]).
+struct ClassInfo {
+    /// The class itself: a strong reference, so that while it is cached no other class can
+    /// take its address (the cache key).
+    _class: Py<PyType>,
+    kind: ClassKind,
+    /// The record header ([`Encode::record_header`]) of the class's module and qualname.
+    identity: Vec<u8>,
+}
+
+/// Classes seen by the walk, by address. Classes can be redefined under the same name (a
+/// notebook, `create_model` in a loop), so the key is the class object, held by a strong
+/// reference; at [`CLASS_CACHE_MAX`] classes the whole cache is dropped and refilled, so that
+/// classes made on the fly are not kept alive for good.
+///
+/// Locking: the module holds the GIL, but the lock is a real `Mutex` all the same (cheap, and
+/// right without the GIL). It is held only to look up, insert or take out the map: never
+/// while Python code runs (working out a class's facts runs `dataclasses.fields`, and dropping
+/// classes can run finalizers, both of which may re-enter the walk).
+static CLASS_CACHE: Mutex<Option<HashMap<usize, Arc<ClassInfo>>>> = Mutex::new(None);
+const CLASS_CACHE_MAX: usize = 1024;
+
+fn class_info(ty: &Bound<'_, PyType>) -> PyResult<Arc<ClassInfo>> {
+    let address = ty.as_ptr() as usize;
+    let lock = || CLASS_CACHE.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(info) = lock().as_ref().and_then(|m| m.get(&address)) {
+        return Ok(Arc::clone(info));
+    }
+    let info = Arc::new(ClassInfo::of(ty)?);
+    let evicted = {
+        let mut guard = lock();
+        let map = guard.get_or_insert_with(HashMap::new);
+        let evicted = if map.len() >= CLASS_CACHE_MAX {
+            std::mem::take(map)
+        } else {
+            HashMap::new()
+        };
+        map.insert(address, Arc::clone(&info));
+        evicted
+    };
+    drop(evicted); // after unlocking (see CLASS_CACHE)
+    Ok(info)
+}
+
+impl ClassInfo {
+    fn of(ty: &Bound<'_, PyType>) -> PyResult<Self> {
+        let py = ty.py();
+        let kind = ClassKind::of(ty)?;
+        let mut identity = Vec::new();
+        if !matches!(kind, ClassKind::Plain) {
+            let module = ty.getattr(pyo3::intern!(py, "__module__"))?.str()?;
+            let qualname = ty.qualname()?;
+            let (mut module_bytes, mut qualname_bytes) = (Vec::new(), Vec::new());
+            write_str_bytes(&mut module_bytes, &module)?;
+            write_str_bytes(&mut qualname_bytes, &qualname)?;
+            identity.record_header(&module_bytes, &qualname_bytes);
+        }
+        Ok(ClassInfo {
+            _class: ty.clone().unbind(),
+            kind,
+            identity,
+        })
+    }
+}
+
+impl ClassKind {
+    fn of(ty: &Bound<'_, PyType>) -> PyResult<Self> {
+        let py = ty.py();
+        let names = |items: Bound<'_, PyAny>, attr: Option<&Bound<'_, PyString>>| {
+            let mut out = Vec::new();
+            for item in items.try_iter()? {
+                let item = item?;
+                let name = match attr {
+                    Some(attr) => item.getattr(attr)?,
+                    None => item,
+                };
+                out.push(name.cast_into::<PyString>()?.unbind());
+            }
+            PyResult::Ok(out)
+        };
+        if ty.hasattr(pyo3::intern!(py, "__dataclass_fields__"))? {
+            let fields = DATACLASS_FIELDS
+                .get_or_try_init(py, || {
+                    Ok::<_, PyErr>(py.import("dataclasses")?.getattr("fields")?.unbind())
+                })?
+                .bind(py)
+                .call1((ty,))?;
+            let name = pyo3::intern!(py, "name");
+            return Ok(ClassKind::Dataclass(names(fields, Some(name))?));
+        }
+        if ty.is_subclass_of::<PyTuple>()? {
+            if let Ok(fields) = ty.getattr(pyo3::intern!(py, "_fields")) {
+                if let Ok(fields) = fields.cast_into::<PyTuple>() {
+                    if let Ok(names) = names(fields.into_any(), None) {
+                        return Ok(ClassKind::NamedTuple(names));
+                    }
+                }
+            }
+            return Ok(ClassKind::Plain);
+        }
+        if let Some(base) = pydantic_base(py)? {
+            if ty.is_subclass(base.as_any())? {
+                let fields = ty.getattr(pyo3::intern!(py, "model_fields"))?;
+                return Ok(ClassKind::Pydantic(names(fields, None)?));
+            }
+        }
+        Ok(ClassKind::Plain)
+    }
+}
 
 /// One entry of a mapping being walked, in [`Walker::entries`]. The slot owns one reference to
 /// `key` and one to `value` (taken by [`Walker::push_entry`], given back by
@@ -289,7 +425,7 @@ impl<'py> Walker<'py> {
         self.walk_other(sink, obj, depth)
     }
 
-    /// Subclasses of the supported types, bytes, models and dataclasses: the rare cases.
+    /// Records, subclasses of the supported types, bytes: the rare cases.
     #[inline(never)]
     fn walk_other<S: Sink>(
         &mut self,
@@ -297,6 +433,14 @@ impl<'py> Walker<'py> {
         obj: &Bound<'py, PyAny>,
         depth: usize,
     ) -> WalkResult {
+        if let Ok(b) = obj.cast_exact::<PyBytes>() {
+            sink.bytes(b.as_bytes());
+            return Ok(());
+        }
+        let info = class_info(&obj.get_type())?;
+        if !matches!(info.kind, ClassKind::Plain) {
+            return self.walk_record(sink, obj, &info, depth);
+        }
         if let Ok(s) = obj.cast::<PyString>() {
             return write_str(sink, s);
         }
@@ -326,64 +470,101 @@ impl<'py> Walker<'py> {
         if let Ok(t) = obj.cast::<PyTuple>() {
             return self.walk_tuple(sink, t, depth);
         }
-        if !obj.is_instance_of::<PyType>() && !obj.is_instance_of::<PySet>() {
-            if let Some(fields) = self.model_entries(obj)? {
-                check_depth(depth)?;
-                let start = self.entries.len();
-                let mut str_keyed = true;
-                for (name, value) in &fields {
-                    // SAFETY: `fields` keeps both objects alive during the call.
-                    str_keyed &= unsafe { self.push_entry(name.as_ptr(), value.as_ptr()) };
-                }
-                drop(fields);
-                let result = self.write_mapping(sink, start, str_keyed, depth, Naming::Fields);
-                self.release_entries(start);
-                return result;
-            }
-        }
         let type_name = obj.get_type().name()?.to_string();
         Err(WalkError::key(KeyErrorKind::Unsupported(type_name)))
     }
 
-    /// The `(name, value)` fields of a pydantic model or a dataclass instance, else `None`.
-    fn model_entries(&self, obj: &Bound<'py, PyAny>) -> PyResult<Option<Fields<'py>>> {
-        let py = self.py;
-        let ty = obj.get_type();
-        if ty.hasattr(pyo3::intern!(py, "__dataclass_fields__"))? {
-            let fields = DATACLASS_FIELDS
-                .get_or_try_init(py, || {
-                    Ok::<_, PyErr>(py.import("dataclasses")?.getattr("fields")?.unbind())
-                })?
-                .bind(py)
-                .call1((obj,))?;
-            let mut out = Vec::new();
-            for field in fields.try_iter()? {
-                let name = field?.getattr(pyo3::intern!(py, "name"))?;
-                let value = obj.getattr(name.cast::<PyString>()?)?;
-                out.push((name, value));
+    /// A record: its class identity, then its fields as a mapping.
+    fn walk_record<S: Sink>(
+        &mut self,
+        sink: &mut S,
+        obj: &Bound<'py, PyAny>,
+        info: &ClassInfo,
+        depth: usize,
+    ) -> WalkResult {
+        check_depth(depth)?;
+        let start = self.entries.len();
+        let result = match self.push_fields(obj, &info.kind) {
+            Ok(str_keyed) => {
+                sink.put(&info.identity);
+                self.write_mapping(sink, start, str_keyed, depth, Naming::Fields)
             }
-            return Ok(Some(out));
-        }
-        let Some(base) = pydantic_base(py)? else {
-            return Ok(None);
+            Err(err) => Err(err),
         };
-        if !obj.is_instance(base)? {
-            return Ok(None);
-        }
-        let fields_set = obj.getattr(pyo3::intern!(py, "__pydantic_fields_set__"))?;
-        let values = obj.getattr(pyo3::intern!(py, "__dict__"))?;
-        let values = values.cast::<PyDict>()?;
-        let mut out = Vec::with_capacity(values.len());
-        for (name, value) in values.iter() {
-            if fields_set.contains(&name)? {
-                out.push((name, value));
+        self.release_entries(start);
+        result
+    }
+
+    /// Pushes a record's `(name, value)` fields onto the entry stack; returns whether every
+    /// name is a plain `str`. On error, the caller pops what was pushed.
+    fn push_fields(
+        &mut self,
+        obj: &Bound<'py, PyAny>,
+        kind: &ClassKind,
+    ) -> Result<bool, WalkError> {
+        let py = self.py;
+        let mut str_keyed = true;
+        match kind {
+            ClassKind::Plain => unreachable!("not a record"),
+            ClassKind::Pydantic(names) => {
+                let values = obj.getattr(pyo3::intern!(py, "__dict__"))?;
+                let values = values.cast::<PyDict>().map_err(PyErr::from)?;
+                for name in names {
+                    // A field can be missing only from a `model_construct` that left it out
+                    // (it has no default): nothing of it is sent, nothing is hashed.
+                    if let Some(value) = values.get_item(name.bind(py))? {
+                        // SAFETY: `names` (the cached class facts) and `value` are alive.
+                        str_keyed &= unsafe { self.push_entry(name.as_ptr(), value.as_ptr()) };
+                    }
+                }
+                let extra = obj.getattr(pyo3::intern!(py, "__pydantic_extra__"))?;
+                if let Ok(extra) = extra.cast::<PyDict>() {
+                    for (name, value) in extra.iter() {
+                        // SAFETY: both alive (held by `name` and `value`).
+                        str_keyed &= unsafe { self.push_entry(name.as_ptr(), value.as_ptr()) };
+                    }
+                }
+            }
+            ClassKind::Dataclass(names) => {
+                for name in names {
+                    let value = obj.getattr(name.bind(py))?;
+                    // SAFETY: `names` (the cached class facts) and `value` are alive.
+                    str_keyed &= unsafe { self.push_entry(name.as_ptr(), value.as_ptr()) };
+                }
+            }
+            ClassKind::NamedTuple(names) => {
+                let items = obj.cast::<PyTuple>().map_err(PyErr::from)?;
+                if items.len() != names.len() {
+                    let type_name = obj.get_type().name()?.to_string();
+                    return Err(WalkError::key(KeyErrorKind::Unsupported(type_name)));
+                }
+                for (name, value) in names.iter().zip(items.iter_borrowed()) {
+                    // SAFETY: `names` (the cached class facts) and the tuple's items are alive.
+                    str_keyed &= unsafe { self.push_entry(name.as_ptr(), value.as_ptr()) };
+                }
             }
         }
-        let extra = obj.getattr(pyo3::intern!(py, "__pydantic_extra__"))?;
-        if let Ok(extra) = extra.cast::<PyDict>() {
-            out.extend(extra.iter());
+        Ok(str_keyed)
+    }
+
+    /// A top-level tuple whose items are named in error paths (`messages[0]`, not `[5][0]`):
+    /// the same bytes as [`Walker::walk`] of the tuple.
+    fn walk_named<S: Sink>(
+        &mut self,
+        sink: &mut S,
+        items: &Bound<'py, PyTuple>,
+        names: &Bound<'py, PyTuple>,
+    ) -> WalkResult {
+        sink.list_header(items.len());
+        for (i, item) in items.iter_borrowed().enumerate() {
+            self.walk(sink, &item, 1).map_err(|e| {
+                e.within(|| {
+                    let name = names.get_item(i).map(|n| n.to_string());
+                    Segment::Name(name.unwrap_or_else(|_| format!("[{i}]")))
+                })
+            })?;
         }
-        Ok(Some(out))
+        Ok(())
     }
 
     fn walk_list<S: Sink>(
@@ -620,6 +801,20 @@ fn write_str<S: Sink>(sink: &mut S, s: &Bound<'_, PyString>) -> WalkResult {
     Ok(())
 }
 
+/// A str's canonical text bytes (UTF-8, or `surrogatepass` bytes for lone surrogates), into
+/// a `Vec`.
+fn write_str_bytes(out: &mut Vec<u8>, s: &Bound<'_, PyString>) -> PyResult<()> {
+    match utf8_of(s) {
+        Some(utf8) => out.extend_from_slice(utf8),
+        None => {
+            let bytes =
+                s.call_method1(pyo3::intern!(s.py(), "encode"), ("utf-8", "surrogatepass"))?;
+            out.extend_from_slice(bytes.cast::<PyBytes>()?.as_bytes());
+        }
+    }
+    Ok(())
+}
+
 /// A str's UTF-8, borrowed from the object (its cached UTF-8, or the data itself for ASCII),
 /// or `None` for a str with lone surrogates. (`PyString::to_str` without its error object.)
 #[inline]
@@ -662,34 +857,68 @@ fn write_int<S: Sink>(sink: &mut S, obj: &Bound<'_, PyAny>) {
 }
 
 /// Hashes a request (messages, params, ...) to a 32-byte BLAKE3 digest of its canonical,
-/// typed encoding.
+/// typed encoding (format 3).
 ///
 /// Supported: None, bool, int (any size), float, str, bytes/bytearray, list/tuple (which
-/// hash alike), dict (insertion order never matters), pydantic v2 models (as the dict of their
-/// set fields and extras) and dataclass instances (as the dict of their fields). Values of
-/// different types never collide: "1", True, b"1", 1 and 1.0 all differ; -0.0 hashes as 0.0
-/// and every NaN alike.
+/// hash alike), dict (insertion order never matters), and records: pydantic v2 models,
+/// dataclass instances and named tuples, as their class (module and qualname) and every field
+/// value, defaults included (a model's extras too), so a record never hashes like a dict or
+/// like a record of another class. Other subclasses of the supported types (str and int
+/// enums, OrderedDict, ...) hash as their value. Values of different types never collide:
+/// "1", True, b"1", 1 and 1.0 all differ; -0.0 hashes as 0.0 and every NaN alike.
+///
+/// names: with a tuple `obj`, one name per item, used in error messages instead of the
+/// item's index (the digest does not depend on them): with names=("messages", "params"),
+/// "... at messages[0]['content']" rather than "... at [0][0]['content']".
 ///
 /// Raises TypeError for any other type, naming it and where it sits
 /// (e.g. "cannot hash object of type 'set' at [0]['content']"), and ValueError for nesting
 /// deeper than 256 levels (or a container holding itself) and for dicts with two different
 /// keys of the same encoding.
 #[pyfunction]
-#[pyo3(signature = (obj, /))]
+#[pyo3(signature = (obj, /, *, names=None))]
 pub fn hash_request<'py>(
     py: Python<'py>,
     obj: &Bound<'py, PyAny>,
+    names: Option<&Bound<'py, PyTuple>>,
 ) -> PyResult<Bound<'py, PyBytes>> {
+    let named = match names {
+        None => None,
+        Some(names) => Some(check_names(obj, names)?),
+    };
     let mut scratch = SCRATCH.take().unwrap_or_default();
     let mut hasher = KeyHasher::with_buffer(std::mem::take(&mut scratch.hasher_buf));
     let mut walker = Walker::new(py, &mut scratch);
-    let walked = walker.walk(&mut hasher, obj, 0);
+    let walked = match named {
+        None => walker.walk(&mut hasher, obj, 0),
+        Some((items, names)) => walker.walk_named(&mut hasher, items, names),
+    };
     walker.into_scratch(&mut scratch);
     let (digest, buf) = hasher.finalize_keep_buffer();
     scratch.hasher_buf = buf;
     SCRATCH.set(Some(scratch));
     walked?;
     Ok(PyBytes::new(py, &digest))
+}
+
+/// `obj` as a tuple with one name per item, or the `TypeError`/`ValueError` saying why not.
+fn check_names<'a, 'py>(
+    obj: &'a Bound<'py, PyAny>,
+    names: &'a Bound<'py, PyTuple>,
+) -> PyResult<(&'a Bound<'py, PyTuple>, &'a Bound<'py, PyTuple>)> {
+    let items = obj
+        .cast::<PyTuple>()
+        .map_err(|_| PyTypeError::new_err("hash_request: with names, obj must be a tuple"))?;
+    if items.len() != names.len() {
+        return Err(PyValueError::new_err(format!(
+            "hash_request: {} names for a tuple of {} items",
+            names.len(),
+            items.len()
+        )));
+    }
+    // The names are read only to render an error (`str()` of each); checking their types here
+    // would cost every call for the sake of a broken call site.
+    Ok((items, names))
 }
 
 /// Adds `hash_request` to `chengeta_ai._core`.

@@ -9,8 +9,12 @@ A key is ``"{namespace}:{kind}:{hex digest}"``. The digest is
   requests that differ only in a param never share a cache entry; ``params=None`` and
   ``params={}`` are the same request;
 - dict order never matters, lists and tuples hash alike, ``1``, ``1.0``, ``True`` and ``"1"``
-  are different requests; pydantic models hash like the dict of their set fields, dataclasses
-  like the dict of their fields (see ``hash_request``);
+  are different requests;
+- a pydantic model, a dataclass or a named tuple hashes as what will be sent: its class
+  (module and qualname) and *every* field value, defaults included (and a model's extras).
+  Two models of different classes with equal fields, a subclass and its base, a model and
+  the dict of its fields are different requests; a model and its ``model_copy``, or a default
+  left unset and the same value passed explicitly, are the same one (see ``hash_request``);
 - bumping ``version`` retires every key made with the old one (the old entries simply stop
   being found and age out of the backend);
 - ``namespace`` and ``kind`` are also readable in the key, so a backend can list or purge
@@ -19,20 +23,20 @@ A key is ``"{namespace}:{kind}:{hex digest}"``. The digest is
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from chengeta_ai._core import hash_request
 
 __all__ = ["KEY_FORMAT", "CacheKeyBuilder"]
 
-#: Version of the key derivation itself. Bump it (``chengeta-key/2``) whenever the canonical
+#: Version of the key derivation itself. Bump it (next: ``chengeta-key/4``) whenever the canonical
 #: encoding or the tuple hashed below changes: every stored key changes with it, on purpose.
-KEY_FORMAT = "chengeta-key/2"
+#: Format 3 hashes records (models, dataclasses, named tuples) with their class and every field.
+KEY_FORMAT = "chengeta-key/3"
 
-# Position of each argument in the hashed tuple, to name it in error messages.
-_ARGUMENT_AT = {"4": "model_id", "5": "messages", "6": "params"}
-_TOP_INDEX = re.compile(r" at \[(\d)\]")
+# The name of each item of the hashed tuple, for hash_request's error messages
+# ("cannot hash object of type 'set' at messages[0]['content']").
+_NAMES = ("key_format", "namespace", "version", "kind", "model_id", "messages", "params")
 
 
 def _check_label(what: str, value: object) -> str:
@@ -121,16 +125,7 @@ class CacheKeyBuilder:
             messages,
             {} if params is None else params,
         )
-        try:
-            return hash_request(request)
-        except (TypeError, ValueError) as exc:
-            # hash_request's own errors: name the argument instead of its position in the
-            # hashed tuple. Anything else (raised by a model's code) passes through untouched.
-            message = str(exc)
-            if type(exc) not in (TypeError, ValueError) or not message.startswith("cannot hash"):
-                raise
-            message = _TOP_INDEX.sub(lambda m: f" at {_ARGUMENT_AT[m.group(1)]}", message, 1)
-            raise type(exc)(message) from None
+        return hash_request(request, names=_NAMES)
 
     def build(
         self,
@@ -143,7 +138,8 @@ class CacheKeyBuilder:
         """The cache key of a request: ``"{namespace}:{kind}:{hex digest}"``.
 
         ``messages`` and ``params`` may hold dicts, lists, tuples, str, int, float, bool, None,
-        bytes, pydantic models and dataclasses. ``params`` is part of the key.
+        bytes, pydantic models, dataclasses and named tuples (a record hashes as its class and
+        every field value, defaults included). ``params`` is part of the key.
         """
         kind = self._kind if kind is None else _check_label("kind", kind)
         return f"{self._namespace}:{kind}:{self._digest(messages, model_id, params, kind).hex()}"
