@@ -1116,6 +1116,68 @@ pub fn validate(
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------------
+// validation memo
+
+/// Entries smaller than this are validated every time (hashing them costs about as much).
+pub const MEMO_MIN_BYTES: usize = 4096;
+/// Entries the memo remembers (32-byte keys; the oldest is forgotten first).
+pub const MEMO_CAPACITY: usize = 4096;
+
+/// The key of an encoding in a [`ValidatedMemo`]: BLAKE3 of `generation` (of whatever decides
+/// which class names validate) and of the stored bytes. A strong hash, not a checksum: finding
+/// other bytes with the key of an entry that validated is infeasible, so a planted or damaged
+/// entry cannot borrow a good entry's verdict.
+pub fn memo_key(generation: u64, data: &[u8]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(&generation.to_le_bytes());
+    h.update(data);
+    *h.finalize().as_bytes()
+}
+
+/// A bounded set of encodings that passed [`validate`] (by [`memo_key`]): a hot entry is walked
+/// once per process, not on every hit. Validity is a function of the stored bytes (the body is
+/// their deterministic decompression) and of the class registry, which the key covers.
+#[derive(Debug, Default)]
+pub struct ValidatedMemo {
+    keys: std::collections::HashSet<[u8; 32]>,
+    order: std::collections::VecDeque<[u8; 32]>,
+}
+
+impl ValidatedMemo {
+    /// An empty memo.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether `key` validated before (and is still remembered).
+    pub fn contains(&self, key: &[u8; 32]) -> bool {
+        self.keys.contains(key)
+    }
+
+    /// Remembers `key`, forgetting the oldest key beyond [`MEMO_CAPACITY`].
+    pub fn insert(&mut self, key: [u8; 32]) {
+        if self.keys.insert(key) {
+            self.order.push_back(key);
+            while self.order.len() > MEMO_CAPACITY {
+                if let Some(old) = self.order.pop_front() {
+                    self.keys.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Keys remembered.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1372,6 +1434,24 @@ mod tests {
         assert!(!is_surrogatepass_utf8(b"\xed\xa0"));
         assert!(!is_surrogatepass_utf8(b"\xff"));
         assert!(!is_surrogatepass_utf8(b"\xc0\x80")); // overlong
+    }
+
+    #[test]
+    fn memo_is_bounded_and_keyed_by_content_and_generation() {
+        let mut m = ValidatedMemo::new();
+        let a = memo_key(0, b"entry");
+        assert_ne!(a, memo_key(1, b"entry"));
+        assert_ne!(a, memo_key(0, b"entrz"));
+        assert!(!m.contains(&a));
+        m.insert(a);
+        m.insert(a);
+        assert!(m.contains(&a) && m.len() == 1);
+        for i in 0..MEMO_CAPACITY as u64 {
+            m.insert(memo_key(i, b"other"));
+        }
+        assert_eq!(m.len(), MEMO_CAPACITY);
+        assert!(!m.contains(&a), "the oldest key is forgotten first");
+        assert!(m.contains(&memo_key(MEMO_CAPACITY as u64 - 1, b"other")));
     }
 
     proptest! {

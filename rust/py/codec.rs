@@ -13,6 +13,7 @@
 //! decoding finishes decoding: a corrupt, planted or foreign entry is a `DecodeError` up front.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex, RwLock};
 
 use num_bigint::BigInt;
@@ -49,6 +50,13 @@ struct Registry {
 // Locking: the registry lock is only ever held for map operations and reference-count changes,
 // never across a call into Python, so it cannot deadlock with the GIL.
 static REGISTRY: LazyLock<RwLock<Registry>> = LazyLock::new(Default::default);
+
+/// Bumped by every new registration; part of the validation memo's key, so a verdict reached
+/// under one registry is never reused under another.
+static REGISTRY_GENERATION: AtomicU64 = AtomicU64::new(0);
+
+// Locking: held only for a set lookup or insertion, never across a call into Python.
+static VALIDATED: LazyLock<Mutex<codec::ValidatedMemo>> = LazyLock::new(Default::default);
 
 fn registry_read() -> std::sync::RwLockReadGuard<'static, Registry> {
     REGISTRY.read().unwrap_or_else(|e| e.into_inner())
@@ -96,6 +104,7 @@ fn register_model(py: Python<'_>, cls: &Bound<'_, PyAny>, name: &str) -> PyResul
         } else {
             reg.by_name.insert(name.to_owned(), cls.clone().unbind());
             reg.by_type.insert(key, name.to_owned());
+            REGISTRY_GENERATION.fetch_add(1, Ordering::SeqCst);
             None
         }
     };
@@ -1023,14 +1032,33 @@ fn is_registered(name: &str) -> bool {
     registry_read().by_name.contains_key(name)
 }
 
-/// Opens, decompresses and validates an encoding (pure Rust: safe without the GIL).
+/// Opens, decompresses and validates an encoding (pure Rust: safe without the GIL). An entry
+/// of at least [`codec::MEMO_MIN_BYTES`] whose exact bytes validated before under the same
+/// registry generation (BLAKE3 key, see [`codec::memo_key`]) is not walked again.
 fn open_validated(
     data: &[u8],
     max_decoded: u64,
 ) -> Result<(codec::Header, Vec<u8>, codec::BodyLayout), CodecError> {
     let (h, body) = codec::open_with(data, max_decoded, codec::zstd_decompress)?;
     let layout = codec::split_body(&body, h.count)?;
-    codec::validate(&body, &layout, h.count, is_registered)?;
+    if data.len() < codec::MEMO_MIN_BYTES {
+        codec::validate(&body, &layout, h.count, is_registered)?;
+        return Ok((h, body, layout));
+    }
+    // The generation is read before validating. Registrations only ever add classes, so a
+    // verdict reached while one raced with the walk stays true under the later registry too.
+    let key = codec::memo_key(REGISTRY_GENERATION.load(Ordering::SeqCst), data);
+    let known = VALIDATED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(&key);
+    if !known {
+        codec::validate(&body, &layout, h.count, is_registered)?;
+        VALIDATED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key);
+    }
     Ok((h, body, layout))
 }
 
