@@ -259,6 +259,13 @@ impl<'a> Reader<'a> {
     /// An unsigned LEB128 varint (at most 10 bytes, no overflow).
     #[inline]
     pub fn varint(&mut self, what: &'static str) -> Result<u64> {
+        // One-byte varints (tags' operands, indices, small counts) are the common case.
+        if let Some(&b) = self.buf.get(self.pos) {
+            if b < 0x80 {
+                self.pos += 1;
+                return Ok(u64::from(b));
+            }
+        }
         let mut v: u64 = 0;
         for i in 0..10 {
             let b = self.u8(what)?;
@@ -867,30 +874,75 @@ pub const REUSE_BUDGET_PER_BYTE: u64 = 16;
 /// See [`REUSE_BUDGET_PER_BYTE`].
 pub const REUSE_BUDGET_SLACK: u64 = 1 << 16;
 
+/// The bits of byte `k` of a mask over `n` fields that stand for fields.
+#[inline]
+pub fn mask_byte_bits(n: usize, k: usize) -> u8 {
+    match n.saturating_sub(k * 8) {
+        r if r >= 8 => 0xff,
+        r => (1u8 << r) - 1,
+    }
+}
+
+/// Fields marked in a mask over `n` fields (bits beyond `n` ignored).
+pub fn mask_count(mask: &[u8], n: usize) -> u64 {
+    mask.iter()
+        .enumerate()
+        .map(|(k, &b)| u64::from((b & mask_byte_bits(n, k)).count_ones()))
+        .sum()
+}
+
 struct VTemplate {
-    /// `prev[i]`: field `i` of the previous instance was a scalar (so a mask bit may reuse it).
-    prev: Vec<bool>,
+    /// Fields.
+    n: usize,
+    /// Bit `i`: field `i` of the previous instance was a scalar (so a mask bit may reuse it).
+    prev: Vec<u8>,
     /// Members of the previous instance's fields set, if there was one.
     prev_fs: Option<u64>,
+    /// Instances begun so far: tells a walk that a field's value held an instance of the same
+    /// template (which updates `prev` in between).
+    seq: u64,
+}
+
+fn set_bit(mask: &mut [u8], i: usize, on: bool) {
+    if on {
+        mask[i / 8] |= 1 << (i % 8);
+    } else {
+        mask[i / 8] &= !(1 << (i % 8));
+    }
 }
 
 struct Validator<'a, F> {
     s: Reader<'a>,
     d: PayloadReader<'a>,
-    strings: Vec<&'a str>,
+    /// The intern table, as payload slices (their UTF-8 was checked when they were read).
+    strings: Vec<&'a [u8]>,
     templates: Vec<VTemplate>,
+    /// The whole data stream is ASCII, so every string in it is UTF-8: no per-string check.
+    data_ascii: bool,
     reuse_budget: u64,
     known_class: F,
 }
 
 /// What kind of string a string tag held.
 enum VStr<'a> {
-    Text(&'a str),
+    /// UTF-8 (checked).
+    Text(&'a [u8]),
     Surrogates,
 }
 
 impl<'a, F: FnMut(&str) -> bool> Validator<'a, F> {
+    /// A string payload, its UTF-8 checked unless the whole data stream is ASCII.
+    #[inline]
+    fn utf8(&mut self) -> Result<&'a [u8]> {
+        let b = self.d.len_prefixed("string")?;
+        if !self.data_ascii && std::str::from_utf8(b).is_err() {
+            return Err(CodecError::InvalidUtf8);
+        }
+        Ok(b)
+    }
+
     /// The string after `tag`, or `None` when `tag` is not a string tag.
+    #[inline]
     fn string(&mut self, tag: u8) -> Result<Option<VStr<'a>>> {
         Ok(Some(match tag {
             TAG_STR_REF => {
@@ -902,16 +954,17 @@ impl<'a, F: FnMut(&str) -> bool> Validator<'a, F> {
                 VStr::Text(s)
             }
             TAG_STR_NEW => {
-                let s = self.d.str("string")?;
+                let s = self.utf8()?;
                 if self.strings.len() >= INTERN_MAX_ENTRIES {
                     return Err(CodecError::Corrupt("intern table overflow".into()));
                 }
                 self.strings.push(s);
                 VStr::Text(s)
             }
-            TAG_STR_RAW => VStr::Text(self.d.str("string")?),
+            TAG_STR_RAW => VStr::Text(self.utf8()?),
             TAG_STR_SURROGATES => {
-                if !is_surrogatepass_utf8(self.d.len_prefixed("string")?) {
+                let b = self.d.len_prefixed("string")?;
+                if !self.data_ascii && !is_surrogatepass_utf8(b) {
                     return Err(CodecError::InvalidUtf8);
                 }
                 VStr::Surrogates
@@ -977,7 +1030,7 @@ impl<'a, F: FnMut(&str) -> bool> Validator<'a, F> {
             TAG_MODEL_DEF | TAG_MODEL if in_key => return unhashable("model instance"),
             TAG_MODEL_DEF => {
                 let name = match self.str_value("model name")? {
-                    VStr::Text(s) => s,
+                    VStr::Text(s) => std::str::from_utf8(s).map_err(|_| CodecError::InvalidUtf8)?,
                     VStr::Surrogates => return Err(CodecError::InvalidUtf8),
                 };
                 if !(self.known_class)(name) {
@@ -994,8 +1047,10 @@ impl<'a, F: FnMut(&str) -> bool> Validator<'a, F> {
                     return Err(CodecError::Corrupt("too many model templates".into()));
                 }
                 self.templates.push(VTemplate {
-                    prev: vec![false; n],
+                    n,
+                    prev: vec![0; mask_len(n)],
                     prev_fs: None,
+                    seq: 0,
                 });
                 self.model_body(tid, depth)?;
                 return Ok(false);
@@ -1031,7 +1086,7 @@ impl<'a, F: FnMut(&str) -> bool> Validator<'a, F> {
                 "unknown model flags 0x{flags:02x}"
             )));
         }
-        let n = self.templates[tid].prev.len();
+        let n = self.templates[tid].n;
         let fs_same = if flags & INST_FIELDS_SET_SAME != 0 {
             let members = self.templates[tid].prev_fs.ok_or(CodecError::BadReference(
                 "previous fields set of template",
@@ -1045,9 +1100,39 @@ impl<'a, F: FnMut(&str) -> bool> Validator<'a, F> {
             None
         };
         let mask = self.s.bytes(mask_len(n), "same-field mask")?;
-        for i in 0..n {
+        let mut seq = {
+            let t = &mut self.templates[tid];
+            t.seq = t.seq.wrapping_add(1);
+            t.seq
+        };
+        // Field by field, as the decoder reads them; 8 at a time while no field's value holds
+        // an instance of this same template (which would update `prev` in between).
+        let mut i = 0;
+        'fields: while i < n {
+            if i % 8 == 0 {
+                let k = i / 8;
+                let bits = mask_byte_bits(n, k);
+                let same = mask[k] & bits;
+                if same & !self.templates[tid].prev[k] == 0 {
+                    let mut todo = !same & bits;
+                    while todo != 0 {
+                        let b = todo.trailing_zeros() as usize;
+                        todo &= todo - 1;
+                        let scalar = self.value(depth + 1, false)?;
+                        let t = &mut self.templates[tid];
+                        set_bit(&mut t.prev, i + b, scalar);
+                        if t.seq != seq {
+                            seq = t.seq;
+                            i += b + 1;
+                            continue 'fields;
+                        }
+                    }
+                    i += 8;
+                    continue;
+                }
+            }
             if mask_get(mask, i) {
-                if !self.templates[tid].prev[i] {
+                if !mask_get(&self.templates[tid].prev, i) {
                     return Err(CodecError::BadReference(
                         "previous value of field",
                         i as u64,
@@ -1055,14 +1140,17 @@ impl<'a, F: FnMut(&str) -> bool> Validator<'a, F> {
                 }
             } else {
                 let scalar = self.value(depth + 1, false)?;
-                self.templates[tid].prev[i] = scalar;
+                let t = &mut self.templates[tid];
+                set_bit(&mut t.prev, i, scalar);
+                seq = t.seq;
             }
+            i += 1;
         }
         let members = match fs_same {
             Some(m) => m,
             None => {
                 let fs_mask = self.s.bytes(mask_len(n), "fields-set mask")?;
-                let set = (0..n).filter(|&i| mask_get(fs_mask, i)).count() as u64;
+                let set = mask_count(fs_mask, n);
                 let others = self.s.count("fields-set names", 1)?;
                 for _ in 0..others {
                     self.str_value("fields-set name")?;
@@ -1101,6 +1189,7 @@ pub fn validate(
         },
         strings: Vec::new(),
         templates: Vec::new(),
+        data_ascii: body[layout.data..].is_ascii(),
         reuse_budget: structure_len
             .saturating_mul(REUSE_BUDGET_PER_BYTE)
             .saturating_add(REUSE_BUDGET_SLACK),
