@@ -715,10 +715,55 @@ fn corrupt(msg: impl Into<String>) -> DErr {
 
 struct DecTemplate {
     cls: Py<PyType>,
-    new: Py<PyAny>,
     fields: Vec<Py<PyString>>,
     prev: Vec<Option<Py<PyAny>>>,
-    prev_fs: Option<Vec<Py<PyString>>>,
+    /// Private to the decoder, never handed out: every field in order, holding its previous
+    /// scalar (or a stale value / `None` where a mask bit may not point). An instance's
+    /// `__dict__` starts as a copy of it (one memcpy for the dict's table), then only the
+    /// fields that changed are set. `None` when field names repeat (planted data): then every
+    /// instance's dict is built field by field.
+    base: Option<Py<PyDict>>,
+    /// Private copy of the previous instance's fields set: the next one is a copy of it.
+    prev_fs: Option<Py<PySet>>,
+    /// Instances begun so far (see [`codec`]'s validator): a change while reading a field means
+    /// its value held an instance of this same template, which updated `prev` in between.
+    seq: u64,
+}
+
+/// A new set with the members of `set` (`set(set)`: copies the hash table, no rehashing).
+fn copy_set<'py>(set: &Bound<'py, PySet>) -> PyResult<Bound<'py, PySet>> {
+    // SAFETY: `set` is a live set; PySet_New returns a new reference or NULL with an exception.
+    unsafe {
+        Bound::from_owned_ptr_or_err(set.py(), pyo3::ffi::PySet_New(set.as_ptr()))
+            .map(|o| o.cast_into_unchecked())
+    }
+}
+
+/// A new dict with the items of `dict` (`dict.copy()`).
+fn copy_dict<'py>(dict: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyDict>> {
+    // SAFETY: `dict` is a live dict; PyDict_Copy returns a new reference or NULL with an
+    // exception.
+    unsafe {
+        Bound::from_owned_ptr_or_err(dict.py(), pyo3::ffi::PyDict_Copy(dict.as_ptr()))
+            .map(|o| o.cast_into_unchecked())
+    }
+}
+
+/// `cls.__new__(cls)`, called through the type's `tp_new` slot as `cls()` would (no Python
+/// attribute lookup, no argument tuple built per call).
+fn new_instance<'py>(cls: &Bound<'py, PyType>) -> PyResult<Bound<'py, PyAny>> {
+    let py = cls.py();
+    let tp = cls.as_type_ptr();
+    let args = PyTuple::empty(py);
+    // SAFETY: `tp` points to a live type object (owned by `cls`); `tp_new` is read from it and
+    // called with that type, an empty argument tuple and no keywords, which is what
+    // `object.__new__(cls)` does; it returns a new reference or NULL with an exception set.
+    unsafe {
+        let new = (*tp)
+            .tp_new
+            .ok_or_else(|| PyTypeError::new_err("model class cannot be instantiated"))?;
+        Bound::from_owned_ptr_or_err(py, new(tp, args.as_ptr(), std::ptr::null_mut()))
+    }
 }
 
 struct DecTables {
@@ -829,17 +874,21 @@ impl<'a> Dec<'a, '_> {
                 for _ in 0..n {
                     fields.push(self.str_value(py, "field name")?.unbind());
                 }
-                let new = cls.bind(py).getattr(intern!(py, "__new__"))?.unbind();
                 let tid = self.t.templates.len();
                 if tid >= codec::INTERN_MAX_ENTRIES {
                     return Err(corrupt("too many model templates"));
                 }
+                let base = PyDict::new(py);
+                for f in &fields {
+                    base.set_item(f.bind(py), py.None())?;
+                }
                 self.t.templates.push(DecTemplate {
                     cls,
-                    new,
                     prev: (0..n).map(|_| None).collect(),
+                    base: (base.len() == n).then(|| base.unbind()),
                     fields,
                     prev_fs: None,
+                    seq: 0,
                 });
                 self.model_body(py, tid, depth)?
             }
@@ -877,7 +926,7 @@ impl<'a> Dec<'a, '_> {
             return Err(corrupt(format!("unknown model flags 0x{flags:02x}")));
         }
         let n = self.t.templates[tid].fields.len();
-        let fs_same = if flags & INST_FIELDS_SET_SAME != 0 {
+        let fields_set = if flags & INST_FIELDS_SET_SAME != 0 {
             let prev = self.t.templates[tid]
                 .prev_fs
                 .as_ref()
@@ -885,47 +934,80 @@ impl<'a> Dec<'a, '_> {
                     "previous fields set of template",
                     tid as u64,
                 ))?;
-            Some(prev.iter().map(|p| p.clone_ref(py)).collect::<Vec<_>>())
+            Some(copy_set(prev.bind(py))?)
         } else {
             None
         };
         let mask = self.s.bytes(mask_len(n), "same-field mask")?;
-        let dict = PyDict::new(py);
+        let mut seq = {
+            let t = &mut self.t.templates[tid];
+            t.seq = t.seq.wrapping_add(1);
+            t.seq
+        };
+        let base = self.t.templates[tid].base.as_ref().map(|b| b.clone_ref(py));
+        // With a base, the copy already holds every unchanged field's value, as long as no
+        // field's value held an instance of this template (`nested`), which updates `prev`.
+        let dict = match &base {
+            Some(b) => copy_dict(b.bind(py))?,
+            None => PyDict::new(py),
+        };
+        let mut nested = base.is_none();
+        let mut saw_nested = false;
         for i in 0..n {
-            let val = if mask_get(mask, i) {
-                self.t.templates[tid].prev[i]
-                    .as_ref()
-                    .ok_or(CodecError::BadReference(
+            if mask_get(mask, i) {
+                if nested {
+                    let t = &self.t.templates[tid];
+                    let val = t.prev[i].as_ref().ok_or(CodecError::BadReference(
                         "previous value of field",
                         i as u64,
-                    ))?
-                    .bind(py)
-                    .clone()
+                    ))?;
+                    dict.set_item(t.fields[i].bind(py), val.bind(py))?;
+                }
+                continue;
+            }
+            let v = self.value(py, depth + 1)?;
+            let t = &mut self.t.templates[tid];
+            let field = t.fields[i].bind(py);
+            dict.set_item(field, &v)?;
+            if t.seq != seq {
+                seq = t.seq;
+                nested = true;
+                saw_nested = true;
+            }
+            if is_scalar(&v) {
+                if let Some(b) = &base {
+                    b.bind(py).set_item(field, &v)?;
+                }
+                t.prev[i] = Some(v.unbind());
             } else {
-                let v = self.value(py, depth + 1)?;
-                self.t.templates[tid].prev[i] = is_scalar(&v).then(|| v.clone().unbind());
-                v
-            };
-            dict.set_item(self.t.templates[tid].fields[i].bind(py), val)?;
+                t.prev[i] = None;
+            }
         }
-        let members = match fs_same {
-            Some(m) => m,
+        let fields_set = match fields_set {
+            Some(fs) => {
+                if saw_nested {
+                    // A nested instance replaced the previous fields set; the encoder's next
+                    // reference is to this instance's.
+                    self.t.templates[tid].prev_fs = Some(copy_set(&fs)?.unbind());
+                }
+                fs
+            }
             None => {
                 let fs_mask = self.s.bytes(mask_len(n), "fields-set mask")?;
-                let fields = &self.t.templates[tid].fields;
-                let mut m: Vec<Py<PyString>> = (0..n)
-                    .filter(|&i| mask_get(fs_mask, i))
-                    .map(|i| fields[i].clone_ref(py))
-                    .collect();
+                let fs = PySet::empty(py)?;
+                for i in 0..n {
+                    if mask_get(fs_mask, i) {
+                        fs.add(self.t.templates[tid].fields[i].bind(py))?;
+                    }
+                }
                 let others = self.s.count("fields-set names", 1)?;
                 for _ in 0..others {
-                    m.push(self.str_value(py, "fields-set name")?.unbind());
+                    fs.add(self.str_value(py, "fields-set name")?)?;
                 }
-                m
+                self.t.templates[tid].prev_fs = Some(copy_set(&fs)?.unbind());
+                fs
             }
         };
-        let fields_set = PySet::new(py, members.iter().map(|m| m.bind(py)))?;
-        self.t.templates[tid].prev_fs = Some(members);
         let extra = if flags & INST_EXTRA_DICT != 0 {
             self.dict_body(py, depth)?.into_any()
         } else {
@@ -936,8 +1018,7 @@ impl<'a> Dec<'a, '_> {
         } else {
             py.None().into_bound(py)
         };
-        let t = &self.t.templates[tid];
-        let obj = t.new.bind(py).call1((t.cls.bind(py),))?;
+        let obj = new_instance(self.t.templates[tid].cls.bind(py))?;
         generic_setattr(&obj, intern!(py, "__dict__"), &dict)?;
         generic_setattr(&obj, intern!(py, "__pydantic_fields_set__"), &fields_set)?;
         generic_setattr(&obj, intern!(py, "__pydantic_extra__"), &extra)?;
