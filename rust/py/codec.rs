@@ -13,6 +13,7 @@
 //! decoding finishes decoding: a corrupt, planted or foreign entry is a `DecodeError` up front.
 
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex, RwLock};
 
@@ -27,7 +28,7 @@ use pyo3::types::{
 };
 
 use crate::codec::{
-    self, mask_get, mask_len, mask_set, unzigzag, CodecError, DecodeTable, InternTable,
+    self, mask_get, mask_len, mask_set, unzigzag, CodecError, DecodeTable, FxHasher, InternTable,
     PayloadReader, Reader, Writer, INST_EXTRA_DICT, INST_FIELDS_SET_SAME, INST_KNOWN_FLAGS,
     INST_PRIVATE_DICT, MAX_DEPTH, TAG_BIGINT, TAG_BYTES, TAG_DICT, TAG_FALSE, TAG_FLOAT, TAG_INT,
     TAG_LIST, TAG_MODEL, TAG_MODEL_DEF, TAG_NONE, TAG_STR_NEW, TAG_STR_RAW, TAG_STR_REF,
@@ -221,7 +222,7 @@ fn same_scalar(v: &Bound<'_, PyAny>, p: &Bound<'_, PyAny>) -> bool {
         || v.is_exact_instance_of::<PyInt>()
         || v.is_exact_instance_of::<PyBytes>()
     {
-        return v.eq(p).unwrap_or(false);
+        return scalar_eq(v, p);
     }
     false
 }
@@ -255,6 +256,8 @@ fn check_key(k: &Bound<'_, PyAny>, depth: usize) -> EncResult {
 
 struct EncTemplate {
     fields: Vec<Py<PyString>>,
+    /// `hash()` of each field name (cached in the str), to match fields-set members quickly.
+    hashes: Vec<isize>,
     prev: Vec<Option<Py<PyAny>>>,
     prev_fs: Option<(Vec<u8>, Vec<String>)>,
 }
@@ -266,7 +269,66 @@ struct Encoder {
     table: InternTable,
     templates: Vec<EncTemplate>,
     /// Registered class (by type pointer; registered classes live forever) -> its templates.
-    by_type: HashMap<usize, (String, Vec<usize>)>,
+    by_type: HashMap<usize, (String, Vec<usize>), BuildHasherDefault<FxHasher>>,
+    /// Scratch fields-set representation, swapped with a template's when it changes.
+    fs_scratch: (Vec<u8>, Vec<String>),
+}
+
+/// `getattr(obj, name)` by `object.__getattribute__` (descriptors and instance dict, no
+/// `__getattr__` hook): how the model's `__dict__` and `__pydantic_*__` slots are read, as
+/// the decoder sets them with `object.__setattr__`. Falls back to a full `getattr` on failure.
+fn generic_getattr<'py>(
+    obj: &Bound<'py, PyAny>,
+    name: &Bound<'py, PyString>,
+) -> PyResult<Bound<'py, PyAny>> {
+    // SAFETY: both pointers are valid for the call (owned by live `Bound`s);
+    // PyObject_GenericGetAttr returns a new reference or NULL with an exception set.
+    let got = unsafe {
+        Bound::from_owned_ptr_or_err(
+            obj.py(),
+            pyo3::ffi::PyObject_GenericGetAttr(obj.as_ptr(), name.as_ptr()),
+        )
+    };
+    got.or_else(|_| obj.getattr(name))
+}
+
+/// Whether two objects of the same exact scalar type (str, int, bytes) are equal: C-level
+/// comparison with an identity shortcut, no Python result object.
+fn scalar_eq(a: &Bound<'_, PyAny>, b: &Bound<'_, PyAny>) -> bool {
+    // SAFETY: both pointers are valid for the call; the result is -1 (error), 0 or 1.
+    let r =
+        unsafe { pyo3::ffi::PyObject_RichCompareBool(a.as_ptr(), b.as_ptr(), pyo3::ffi::Py_EQ) };
+    if r < 0 {
+        drop(PyErr::take(a.py()));
+    }
+    r == 1
+}
+
+/// Whether the keys of `dict`, in order, are `fields` (identity first, then equality).
+fn keys_are(dict: &Bound<'_, PyDict>, fields: &[Py<PyString>]) -> bool {
+    if dict.len() != fields.len() {
+        return false;
+    }
+    let mut pos: pyo3::ffi::Py_ssize_t = 0;
+    let mut key = std::ptr::null_mut();
+    let mut val = std::ptr::null_mut();
+    for f in fields {
+        // SAFETY: `dict` is a live dict not mutated during this loop (no Python code runs
+        // between calls except `__eq__` of exact str keys, which is C); `key`/`val` are
+        // borrowed references valid while the dict is unchanged.
+        let more = unsafe { pyo3::ffi::PyDict_Next(dict.as_ptr(), &mut pos, &mut key, &mut val) };
+        if more == 0 {
+            return false;
+        }
+        if key != f.as_ptr() {
+            // SAFETY: `key` is a valid borrowed reference (see above).
+            let k = unsafe { Bound::from_borrowed_ptr(dict.py(), key) };
+            if !k.is_exact_instance_of::<PyString>() || !scalar_eq(&k, f.bind(dict.py()).as_any()) {
+                return false;
+            }
+        }
+    }
+    true
 }
 
 impl Encoder {
@@ -341,14 +403,13 @@ impl Encoder {
         }
         let ty = v.get_type();
         let key = type_key(&ty);
-        if let Some((_, ids)) = self.by_type.get(&key) {
-            let ids = ids.clone();
-            return self.model(v, key, &ids, depth);
+        if self.by_type.contains_key(&key) {
+            return self.model(v, key, depth);
         }
         let registered = registry_read().by_type.get(&key).cloned();
         if let Some(name) = registered {
             self.by_type.insert(key, (name, Vec::new()));
-            return self.model(v, key, &[], depth);
+            return self.model(v, key, depth);
         }
         let name = type_name(v);
         if ty
@@ -390,27 +451,18 @@ impl Encoder {
         Ok(())
     }
 
-    fn model(
-        &mut self,
-        v: &Bound<'_, PyAny>,
-        key: usize,
-        ids: &[usize],
-        depth: usize,
-    ) -> EncResult {
+    fn model(&mut self, v: &Bound<'_, PyAny>, key: usize, depth: usize) -> EncResult {
         let py = v.py();
-        let dict = v.getattr(intern!(py, "__dict__"))?;
+        let dict = generic_getattr(v, intern!(py, "__dict__"))?;
         let dict = dict
             .cast_exact::<PyDict>()
             .map_err(|_| EncFail::new("model __dict__ is not a dict"))?;
         let n = dict.len();
-        let found = ids.iter().copied().find(|&id| {
-            let t = &self.templates[id];
-            t.fields.len() == n
-                && dict
-                    .iter()
-                    .zip(&t.fields)
-                    .all(|((k, _), f)| k.is(f) || k.eq(f).unwrap_or(false))
-        });
+        let found = self.by_type[&key]
+            .1
+            .iter()
+            .copied()
+            .find(|&id| keys_are(dict, &self.templates[id].fields));
         let tid = match found {
             Some(id) => {
                 self.w.tag(TAG_MODEL);
@@ -419,10 +471,12 @@ impl Encoder {
             }
             None => {
                 let mut fields = Vec::with_capacity(n);
+                let mut hashes = Vec::with_capacity(n);
                 for (k, _) in dict.iter() {
                     let s = k
                         .cast_exact::<PyString>()
                         .map_err(|_| EncFail::new("model __dict__ has a non-str key"))?;
+                    hashes.push(s.hash()?);
                     fields.push(s.clone().unbind());
                 }
                 let name = self.by_type[&key].0.clone();
@@ -436,6 +490,7 @@ impl Encoder {
                 self.templates.push(EncTemplate {
                     prev: (0..n).map(|_| None).collect(),
                     fields,
+                    hashes,
                     prev_fs: None,
                 });
                 self.by_type.get_mut(&key).expect("class entry").1.push(id);
@@ -443,32 +498,35 @@ impl Encoder {
             }
         };
 
-        let extra = v.getattr(intern!(py, "__pydantic_extra__"))?;
-        let fields_set = v.getattr(intern!(py, "__pydantic_fields_set__"))?;
-        let private = v.getattr(intern!(py, "__pydantic_private__"))?;
+        let extra = generic_getattr(v, intern!(py, "__pydantic_extra__"))?;
+        let fields_set = generic_getattr(v, intern!(py, "__pydantic_fields_set__"))?;
+        let private = generic_getattr(v, intern!(py, "__pydantic_private__"))?;
         let fields_set = fields_set.cast_exact::<PySet>().map_err(|_| {
             EncFail::new("__pydantic_fields_set__ is not a set")
                 .at(Seg::Attr("__pydantic_fields_set__".into()))
         })?;
-        let mut fs_mask = vec![0u8; mask_len(n)];
-        let mut fs_others = Vec::new();
+        let mut fs_rep = std::mem::take(&mut self.fs_scratch);
+        fs_rep.0.clear();
+        fs_rep.0.resize(mask_len(n), 0);
+        fs_rep.1.clear();
         {
-            let fields = &self.templates[tid].fields;
+            let t = &self.templates[tid];
             for name in fields_set.iter() {
                 let s = name
                     .cast_exact::<PyString>()
                     .map_err(|_| EncFail::new("__pydantic_fields_set__ holds a non-str"))?;
-                match fields
-                    .iter()
-                    .position(|f| s.is(f) || s.as_any().eq(f.bind(py)).unwrap_or(false))
-                {
-                    Some(i) => mask_set(&mut fs_mask, i),
-                    None => fs_others.push(s.to_str()?.to_owned()),
+                let h = s.hash()?;
+                let pos = (0..n).find(|&i| {
+                    let f = t.fields[i].bind(py);
+                    s.is(f) || (t.hashes[i] == h && scalar_eq(s.as_any(), f.as_any()))
+                });
+                match pos {
+                    Some(i) => mask_set(&mut fs_rep.0, i),
+                    None => fs_rep.1.push(s.to_str()?.to_owned()),
                 }
             }
         }
-        fs_others.sort_unstable();
-        let fs_rep = (fs_mask, fs_others);
+        fs_rep.1.sort_unstable();
         let mut flags = 0u8;
         if self.templates[tid].prev_fs.as_ref() == Some(&fs_rep) {
             flags |= INST_FIELDS_SET_SAME;
@@ -516,7 +574,12 @@ impl Encoder {
                 self.w.string(&mut self.table, s);
             }
         }
-        self.templates[tid].prev_fs = Some(fs_rep);
+        // This instance's representation becomes the template's (also when it was "same": a
+        // nested instance of the template may have replaced it); the old one is the scratch.
+        self.fs_scratch = self.templates[tid]
+            .prev_fs
+            .replace(fs_rep)
+            .unwrap_or_default();
         if let Some(extra) = extra {
             self.dict_body(&extra, depth, true)?;
         }
