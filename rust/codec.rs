@@ -249,7 +249,7 @@ impl<'a> Reader<'a> {
     }
 
     /// One byte.
-    #[inline]
+    #[inline(always)]
     pub fn u8(&mut self, what: &'static str) -> Result<u8> {
         let b = *self.buf.get(self.pos).ok_or(CodecError::Truncated(what))?;
         self.pos += 1;
@@ -257,7 +257,7 @@ impl<'a> Reader<'a> {
     }
 
     /// An unsigned LEB128 varint (at most 10 bytes, no overflow).
-    #[inline]
+    #[inline(always)]
     pub fn varint(&mut self, what: &'static str) -> Result<u64> {
         // One-byte varints (tags' operands, indices, small counts) are the common case.
         if let Some(&b) = self.buf.get(self.pos) {
@@ -266,6 +266,11 @@ impl<'a> Reader<'a> {
                 return Ok(u64::from(b));
             }
         }
+        self.varint_long(what)
+    }
+
+    #[inline(never)]
+    fn varint_long(&mut self, what: &'static str) -> Result<u64> {
         let mut v: u64 = 0;
         for i in 0..10 {
             let b = self.u8(what)?;
@@ -815,7 +820,7 @@ pub struct PayloadReader<'a> {
 
 impl<'a> PayloadReader<'a> {
     /// A length-prefixed payload, bounded by the data that remains.
-    #[inline]
+    #[inline(always)]
     pub fn len_prefixed(&mut self, what: &'static str) -> Result<&'a [u8]> {
         let n = self.lengths.varint(what)?;
         if n > self.data.remaining() as u64 {
@@ -932,7 +937,7 @@ enum VStr<'a> {
 
 impl<'a, F: FnMut(&str) -> bool> Validator<'a, F> {
     /// A string payload, its UTF-8 checked unless the whole data stream is ASCII.
-    #[inline]
+    #[inline(always)]
     fn utf8(&mut self) -> Result<&'a [u8]> {
         let b = self.d.len_prefixed("string")?;
         if !self.data_ascii && std::str::from_utf8(b).is_err() {
@@ -942,7 +947,7 @@ impl<'a, F: FnMut(&str) -> bool> Validator<'a, F> {
     }
 
     /// The string after `tag`, or `None` when `tag` is not a string tag.
-    #[inline]
+    #[inline(always)]
     fn string(&mut self, tag: u8) -> Result<Option<VStr<'a>>> {
         Ok(Some(match tag {
             TAG_STR_REF => {
