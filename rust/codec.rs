@@ -916,6 +916,9 @@ fn set_bit(mask: &mut [u8], i: usize, on: bool) {
     }
 }
 
+/// The validator's result: a boxed error keeps `Ok` values in registers on the hot path.
+type VResult<T> = std::result::Result<T, Box<CodecError>>;
+
 struct Validator<'a, F> {
     s: Reader<'a>,
     d: PayloadReader<'a>,
@@ -938,17 +941,17 @@ enum VStr<'a> {
 impl<'a, F: FnMut(&str) -> bool> Validator<'a, F> {
     /// A string payload, its UTF-8 checked unless the whole data stream is ASCII.
     #[inline(always)]
-    fn utf8(&mut self) -> Result<&'a [u8]> {
+    fn utf8(&mut self) -> VResult<&'a [u8]> {
         let b = self.d.len_prefixed("string")?;
         if !self.data_ascii && std::str::from_utf8(b).is_err() {
-            return Err(CodecError::InvalidUtf8);
+            return Err(Box::new(CodecError::InvalidUtf8));
         }
         Ok(b)
     }
 
     /// The string after `tag`, or `None` when `tag` is not a string tag.
     #[inline(always)]
-    fn string(&mut self, tag: u8) -> Result<Option<VStr<'a>>> {
+    fn string(&mut self, tag: u8) -> VResult<Option<VStr<'a>>> {
         Ok(Some(match tag {
             TAG_STR_REF => {
                 let i = self.s.varint("string reference")?;
@@ -961,7 +964,9 @@ impl<'a, F: FnMut(&str) -> bool> Validator<'a, F> {
             TAG_STR_NEW => {
                 let s = self.utf8()?;
                 if self.strings.len() >= INTERN_MAX_ENTRIES {
-                    return Err(CodecError::Corrupt("intern table overflow".into()));
+                    return Err(Box::new(CodecError::Corrupt(
+                        "intern table overflow".into(),
+                    )));
                 }
                 self.strings.push(s);
                 VStr::Text(s)
@@ -970,7 +975,7 @@ impl<'a, F: FnMut(&str) -> bool> Validator<'a, F> {
             TAG_STR_SURROGATES => {
                 let b = self.d.len_prefixed("string")?;
                 if !self.data_ascii && !is_surrogatepass_utf8(b) {
-                    return Err(CodecError::InvalidUtf8);
+                    return Err(Box::new(CodecError::InvalidUtf8));
                 }
                 VStr::Surrogates
             }
@@ -978,26 +983,29 @@ impl<'a, F: FnMut(&str) -> bool> Validator<'a, F> {
         }))
     }
 
-    fn str_value(&mut self, what: &str) -> Result<VStr<'a>> {
+    fn str_value(&mut self, what: &str) -> VResult<VStr<'a>> {
         let tag = self.s.u8("tag")?;
-        self.string(tag)?
-            .ok_or_else(|| CodecError::Corrupt(format!("{what} is not a string (tag {tag})")))
+        self.string(tag)?.ok_or_else(|| {
+            Box::new(CodecError::Corrupt(format!(
+                "{what} is not a string (tag {tag})"
+            )))
+        })
     }
 
     /// Walks one value; returns whether it is a scalar (what a model's same-field mask may
     /// reuse). `in_key`: inside a dict key, where only hashable builtins may appear.
-    fn value(&mut self, depth: usize, in_key: bool) -> Result<bool> {
+    fn value(&mut self, depth: usize, in_key: bool) -> VResult<bool> {
         if depth > MAX_DEPTH {
-            return Err(CodecError::TooDeep);
+            return Err(Box::new(CodecError::TooDeep));
         }
         let tag = self.s.u8("tag")?;
         if self.string(tag)?.is_some() {
             return Ok(true);
         }
         let unhashable = |what: &str| {
-            Err(CodecError::Corrupt(format!(
+            Err(Box::new(CodecError::Corrupt(format!(
                 "dict key is a {what} (unhashable)"
-            )))
+            ))))
         };
         match tag {
             TAG_NONE | TAG_FALSE | TAG_TRUE => {}
@@ -1036,12 +1044,12 @@ impl<'a, F: FnMut(&str) -> bool> Validator<'a, F> {
             TAG_MODEL_DEF => {
                 let name = match self.str_value("model name")? {
                     VStr::Text(s) => std::str::from_utf8(s).map_err(|_| CodecError::InvalidUtf8)?,
-                    VStr::Surrogates => return Err(CodecError::InvalidUtf8),
+                    VStr::Surrogates => return Err(Box::new(CodecError::InvalidUtf8)),
                 };
                 if !(self.known_class)(name) {
-                    return Err(CodecError::Corrupt(format!(
+                    return Err(Box::new(CodecError::Corrupt(format!(
                         "unknown model class name {name:?} (not registered)"
-                    )));
+                    ))));
                 }
                 let n = self.s.count("model fields", 1)?;
                 for _ in 0..n {
@@ -1049,7 +1057,9 @@ impl<'a, F: FnMut(&str) -> bool> Validator<'a, F> {
                 }
                 let tid = self.templates.len();
                 if tid >= INTERN_MAX_ENTRIES {
-                    return Err(CodecError::Corrupt("too many model templates".into()));
+                    return Err(Box::new(CodecError::Corrupt(
+                        "too many model templates".into(),
+                    )));
                 }
                 self.templates.push(VTemplate {
                     n,
@@ -1063,17 +1073,17 @@ impl<'a, F: FnMut(&str) -> bool> Validator<'a, F> {
             TAG_MODEL => {
                 let id = self.s.varint("model template")?;
                 if id >= self.templates.len() as u64 {
-                    return Err(CodecError::BadReference("model template", id));
+                    return Err(Box::new(CodecError::BadReference("model template", id)));
                 }
                 self.model_body(id as usize, depth)?;
                 return Ok(false);
             }
-            t => return Err(CodecError::UnknownTag(t)),
+            t => return Err(Box::new(CodecError::UnknownTag(t))),
         }
         Ok(true)
     }
 
-    fn dict_body(&mut self, depth: usize) -> Result<()> {
+    fn dict_body(&mut self, depth: usize) -> VResult<()> {
         let n = self.s.count("dict", 2)?;
         for _ in 0..n {
             self.value(depth + 1, true)?;
@@ -1084,12 +1094,12 @@ impl<'a, F: FnMut(&str) -> bool> Validator<'a, F> {
 
     /// Mirrors the decoder's `model_body` step by step (a nested instance of the same template
     /// updates its previous values in between).
-    fn model_body(&mut self, tid: usize, depth: usize) -> Result<()> {
+    fn model_body(&mut self, tid: usize, depth: usize) -> VResult<()> {
         let flags = self.s.u8("model flags")?;
         if flags & !INST_KNOWN_FLAGS != 0 {
-            return Err(CodecError::Corrupt(format!(
+            return Err(Box::new(CodecError::Corrupt(format!(
                 "unknown model flags 0x{flags:02x}"
-            )));
+            ))));
         }
         let n = self.templates[tid].n;
         let fs_same = if flags & INST_FIELDS_SET_SAME != 0 {
@@ -1138,10 +1148,10 @@ impl<'a, F: FnMut(&str) -> bool> Validator<'a, F> {
             }
             if mask_get(mask, i) {
                 if !mask_get(&self.templates[tid].prev, i) {
-                    return Err(CodecError::BadReference(
+                    return Err(Box::new(CodecError::BadReference(
                         "previous value of field",
                         i as u64,
-                    ));
+                    )));
                 }
             } else {
                 let scalar = self.value(depth + 1, false)?;
@@ -1201,7 +1211,7 @@ pub fn validate(
         known_class,
     };
     for _ in 0..count {
-        v.value(0, false)?;
+        v.value(0, false).map_err(|e| *e)?;
     }
     let left = v.s.remaining() + v.d.remaining();
     if left != 0 {
