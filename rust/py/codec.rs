@@ -259,7 +259,8 @@ struct EncTemplate {
     /// `hash()` of each field name (cached in the str), to match fields-set members quickly.
     hashes: Vec<isize>,
     prev: Vec<Option<Py<PyAny>>>,
-    prev_fs: Option<(Vec<u8>, Vec<String>)>,
+    /// Private copy of the previous instance's fields set.
+    prev_fs: Option<Py<PySet>>,
 }
 
 /// Encoder state shared by `encode` and `StreamEncoder`.
@@ -270,7 +271,7 @@ struct Encoder {
     templates: Vec<EncTemplate>,
     /// Registered class (by type pointer; registered classes live forever) -> its templates.
     by_type: HashMap<usize, (String, Vec<usize>), BuildHasherDefault<FxHasher>>,
-    /// Scratch fields-set representation, swapped with a template's when it changes.
+    /// Scratch fields-set representation (field mask, other names sorted).
     fs_scratch: (Vec<u8>, Vec<String>),
 }
 
@@ -505,16 +506,30 @@ impl Encoder {
             EncFail::new("__pydantic_fields_set__ is not a set")
                 .at(Seg::Attr("__pydantic_fields_set__".into()))
         })?;
+        for name in fields_set.iter() {
+            if !name.is_exact_instance_of::<PyString>() {
+                return Err(EncFail::new("__pydantic_fields_set__ holds a non-str"));
+            }
+        }
+        // "Same as the previous instance's": set equality with a private copy of it (exact str
+        // members on both sides, so a C-level comparison).
+        let snap = self.templates[tid]
+            .prev_fs
+            .as_ref()
+            .map(|p| p.clone_ref(py));
+        let same_fs = snap.as_ref().is_some_and(|p| {
+            let p = p.bind(py);
+            p.len() == fields_set.len() && scalar_eq(fields_set.as_any(), p.as_any())
+        });
         let mut fs_rep = std::mem::take(&mut self.fs_scratch);
-        fs_rep.0.clear();
-        fs_rep.0.resize(mask_len(n), 0);
-        fs_rep.1.clear();
-        {
+        let mut fs_copy = None;
+        if !same_fs {
+            fs_rep.0.clear();
+            fs_rep.0.resize(mask_len(n), 0);
+            fs_rep.1.clear();
             let t = &self.templates[tid];
             for name in fields_set.iter() {
-                let s = name
-                    .cast_exact::<PyString>()
-                    .map_err(|_| EncFail::new("__pydantic_fields_set__ holds a non-str"))?;
+                let s = name.cast_exact::<PyString>().map_err(PyErr::from)?;
                 let h = s.hash()?;
                 let pos = (0..n).find(|&i| {
                     let f = t.fields[i].bind(py);
@@ -525,10 +540,11 @@ impl Encoder {
                     None => fs_rep.1.push(s.to_str()?.to_owned()),
                 }
             }
+            fs_rep.1.sort_unstable();
+            fs_copy = Some(copy_set(fields_set)?.unbind());
         }
-        fs_rep.1.sort_unstable();
         let mut flags = 0u8;
-        if self.templates[tid].prev_fs.as_ref() == Some(&fs_rep) {
+        if same_fs {
             flags |= INST_FIELDS_SET_SAME;
         }
         let extra = if extra.is_none() {
@@ -574,12 +590,10 @@ impl Encoder {
                 self.w.string(&mut self.table, s);
             }
         }
-        // This instance's representation becomes the template's (also when it was "same": a
-        // nested instance of the template may have replaced it); the old one is the scratch.
-        self.fs_scratch = self.templates[tid]
-            .prev_fs
-            .replace(fs_rep)
-            .unwrap_or_default();
+        self.fs_scratch = fs_rep;
+        // This instance's fields set becomes the template's (also when it was "same": a nested
+        // instance of the template may have replaced it).
+        self.templates[tid].prev_fs = fs_copy.or(snap);
         if let Some(extra) = extra {
             self.dict_body(&extra, depth, true)?;
         }
