@@ -570,7 +570,21 @@ impl Encoder {
         self.w.tag(flags);
         let mask_at = self.w.structure.len();
         self.w.structure.resize(mask_at + mask_len(n), 0);
-        for (i, (k, val)) in dict.iter().enumerate() {
+        let mut pos: pyo3::ffi::Py_ssize_t = 0;
+        for i in 0..n {
+            let (mut kp, mut vp) = (std::ptr::null_mut(), std::ptr::null_mut());
+            // SAFETY: `dict` is a live dict; PyDict_Next stays in bounds even if the dict changed
+            // since the last call, and the borrowed key and value are made owned (`Bound`)
+            // before any Python code can run.
+            let (k, val) = unsafe {
+                if pyo3::ffi::PyDict_Next(dict.as_ptr(), &mut pos, &mut kp, &mut vp) == 0 {
+                    return Err(EncFail::new("model __dict__ changed size while encoding"));
+                }
+                (
+                    Bound::from_borrowed_ptr(py, kp),
+                    Bound::from_borrowed_ptr(py, vp),
+                )
+            };
             let same = match &self.templates[tid].prev[i] {
                 Some(p) => same_scalar(&val, p.bind(py)),
                 None => false,
@@ -582,6 +596,9 @@ impl Encoder {
             self.value(&val, depth + 1)
                 .map_err(|e| e.at(Seg::Attr(k.to_string())))?;
             self.templates[tid].prev[i] = is_scalar(&val).then(|| val.unbind());
+        }
+        if dict.len() != n {
+            return Err(EncFail::new("model __dict__ changed size while encoding"));
         }
         if flags & INST_FIELDS_SET_SAME == 0 {
             self.w.structure.extend_from_slice(&fs_rep.0);
