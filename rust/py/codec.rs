@@ -11,6 +11,12 @@
 //! never imports anything. A decoder validates the whole body ([`codec::validate`], a pure-Rust
 //! walk that builds nothing) before it hands out the first item, so a stream that starts
 //! decoding finishes decoding: a corrupt, planted or foreign entry is a `DecodeError` up front.
+//! Entries that validated are remembered per process by BLAKE3 of their stored bytes (with the
+//! registry's generation), so a hot entry is walked once, not on every hit.
+//!
+//! Decoded instances are built from private per-template state: `__dict__` starts as a copy of
+//! a dict of the previous scalars, `__pydantic_fields_set__` as a copy of the previous set, and
+//! fields sets (field names only) are not tracked by the cycle collector.
 
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
