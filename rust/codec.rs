@@ -249,7 +249,7 @@ impl<'a> Reader<'a> {
     }
 
     /// One byte.
-    #[inline]
+    #[inline(always)]
     pub fn u8(&mut self, what: &'static str) -> Result<u8> {
         let b = *self.buf.get(self.pos).ok_or(CodecError::Truncated(what))?;
         self.pos += 1;
@@ -257,8 +257,20 @@ impl<'a> Reader<'a> {
     }
 
     /// An unsigned LEB128 varint (at most 10 bytes, no overflow).
-    #[inline]
+    #[inline(always)]
     pub fn varint(&mut self, what: &'static str) -> Result<u64> {
+        // One-byte varints (tags' operands, indices, small counts) are the common case.
+        if let Some(&b) = self.buf.get(self.pos) {
+            if b < 0x80 {
+                self.pos += 1;
+                return Ok(u64::from(b));
+            }
+        }
+        self.varint_long(what)
+    }
+
+    #[inline(never)]
+    fn varint_long(&mut self, what: &'static str) -> Result<u64> {
         let mut v: u64 = 0;
         for i in 0..10 {
             let b = self.u8(what)?;
@@ -630,9 +642,42 @@ pub fn zstd_compress(body: &[u8], level: i32) -> Result<Vec<u8>> {
     zstd::bulk::compress(body, level).map_err(|e| CodecError::Zstd(e.to_string()))
 }
 
-/// Decompresses one zstd frame that must expand to exactly `expected` bytes. The output grows
-/// with the data actually produced, so a lying `expected` cannot force a large allocation.
+/// Bodies up to this size are decompressed in one call into a buffer of the declared size
+/// (about 4x faster than streaming); larger ones grow with the data actually produced.
+pub const BULK_DECOMPRESS_MAX: u64 = 16 << 20;
+
+/// Decompresses one zstd frame that must expand to exactly `expected` bytes. Above
+/// [`BULK_DECOMPRESS_MAX`] the output grows with the data actually produced, so a lying
+/// `expected` cannot force a large allocation; below it, one call fills a buffer of `expected`
+/// bytes. Anything unusual (not exactly one frame, a size mismatch, corrupt data) takes the
+/// streaming path, so errors read the same either way.
 pub fn zstd_decompress(frame: &[u8], expected: u64) -> Result<Vec<u8>> {
+    if expected <= BULK_DECOMPRESS_MAX
+        && zstd::zstd_safe::find_frame_compressed_size(frame).ok() == Some(frame.len())
+    {
+        let out = BULK_DCTX.with(|cell| {
+            // A thread's context is reused: creating one costs about as much as decompressing
+            // a 150 KB body. `try_borrow_mut` cannot fail (no re-entry), but never panics.
+            let mut slot = cell.try_borrow_mut().ok()?;
+            if slot.is_none() {
+                *slot = zstd::bulk::Decompressor::new().ok();
+            }
+            slot.as_mut()?.decompress(frame, expected as usize).ok()
+        });
+        if let Some(out) = out.filter(|o| o.len() as u64 == expected) {
+            return Ok(out);
+        }
+    }
+    zstd_decompress_streaming(frame, expected)
+}
+
+thread_local! {
+    /// Each thread's zstd decompression context for [`zstd_decompress`].
+    static BULK_DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn zstd_decompress_streaming(frame: &[u8], expected: u64) -> Result<Vec<u8>> {
     let mut dec = zstd::stream::read::Decoder::with_buffer(frame)
         .map_err(|e| CodecError::Zstd(e.to_string()))?
         .single_frame();
@@ -808,7 +853,7 @@ pub struct PayloadReader<'a> {
 
 impl<'a> PayloadReader<'a> {
     /// A length-prefixed payload, bounded by the data that remains.
-    #[inline]
+    #[inline(always)]
     pub fn len_prefixed(&mut self, what: &'static str) -> Result<&'a [u8]> {
         let n = self.lengths.varint(what)?;
         if n > self.data.remaining() as u64 {
@@ -867,31 +912,79 @@ pub const REUSE_BUDGET_PER_BYTE: u64 = 16;
 /// See [`REUSE_BUDGET_PER_BYTE`].
 pub const REUSE_BUDGET_SLACK: u64 = 1 << 16;
 
+/// The bits of byte `k` of a mask over `n` fields that stand for fields.
+#[inline]
+pub fn mask_byte_bits(n: usize, k: usize) -> u8 {
+    match n.saturating_sub(k * 8) {
+        r if r >= 8 => 0xff,
+        r => (1u8 << r) - 1,
+    }
+}
+
+/// Fields marked in a mask over `n` fields (bits beyond `n` ignored).
+pub fn mask_count(mask: &[u8], n: usize) -> u64 {
+    mask.iter()
+        .enumerate()
+        .map(|(k, &b)| u64::from((b & mask_byte_bits(n, k)).count_ones()))
+        .sum()
+}
+
 struct VTemplate {
-    /// `prev[i]`: field `i` of the previous instance was a scalar (so a mask bit may reuse it).
-    prev: Vec<bool>,
+    /// Fields.
+    n: usize,
+    /// Bit `i`: field `i` of the previous instance was a scalar (so a mask bit may reuse it).
+    prev: Vec<u8>,
     /// Members of the previous instance's fields set, if there was one.
     prev_fs: Option<u64>,
+    /// Instances begun so far: tells a walk that a field's value held an instance of the same
+    /// template (which updates `prev` in between).
+    seq: u64,
 }
+
+fn set_bit(mask: &mut [u8], i: usize, on: bool) {
+    if on {
+        mask[i / 8] |= 1 << (i % 8);
+    } else {
+        mask[i / 8] &= !(1 << (i % 8));
+    }
+}
+
+/// The validator's result: a boxed error keeps `Ok` values in registers on the hot path.
+type VResult<T> = std::result::Result<T, Box<CodecError>>;
 
 struct Validator<'a, F> {
     s: Reader<'a>,
     d: PayloadReader<'a>,
-    strings: Vec<&'a str>,
+    /// The intern table, as payload slices (their UTF-8 was checked when they were read).
+    strings: Vec<&'a [u8]>,
     templates: Vec<VTemplate>,
+    /// The whole data stream is ASCII, so every string in it is UTF-8: no per-string check.
+    data_ascii: bool,
     reuse_budget: u64,
     known_class: F,
 }
 
 /// What kind of string a string tag held.
 enum VStr<'a> {
-    Text(&'a str),
+    /// UTF-8 (checked).
+    Text(&'a [u8]),
     Surrogates,
 }
 
 impl<'a, F: FnMut(&str) -> bool> Validator<'a, F> {
+    /// A string payload, its UTF-8 checked unless the whole data stream is ASCII.
+    #[inline(always)]
+    fn utf8(&mut self) -> VResult<&'a [u8]> {
+        let b = self.d.len_prefixed("string")?;
+        if !self.data_ascii && std::str::from_utf8(b).is_err() {
+            return Err(Box::new(CodecError::InvalidUtf8));
+        }
+        Ok(b)
+    }
+
     /// The string after `tag`, or `None` when `tag` is not a string tag.
-    fn string(&mut self, tag: u8) -> Result<Option<VStr<'a>>> {
+    #[inline(always)]
+    fn string(&mut self, tag: u8) -> VResult<Option<VStr<'a>>> {
         Ok(Some(match tag {
             TAG_STR_REF => {
                 let i = self.s.varint("string reference")?;
@@ -902,17 +995,20 @@ impl<'a, F: FnMut(&str) -> bool> Validator<'a, F> {
                 VStr::Text(s)
             }
             TAG_STR_NEW => {
-                let s = self.d.str("string")?;
+                let s = self.utf8()?;
                 if self.strings.len() >= INTERN_MAX_ENTRIES {
-                    return Err(CodecError::Corrupt("intern table overflow".into()));
+                    return Err(Box::new(CodecError::Corrupt(
+                        "intern table overflow".into(),
+                    )));
                 }
                 self.strings.push(s);
                 VStr::Text(s)
             }
-            TAG_STR_RAW => VStr::Text(self.d.str("string")?),
+            TAG_STR_RAW => VStr::Text(self.utf8()?),
             TAG_STR_SURROGATES => {
-                if !is_surrogatepass_utf8(self.d.len_prefixed("string")?) {
-                    return Err(CodecError::InvalidUtf8);
+                let b = self.d.len_prefixed("string")?;
+                if !self.data_ascii && !is_surrogatepass_utf8(b) {
+                    return Err(Box::new(CodecError::InvalidUtf8));
                 }
                 VStr::Surrogates
             }
@@ -920,26 +1016,29 @@ impl<'a, F: FnMut(&str) -> bool> Validator<'a, F> {
         }))
     }
 
-    fn str_value(&mut self, what: &str) -> Result<VStr<'a>> {
+    fn str_value(&mut self, what: &str) -> VResult<VStr<'a>> {
         let tag = self.s.u8("tag")?;
-        self.string(tag)?
-            .ok_or_else(|| CodecError::Corrupt(format!("{what} is not a string (tag {tag})")))
+        self.string(tag)?.ok_or_else(|| {
+            Box::new(CodecError::Corrupt(format!(
+                "{what} is not a string (tag {tag})"
+            )))
+        })
     }
 
     /// Walks one value; returns whether it is a scalar (what a model's same-field mask may
     /// reuse). `in_key`: inside a dict key, where only hashable builtins may appear.
-    fn value(&mut self, depth: usize, in_key: bool) -> Result<bool> {
+    fn value(&mut self, depth: usize, in_key: bool) -> VResult<bool> {
         if depth > MAX_DEPTH {
-            return Err(CodecError::TooDeep);
+            return Err(Box::new(CodecError::TooDeep));
         }
         let tag = self.s.u8("tag")?;
         if self.string(tag)?.is_some() {
             return Ok(true);
         }
         let unhashable = |what: &str| {
-            Err(CodecError::Corrupt(format!(
+            Err(Box::new(CodecError::Corrupt(format!(
                 "dict key is a {what} (unhashable)"
-            )))
+            ))))
         };
         match tag {
             TAG_NONE | TAG_FALSE | TAG_TRUE => {}
@@ -977,13 +1076,13 @@ impl<'a, F: FnMut(&str) -> bool> Validator<'a, F> {
             TAG_MODEL_DEF | TAG_MODEL if in_key => return unhashable("model instance"),
             TAG_MODEL_DEF => {
                 let name = match self.str_value("model name")? {
-                    VStr::Text(s) => s,
-                    VStr::Surrogates => return Err(CodecError::InvalidUtf8),
+                    VStr::Text(s) => std::str::from_utf8(s).map_err(|_| CodecError::InvalidUtf8)?,
+                    VStr::Surrogates => return Err(Box::new(CodecError::InvalidUtf8)),
                 };
                 if !(self.known_class)(name) {
-                    return Err(CodecError::Corrupt(format!(
+                    return Err(Box::new(CodecError::Corrupt(format!(
                         "unknown model class name {name:?} (not registered)"
-                    )));
+                    ))));
                 }
                 let n = self.s.count("model fields", 1)?;
                 for _ in 0..n {
@@ -991,11 +1090,15 @@ impl<'a, F: FnMut(&str) -> bool> Validator<'a, F> {
                 }
                 let tid = self.templates.len();
                 if tid >= INTERN_MAX_ENTRIES {
-                    return Err(CodecError::Corrupt("too many model templates".into()));
+                    return Err(Box::new(CodecError::Corrupt(
+                        "too many model templates".into(),
+                    )));
                 }
                 self.templates.push(VTemplate {
-                    prev: vec![false; n],
+                    n,
+                    prev: vec![0; mask_len(n)],
                     prev_fs: None,
+                    seq: 0,
                 });
                 self.model_body(tid, depth)?;
                 return Ok(false);
@@ -1003,17 +1106,17 @@ impl<'a, F: FnMut(&str) -> bool> Validator<'a, F> {
             TAG_MODEL => {
                 let id = self.s.varint("model template")?;
                 if id >= self.templates.len() as u64 {
-                    return Err(CodecError::BadReference("model template", id));
+                    return Err(Box::new(CodecError::BadReference("model template", id)));
                 }
                 self.model_body(id as usize, depth)?;
                 return Ok(false);
             }
-            t => return Err(CodecError::UnknownTag(t)),
+            t => return Err(Box::new(CodecError::UnknownTag(t))),
         }
         Ok(true)
     }
 
-    fn dict_body(&mut self, depth: usize) -> Result<()> {
+    fn dict_body(&mut self, depth: usize) -> VResult<()> {
         let n = self.s.count("dict", 2)?;
         for _ in 0..n {
             self.value(depth + 1, true)?;
@@ -1024,14 +1127,14 @@ impl<'a, F: FnMut(&str) -> bool> Validator<'a, F> {
 
     /// Mirrors the decoder's `model_body` step by step (a nested instance of the same template
     /// updates its previous values in between).
-    fn model_body(&mut self, tid: usize, depth: usize) -> Result<()> {
+    fn model_body(&mut self, tid: usize, depth: usize) -> VResult<()> {
         let flags = self.s.u8("model flags")?;
         if flags & !INST_KNOWN_FLAGS != 0 {
-            return Err(CodecError::Corrupt(format!(
+            return Err(Box::new(CodecError::Corrupt(format!(
                 "unknown model flags 0x{flags:02x}"
-            )));
+            ))));
         }
-        let n = self.templates[tid].prev.len();
+        let n = self.templates[tid].n;
         let fs_same = if flags & INST_FIELDS_SET_SAME != 0 {
             let members = self.templates[tid].prev_fs.ok_or(CodecError::BadReference(
                 "previous fields set of template",
@@ -1045,24 +1148,57 @@ impl<'a, F: FnMut(&str) -> bool> Validator<'a, F> {
             None
         };
         let mask = self.s.bytes(mask_len(n), "same-field mask")?;
-        for i in 0..n {
+        let mut seq = {
+            let t = &mut self.templates[tid];
+            t.seq = t.seq.wrapping_add(1);
+            t.seq
+        };
+        // Field by field, as the decoder reads them; 8 at a time while no field's value holds
+        // an instance of this same template (which would update `prev` in between).
+        let mut i = 0;
+        'fields: while i < n {
+            if i % 8 == 0 {
+                let k = i / 8;
+                let bits = mask_byte_bits(n, k);
+                let same = mask[k] & bits;
+                if same & !self.templates[tid].prev[k] == 0 {
+                    let mut todo = !same & bits;
+                    while todo != 0 {
+                        let b = todo.trailing_zeros() as usize;
+                        todo &= todo - 1;
+                        let scalar = self.value(depth + 1, false)?;
+                        let t = &mut self.templates[tid];
+                        set_bit(&mut t.prev, i + b, scalar);
+                        if t.seq != seq {
+                            seq = t.seq;
+                            i += b + 1;
+                            continue 'fields;
+                        }
+                    }
+                    i += 8;
+                    continue;
+                }
+            }
             if mask_get(mask, i) {
-                if !self.templates[tid].prev[i] {
-                    return Err(CodecError::BadReference(
+                if !mask_get(&self.templates[tid].prev, i) {
+                    return Err(Box::new(CodecError::BadReference(
                         "previous value of field",
                         i as u64,
-                    ));
+                    )));
                 }
             } else {
                 let scalar = self.value(depth + 1, false)?;
-                self.templates[tid].prev[i] = scalar;
+                let t = &mut self.templates[tid];
+                set_bit(&mut t.prev, i, scalar);
+                seq = t.seq;
             }
+            i += 1;
         }
         let members = match fs_same {
             Some(m) => m,
             None => {
                 let fs_mask = self.s.bytes(mask_len(n), "fields-set mask")?;
-                let set = (0..n).filter(|&i| mask_get(fs_mask, i)).count() as u64;
+                let set = mask_count(fs_mask, n);
                 let others = self.s.count("fields-set names", 1)?;
                 for _ in 0..others {
                     self.str_value("fields-set name")?;
@@ -1101,19 +1237,82 @@ pub fn validate(
         },
         strings: Vec::new(),
         templates: Vec::new(),
+        data_ascii: body[layout.data..].is_ascii(),
         reuse_budget: structure_len
             .saturating_mul(REUSE_BUDGET_PER_BYTE)
             .saturating_add(REUSE_BUDGET_SLACK),
         known_class,
     };
     for _ in 0..count {
-        v.value(0, false)?;
+        v.value(0, false).map_err(|e| *e)?;
     }
     let left = v.s.remaining() + v.d.remaining();
     if left != 0 {
         return Err(CodecError::TrailingBytes(left));
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// validation memo
+
+/// Entries smaller than this are validated every time (hashing them costs about as much).
+pub const MEMO_MIN_BYTES: usize = 4096;
+/// Entries the memo remembers (32-byte keys; the oldest is forgotten first).
+pub const MEMO_CAPACITY: usize = 4096;
+
+/// The key of an encoding in a [`ValidatedMemo`]: BLAKE3 of `generation` (of whatever decides
+/// which class names validate) and of the stored bytes. A strong hash, not a checksum: finding
+/// other bytes with the key of an entry that validated is infeasible, so a planted or damaged
+/// entry cannot borrow a good entry's verdict.
+pub fn memo_key(generation: u64, data: &[u8]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(&generation.to_le_bytes());
+    h.update(data);
+    *h.finalize().as_bytes()
+}
+
+/// A bounded set of encodings that passed [`validate`] (by [`memo_key`]): a hot entry is walked
+/// once per process, not on every hit. Validity is a function of the stored bytes (the body is
+/// their deterministic decompression) and of the class registry, which the key covers.
+#[derive(Debug, Default)]
+pub struct ValidatedMemo {
+    keys: std::collections::HashSet<[u8; 32]>,
+    order: std::collections::VecDeque<[u8; 32]>,
+}
+
+impl ValidatedMemo {
+    /// An empty memo.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether `key` validated before (and is still remembered).
+    pub fn contains(&self, key: &[u8; 32]) -> bool {
+        self.keys.contains(key)
+    }
+
+    /// Remembers `key`, forgetting the oldest key beyond [`MEMO_CAPACITY`].
+    pub fn insert(&mut self, key: [u8; 32]) {
+        if self.keys.insert(key) {
+            self.order.push_back(key);
+            while self.order.len() > MEMO_CAPACITY {
+                if let Some(old) = self.order.pop_front() {
+                    self.keys.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Keys remembered.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
 }
 
 #[cfg(test)]
@@ -1251,6 +1450,26 @@ mod tests {
         assert!(zstd_decompress(b"garbage!", 10).is_err());
     }
 
+    #[test]
+    fn bulk_and_streaming_decompression_agree() {
+        let body: Vec<u8> = (0..100_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
+        let n = body.len() as u64;
+        let f = zstd_compress(&body, 3).unwrap();
+        assert_eq!(zstd_decompress(&f, n).unwrap(), body);
+        assert_eq!(zstd_decompress_streaming(&f, n).unwrap(), body);
+        let mut two = f.clone();
+        two.extend_from_slice(&f);
+        for (frame, e) in [(&f, 0), (&f, n - 1), (&f, n + 1), (&two, n), (&two, 2 * n)] {
+            assert_eq!(
+                zstd_decompress(frame, e),
+                zstd_decompress_streaming(frame, e)
+            );
+        }
+        assert!(zstd_decompress(&f[..f.len() - 1], n).is_err());
+    }
+
     /// A zstd frame of `prefix` then `fill` zero bytes, in 4 bytes per 128 KiB (RLE blocks).
     fn rle_frame(prefix: &[u8], mut fill: usize) -> Vec<u8> {
         let mut out = vec![0x28, 0xb5, 0x2f, 0xfd, 0x00, 0x38];
@@ -1372,6 +1591,24 @@ mod tests {
         assert!(!is_surrogatepass_utf8(b"\xed\xa0"));
         assert!(!is_surrogatepass_utf8(b"\xff"));
         assert!(!is_surrogatepass_utf8(b"\xc0\x80")); // overlong
+    }
+
+    #[test]
+    fn memo_is_bounded_and_keyed_by_content_and_generation() {
+        let mut m = ValidatedMemo::new();
+        let a = memo_key(0, b"entry");
+        assert_ne!(a, memo_key(1, b"entry"));
+        assert_ne!(a, memo_key(0, b"entrz"));
+        assert!(!m.contains(&a));
+        m.insert(a);
+        m.insert(a);
+        assert!(m.contains(&a) && m.len() == 1);
+        for i in 0..MEMO_CAPACITY as u64 {
+            m.insert(memo_key(i, b"other"));
+        }
+        assert_eq!(m.len(), MEMO_CAPACITY);
+        assert!(!m.contains(&a), "the oldest key is forgotten first");
+        assert!(m.contains(&memo_key(MEMO_CAPACITY as u64 - 1, b"other")));
     }
 
     proptest! {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import gc
 import math
 import struct
 import sys
@@ -178,6 +179,28 @@ def test_decoded_models_do_not_share_mutable_state() -> None:
     assert out[3].choices[0].delta.content == chunks[3].choices[0].delta.content
     assert out[2].__pydantic_fields_set__ is not out[3].__pydantic_fields_set__
     assert out[2].__dict__ is not out[3].__dict__
+
+
+def test_decoded_chunks_are_light_on_the_collector() -> None:
+    # Fields sets hold field names only (no cycles): they are not GC-tracked, the models, their
+    # dicts holding containers and the lists are. Fewer tracked objects than the SDK's parse.
+    chunks = openai_chunks(50)
+    out = _core.decode(stream(chunks))
+    for c in out:
+        assert not gc.is_tracked(c.__pydantic_fields_set__)
+        assert not gc.is_tracked(c.choices[0].__pydantic_fields_set__)
+        assert not gc.is_tracked(c.choices[0].delta.__pydantic_fields_set__)
+        assert gc.is_tracked(c) and gc.is_tracked(c.__dict__) and gc.is_tracked(c.choices)
+    # still an ordinary, mutable fields set, tracked by pydantic as usual
+    out[3].choices[0].delta.refusal = "no"
+    assert "refusal" in out[3].choices[0].delta.model_fields_set
+    assert "refusal" not in out[4].choices[0].delta.model_fields_set
+    assert out[4] == chunks[4] and out[3] != chunks[3]
+    gc.collect()
+    before = len(gc.get_objects())
+    kept = _core.decode(stream(chunks))
+    per_chunk = (len(gc.get_objects()) - before - 1) / len(kept)
+    assert per_chunk <= 6
 
 
 def test_extras_private_and_fields_set() -> None:

@@ -48,6 +48,16 @@ def run_capped(code: str, timeout: float = 60) -> subprocess.CompletedProcess[st
     )
 
 
+def registered(cls: Any, name: str) -> Any:
+    """Registers ``cls`` under ``name``, or returns the class already registered there: this
+    module is imported a second time (as ``tests.test_codec_bounds``) by test_flight_faults."""
+    existing = _core.registered_models().get(name)
+    if existing is not None:
+        return existing
+    _core.register_model(cls, name)
+    return cls
+
+
 def stream(items: list[Any], **kw: Any) -> bytes:
     enc = _core.StreamEncoder(**kw)
     for item in items:
@@ -133,7 +143,7 @@ class Empty(BaseModel):
     pass
 
 
-_core.register_model(Empty, "tests.bounds.Empty")
+Empty = registered(Empty, "tests.bounds.Empty")
 
 
 def test_quadratic_fields_set_reuse_is_refused() -> None:
@@ -157,7 +167,7 @@ class Late(BaseModel):
     n: int = 0
 
 
-_core.register_model(Late, "tests.bounds.LateAAAA")
+Late = registered(Late, "tests.bounds.LateAAAA")
 
 
 def late_class_entry() -> bytes:
@@ -208,6 +218,43 @@ def test_late_damage_fails_before_the_first_batch(
     assert got == []
 
 
+def test_validation_memo_never_lends_a_verdict_to_other_bytes() -> None:
+    # A hot entry is walked once per process (memo keyed by BLAKE3 of its bytes); any other
+    # bytes, however close, are walked again, and failures are never remembered.
+    chunks = openai_chunks(600)
+    packed = stream(chunks)
+    good = stream(chunks, compress_min_bytes=10**9)
+    assert len(packed) >= 4096 and len(good) >= 4096
+    for _ in range(3):
+        assert _core.decode(packed) == chunks
+        assert _core.decode(good) == chunks
+    word = chunks[5].choices[0].delta.content.encode()
+    bad = good.replace(word, b"\xff" + word[1:], 1)
+    assert bad != good and len(bad) == len(good)
+    for _ in range(2):
+        with pytest.raises(DecodeError, match="not valid UTF-8"):
+            _core.StreamDecoder(bad)
+    assert _core.decode(good) == chunks
+
+
+def test_validation_memo_sees_new_registrations() -> None:
+    class Later(BaseModel):
+        text: str
+
+    items: list[Any] = [{"i": i, "s": f"chunk {i}"} for i in range(300)]
+    items.append(Late(text="late"))
+    data = stream(items, compress_min_bytes=10**9)
+    assert len(data) >= 4096
+    data = data.replace(b"tests.bounds.LateAAAA", b"tests.bounds.LateMEMO")
+    for _ in range(2):
+        with pytest.raises(DecodeError, match="unknown model class name"):
+            _core.StreamDecoder(data)
+    _core.register_model(Later, "tests.bounds.LateMEMO")
+    out = _core.decode(data)
+    assert type(out[-1]) is Later and out[-1].text == "late"
+    assert _core.decode(data)[:-1] == items[:-1]
+
+
 def test_surrogate_strings_are_validated() -> None:
     value = "a\ud800b"
     data = _core.encode(value, compress_min_bytes=10**9)
@@ -234,7 +281,7 @@ class Frozen(BaseModel, frozen=True):
     x: int
 
 
-_core.register_model(Frozen, "tests.bounds.Frozen")
+Frozen = registered(Frozen, "tests.bounds.Frozen")
 
 
 def test_model_dict_keys_are_an_encode_error() -> None:

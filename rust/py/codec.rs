@@ -11,8 +11,16 @@
 //! never imports anything. A decoder validates the whole body ([`codec::validate`], a pure-Rust
 //! walk that builds nothing) before it hands out the first item, so a stream that starts
 //! decoding finishes decoding: a corrupt, planted or foreign entry is a `DecodeError` up front.
+//! Entries that validated are remembered per process by BLAKE3 of their stored bytes (with the
+//! registry's generation), so a hot entry is walked once, not on every hit.
+//!
+//! Decoded instances are built from private per-template state: `__dict__` starts as a copy of
+//! a dict of the previous scalars, `__pydantic_fields_set__` as a copy of the previous set, and
+//! fields sets (field names only) are not tracked by the cycle collector.
 
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex, RwLock};
 
 use num_bigint::BigInt;
@@ -26,7 +34,7 @@ use pyo3::types::{
 };
 
 use crate::codec::{
-    self, mask_get, mask_len, mask_set, unzigzag, CodecError, DecodeTable, InternTable,
+    self, mask_get, mask_len, mask_set, unzigzag, CodecError, DecodeTable, FxHasher, InternTable,
     PayloadReader, Reader, Writer, INST_EXTRA_DICT, INST_FIELDS_SET_SAME, INST_KNOWN_FLAGS,
     INST_PRIVATE_DICT, MAX_DEPTH, TAG_BIGINT, TAG_BYTES, TAG_DICT, TAG_FALSE, TAG_FLOAT, TAG_INT,
     TAG_LIST, TAG_MODEL, TAG_MODEL_DEF, TAG_NONE, TAG_STR_NEW, TAG_STR_RAW, TAG_STR_REF,
@@ -49,6 +57,13 @@ struct Registry {
 // Locking: the registry lock is only ever held for map operations and reference-count changes,
 // never across a call into Python, so it cannot deadlock with the GIL.
 static REGISTRY: LazyLock<RwLock<Registry>> = LazyLock::new(Default::default);
+
+/// Bumped by every new registration; part of the validation memo's key, so a verdict reached
+/// under one registry is never reused under another.
+static REGISTRY_GENERATION: AtomicU64 = AtomicU64::new(0);
+
+// Locking: held only for a set lookup or insertion, never across a call into Python.
+static VALIDATED: LazyLock<Mutex<codec::ValidatedMemo>> = LazyLock::new(Default::default);
 
 fn registry_read() -> std::sync::RwLockReadGuard<'static, Registry> {
     REGISTRY.read().unwrap_or_else(|e| e.into_inner())
@@ -96,6 +111,7 @@ fn register_model(py: Python<'_>, cls: &Bound<'_, PyAny>, name: &str) -> PyResul
         } else {
             reg.by_name.insert(name.to_owned(), cls.clone().unbind());
             reg.by_type.insert(key, name.to_owned());
+            REGISTRY_GENERATION.fetch_add(1, Ordering::SeqCst);
             None
         }
     };
@@ -212,7 +228,7 @@ fn same_scalar(v: &Bound<'_, PyAny>, p: &Bound<'_, PyAny>) -> bool {
         || v.is_exact_instance_of::<PyInt>()
         || v.is_exact_instance_of::<PyBytes>()
     {
-        return v.eq(p).unwrap_or(false);
+        return scalar_eq(v, p);
     }
     false
 }
@@ -246,8 +262,11 @@ fn check_key(k: &Bound<'_, PyAny>, depth: usize) -> EncResult {
 
 struct EncTemplate {
     fields: Vec<Py<PyString>>,
+    /// `hash()` of each field name (cached in the str), to match fields-set members quickly.
+    hashes: Vec<isize>,
     prev: Vec<Option<Py<PyAny>>>,
-    prev_fs: Option<(Vec<u8>, Vec<String>)>,
+    /// Private copy of the previous instance's fields set.
+    prev_fs: Option<Py<PySet>>,
 }
 
 /// Encoder state shared by `encode` and `StreamEncoder`.
@@ -257,7 +276,66 @@ struct Encoder {
     table: InternTable,
     templates: Vec<EncTemplate>,
     /// Registered class (by type pointer; registered classes live forever) -> its templates.
-    by_type: HashMap<usize, (String, Vec<usize>)>,
+    by_type: HashMap<usize, (String, Vec<usize>), BuildHasherDefault<FxHasher>>,
+    /// Scratch fields-set representation (field mask, other names sorted).
+    fs_scratch: (Vec<u8>, Vec<String>),
+}
+
+/// `getattr(obj, name)` by `object.__getattribute__` (descriptors and instance dict, no
+/// `__getattr__` hook): how the model's `__dict__` and `__pydantic_*__` slots are read, as
+/// the decoder sets them with `object.__setattr__`. Falls back to a full `getattr` on failure.
+fn generic_getattr<'py>(
+    obj: &Bound<'py, PyAny>,
+    name: &Bound<'py, PyString>,
+) -> PyResult<Bound<'py, PyAny>> {
+    // SAFETY: both pointers are valid for the call (owned by live `Bound`s);
+    // PyObject_GenericGetAttr returns a new reference or NULL with an exception set.
+    let got = unsafe {
+        Bound::from_owned_ptr_or_err(
+            obj.py(),
+            pyo3::ffi::PyObject_GenericGetAttr(obj.as_ptr(), name.as_ptr()),
+        )
+    };
+    got.or_else(|_| obj.getattr(name))
+}
+
+/// Whether two objects of the same exact scalar type (str, int, bytes) are equal: C-level
+/// comparison with an identity shortcut, no Python result object.
+fn scalar_eq(a: &Bound<'_, PyAny>, b: &Bound<'_, PyAny>) -> bool {
+    // SAFETY: both pointers are valid for the call; the result is -1 (error), 0 or 1.
+    let r =
+        unsafe { pyo3::ffi::PyObject_RichCompareBool(a.as_ptr(), b.as_ptr(), pyo3::ffi::Py_EQ) };
+    if r < 0 {
+        drop(PyErr::take(a.py()));
+    }
+    r == 1
+}
+
+/// Whether the keys of `dict`, in order, are `fields` (identity first, then equality).
+fn keys_are(dict: &Bound<'_, PyDict>, fields: &[Py<PyString>]) -> bool {
+    if dict.len() != fields.len() {
+        return false;
+    }
+    let mut pos: pyo3::ffi::Py_ssize_t = 0;
+    let mut key = std::ptr::null_mut();
+    let mut val = std::ptr::null_mut();
+    for f in fields {
+        // SAFETY: `dict` is a live dict not mutated during this loop (no Python code runs
+        // between calls except `__eq__` of exact str keys, which is C); `key`/`val` are
+        // borrowed references valid while the dict is unchanged.
+        let more = unsafe { pyo3::ffi::PyDict_Next(dict.as_ptr(), &mut pos, &mut key, &mut val) };
+        if more == 0 {
+            return false;
+        }
+        if key != f.as_ptr() {
+            // SAFETY: `key` is a valid borrowed reference (see above).
+            let k = unsafe { Bound::from_borrowed_ptr(dict.py(), key) };
+            if !k.is_exact_instance_of::<PyString>() || !scalar_eq(&k, f.bind(dict.py()).as_any()) {
+                return false;
+            }
+        }
+    }
+    true
 }
 
 impl Encoder {
@@ -332,14 +410,13 @@ impl Encoder {
         }
         let ty = v.get_type();
         let key = type_key(&ty);
-        if let Some((_, ids)) = self.by_type.get(&key) {
-            let ids = ids.clone();
-            return self.model(v, key, &ids, depth);
+        if self.by_type.contains_key(&key) {
+            return self.model(v, key, depth);
         }
         let registered = registry_read().by_type.get(&key).cloned();
         if let Some(name) = registered {
             self.by_type.insert(key, (name, Vec::new()));
-            return self.model(v, key, &[], depth);
+            return self.model(v, key, depth);
         }
         let name = type_name(v);
         if ty
@@ -381,27 +458,18 @@ impl Encoder {
         Ok(())
     }
 
-    fn model(
-        &mut self,
-        v: &Bound<'_, PyAny>,
-        key: usize,
-        ids: &[usize],
-        depth: usize,
-    ) -> EncResult {
+    fn model(&mut self, v: &Bound<'_, PyAny>, key: usize, depth: usize) -> EncResult {
         let py = v.py();
-        let dict = v.getattr(intern!(py, "__dict__"))?;
+        let dict = generic_getattr(v, intern!(py, "__dict__"))?;
         let dict = dict
             .cast_exact::<PyDict>()
             .map_err(|_| EncFail::new("model __dict__ is not a dict"))?;
         let n = dict.len();
-        let found = ids.iter().copied().find(|&id| {
-            let t = &self.templates[id];
-            t.fields.len() == n
-                && dict
-                    .iter()
-                    .zip(&t.fields)
-                    .all(|((k, _), f)| k.is(f) || k.eq(f).unwrap_or(false))
-        });
+        let found = self.by_type[&key]
+            .1
+            .iter()
+            .copied()
+            .find(|&id| keys_are(dict, &self.templates[id].fields));
         let tid = match found {
             Some(id) => {
                 self.w.tag(TAG_MODEL);
@@ -410,10 +478,12 @@ impl Encoder {
             }
             None => {
                 let mut fields = Vec::with_capacity(n);
+                let mut hashes = Vec::with_capacity(n);
                 for (k, _) in dict.iter() {
                     let s = k
                         .cast_exact::<PyString>()
                         .map_err(|_| EncFail::new("model __dict__ has a non-str key"))?;
+                    hashes.push(s.hash()?);
                     fields.push(s.clone().unbind());
                 }
                 let name = self.by_type[&key].0.clone();
@@ -427,6 +497,7 @@ impl Encoder {
                 self.templates.push(EncTemplate {
                     prev: (0..n).map(|_| None).collect(),
                     fields,
+                    hashes,
                     prev_fs: None,
                 });
                 self.by_type.get_mut(&key).expect("class entry").1.push(id);
@@ -434,34 +505,52 @@ impl Encoder {
             }
         };
 
-        let extra = v.getattr(intern!(py, "__pydantic_extra__"))?;
-        let fields_set = v.getattr(intern!(py, "__pydantic_fields_set__"))?;
-        let private = v.getattr(intern!(py, "__pydantic_private__"))?;
+        let extra = generic_getattr(v, intern!(py, "__pydantic_extra__"))?;
+        let fields_set = generic_getattr(v, intern!(py, "__pydantic_fields_set__"))?;
+        let private = generic_getattr(v, intern!(py, "__pydantic_private__"))?;
         let fields_set = fields_set.cast_exact::<PySet>().map_err(|_| {
             EncFail::new("__pydantic_fields_set__ is not a set")
                 .at(Seg::Attr("__pydantic_fields_set__".into()))
         })?;
-        let mut fs_mask = vec![0u8; mask_len(n)];
-        let mut fs_others = Vec::new();
-        {
-            let fields = &self.templates[tid].fields;
-            for name in fields_set.iter() {
-                let s = name
-                    .cast_exact::<PyString>()
-                    .map_err(|_| EncFail::new("__pydantic_fields_set__ holds a non-str"))?;
-                match fields
-                    .iter()
-                    .position(|f| s.is(f) || s.as_any().eq(f.bind(py)).unwrap_or(false))
-                {
-                    Some(i) => mask_set(&mut fs_mask, i),
-                    None => fs_others.push(s.to_str()?.to_owned()),
-                }
+        for name in fields_set.iter() {
+            if !name.is_exact_instance_of::<PyString>() {
+                return Err(EncFail::new("__pydantic_fields_set__ holds a non-str"));
             }
         }
-        fs_others.sort_unstable();
-        let fs_rep = (fs_mask, fs_others);
+        // "Same as the previous instance's": set equality with a private copy of it (exact str
+        // members on both sides, so a C-level comparison).
+        let snap = self.templates[tid]
+            .prev_fs
+            .as_ref()
+            .map(|p| p.clone_ref(py));
+        let same_fs = snap.as_ref().is_some_and(|p| {
+            let p = p.bind(py);
+            p.len() == fields_set.len() && scalar_eq(fields_set.as_any(), p.as_any())
+        });
+        let mut fs_rep = std::mem::take(&mut self.fs_scratch);
+        let mut fs_copy = None;
+        if !same_fs {
+            fs_rep.0.clear();
+            fs_rep.0.resize(mask_len(n), 0);
+            fs_rep.1.clear();
+            let t = &self.templates[tid];
+            for name in fields_set.iter() {
+                let s = name.cast_exact::<PyString>().map_err(PyErr::from)?;
+                let h = s.hash()?;
+                let pos = (0..n).find(|&i| {
+                    let f = t.fields[i].bind(py);
+                    s.is(f) || (t.hashes[i] == h && scalar_eq(s.as_any(), f.as_any()))
+                });
+                match pos {
+                    Some(i) => mask_set(&mut fs_rep.0, i),
+                    None => fs_rep.1.push(s.to_str()?.to_owned()),
+                }
+            }
+            fs_rep.1.sort_unstable();
+            fs_copy = Some(copy_set(fields_set)?.unbind());
+        }
         let mut flags = 0u8;
-        if self.templates[tid].prev_fs.as_ref() == Some(&fs_rep) {
+        if same_fs {
             flags |= INST_FIELDS_SET_SAME;
         }
         let extra = if extra.is_none() {
@@ -487,7 +576,21 @@ impl Encoder {
         self.w.tag(flags);
         let mask_at = self.w.structure.len();
         self.w.structure.resize(mask_at + mask_len(n), 0);
-        for (i, (k, val)) in dict.iter().enumerate() {
+        let mut pos: pyo3::ffi::Py_ssize_t = 0;
+        for i in 0..n {
+            let (mut kp, mut vp) = (std::ptr::null_mut(), std::ptr::null_mut());
+            // SAFETY: `dict` is a live dict; PyDict_Next stays in bounds even if the dict changed
+            // since the last call, and the borrowed key and value are made owned (`Bound`)
+            // before any Python code can run.
+            let (k, val) = unsafe {
+                if pyo3::ffi::PyDict_Next(dict.as_ptr(), &mut pos, &mut kp, &mut vp) == 0 {
+                    return Err(EncFail::new("model __dict__ changed size while encoding"));
+                }
+                (
+                    Bound::from_borrowed_ptr(py, kp),
+                    Bound::from_borrowed_ptr(py, vp),
+                )
+            };
             let same = match &self.templates[tid].prev[i] {
                 Some(p) => same_scalar(&val, p.bind(py)),
                 None => false,
@@ -500,6 +603,9 @@ impl Encoder {
                 .map_err(|e| e.at(Seg::Attr(k.to_string())))?;
             self.templates[tid].prev[i] = is_scalar(&val).then(|| val.unbind());
         }
+        if dict.len() != n {
+            return Err(EncFail::new("model __dict__ changed size while encoding"));
+        }
         if flags & INST_FIELDS_SET_SAME == 0 {
             self.w.structure.extend_from_slice(&fs_rep.0);
             self.w.varint(fs_rep.1.len() as u64);
@@ -507,7 +613,10 @@ impl Encoder {
                 self.w.string(&mut self.table, s);
             }
         }
-        self.templates[tid].prev_fs = Some(fs_rep);
+        self.fs_scratch = fs_rep;
+        // This instance's fields set becomes the template's (also when it was "same": a nested
+        // instance of the template may have replaced it).
+        self.templates[tid].prev_fs = fs_copy.or(snap);
         if let Some(extra) = extra {
             self.dict_body(&extra, depth, true)?;
         }
@@ -706,10 +815,55 @@ fn corrupt(msg: impl Into<String>) -> DErr {
 
 struct DecTemplate {
     cls: Py<PyType>,
-    new: Py<PyAny>,
     fields: Vec<Py<PyString>>,
     prev: Vec<Option<Py<PyAny>>>,
-    prev_fs: Option<Vec<Py<PyString>>>,
+    /// Private to the decoder, never handed out: every field in order, holding its previous
+    /// scalar (or a stale value / `None` where a mask bit may not point). An instance's
+    /// `__dict__` starts as a copy of it (one memcpy for the dict's table), then only the
+    /// fields that changed are set. `None` when field names repeat (planted data): then every
+    /// instance's dict is built field by field.
+    base: Option<Py<PyDict>>,
+    /// Private copy of the previous instance's fields set: the next one is a copy of it.
+    prev_fs: Option<Py<PySet>>,
+    /// Instances begun so far (see [`codec`]'s validator): a change while reading a field means
+    /// its value held an instance of this same template, which updated `prev` in between.
+    seq: u64,
+}
+
+/// A new set with the members of `set` (`set(set)`: copies the hash table, no rehashing).
+fn copy_set<'py>(set: &Bound<'py, PySet>) -> PyResult<Bound<'py, PySet>> {
+    // SAFETY: `set` is a live set; PySet_New returns a new reference or NULL with an exception.
+    unsafe {
+        Bound::from_owned_ptr_or_err(set.py(), pyo3::ffi::PySet_New(set.as_ptr()))
+            .map(|o| o.cast_into_unchecked())
+    }
+}
+
+/// A new dict with the items of `dict` (`dict.copy()`).
+fn copy_dict<'py>(dict: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyDict>> {
+    // SAFETY: `dict` is a live dict; PyDict_Copy returns a new reference or NULL with an
+    // exception.
+    unsafe {
+        Bound::from_owned_ptr_or_err(dict.py(), pyo3::ffi::PyDict_Copy(dict.as_ptr()))
+            .map(|o| o.cast_into_unchecked())
+    }
+}
+
+/// `cls.__new__(cls)`, called through the type's `tp_new` slot as `cls()` would (no Python
+/// attribute lookup, no argument tuple built per call).
+fn new_instance<'py>(cls: &Bound<'py, PyType>) -> PyResult<Bound<'py, PyAny>> {
+    let py = cls.py();
+    let tp = cls.as_type_ptr();
+    let args = PyTuple::empty(py);
+    // SAFETY: `tp` points to a live type object (owned by `cls`); `tp_new` is read from it and
+    // called with that type, an empty argument tuple and no keywords, which is what
+    // `object.__new__(cls)` does; it returns a new reference or NULL with an exception set.
+    unsafe {
+        let new = (*tp)
+            .tp_new
+            .ok_or_else(|| PyTypeError::new_err("model class cannot be instantiated"))?;
+        Bound::from_owned_ptr_or_err(py, new(tp, args.as_ptr(), std::ptr::null_mut()))
+    }
 }
 
 struct DecTables {
@@ -820,17 +974,21 @@ impl<'a> Dec<'a, '_> {
                 for _ in 0..n {
                     fields.push(self.str_value(py, "field name")?.unbind());
                 }
-                let new = cls.bind(py).getattr(intern!(py, "__new__"))?.unbind();
                 let tid = self.t.templates.len();
                 if tid >= codec::INTERN_MAX_ENTRIES {
                     return Err(corrupt("too many model templates"));
                 }
+                let base = PyDict::new(py);
+                for f in &fields {
+                    base.set_item(f.bind(py), py.None())?;
+                }
                 self.t.templates.push(DecTemplate {
                     cls,
-                    new,
                     prev: (0..n).map(|_| None).collect(),
+                    base: (base.len() == n).then(|| base.unbind()),
                     fields,
                     prev_fs: None,
+                    seq: 0,
                 });
                 self.model_body(py, tid, depth)?
             }
@@ -868,7 +1026,7 @@ impl<'a> Dec<'a, '_> {
             return Err(corrupt(format!("unknown model flags 0x{flags:02x}")));
         }
         let n = self.t.templates[tid].fields.len();
-        let fs_same = if flags & INST_FIELDS_SET_SAME != 0 {
+        let fields_set = if flags & INST_FIELDS_SET_SAME != 0 {
             let prev = self.t.templates[tid]
                 .prev_fs
                 .as_ref()
@@ -876,47 +1034,80 @@ impl<'a> Dec<'a, '_> {
                     "previous fields set of template",
                     tid as u64,
                 ))?;
-            Some(prev.iter().map(|p| p.clone_ref(py)).collect::<Vec<_>>())
+            Some(copy_set(prev.bind(py))?)
         } else {
             None
         };
         let mask = self.s.bytes(mask_len(n), "same-field mask")?;
-        let dict = PyDict::new(py);
+        let mut seq = {
+            let t = &mut self.t.templates[tid];
+            t.seq = t.seq.wrapping_add(1);
+            t.seq
+        };
+        let base = self.t.templates[tid].base.as_ref().map(|b| b.clone_ref(py));
+        // With a base, the copy already holds every unchanged field's value, as long as no
+        // field's value held an instance of this template (`nested`), which updates `prev`.
+        let dict = match &base {
+            Some(b) => copy_dict(b.bind(py))?,
+            None => PyDict::new(py),
+        };
+        let mut nested = base.is_none();
+        let mut saw_nested = false;
         for i in 0..n {
-            let val = if mask_get(mask, i) {
-                self.t.templates[tid].prev[i]
-                    .as_ref()
-                    .ok_or(CodecError::BadReference(
+            if mask_get(mask, i) {
+                if nested {
+                    let t = &self.t.templates[tid];
+                    let val = t.prev[i].as_ref().ok_or(CodecError::BadReference(
                         "previous value of field",
                         i as u64,
-                    ))?
-                    .bind(py)
-                    .clone()
+                    ))?;
+                    dict.set_item(t.fields[i].bind(py), val.bind(py))?;
+                }
+                continue;
+            }
+            let v = self.value(py, depth + 1)?;
+            let t = &mut self.t.templates[tid];
+            let field = t.fields[i].bind(py);
+            dict.set_item(field, &v)?;
+            if t.seq != seq {
+                seq = t.seq;
+                nested = true;
+                saw_nested = true;
+            }
+            if is_scalar(&v) {
+                if let Some(b) = &base {
+                    b.bind(py).set_item(field, &v)?;
+                }
+                t.prev[i] = Some(v.unbind());
             } else {
-                let v = self.value(py, depth + 1)?;
-                self.t.templates[tid].prev[i] = is_scalar(&v).then(|| v.clone().unbind());
-                v
-            };
-            dict.set_item(self.t.templates[tid].fields[i].bind(py), val)?;
+                t.prev[i] = None;
+            }
         }
-        let members = match fs_same {
-            Some(m) => m,
+        let fields_set = match fields_set {
+            Some(fs) => {
+                if saw_nested {
+                    // A nested instance replaced the previous fields set; the encoder's next
+                    // reference is to this instance's.
+                    self.t.templates[tid].prev_fs = Some(copy_set(&fs)?.unbind());
+                }
+                fs
+            }
             None => {
                 let fs_mask = self.s.bytes(mask_len(n), "fields-set mask")?;
-                let fields = &self.t.templates[tid].fields;
-                let mut m: Vec<Py<PyString>> = (0..n)
-                    .filter(|&i| mask_get(fs_mask, i))
-                    .map(|i| fields[i].clone_ref(py))
-                    .collect();
+                let fs = PySet::empty(py)?;
+                for i in 0..n {
+                    if mask_get(fs_mask, i) {
+                        fs.add(self.t.templates[tid].fields[i].bind(py))?;
+                    }
+                }
                 let others = self.s.count("fields-set names", 1)?;
                 for _ in 0..others {
-                    m.push(self.str_value(py, "fields-set name")?.unbind());
+                    fs.add(self.str_value(py, "fields-set name")?)?;
                 }
-                m
+                self.t.templates[tid].prev_fs = Some(copy_set(&fs)?.unbind());
+                fs
             }
         };
-        let fields_set = PySet::new(py, members.iter().map(|m| m.bind(py)))?;
-        self.t.templates[tid].prev_fs = Some(members);
         let extra = if flags & INST_EXTRA_DICT != 0 {
             self.dict_body(py, depth)?.into_any()
         } else {
@@ -927,8 +1118,14 @@ impl<'a> Dec<'a, '_> {
         } else {
             py.None().into_bound(py)
         };
-        let t = &self.t.templates[tid];
-        let obj = t.new.bind(py).call1((t.cls.bind(py),))?;
+        // SAFETY: `fields_set` is a live set we own. Untracking is what CPython does for
+        // containers of atomic values: its members are exact `str` (field names), so it is in
+        // no reference cycle and the collector need not visit it (a model keeps 3 such sets per
+        // OpenAI chunk alive; fewer tracked objects mean fewer, shorter full collections when
+        // a consumer keeps every chunk). pydantic only ever adds field names to it; an object
+        // that can form a cycle added later would only be invisible to the cycle collector.
+        unsafe { pyo3::ffi::PyObject_GC_UnTrack(fields_set.as_ptr().cast()) };
+        let obj = new_instance(self.t.templates[tid].cls.bind(py))?;
         generic_setattr(&obj, intern!(py, "__dict__"), &dict)?;
         generic_setattr(&obj, intern!(py, "__pydantic_fields_set__"), &fields_set)?;
         generic_setattr(&obj, intern!(py, "__pydantic_extra__"), &extra)?;
@@ -1023,14 +1220,33 @@ fn is_registered(name: &str) -> bool {
     registry_read().by_name.contains_key(name)
 }
 
-/// Opens, decompresses and validates an encoding (pure Rust: safe without the GIL).
+/// Opens, decompresses and validates an encoding (pure Rust: safe without the GIL). An entry
+/// of at least [`codec::MEMO_MIN_BYTES`] whose exact bytes validated before under the same
+/// registry generation (BLAKE3 key, see [`codec::memo_key`]) is not walked again.
 fn open_validated(
     data: &[u8],
     max_decoded: u64,
 ) -> Result<(codec::Header, Vec<u8>, codec::BodyLayout), CodecError> {
     let (h, body) = codec::open_with(data, max_decoded, codec::zstd_decompress)?;
     let layout = codec::split_body(&body, h.count)?;
-    codec::validate(&body, &layout, h.count, is_registered)?;
+    if data.len() < codec::MEMO_MIN_BYTES {
+        codec::validate(&body, &layout, h.count, is_registered)?;
+        return Ok((h, body, layout));
+    }
+    // The generation is read before validating. Registrations only ever add classes, so a
+    // verdict reached while one raced with the walk stays true under the later registry too.
+    let key = codec::memo_key(REGISTRY_GENERATION.load(Ordering::SeqCst), data);
+    let known = VALIDATED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(&key);
+    if !known {
+        codec::validate(&body, &layout, h.count, is_registered)?;
+        VALIDATED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key);
+    }
     Ok((h, body, layout))
 }
 
