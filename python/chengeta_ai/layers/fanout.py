@@ -110,6 +110,8 @@ class Flight:
         self.encoder: ChunkSink | None = (
             copy.stream_encoder() if copy is not None else settings.serializer.stream_encoder()
         )
+        #: encoder.nbytes after the last push (one read of it per chunk, not two)
+        self._encoded_bytes = self.encoder.nbytes
         self._error_tb: TracebackType | None = None
         self._stored_chunks = 0
 
@@ -199,16 +201,20 @@ class Flight:
 
     def append(self, chunk: Any) -> None:
         """Encodes (for the store) and appends one upstream chunk to the log."""
-        nbytes = UNENCODED_CHUNK_BYTES
         encoder = self.encoder
         if encoder is not None:
             try:
-                before = encoder.nbytes
                 encoder.push(chunk)
-                nbytes = encoder.nbytes - before
+                total = encoder.nbytes
             except Exception as exc:  # a cache failure: the chunk is still delivered
                 self.encoder = None
                 self._cannot_encode(exc)
+                nbytes = UNENCODED_CHUNK_BYTES
+            else:
+                nbytes = total - self._encoded_bytes
+                self._encoded_bytes = total
+        else:
+            nbytes = UNENCODED_CHUNK_BYTES
         if self.log.push(chunk, nbytes):
             self.perform(
                 self.transition(
@@ -482,16 +488,23 @@ class AsyncFlight(Flight):
         self.perform(actions)
 
     async def _pump(self, upstream: Any) -> None:
+        # Per chunk, only what must happen per chunk: the read, the append, a wake-up if
+        # somebody waits, one look at the headroom. (No coroutine per chunk: `_hold` is awaited
+        # only when the slowest holding consumer is max_lag behind.)
+        read = upstream.__anext__
+        append = self.append
+        headroom = self.log.headroom
         since_checkpoint = 0
         while True:
             try:
-                chunk = await upstream.__anext__()
+                chunk = await read()
             except StopAsyncIteration:
                 return
-            self.append(chunk)
-            self._wake_data()
+            append(chunk)
+            if self._data is not None:
+                self._wake_data()
             since_checkpoint += 1
-            if await self._hold() or since_checkpoint >= CHECKPOINT_EVERY:
+            if (headroom() == 0 and await self._hold()) or since_checkpoint >= CHECKPOINT_EVERY:
                 if since_checkpoint >= CHECKPOINT_EVERY:
                     await anyio.lowlevel.checkpoint()
                 since_checkpoint = 0
