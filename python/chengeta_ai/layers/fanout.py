@@ -239,14 +239,21 @@ class Flight:
         """The consumer's next chunks; ``[]`` at the end of the stream, None when it must wait
         for more. Raises the upstream's error after the last chunk, `ConsumerLagged` if the
         consumer's next chunk was dropped."""
-        log = self.log
         try:
-            batch = log.read(consumer, READ_BATCH)
-            if batch:
-                return batch
-            if not log.closed:
-                return None
-            # closed after the read above: what was pushed before the close is still there
+            batch = self.log.read(consumer, READ_BATCH)
+        except ConsumerLagged:
+            self.count("lag_errors")
+            raise
+        return batch if batch else self.after_empty_read(consumer)
+
+    def after_empty_read(self, consumer: int) -> list[Any] | None:
+        """`next_batch` once a read returned nothing: None while the stream goes on, else what
+        the close left (``[]`` at the end; the upstream's error after the last chunk)."""
+        log = self.log
+        if not log.closed:
+            return None
+        try:
+            # closed after the read: what was pushed before the close is still there
             batch = log.read(consumer, READ_BATCH)
         except ConsumerLagged:
             self.count("lag_errors")
@@ -689,27 +696,37 @@ class SyncFlight(Flight):
                     logger.debug("chengeta_ai: closing upstream raised %r", exc)
 
     def consume(self, consumer: int) -> Iterator[Any]:
+        # `next_batch` inlined: this loop runs once per chunk on a lone caller's miss
+        read = self.log.read
+        pull_lock = self._pull_lock
         delivered = 0
         acked = False
         try:
             while True:
-                batch = self.next_batch(consumer)
-                if acked:  # this read acknowledged the previous batch: maybe room now
+                try:
+                    batch = read(consumer, READ_BATCH)
+                except ConsumerLagged:
+                    self.count("lag_errors")
+                    raise
+                if acked and self._waiters:  # this read acknowledged the previous batch
                     self.wake()
-                if batch is None:
-                    acked = False
-                    if self._pull_lock.acquire(blocking=False):
-                        try:
-                            pulled = self._pull_if_room(consumer)
-                        finally:
-                            self._pull_lock.release()
-                        self.wake()
-                        if pulled:
-                            continue
-                    self._wait(consumer)
-                    continue
                 if not batch:
-                    return
+                    batch = self.after_empty_read(consumer)
+                    if batch is None:
+                        acked = False
+                        if pull_lock.acquire(blocking=False):
+                            try:
+                                pulled = self._pull_if_room(consumer)
+                            finally:
+                                pull_lock.release()
+                            if self._waiters:
+                                self.wake()
+                            if pulled:
+                                continue
+                        self._wait(consumer)
+                        continue
+                    if not batch:
+                        return
                 acked = True
                 delivered += len(batch)
                 yield from batch
