@@ -703,6 +703,7 @@ class SyncFlight(Flight):
         acked = False
         try:
             while True:
+                batch: list[Any] | None
                 try:
                     batch = read(consumer, READ_BATCH)
                 except ConsumerLagged:
