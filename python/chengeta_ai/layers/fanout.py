@@ -66,6 +66,7 @@ STORE_TIMEOUT = 10.0
 UNENCODED_CHUNK_BYTES = 256
 #: Reasons a stream is not stored that are counted as ``not_stored_<reason>`` and logged
 #: (an upstream error and an abandoned stream have counters of their own).
+_RUNNING = Phase.RUNNING  # looked up once per pulled chunk
 _COUNTED_REASONS = frozenset(
     {"unserializable", "oversized", "incomplete", "backend_error", "interrupted"}
 )
@@ -658,7 +659,8 @@ class SyncFlight(Flight):
         """With the pull lock held: reads the next chunk unless there is one already or the
         stream ended. False if the upstream must wait for a slow consumer."""
         log = self.log
-        if log.available(consumer) or log.closed or self.state.phase is not Phase.RUNNING:
+        # the phase first: a Python attribute, where the other two are calls into the log
+        if self.state.phase is not _RUNNING or log.available(consumer) or log.closed:
             return True
         while log.headroom() == 0:
             if not self.release_laggards():
