@@ -507,6 +507,11 @@ class AsyncFlight(Flight):
             try:
                 chunk = await read()
             except StopAsyncIteration:
+                if since_checkpoint:
+                    # the consumers take the stream's tail now, not after the store (which
+                    # may be a backend round trip): an upstream that never suspends would
+                    # otherwise hold up to CHECKPOINT_EVERY chunks back until it is stored
+                    await anyio.lowlevel.checkpoint()
                 return
             append(chunk)
             if self._data is not None:
