@@ -66,6 +66,7 @@ STORE_TIMEOUT = 10.0
 UNENCODED_CHUNK_BYTES = 256
 #: Reasons a stream is not stored that are counted as ``not_stored_<reason>`` and logged
 #: (an upstream error and an abandoned stream have counters of their own).
+_RUNNING = Phase.RUNNING  # looked up once per pulled chunk
 _COUNTED_REASONS = frozenset(
     {"unserializable", "oversized", "incomplete", "backend_error", "interrupted"}
 )
@@ -110,6 +111,8 @@ class Flight:
         self.encoder: ChunkSink | None = (
             copy.stream_encoder() if copy is not None else settings.serializer.stream_encoder()
         )
+        #: encoder.nbytes after the last push (one read of it per chunk, not two)
+        self._encoded_bytes = self.encoder.nbytes
         self._error_tb: TracebackType | None = None
         self._stored_chunks = 0
 
@@ -199,16 +202,20 @@ class Flight:
 
     def append(self, chunk: Any) -> None:
         """Encodes (for the store) and appends one upstream chunk to the log."""
-        nbytes = UNENCODED_CHUNK_BYTES
         encoder = self.encoder
         if encoder is not None:
             try:
-                before = encoder.nbytes
                 encoder.push(chunk)
-                nbytes = encoder.nbytes - before
+                total = encoder.nbytes
             except Exception as exc:  # a cache failure: the chunk is still delivered
                 self.encoder = None
                 self._cannot_encode(exc)
+                nbytes = UNENCODED_CHUNK_BYTES
+            else:
+                nbytes = total - self._encoded_bytes
+                self._encoded_bytes = total
+        else:
+            nbytes = UNENCODED_CHUNK_BYTES
         if self.log.push(chunk, nbytes):
             self.perform(
                 self.transition(
@@ -233,14 +240,21 @@ class Flight:
         """The consumer's next chunks; ``[]`` at the end of the stream, None when it must wait
         for more. Raises the upstream's error after the last chunk, `ConsumerLagged` if the
         consumer's next chunk was dropped."""
-        log = self.log
         try:
-            batch = log.read(consumer, READ_BATCH)
-            if batch:
-                return batch
-            if not log.closed:
-                return None
-            # closed after the read above: what was pushed before the close is still there
+            batch = self.log.read(consumer, READ_BATCH)
+        except ConsumerLagged:
+            self.count("lag_errors")
+            raise
+        return batch if batch else self.after_empty_read(consumer)
+
+    def after_empty_read(self, consumer: int) -> list[Any] | None:
+        """`next_batch` once a read returned nothing: None while the stream goes on, else what
+        the close left (``[]`` at the end; the upstream's error after the last chunk)."""
+        log = self.log
+        if not log.closed:
+            return None
+        try:
+            # closed after the read: what was pushed before the close is still there
             batch = log.read(consumer, READ_BATCH)
         except ConsumerLagged:
             self.count("lag_errors")
@@ -482,16 +496,28 @@ class AsyncFlight(Flight):
         self.perform(actions)
 
     async def _pump(self, upstream: Any) -> None:
+        # Per chunk, only what must happen per chunk: the read, the append, a wake-up if
+        # somebody waits, one look at the headroom. (No coroutine per chunk: `_hold` is awaited
+        # only when the slowest holding consumer is max_lag behind.)
+        read = upstream.__anext__
+        append = self.append
+        headroom = self.log.headroom
         since_checkpoint = 0
         while True:
             try:
-                chunk = await upstream.__anext__()
+                chunk = await read()
             except StopAsyncIteration:
+                if since_checkpoint:
+                    # the consumers take the stream's tail now, not after the store (which
+                    # may be a backend round trip): an upstream that never suspends would
+                    # otherwise hold up to CHECKPOINT_EVERY chunks back until it is stored
+                    await anyio.lowlevel.checkpoint()
                 return
-            self.append(chunk)
-            self._wake_data()
+            append(chunk)
+            if self._data is not None:
+                self._wake_data()
             since_checkpoint += 1
-            if await self._hold() or since_checkpoint >= CHECKPOINT_EVERY:
+            if (headroom() == 0 and await self._hold()) or since_checkpoint >= CHECKPOINT_EVERY:
                 if since_checkpoint >= CHECKPOINT_EVERY:
                     await anyio.lowlevel.checkpoint()
                 since_checkpoint = 0
@@ -638,7 +664,8 @@ class SyncFlight(Flight):
         """With the pull lock held: reads the next chunk unless there is one already or the
         stream ended. False if the upstream must wait for a slow consumer."""
         log = self.log
-        if log.available(consumer) or log.closed or self.state.phase is not Phase.RUNNING:
+        # the phase first: a Python attribute, where the other two are calls into the log
+        if self.state.phase is not _RUNNING or log.available(consumer) or log.closed:
             return True
         while log.headroom() == 0:
             if not self.release_laggards():
@@ -676,27 +703,38 @@ class SyncFlight(Flight):
                     logger.debug("chengeta_ai: closing upstream raised %r", exc)
 
     def consume(self, consumer: int) -> Iterator[Any]:
+        # `next_batch` inlined: this loop runs once per chunk on a lone caller's miss
+        read = self.log.read
+        pull_lock = self._pull_lock
         delivered = 0
         acked = False
         try:
             while True:
-                batch = self.next_batch(consumer)
-                if acked:  # this read acknowledged the previous batch: maybe room now
+                batch: list[Any] | None
+                try:
+                    batch = read(consumer, READ_BATCH)
+                except ConsumerLagged:
+                    self.count("lag_errors")
+                    raise
+                if acked and self._waiters:  # this read acknowledged the previous batch
                     self.wake()
-                if batch is None:
-                    acked = False
-                    if self._pull_lock.acquire(blocking=False):
-                        try:
-                            pulled = self._pull_if_room(consumer)
-                        finally:
-                            self._pull_lock.release()
-                        self.wake()
-                        if pulled:
-                            continue
-                    self._wait(consumer)
-                    continue
                 if not batch:
-                    return
+                    batch = self.after_empty_read(consumer)
+                    if batch is None:
+                        acked = False
+                        if pull_lock.acquire(blocking=False):
+                            try:
+                                pulled = self._pull_if_room(consumer)
+                            finally:
+                                pull_lock.release()
+                            if self._waiters:
+                                self.wake()
+                            if pulled:
+                                continue
+                        self._wait(consumer)
+                        continue
+                    if not batch:
+                        return
                 acked = True
                 delivered += len(batch)
                 yield from batch

@@ -25,7 +25,6 @@ from chengeta_ai.core.cache_manager import CacheManager, _Counters, check_tags, 
 from chengeta_ai.errors import DecodeError
 from chengeta_ai.layers.completeness import sdk_stream_complete
 from chengeta_ai.layers.fanout import (
-    READ_BATCH,
     AsyncFlight,
     FlightSettings,
     SlowConsumerPolicy,
@@ -39,8 +38,14 @@ from chengeta_ai.serializers import CompactSerializer, Serializer, decode_cap
 
 __all__ = ["StreamingResponseCache"]
 
-#: Chunks decoded per turn of the event loop on an async hit (~0.3 ms of work).
-ASYNC_REPLAY_BATCH = 64
+#: Chunks decoded per Rust call on a hit, and per turn of the event loop on an async hit
+#: (~0.1 ms of work). Small on purpose: an OpenAI chunk is 6-9 objects the garbage collector
+#: tracks, and CPython runs a young collection every 700 net allocations of such objects. With
+#: 64 chunks (~580 objects) per batch, and each batch let go of before the next is decoded, a
+#: consumer that does not keep the chunks frees as many objects as the next batch allocates,
+#: and the replay triggers almost no collection at all; with 256 it triggered three per batch,
+#: each promoting the live batch towards the old generations (see benches/RESULTS.md).
+REPLAY_BATCH = 64
 
 
 class StreamingResponseCache:
@@ -200,7 +205,7 @@ class StreamingResponseCache:
         tag_tuple = check_tags(tags) if tags is not None else (f"model:{model_id}",)
         return key, self.manager.resolve_ttl(ttl), tag_tuple
 
-    def _replay_batches(self, raw: bytes, batch: int = READ_BATCH) -> Iterator[list[Any]]:
+    def _replay_batches(self, raw: bytes, batch: int = REPLAY_BATCH) -> Iterator[list[Any]]:
         """Batches of a stored entry; raises `DecodeError` up front if it is corrupt: the
         frame's checksum, and (compact codec) the whole entry's structure, counts and class
         names, within the decode cap, are checked before anything is yielded."""
@@ -291,6 +296,9 @@ class StreamingResponseCache:
             for batch in batches:
                 replayed += len(batch)
                 yield from batch
+                # let go of the chunks now, not when the next batch has been decoded (the
+                # serializer's generator still refers to this list while it decodes)
+                batch.clear()
         except DecodeError as exc:
             # past the checked head of the entry (e.g. a model class this process never
             # registered): drop it so that the next call streams afresh
@@ -347,7 +355,7 @@ class StreamingResponseCache:
             raw = await self.manager.aget_raw(key)
             if raw is not None:
                 try:
-                    batches = self._replay_batches(raw, ASYNC_REPLAY_BATCH)
+                    batches = self._replay_batches(raw)
                 except DecodeError as exc:
                     self.count("corrupt_entries")
                     await self.manager.adrop_corrupt(key, exc)
@@ -359,6 +367,7 @@ class StreamingResponseCache:
                             replayed += len(batch)
                             for chunk in batch:
                                 yield chunk
+                            batch.clear()  # see _replay
                             # one batch per turn: the loop is never held for a whole stream
                             await anyio.lowlevel.checkpoint()
                     except DecodeError as exc:  # see _replay
