@@ -140,7 +140,7 @@ _RESPONSES = _Api(
 _MESSAGES = _Api(
     "messages",
     "messages",
-    "claude-sonnet-4-5",
+    "claude-sonnet-4-6",
     True,
     apis.anthropic_script,
     apis.anthropic_message,
@@ -303,7 +303,7 @@ class _App:
                 {
                     "type": "model",
                     "id": m,
-                    "display_name": m.replace("-", " ").title(),
+                    "display_name": _display_name(m),
                     "created_at": "2025-09-29T00:00:00Z",
                 }
                 for m in ids
@@ -336,6 +336,15 @@ class _App:
         what = "Unknown path" if status == 404 else "Method not allowed"
         api = _MESSAGES if request.url.path.startswith("/v1/messages") else None
         return self.error(api, status, f"{what}: {request.method} {request.url.path}", "not_found")
+
+
+def _display_name(model: str) -> str:
+    """``claude-sonnet-4-6`` -> ``Claude Sonnet 4.6``."""
+    words: list[str] = []
+    version: list[str] = []
+    for part in model.split("-"):
+        (version if part.isdigit() else words).append(part)
+    return " ".join([w.title() for w in words] + ([".".join(version)] if version else []))
 
 
 def build_app(

@@ -100,14 +100,15 @@ class LocalOpenAIServer:
         fail_mode: FailMode = "close",
     ) -> None:
         self.host = host
-        self.port = port
+        self.port = port  # the port bound once started (the one asked for, or a free one)
+        self._requested_port = port
         self.first_token_delay = first_token_delay
         self.token_interval = token_interval
         self.tokens = tokens
         self.fail_after = fail_after
         self.fail_mode: FailMode = fail_mode
         self.models = ["gpt-4o-mini", "gpt-4o"]
-        self.anthropic_models = ["claude-sonnet-4-5", "claude-haiku-4-5"]
+        self.anthropic_models = ["claude-sonnet-4-6", "claude-haiku-4-5"]
         self._lock = threading.Lock()  # guards the counters and the last request
         self._counts = dict.fromkeys(ENDPOINTS, 0)
         self._last_request: dict[str, Any] | None = None
@@ -138,7 +139,7 @@ class LocalOpenAIServer:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, self.port))
+            sock.bind((self.host, self._requested_port))
         except BaseException:
             sock.close()
             raise
