@@ -20,6 +20,8 @@ import anthropic
 import openai
 import pytest
 from anthropic.types import Message, RawMessageStreamEvent
+from openai.types import Completion
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
@@ -384,6 +386,40 @@ async def test_messages_async(
 # -- OpenAI Chat Completions and legacy Completions ---------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/completions", {"prompt": "hi"}),
+    ],
+)
+def test_chat_and_legacy_wire_format_validates(
+    server: LocalOpenAIServer, path: str, body: dict[str, Any]
+) -> None:
+    """Every chunk validates (not just constructs) as the SDK's type; [DONE] ends the body."""
+    chat = path == "/v1/chat/completions"
+    kind: type[ChatCompletionChunk | Completion] = ChatCompletionChunk if chat else Completion
+    request = {**body, "model": MODEL, "stream": True, "stream_options": {"include_usage": True}}
+    status, headers, raw = _raw(server, path, request)
+    assert status == 200 and headers["x-request-id"].startswith("req_")
+    events = _sse(raw)
+    assert events[-1] == (None, "[DONE]")
+    assert all(name is None for name, _ in events)  # plain `data:` lines, no event names
+    payloads = [json.loads(data) for _, data in events[:-1]]
+    assert len(payloads) == server.tokens + (3 if chat else 2)  # (role,) tokens, finish, usage
+    if not chat:
+        # The SDK's Completion type has no null finish_reason, which every legacy chunk but the
+        # last carries on the wire (the SDK builds stream chunks without validating them).
+        assert all(p["choices"][0]["finish_reason"] is None for p in payloads[:-2])
+        payloads = payloads[-2:]
+    chunks = [kind.model_validate(p) for p in payloads]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == server.tokens
+    whole = (ChatCompletion if chat else Completion).model_validate_json(
+        _raw(server, path, {**body, "model": MODEL})[2]
+    )
+    assert whole.usage is not None and whole.usage.completion_tokens == server.tokens
+
+
 def test_chat_n_choices(server: LocalOpenAIServer, client: openai.OpenAI, text: str) -> None:
     chunks = list(
         client.chat.completions.create(
@@ -652,6 +688,24 @@ async def test_fail_async(
     else:
         assert exc is None
         assert types[FAIL_AFTER:] == (["error", "response.failed"] if mode == "error" else [])
+
+    chunks: list[Any] = []
+    exc = None
+    try:
+        chat = await aclient.chat.completions.create(
+            model=MODEL, messages=_user(text), stream=True, extra_headers=headers
+        )
+        async for chunk in chat:
+            chunks.append(chunk)
+    except Exception as caught:
+        exc = caught
+    assert len(chunks) == FAIL_AFTER
+    if mode == "close":
+        assert exc is not None and _is_transport_error(exc)
+    elif mode == "error":
+        assert isinstance(exc, openai.APIError)
+    else:
+        assert exc is None
 
     messages: list[Any] = []
     exc = None
