@@ -5,14 +5,17 @@ with uvicorn. The wire formats live in `chengeta_ai.demo.apis`; this module deci
 event goes out (pacing), counts requests and injects failures:
 
 - pacing: the response headers go out at once (the SDKs return the stream object then, as with
-  the real APIs); the first model event follows after ``first_token_delay`` seconds and each
-  further token after ``token_interval`` seconds (bookkeeping events go with the token before
-  them); a non-streamed reply comes after the time the whole stream would take;
+  the real APIs); events that announce the reply (``response.created``, ...) go at once, the
+  first model event follows after ``first_token_delay`` seconds and each further token after
+  ``token_interval`` seconds; bookkeeping events (``content_block_start``, ``ping``, the
+  ``*.done`` events, ...) follow the event before them at once (`chengeta_ai.demo.apis.Frame`);
+  a non-streamed reply comes after the time the whole stream would take;
 - failure injection, per request with headers (or for every request with the server's
   ``fail_after`` / ``fail_mode`` attributes; headers win)::
 
-      x-chengeta-fail-after: 5     # fail after 5 SSE events (0: before the first); a value
-                                   # past the last event but the terminal one: no failure
+      x-chengeta-fail-after: 5     # fail after 5 SSE events (0: before the first); the
+                                   # number of events: in place of the terminal event; more:
+                                   # no failure
       x-chengeta-fail-mode: close  # "close" (default): drop the connection mid-body, without
                                    # the chunked terminator, so the client sees a protocol error;
                                    # "error": the API's own error event(s), then the body ends:
