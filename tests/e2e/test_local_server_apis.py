@@ -9,6 +9,7 @@ endpoint. Upstream calls are counted per endpoint (`LocalOpenAIServer.request_co
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import urllib.error
@@ -502,7 +503,7 @@ STREAMS = ["chat", "legacy", "responses", "messages"]
 
 
 def _stream(
-    kind: str, client: openai.OpenAI, claude: anthropic.Anthropic, text: str, mode: str
+    kind: str, client: openai.OpenAI, claude: anthropic.Anthropic | None, text: str, mode: str
 ) -> Iterator[Any]:
     headers = _fail(mode)
     if kind == "chat":
@@ -521,6 +522,7 @@ def _stream(
         return iter(
             client.responses.create(model=MODEL, input=text, stream=True, extra_headers=headers)
         )
+    assert claude is not None
     return iter(
         claude.messages.create(
             model=CLAUDE, max_tokens=1024, messages=_user(text), stream=True, extra_headers=headers
@@ -795,3 +797,31 @@ def test_restart_after_stop(text: str) -> None:
     assert srv.request_count == 2
     with pytest.raises(RuntimeError):
         _ = srv.anthropic_base_url
+
+
+def test_dropped_connections_are_not_logged_as_server_errors(
+    server: LocalOpenAIServer,
+    client: openai.OpenAI,
+    text: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """uvicorn logs an exception escaping the app; the injected drop is filtered out."""
+    with caplog.at_level(logging.DEBUG, logger="uvicorn.error"):
+        got, exc = _drain(_stream("chat", client, None, text, "close"))
+        assert exc is not None and len(got) == FAIL_AFTER
+        # a request after the drop: the server thread has handled the abort by then
+        assert client.chat.completions.create(model=MODEL, messages=_user(text)).choices
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_unknown_path_and_wrong_method_answer_an_api_error(server: LocalOpenAIServer) -> None:
+    status, _, raw = _raw(server, "/v1/nope", {})
+    assert (status, json.loads(raw)["error"]["code"]) == (404, "not_found")
+    req = urllib.request.Request(server.base_url + "/chat/completions", method="GET")
+    with pytest.raises(urllib.error.HTTPError) as info, urllib.request.urlopen(req, timeout=10):
+        pass
+    with info.value as error:
+        assert error.code == 405
+        assert json.loads(error.read())["error"]["type"] == "invalid_request_error"
+    status, _, raw = _raw(server, "/v1/messages/nope", {})
+    assert status == 404 and json.loads(raw)["error"]["type"] == "not_found_error"
