@@ -21,6 +21,7 @@ import anthropic
 import openai
 import pytest
 from anthropic.types import Message, RawMessageStreamEvent
+from anthropic.types.shared import ErrorResponse
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response, ResponseStreamEvent
@@ -825,3 +826,34 @@ def test_unknown_path_and_wrong_method_answer_an_api_error(server: LocalOpenAISe
         assert json.loads(error.read())["error"]["type"] == "invalid_request_error"
     status, _, raw = _raw(server, "/v1/messages/nope", {})
     assert status == 404 and json.loads(raw)["error"]["type"] == "not_found_error"
+
+
+@pytest.mark.parametrize("after", [0, 3, FAIL_AFTER, 10])
+def test_error_events_parse_with_the_sdk_types(
+    server: LocalOpenAIServer, text: str, after: int
+) -> None:
+    """The injected error events are the APIs' own: validated, not just constructed."""
+    path, body = RAW_STREAM_REQUESTS["responses"](text)
+    _, _, raw = _raw(server, path, body, _fail("error", after))
+    events = _sse(raw)
+    parsed = [RESPONSE_EVENTS.validate_json(data) for _, data in events]
+    assert [name for name, _ in events[-2:]] == ["error", "response.failed"]
+    assert [e.type for e in parsed[-2:]] == ["error", "response.failed"]
+    assert [e.sequence_number for e in parsed] == list(range(after + 2))
+    failed = parsed[-1].response
+    assert failed.status == "failed" and failed.error is not None
+    if after:
+        assert failed.id == parsed[0].response.id  # the response that was created
+
+    path, body = RAW_STREAM_REQUESTS["messages"](text)
+    _, _, raw = _raw(server, path, body, _fail("error", after))
+    events = _sse(raw)
+    assert len(events) == after + 1 and events[-1][0] == "error"
+    error = ErrorResponse.model_validate_json(events[-1][1])
+    assert error.error.type == "api_error"
+
+    path, body = RAW_STREAM_REQUESTS["chat"](text)
+    _, _, raw = _raw(server, path, body, _fail("error", after))
+    events = _sse(raw)
+    assert len(events) == after + 1 and events[-1][0] is None
+    assert json.loads(events[-1][1])["error"]["type"] == "server_error"
