@@ -44,6 +44,7 @@ __all__ = [
     "ENDPOINTS",
     "FAIL_AFTER_HEADER",
     "FAIL_MODE_HEADER",
+    "INJECTED",
     "Endpoint",
     "FailMode",
     "Frame",
@@ -56,9 +57,12 @@ __all__ = [
     "completion",
     "completion_script",
     "openai_error_body",
+    "reply_tokens",
+    "response_body",
     "response_object",
     "responses_script",
     "seed_for",
+    "text_for",
 ]
 
 #: How a streamed reply fails when asked to (see `chengeta_ai.demo.app`).

@@ -120,34 +120,40 @@ class _Api(NamedTuple):
 
 
 _CHAT = _Api(
-    "chat_completions",
-    "messages",
-    "gpt-4o-mini",
-    False,
-    apis.chat_script,
-    apis.chat_completion,
-    True,
+    endpoint="chat_completions",
+    prompt_field="messages",
+    default_model="gpt-4o-mini",
+    anthropic=False,
+    script=apis.chat_script,
+    body=apis.chat_completion,
+    choices=True,
 )
 _LEGACY = _Api(
-    "completions",
-    "prompt",
-    "gpt-3.5-turbo-instruct",
-    False,
-    apis.completion_script,
-    apis.completion,
-    True,
+    endpoint="completions",
+    prompt_field="prompt",
+    default_model="gpt-3.5-turbo-instruct",
+    anthropic=False,
+    script=apis.completion_script,
+    body=apis.completion,
+    choices=True,
 )
 _RESPONSES = _Api(
-    "responses", "input", "gpt-4o-mini", False, apis.responses_script, apis.response_body, False
+    endpoint="responses",
+    prompt_field="input",
+    default_model="gpt-4o-mini",
+    anthropic=False,
+    script=apis.responses_script,
+    body=apis.response_body,
+    choices=False,
 )
 _MESSAGES = _Api(
-    "messages",
-    "messages",
-    "claude-sonnet-4-6",
-    True,
-    apis.anthropic_script,
-    apis.anthropic_message,
-    False,
+    endpoint="messages",
+    prompt_field="messages",
+    default_model="claude-sonnet-4-6",
+    anthropic=True,
+    script=apis.anthropic_script,
+    body=apis.anthropic_message,
+    choices=False,
 )
 
 
