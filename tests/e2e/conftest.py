@@ -1,4 +1,5 @@
-"""Fixtures for the end-to-end tests: a real `LocalOpenAIServer` and the real ``openai`` client.
+"""Fixtures for the end-to-end tests: a real `LocalOpenAIServer` (Starlette + uvicorn on
+loopback) and the real ``openai`` / ``anthropic`` clients.
 
 ``anyio_backend`` (asyncio and trio) comes from tests/conftest.py.
 

@@ -1,7 +1,8 @@
 """``python -m chengeta_ai demo``: one prompt streamed twice through `StreamingResponseCache`.
 
 Without ``--real`` (or without ``OPENAI_API_KEY``) the demo starts a `LocalOpenAIServer` on
-loopback and talks to it with the real ``openai`` client, so it needs no key and no network.
+loopback (Starlette + uvicorn, the ``demo`` extra) and talks to it with the real ``openai``
+client over HTTP, so it needs no key and no network.
 It streams the prompt twice with ``openai.OpenAI`` + ``get_or_stream`` (a miss, then a hit),
 then twice with ``openai.AsyncOpenAI`` + ``aget_or_stream`` under anyio (asyncio or trio), and
 prints what it measured: time to the first chunk, total time, upstream calls, bytes stored.
@@ -18,6 +19,7 @@ add one there to offer it on the command line.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import sys
@@ -449,11 +451,12 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if args.real and not has_key:
         print("chengeta-ai demo: --real needs OPENAI_API_KEY in the environment", file=sys.stderr)
         return 2
-    try:
-        import openai  # noqa: F401
-    except ImportError:
+    # the local upstream runs on Starlette + uvicorn; --real needs only the openai client
+    needed = ["openai"] if args.real else ["openai", "starlette", "uvicorn"]
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
         print(
-            "chengeta-ai demo: needs the openai package: pip install 'chengeta_ai[openai]'",
+            f"chengeta-ai demo: needs {', '.join(missing)}: pip install 'chengeta_ai[demo]'",
             file=sys.stderr,
         )
         return 2

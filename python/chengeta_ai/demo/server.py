@@ -1,391 +1,75 @@
-"""A local OpenAI-compatible HTTP server for the demo and the end-to-end tests.
+"""A local upstream for the demo and the end-to-end tests: the APIs' real wire formats on loopback.
 
-`LocalOpenAIServer` serves ``POST /v1/chat/completions`` (streamed or not), ``POST
-/v1/completions`` (legacy, streamed or not) and ``GET /v1/models`` on loopback, with the wire
-format of the real API: Server-Sent Events (``data: {json}\\n\\n`` per chunk, then ``data:
-[DONE]\\n\\n``) over HTTP/1.1 chunked transfer encoding, paced like a real model (a delay before
-the first token, then one token every ``token_interval`` seconds). The chunk payloads come from
-`chengeta_ai.testing.openai_chunk_dicts`; the content is deterministic per request: the seed is
-a hash of the request's messages (or prompt), and the requested ``model`` is echoed.
+`LocalOpenAIServer` runs the Starlette app of `chengeta_ai.demo.app` with uvicorn (what users
+deploy) in a background thread, on a free loopback port. It serves, streamed (Server-Sent
+Events over HTTP/1.1 chunked transfer encoding, the real event names) or not:
 
-Only the standard library is used: a `http.server.ThreadingHTTPServer` running in a daemon
-thread, one thread per connection.
+- ``POST /v1/chat/completions``: OpenAI Chat Completions (``stream_options.include_usage``,
+  ``include_obfuscation``, ``n`` > 1; the ``x-request-id`` header);
+- ``POST /v1/completions``: OpenAI legacy Completions;
+- ``POST /v1/responses``: OpenAI Responses (``response.created`` ... ``response.completed``);
+- ``POST /v1/messages``: Anthropic Messages (``message_start`` ... ``message_stop``);
+- ``GET /v1/models``: the model list (Anthropic's shape for the ``anthropic`` client).
 
-Failure injection, for tests of upstream errors mid-stream. Either per request, with headers::
+The event sequences are documented in `chengeta_ai.demo.apis`, the pacing and the failure
+injection (headers ``x-chengeta-fail-after`` / ``x-chengeta-fail-mode``, or the attributes
+`LocalOpenAIServer.fail_after` / `LocalOpenAIServer.fail_mode`) in `chengeta_ai.demo.app`.
+The reply is deterministic per prompt (the seed is a hash of the prompt) and echoes the model.
 
-    x-chengeta-fail-after: 5        # fail after 5 chunks have been sent (0: before the first)
-    x-chengeta-fail-mode: close     # "close" (default): drop the connection without ending the
-                                    # chunked body, so the client sees a protocol error;
-                                    # "error": send an OpenAI error event and end the stream;
-                                    # "end": end the body cleanly half way (no final chunk, no
-                                    # [DONE]), as a proxy that cut the stream would
-
-(pass them with the ``openai`` client's ``extra_headers=``), or for every request, with the
-attributes `LocalOpenAIServer.fail_after` / `LocalOpenAIServer.fail_mode`. Headers win.
+Starlette and uvicorn come with the ``demo`` extra (``pip install 'chengeta_ai[demo]'``); they
+are imported by `LocalOpenAIServer.start`, so this module imports without them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import http.server
-import json
+import asyncio
 import socket
-import sys
 import threading
 import time
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from chengeta_ai.testing import TEXT, openai_chunk_dicts
+from chengeta_ai.demo.apis import (
+    ENDPOINTS,
+    FAIL_AFTER_HEADER,
+    FAIL_MODE_HEADER,
+    Endpoint,
+    FailMode,
+)
 
-__all__ = ["FailMode", "LocalOpenAIServer"]
+if TYPE_CHECKING:
+    import uvicorn
 
-FailMode = Literal["close", "error", "end"]
+__all__ = [
+    "FAIL_AFTER_HEADER",
+    "FAIL_MODE_HEADER",
+    "FailMode",
+    "LocalOpenAIServer",
+    "RequestCounts",
+]
 
-FAIL_AFTER_HEADER = "x-chengeta-fail-after"
-FAIL_MODE_HEADER = "x-chengeta-fail-mode"
-
-_SENTENCES = [s.strip() for s in TEXT.split(". ") if s.strip()]
-_CREATED = 1_764_288_000
-
-
-def _text_for(seed: int) -> str:
-    """The reply text for a seed: the sentences of `TEXT`, rotated by the seed."""
-    k = seed % len(_SENTENCES)
-    rotated = _SENTENCES[k:] + _SENTENCES[:k]
-    return ". ".join(s.rstrip(".") for s in rotated) + ". "
-
-
-def _seed_for(payload: Any) -> int:
-    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return int.from_bytes(hashlib.sha256(blob.encode()).digest()[:8], "big")
-
-
-def _error_body(
-    message: str, type_: str = "invalid_request_error", code: str | None = None
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+#: How long `LocalOpenAIServer.start` waits for uvicorn to listen, and `stop` for it to end.
+STARTUP_TIMEOUT = 10.0
+SHUTDOWN_TIMEOUT = 10.0
 
 
-class _ClientGone(Exception):
-    """The client closed the connection (or the server is stopping): stop writing."""
+class RequestCounts(NamedTuple):
+    """Requests served per endpoint (a snapshot; see `LocalOpenAIServer.request_counts`)."""
 
+    chat_completions: int = 0
+    completions: int = 0
+    responses: int = 0
+    messages: int = 0
+    models: int = 0
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive and chunked bodies, like api.openai.com
-    server_version = "chengeta-local-openai/1"
-    sys_version = ""
-    timeout = 60  # idle keep-alive connections are dropped after this many seconds
-
-    server: _HTTPServer
-
-    # -- plumbing ---------------------------------------------------------------------------
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silent: the demo's output is its own."""
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.owner._track(self.connection, add=True)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            self.server.owner._track(self.connection, add=False)
-
-    def _send_json(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _write_chunk(self, data: bytes) -> None:
-        """Write one HTTP/1.1 chunk (``data`` must be non-empty)."""
-        if self.server.owner._stopping.is_set():
-            raise _ClientGone
-        try:
-            self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
-        except OSError as exc:  # BrokenPipeError, ConnectionResetError, ...
-            raise _ClientGone from exc
-
-    def _sleep(self, seconds: float) -> None:
-        if seconds > 0 and self.server.owner._stopping.wait(seconds):
-            raise _ClientGone
-
-    def _abort_connection(self) -> None:
-        """Drop the connection mid-body: no terminating chunk, so the body is truncated."""
-        self.close_connection = True
-        try:
-            self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    # -- routes -----------------------------------------------------------------------------
-
-    def do_GET(self) -> None:
-        if self.path.rstrip("/") == "/v1/models":
-            owner = self.server.owner
-            self._send_json(
-                200,
-                {
-                    "object": "list",
-                    "data": [
-                        {"id": m, "object": "model", "created": _CREATED, "owned_by": "chengeta"}
-                        for m in owner.models
-                    ],
-                },
-            )
-        else:
-            self._send_json(404, _error_body(f"Unknown path: GET {self.path}", code="not_found"))
-
-    def do_POST(self) -> None:
-        path = self.path.split("?", 1)[0].rstrip("/")
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        if path not in ("/v1/chat/completions", "/v1/completions"):
-            self._send_json(404, _error_body(f"Unknown path: POST {self.path}", code="not_found"))
-            return
-        try:
-            body = json.loads(raw)
-        except ValueError as exc:
-            self._send_json(
-                400,
-                _error_body(
-                    f"We could not parse the JSON body of your request. ({exc})",
-                    code="invalid_json",
-                ),
-            )
-            return
-        if not isinstance(body, dict):
-            self._send_json(400, _error_body("The request body must be a JSON object."))
-            return
-        chat = path == "/v1/chat/completions"
-        field = "messages" if chat else "prompt"
-        if field not in body:
-            self._send_json(400, _error_body(f"Missing required parameter: '{field}'."))
-            return
-        if chat and not (isinstance(body["messages"], list) and body["messages"]):
-            self._send_json(400, _error_body("'messages' must be a non-empty array."))
-            return
-
-        owner = self.server.owner
-        owner._count_request(body)
-        fail_after, fail_mode = owner._failure_for(self.headers)
-        model = str(body.get("model") or "gpt-4o-mini")
-        seed = _seed_for(body[field])
-        try:
-            if body.get("stream"):
-                self._stream(
-                    body,
-                    chat=chat,
-                    model=model,
-                    seed=seed,
-                    fail_after=fail_after,
-                    fail_mode=fail_mode,
-                )
-            else:
-                self._complete(
-                    body,
-                    chat=chat,
-                    model=model,
-                    seed=seed,
-                    fail_after=fail_after,
-                    fail_mode=fail_mode,
-                )
-        except _ClientGone:
-            self.close_connection = True
-
-    # -- responses --------------------------------------------------------------------------
-
-    def _chunk_dicts(self, body: dict[str, Any], *, model: str, seed: int) -> list[dict[str, Any]]:
-        opts = body.get("stream_options") or {}
-        return list(
-            openai_chunk_dicts(
-                self.server.owner.tokens,
-                seed=seed,
-                model=model,
-                text=_text_for(seed),
-                include_usage=bool(opts.get("include_usage", False)),
-                include_obfuscation=bool(opts.get("include_obfuscation", True)),
-            )
-        )
-
-    def _stream(
-        self,
-        body: dict[str, Any],
-        *,
-        chat: bool,
-        model: str,
-        seed: int,
-        fail_after: int | None,
-        fail_mode: FailMode,
-    ) -> None:
-        owner = self.server.owner
-        dicts = self._chunk_dicts(body, model=model, seed=seed)
-        if not chat:
-            dicts = _legacy_chunks(dicts)
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.send_header("x-request-id", f"req_{seed:016x}")
-        self.end_headers()
-        self._sleep(owner.first_token_delay)
-        for i, chunk in enumerate(dicts):
-            if fail_after is not None and i >= fail_after:
-                self._fail(fail_mode)
-                return
-            if i:
-                self._sleep(owner.token_interval)
-            self._write_chunk(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-        if fail_after is not None and fail_after <= len(dicts):
-            self._fail(fail_mode)
-            return
-        self._write_chunk(b"data: [DONE]\n\n")
-        self._write_chunk_end()
-
-    def _write_chunk_end(self) -> None:
-        try:
-            self.wfile.write(b"0\r\n\r\n")
-        except OSError as exc:
-            raise _ClientGone from exc
-
-    def _fail(self, mode: FailMode) -> None:
-        if mode == "error":
-            err = _error_body(
-                "The server had an error while processing your request. (injected failure)",
-                type_="server_error",
-                code="injected_failure",
-            )
-            self._write_chunk(b"data: " + json.dumps(err).encode() + b"\n\n")
-            self._write_chunk_end()
-        elif mode == "end":
-            self._write_chunk_end()
-        else:
-            self._abort_connection()
-
-    def _complete(
-        self,
-        body: dict[str, Any],
-        *,
-        chat: bool,
-        model: str,
-        seed: int,
-        fail_after: int | None,
-        fail_mode: FailMode,
-    ) -> None:
-        owner = self.server.owner
-        self._sleep(owner.first_token_delay + owner.token_interval * owner.tokens)
-        if fail_after is not None:
-            if fail_mode == "close":
-                self._abort_connection()
-            else:
-                self._send_json(
-                    500,
-                    _error_body(
-                        "The server had an error while processing your request. (injected failure)",
-                        type_="server_error",
-                        code="injected_failure",
-                    ),
-                )
-            return
-        dicts = list(
-            openai_chunk_dicts(
-                owner.tokens,
-                seed=seed,
-                model=model,
-                text=_text_for(seed),
-                include_obfuscation=False,
-            )
-        )
-        head = dicts[0]
-        text = "".join(d["choices"][0]["delta"].get("content") or "" for d in dicts)
-        usage = {
-            "prompt_tokens": 14,
-            "completion_tokens": owner.tokens,
-            "total_tokens": 14 + owner.tokens,
-        }
-        if chat:
-            result: dict[str, Any] = {
-                "id": head["id"],
-                "object": "chat.completion",
-                "created": head["created"],
-                "model": model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {
-                            "role": "assistant",
-                            "content": text,
-                            "refusal": None,
-                            "annotations": [],
-                        },
-                        "logprobs": None,
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": usage,
-                "service_tier": head["service_tier"],
-                "system_fingerprint": head["system_fingerprint"],
-            }
-        else:
-            result = {
-                "id": "cmpl-" + head["id"].removeprefix("chatcmpl-"),
-                "object": "text_completion",
-                "created": head["created"],
-                "model": model,
-                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": "stop"}],
-                "usage": usage,
-            }
-        self._send_json(200, result)
-
-
-def _legacy_chunks(dicts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Turn chat chunk payloads into legacy ``/v1/completions`` stream payloads."""
-    out: list[dict[str, Any]] = []
-    for d in dicts:
-        if not d["choices"]:
-            continue  # the usage chunk
-        choice = d["choices"][0]
-        if "role" in choice["delta"]:
-            continue  # the legacy API has no role chunk
-        out.append(
-            {
-                "id": "cmpl-" + d["id"].removeprefix("chatcmpl-"),
-                "object": "text_completion",
-                "created": d["created"],
-                "model": d["model"],
-                "choices": [
-                    {
-                        "text": choice["delta"].get("content") or "",
-                        "index": 0,
-                        "logprobs": None,
-                        "finish_reason": choice["finish_reason"],
-                    }
-                ],
-            }
-        )
-    return out
-
-
-class _HTTPServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    owner: LocalOpenAIServer
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """Stay quiet about clients that hang up (keep-alive closes, aborted streams)."""
-        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            return
-        super().handle_error(request, client_address)
+    @property
+    def generations(self) -> int:
+        """Requests for a reply (every endpoint but ``/v1/models``): `request_count`."""
+        return self.chat_completions + self.completions + self.responses + self.messages
 
 
 class LocalOpenAIServer:
-    """An OpenAI-compatible server on loopback, paced like a real model.
+    """An OpenAI- and Anthropic-compatible server on loopback, paced like a real model.
 
     Use it as a context manager (or call `start` / `stop`)::
 
@@ -396,10 +80,12 @@ class LocalOpenAIServer:
                 ...
             assert server.request_count == 1
 
-    ``tokens`` is the number of content chunks per streamed reply (there are ``tokens + 2``
-    chunks in all: role, tokens, finish; plus a usage chunk when ``stream_options.include_usage``
-    is set). The pacing and failure attributes may be changed while the server runs; they are
-    read at the start of each request.
+    The ``anthropic`` client takes ``base_url=server.anthropic_base_url`` (no ``/v1``).
+
+    ``tokens`` is the number of content tokens per reply (a streamed chat reply has
+    ``tokens + 2`` chunks: role, tokens, finish; plus a usage chunk when
+    ``stream_options.include_usage`` is set). The pacing and failure attributes may be changed
+    while the server runs; they are read at the start of each request.
     """
 
     def __init__(
@@ -414,60 +100,112 @@ class LocalOpenAIServer:
         fail_mode: FailMode = "close",
     ) -> None:
         self.host = host
-        self.port = port
+        self.port = port  # the port bound once started (the one asked for, or a free one)
+        self._requested_port = port
         self.first_token_delay = first_token_delay
         self.token_interval = token_interval
         self.tokens = tokens
         self.fail_after = fail_after
         self.fail_mode: FailMode = fail_mode
         self.models = ["gpt-4o-mini", "gpt-4o"]
-        self._lock = threading.Lock()
-        self._request_count = 0
+        self.anthropic_models = ["claude-sonnet-4-6", "claude-haiku-4-5"]
+        self._lock = threading.Lock()  # guards the counters and the last request
+        self._counts = dict.fromkeys(ENDPOINTS, 0)
         self._last_request: dict[str, Any] | None = None
-        self._connections: set[socket.socket] = set()
-        self._stopping = threading.Event()
-        self._httpd: _HTTPServer | None = None
+        self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._failed: BaseException | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> LocalOpenAIServer:
-        """Bind, then serve in a daemon thread. Returns ``self``."""
-        if self._httpd is not None:
+        """Bind, serve in a background thread, return once uvicorn listens. Returns ``self``."""
+        if self._server is not None:
             raise RuntimeError("LocalOpenAIServer is already running")
-        self._stopping.clear()
-        httpd = _HTTPServer((self.host, self.port), _Handler)
-        httpd.owner = self
-        self.port = httpd.server_address[1]
-        self._httpd = httpd
+        try:
+            import uvicorn
+
+            from chengeta_ai.demo.app import build_app, hide_injected_aborts
+        except ImportError as exc:  # pragma: no cover - the dev install has them
+            raise RuntimeError(
+                "LocalOpenAIServer needs starlette and uvicorn: pip install 'chengeta_ai[demo]'"
+            ) from exc
+
+        hide_injected_aborts()
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self._requested_port))
+        except BaseException:
+            sock.close()
+            raise
+        self.port = sock.getsockname()[1]
+        # Created here, bound to the server's loop when first awaited there; set from other
+        # threads only through loop.call_soon_threadsafe.
+        stopping = asyncio.Event()
+        config = uvicorn.Config(
+            build_app(self, self._record, stopping),
+            loop="asyncio",
+            http="h11",
+            ws="none",
+            lifespan="off",
+            log_config=None,
+            log_level="warning",
+            access_log=False,
+            timeout_keep_alive=60,  # idle keep-alive connections are dropped after this
+            timeout_graceful_shutdown=int(SHUTDOWN_TIMEOUT / 2),
+        )
+        server = uvicorn.Server(config)
+        self._socket, self._server, self._stopping = sock, server, stopping
+        self._failed = None
         self._thread = threading.Thread(
-            target=httpd.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"LocalOpenAIServer:{self.port}",
-            daemon=True,
+            target=self._serve, args=(server, sock), name=f"LocalOpenAIServer:{self.port}"
         )
         self._thread.start()
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while not server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                failed = self._failed
+                self.stop()
+                raise RuntimeError("LocalOpenAIServer did not start") from failed
+            time.sleep(0.002)
         return self
 
+    def _serve(self, server: uvicorn.Server, sock: socket.socket) -> None:
+        """The server thread: one asyncio loop running uvicorn until `stop`."""
+
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            await server.serve(sockets=[sock])
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # reported by start(); the thread ends quietly
+            self._failed = exc
+
     def stop(self) -> None:
-        """Stop serving and drop open connections (streams in flight end abruptly)."""
-        httpd, thread = self._httpd, self._thread
-        if httpd is None:
+        """Stop serving: replies in flight are dropped, keep-alive connections closed, the
+        thread joined and the socket closed. Idempotent."""
+        server, thread, sock = self._server, self._thread, self._socket
+        if server is None:
             return
-        self._stopping.set()
-        httpd.shutdown()
-        httpd.server_close()
-        with self._lock:
-            conns = list(self._connections)
-        for conn in conns:
+        server.should_exit = True  # uvicorn polls it every 0.1 s
+        loop, stopping = self._loop, self._stopping
+        if loop is not None and stopping is not None:
             try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
+                loop.call_soon_threadsafe(stopping.set)
+            except RuntimeError:  # the loop has already closed
                 pass
         if thread is not None:
-            thread.join(timeout=5)
-        self._httpd = None
-        self._thread = None
+            thread.join(timeout=SHUTDOWN_TIMEOUT)
+        if sock is not None:
+            sock.close()  # uvicorn closes it too; closing twice is harmless
+        self._server = self._thread = self._socket = None
+        self._loop = self._stopping = None
 
     def __enter__(self) -> LocalOpenAIServer:
         return self.start()
@@ -485,50 +223,45 @@ class LocalOpenAIServer:
     @property
     def base_url(self) -> str:
         """The URL to give the ``openai`` client, e.g. ``http://127.0.0.1:54321/v1``."""
-        if self._httpd is None:
+        return self.anthropic_base_url + "/v1"
+
+    @property
+    def anthropic_base_url(self) -> str:
+        """The URL to give the ``anthropic`` client, e.g. ``http://127.0.0.1:54321``."""
+        if self._server is None:
             raise RuntimeError("LocalOpenAIServer is not running; call start() first")
-        return f"http://{self.host}:{self.port}/v1"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     @property
     def request_count(self) -> int:
-        """Completion requests served so far (chat and legacy, streamed or not)."""
+        """Requests for a reply served so far: chat, legacy, Responses and Messages, streamed
+        or not (``/v1/models`` is not counted; see `request_counts`)."""
+        return self.request_counts.generations
+
+    @property
+    def request_counts(self) -> RequestCounts:
+        """Requests served so far, per endpoint."""
         with self._lock:
-            return self._request_count
+            return RequestCounts(**self._counts)
 
     @property
     def last_request(self) -> dict[str, Any] | None:
-        """The JSON body of the latest completion request."""
+        """The JSON body of the latest request for a reply."""
         with self._lock:
             return self._last_request
 
     def reset_count(self) -> None:
-        """Set `request_count` back to zero."""
+        """Set every request counter back to zero."""
         with self._lock:
-            self._request_count = 0
+            self._counts = dict.fromkeys(ENDPOINTS, 0)
 
-    def _count_request(self, body: dict[str, Any]) -> None:
+    def _record(self, endpoint: Endpoint, body: dict[str, Any] | None) -> None:
+        """Called by the app (in the server thread) for each valid request."""
         with self._lock:
-            self._request_count += 1
-            self._last_request = body
-
-    def _track(self, conn: socket.socket, *, add: bool) -> None:
-        with self._lock:
-            if add:
-                self._connections.add(conn)
-            else:
-                self._connections.discard(conn)
-
-    def _failure_for(self, headers: Any) -> tuple[int | None, FailMode]:
-        after: int | None = self.fail_after
-        mode: FailMode = self.fail_mode
-        raw_after = headers.get(FAIL_AFTER_HEADER)
-        if raw_after is not None:
-            after = int(raw_after)
-        raw_mode = headers.get(FAIL_MODE_HEADER)
-        if raw_mode is not None:
-            word = raw_mode.strip().lower()
-            mode = "error" if word == "error" else "end" if word == "end" else "close"
-        return after, mode
+            self._counts[endpoint] += 1
+            if body is not None:
+                self._last_request = body
 
 
 if __name__ == "__main__":  # pragma: no cover - manual use
