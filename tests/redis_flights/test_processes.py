@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,27 +25,28 @@ LEASE = 1.0
 
 
 class Worker:
-    def __init__(self, url: str, prefix: str, *argv: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(WORKER), "--url", url, "--prefix", prefix, *argv],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert "ready" in line, line + self.stderr()
+    """A worker process; its output goes to a file (a pipe could fill up and block it)."""
 
-    def stderr(self) -> str:
-        if self.proc.poll() is None:
-            return ""
-        assert self.proc.stderr is not None
-        return self.proc.stderr.read()
+    def __init__(self, url: str, prefix: str, *argv: str) -> None:
+        self.out = Path(tempfile.mkstemp(prefix="chengeta-worker-", suffix=".out")[1])
+        self.err = self.out.with_suffix(".err")
+        with self.out.open("w") as out, self.err.open("w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(WORKER), "--url", url, "--prefix", prefix, *argv],
+                stdout=out,
+                stderr=err,
+            )
+        deadline = time.monotonic() + 30
+        while "ready" not in self.out.read_text():
+            assert self.proc.poll() is None, self.err.read_text()
+            assert time.monotonic() < deadline, "worker did not start"
+            time.sleep(0.01)
 
     def rounds(self, timeout: float = 60) -> list[dict[str, Any]]:
-        out, err = self.proc.communicate(timeout=timeout)
-        assert self.proc.returncode == 0, err
-        return [json.loads(line) for line in out.splitlines() if line.startswith('{"round"')]
+        self.proc.wait(timeout)
+        assert self.proc.returncode == 0, self.err.read_text()
+        lines = self.out.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith('{"round"')]
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
@@ -52,7 +54,11 @@ class Worker:
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.communicate(timeout=10)
+        self.proc.wait(10)
+
+    def remove_files(self) -> None:
+        self.out.unlink(missing_ok=True)
+        self.err.unlink(missing_ok=True)
 
 
 @pytest.fixture
@@ -74,6 +80,7 @@ def spawn(flights_redis: RedisServer, prefix: str) -> Iterator[Callable[..., Wor
         if w.proc.poll() is None:
             w.proc.send_signal(signal.SIGCONT)
         w.kill()
+        w.remove_files()
 
 
 def names(tag: str, n: int, r: int = 0) -> list[str]:

@@ -13,8 +13,10 @@ Upstreams: ``--chunks`` chunks ``"<tag>-<round>-<i>"``, ``--delay`` seconds apar
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -130,6 +132,7 @@ def outcome(chunks: list[Any], exc: BaseException | None) -> Any:
 
 
 def main() -> None:
+    faulthandler.register(signal.SIGUSR1)  # a stuck worker's stacks, for debugging
     args = parse()
     cache, backend, rf = make(args)
     up = Up(args)
