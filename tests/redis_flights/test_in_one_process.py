@@ -4,6 +4,7 @@ has its own flight table, as a process would): asyncio, trio and threads."""
 from __future__ import annotations
 
 import threading
+from contextlib import aclosing
 from typing import Any
 
 import anyio
@@ -58,3 +59,92 @@ def test_threads_in_four_processes_share_one_upstream(fleet: Fleet) -> None:
     assert up.calls == 1
     assert len(results) == 16 and all(r == up.chunks for r in results)
     assert sum(c.stats()["stores"] for c in caches) == 1
+
+
+async def test_producer_keeps_reading_for_other_processes_after_its_callers_left(
+    fleet: Fleet,
+) -> None:
+    producer, follower = fleet.cache(), fleet.cache()
+    up = Upstream([f"c{i}" for i in range(60)], delay=0.005)
+    got: list[Any] = []
+    followed: list[Any] = []
+
+    async def leaves_early() -> None:
+        async with aclosing(producer.aget_or_stream(MESSAGES, up.asyncgen)) as stream:
+            async for chunk in stream:
+                got.append(chunk)
+                if len(got) == 20:
+                    break
+
+    async def follows() -> None:
+        followed.extend(await collect(follower.aget_or_stream(MESSAGES, up.asyncgen)))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(leaves_early)
+        await anyio.sleep(0.02)
+        tg.start_soon(follows)
+    assert up.calls == 1
+    assert followed == up.chunks  # the upstream was not cancelled under it
+    assert producer.stats()["abandoned_finished"] == 1
+    assert producer.stats()["stores"] == 1
+
+
+async def test_a_lone_producer_abandoned_is_cancelled_fleet_wide(fleet: Fleet) -> None:
+    producer = fleet.cache()
+    up = Upstream([f"c{i}" for i in range(60)], delay=0.002)
+    async with aclosing(producer.aget_or_stream(MESSAGES, up.asyncgen)) as stream:
+        async for chunk in stream:
+            if chunk == "c5":
+                break
+    await anyio.sleep(0.05)
+    assert up.closed == 1 and up.produced < 60
+    assert producer.stats()["abandoned_cancelled"] == 1
+    # the cancel is a final record: the next caller elects a new producer at once
+    again = fleet.cache()
+    assert await collect(again.aget_or_stream(MESSAGES, up.asyncgen)) == up.chunks
+    assert up.calls == 2
+
+
+async def test_upstream_error_reaches_followers_with_chunks_as_upstream_lost(
+    fleet: Fleet,
+) -> None:
+    from tests.helpers import Boom
+
+    from chengeta_ai import UpstreamLost
+
+    producer, follower = fleet.cache(), fleet.cache()
+    up = Upstream([f"c{i}" for i in range(40)], delay=0.005, fail_at=30)
+    errors: list[BaseException] = []
+
+    async def run(cache: Any) -> None:
+        try:
+            await collect(cache.aget_or_stream(MESSAGES, up.asyncgen))
+        except Exception as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, producer)
+        await anyio.sleep(0.02)
+        tg.start_soon(run, follower)
+    assert up.calls == 1
+    assert sorted(type(e).__name__ for e in errors) == ["Boom", "UpstreamLost"]
+    lost = next(e for e in errors if isinstance(e, UpstreamLost))
+    assert "Boom" in str(lost)
+    assert any(isinstance(e, Boom) for e in errors)
+    assert follower.stats()["upstream_lost"] == 1
+
+
+def test_redis_unreachable_falls_back_to_in_process_flights() -> None:
+    from chengeta_ai import CacheManager, InMemoryBackend, RedisFlights
+    from chengeta_ai.layers.streaming_cache import StreamingResponseCache
+    from redis_fixture import free_port
+
+    rf = RedisFlights(f"redis://127.0.0.1:{free_port()}/0", lease=1.0)
+    cache = StreamingResponseCache(CacheManager(backend=InMemoryBackend()), flights=rf)
+    up = Upstream([f"c{i}" for i in range(10)])
+    try:
+        assert list(cache.get_or_stream(MESSAGES, up.sync)) == up.chunks
+        assert cache.stats()["redis_fallbacks"] == 1
+        assert cache.stats()["stores"] == 1
+    finally:
+        rf.close()
