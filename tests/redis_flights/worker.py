@@ -56,6 +56,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--block", type=float, default=0.1)
     p.add_argument("--cluster", action="store_true")
     p.add_argument("--wait-entries", type=int, default=0)
+    # benches: chunks are time.monotonic_ns() at upstream time, callers report latencies (ns)
+    # and counts instead of chunks; --local: no RedisFlights (the in-process baseline)
+    p.add_argument("--latency", action="store_true")
+    p.add_argument("--local", action="store_true")
     return p.parse_args()
 
 
@@ -81,7 +85,7 @@ class Up:
                 time.sleep(60)
             if a.delay:
                 time.sleep(a.delay)
-            yield name
+            yield time.monotonic_ns() if a.latency else name
 
     async def asyncgen(self, messages: Any) -> Any:
         with self.lock:
@@ -94,7 +98,7 @@ class Up:
                 await anyio.sleep(60)
             if a.delay:
                 await anyio.sleep(a.delay)
-            yield name
+            yield time.monotonic_ns() if a.latency else name
 
 
 def make(args: argparse.Namespace) -> tuple[StreamingResponseCache, RedisBackend, RedisFlights]:
@@ -108,7 +112,7 @@ def make(args: argparse.Namespace) -> tuple[StreamingResponseCache, RedisBackend
         backend = RedisBackend(args.url, prefix=args.prefix)
         rf = RedisFlights(args.url, prefix=args.prefix, lease=args.lease, block=args.block)
     manager = CacheManager(backend=backend, key_builder=CacheKeyBuilder())
-    return StreamingResponseCache(manager, flights=rf), backend, rf
+    return StreamingResponseCache(manager, flights=None if args.local else rf), backend, rf
 
 
 def barrier(client: Any, args: argparse.Namespace, r: int) -> None:
@@ -123,6 +127,13 @@ def barrier(client: Any, args: argparse.Namespace, r: int) -> None:
     client.expire(key, 60)
     while int(client.get(key) or 0) < args.barrier:
         time.sleep(0.0002)
+
+
+def summarise(got: list[Any], args: argparse.Namespace) -> Any:
+    """The chunks, or under --latency their count and latencies (the first caller's only)."""
+    if not args.latency:
+        return got
+    return {"n": len(got), "lat": got}
 
 
 def outcome(chunks: list[Any], exc: BaseException | None) -> Any:
@@ -140,10 +151,20 @@ def main() -> None:
     messages = [{"role": "user", "content": args.prompt}]
     print(json.dumps({"ready": os.getpid()}), flush=True)
 
+    started = [0.0]
+
     def report(r: int, calls: int, results: list[Any]) -> None:
+        elapsed = time.perf_counter() - started[0]
         stats = cache.stats()
         stats.pop("manager", None)
-        line = {"round": r, "calls": calls, "results": results, "stats": stats}
+        line = {
+            "round": r,
+            "calls": calls,
+            "results": results,
+            "stats": stats,
+            "elapsed": elapsed,
+            "flights": rf.stats(),
+        }
         print(json.dumps(line), flush=True)
 
     def prompt(r: int) -> Any:
@@ -156,16 +177,17 @@ def main() -> None:
             results: list[Any] = []
             msgs = prompt(r)
             barrier(client, args, r)
+            started[0] = time.perf_counter()
 
             def caller(msgs: Any, results: list[Any]) -> None:
                 got: list[Any] = []
                 try:
                     for chunk in cache.get_or_stream(msgs, up.sync):
-                        got.append(chunk)
+                        got.append(time.monotonic_ns() - chunk if args.latency else chunk)
                 except Exception as exc:
                     results.append(outcome(got, exc))
                 else:
-                    results.append(got)
+                    results.append(summarise(got, args))
 
             threads = [
                 threading.Thread(target=caller, args=(msgs, results)) for _ in range(args.consumers)
@@ -184,16 +206,17 @@ def main() -> None:
                 results: list[Any] = []
                 msgs = prompt(r)
                 await anyio.to_thread.run_sync(barrier, client, args, r)
+                started[0] = time.perf_counter()
 
                 async def caller(msgs: Any, results: list[Any]) -> None:
                     got: list[Any] = []
                     try:
                         async for chunk in cache.aget_or_stream(msgs, up.asyncgen):
-                            got.append(chunk)
+                            got.append(time.monotonic_ns() - chunk if args.latency else chunk)
                     except Exception as exc:
                         results.append(outcome(got, exc))
                     else:
-                        results.append(got)
+                        results.append(summarise(got, args))
 
                 async with anyio.create_task_group() as tg:
                     for _ in range(args.consumers):

@@ -189,6 +189,9 @@ class RedisFlights:
         self._down_until = 0.0
         #: Writer threads still running (`close` waits for their final records).
         self._producers: set[threading.Thread] = set()
+        self._counts = dict.fromkeys(
+            ("producer_round_trips", "chunks_published", "batches", "reader_round_trips"), 0
+        )
 
     def __repr__(self) -> str:
         return f"RedisFlights({self.url}, prefix={self.prefix!r}, lease={self.lease})"
@@ -204,6 +207,18 @@ class RedisFlights:
         if self._owns_client:
             self.client.close()
             self.client.connection_pool.disconnect()
+
+    def stats(self) -> dict[str, int]:
+        """Round trips of this process: ``producer_round_trips`` (appends, renewals, final
+        records), ``batches`` and ``chunks_published`` (so round trips per chunk is
+        ``producer_round_trips / chunks_published``), ``reader_round_trips`` (XREADs)."""
+        with self._lock:
+            return dict(self._counts)
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for name, n in deltas.items():
+                self._counts[name] += n
 
     # -- keys ----------------------------------------------------------------------------------
 
@@ -475,6 +490,7 @@ class _Reader:
             client.pexpire(wk, int(rf.log_ttl * 1000))
             self._registered = True
             self._watch_at = now + rf.lease / 3
+        rf._count(reader_round_trips=1)
         resp = client.xread({self.log: self.last}, count=_XREAD_COUNT, block=int(rf.block * 1000))
         if not resp:
             lease = client.get(rf.lease_key(self.key))
@@ -534,7 +550,6 @@ class _Producer:
         self.sent_bytes = 0
         cap = rf.max_entry_bytes or flight.settings.max_entry_bytes
         self.max_bytes = cap if cap is not None else 1 << 62
-        self.round_trips = 0
         flight.on_end = self.on_end
         self.thread = threading.Thread(
             target=self._run_tracked, name="chengeta-redis-producer", daemon=True
@@ -611,6 +626,7 @@ class _Producer:
                 if self.pending and self.encoder is not None:
                     batch = self.encoder.finish()
                     self.encoder = rf._codec.stream_encoder()
+                chunks = self.pending
                 self.pending = 0
                 final = self.final
                 sync = self.sync_wanted
@@ -620,7 +636,11 @@ class _Producer:
                     final = ("abandon", "the stream exceeded max_entry_bytes", False)
                 if batch is not None or final is None or sync != self.sync_done:
                     lease = rf.lease + (STORE_TIMEOUT if sync != self.sync_done else 0.0)
-                    self.round_trips += 1
+                    rf._count(
+                        producer_round_trips=1,
+                        batches=batch is not None,
+                        chunks_published=chunks if batch is not None else 0,
+                    )
                     readers = rf.append(self.key, self.token, batch, lease)
                     if readers < 0:
                         self._stop("fenced")
@@ -640,7 +660,7 @@ class _Producer:
                     self.cond.notify_all()
                 if final is not None:
                     kind, message, keep = final
-                    self.round_trips += 1
+                    rf._count(producer_round_trips=1)
                     rf.finish(self.key, self.token, kind, message, keep)
                     self._stop("closed")
                     return
