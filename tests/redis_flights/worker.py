@@ -60,6 +60,7 @@ def parse() -> argparse.Namespace:
     # and counts instead of chunks; --local: no RedisFlights (the in-process baseline)
     p.add_argument("--latency", action="store_true")
     p.add_argument("--local", action="store_true")
+    p.add_argument("--quiet", action="store_true")  # report chunk counts, not chunks
     return p.parse_args()
 
 
@@ -131,6 +132,8 @@ def barrier(client: Any, args: argparse.Namespace, r: int) -> None:
 
 def summarise(got: list[Any], args: argparse.Namespace) -> Any:
     """The chunks, or under --latency their count and latencies (the first caller's only)."""
+    if args.quiet:
+        return len(got)
     if not args.latency:
         return got
     return {"n": len(got), "lat": got}
