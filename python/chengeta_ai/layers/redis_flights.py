@@ -114,6 +114,9 @@ end
 return 1
 """
 
+#: What a failing Redis (standalone or Cluster) raises: fail-open on all of them.
+_REDIS_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
+
 #: Chunks taken per XREAD entry batch (entries, each a batch of chunks).
 _XREAD_COUNT = 64
 
@@ -297,7 +300,7 @@ class RedisFlights:
             return "local", ""
         try:
             leads, token = self.elect(flight.key)
-        except (redis.RedisError, OSError) as exc:
+        except _REDIS_ERRORS as exc:
             self._failed(flight, "election", exc)
             return "local", ""
         return ("lead" if leads else "follow"), token
@@ -337,7 +340,7 @@ class RedisFlights:
                 while True:
                     try:
                         got = reader.read()
-                    except (redis.RedisError, OSError) as exc:
+                    except _REDIS_ERRORS as exc:
                         self._failed(flight, "read", exc)
                         raise _Fallback from exc
                     if got is None:
@@ -433,7 +436,7 @@ class RedisFlights:
                 while True:
                     try:
                         got = await call(reader.read)
-                    except (redis.RedisError, OSError) as exc:
+                    except _REDIS_ERRORS as exc:
                         self._failed(flight, "read", exc)
                         raise _Fallback from exc
                     if got is None:
@@ -526,7 +529,7 @@ class _Reader:
         if self._registered:
             try:
                 self.rf.client.zrem(self.rf.watchers_key(self.key), self.rid)
-            except (redis.RedisError, OSError):
+            except _REDIS_ERRORS:
                 pass  # it expires
 
 
@@ -664,7 +667,7 @@ class _Producer:
                     rf.finish(self.key, self.token, kind, message, keep)
                     self._stop("closed")
                     return
-            except (redis.RedisError, OSError) as exc:
+            except Exception as exc:  # Redis failed (or a bug): stop publishing, never crash
                 rf._failed(self.flight, "publish", exc)
                 self._stop("broken")
                 return
