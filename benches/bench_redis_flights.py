@@ -16,6 +16,7 @@ Smoke mode (``--benchmark-disable``, `make test`) runs every path once on small 
 from __future__ import annotations
 
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -170,4 +171,53 @@ def test_deliveries_per_second_4_processes(
         f"{fleet_rate / 1e6:.2f} M/s",
         f"1 process x {4 * consumers}, in-process: {alone_rate / 1e6:.2f} M/s",
         f"{fleet_rate / alone_rate:.2f}x",
+    )
+
+
+def test_keys_left_after_streams_with_random_producer_kills(
+    redis_server: RedisServer, smoke: bool, summary: Callable[..., None]
+) -> None:
+    """Streams run by worker processes that are SIGKILLed at random moments (mid-stream, mid
+    store, between streams): every flight key carries a TTL whenever looked at, and once the
+    longest TTL has passed none is left."""
+    target = 30 if smoke else 1000
+    rng = random.Random(7)
+    prefix = f"k-{uuid.uuid4().hex[:8]}:"
+    client = redis.Redis.from_url(redis_server.url)
+    done = kills = launches = without_ttl = 0
+    try:
+        while done < target:
+            out = Path(tempfile.mkstemp(prefix="chengeta-bench-", suffix=".out")[1])
+            argv = [
+                *(sys.executable, str(WORKER), "--url", redis_server.url, "--prefix", prefix),
+                *("--rounds", str(target - done), "--chunks", "5", "--delay", "0.004"),
+                *("--quiet", "--prompt", f"launch-{launches}", "--consumers", "2"),
+                *("--lease", "0.5", "--log-ttl", "1", "--done-ttl", "0.5"),
+            ]
+            with out.open("w") as f:
+                proc = subprocess.Popen(argv, stdout=f)
+            launches += 1
+            while "ready" not in out.read_text():
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.05, 0.6))
+            if proc.poll() is None:
+                proc.kill()
+                kills += 1
+            proc.wait(30)
+            done += sum(1 for x in out.read_text().splitlines() if x.startswith('{"round"'))
+            out.unlink()
+            for k in client.scan_iter(match=f"{prefix}fl:*"):
+                without_ttl += int(client.pttl(k)) == -1
+        time.sleep(1.6)  # the longest flight TTL (log_ttl 1 s, lease 0.5 s) has passed
+        left = sum(1 for _ in client.scan_iter(match=f"{prefix}fl:*"))
+    finally:
+        client.close()
+    print(f"\n{done} streams, {kills} producer kills: {left} flight keys left after the TTLs")
+    assert without_ttl == 0
+    assert left == 0
+    summary(
+        f"flight keys left in Redis after {done} streams, {kills} random kills",
+        f"{left} (after the TTLs)",
+        "every key seen had a TTL",
+        "-",
     )

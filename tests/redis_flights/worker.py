@@ -54,6 +54,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--stall-after", type=int, default=-1)
     p.add_argument("--lease", type=float, default=1.0)
     p.add_argument("--block", type=float, default=0.1)
+    p.add_argument("--log-ttl", type=float, default=10.0)
+    p.add_argument("--done-ttl", type=float, default=5.0)
     p.add_argument("--cluster", action="store_true")
     p.add_argument("--wait-entries", type=int, default=0)
     # benches: chunks are time.monotonic_ns() at upstream time, callers report latencies (ns)
@@ -111,7 +113,14 @@ def make(args: argparse.Namespace) -> tuple[StreamingResponseCache, RedisBackend
         rf = RedisFlights(client, prefix=args.prefix, lease=args.lease, block=args.block)
     else:
         backend = RedisBackend(args.url, prefix=args.prefix)
-        rf = RedisFlights(args.url, prefix=args.prefix, lease=args.lease, block=args.block)
+        rf = RedisFlights(
+            args.url,
+            prefix=args.prefix,
+            lease=args.lease,
+            block=args.block,
+            log_ttl=args.log_ttl,
+            done_ttl=args.done_ttl,
+        )
     manager = CacheManager(backend=backend, key_builder=CacheKeyBuilder())
     return StreamingResponseCache(manager, flights=None if args.local else rf), backend, rf
 

@@ -26,7 +26,7 @@ thread, which sends *everything pending* in one `APPEND` (one round trip per bat
 that arrived while the previous one was in flight; the same script renews the lease and the
 log's TTL and returns how many follower readers are registered). With no chunk for
 ``lease / 3`` the writer renews the lease alone. At the upstream's end the tee flushes and checks
-the fence (extending the lease over the store) before the flight stores; a fenced producer does
+the fence before the flight stores (the lease is renewed during the store); a fenced producer does
 not store. After the store, `Flight.on_end` has the writer append the final record (``done``,
 ``error``, ``cancel`` or ``abandon``); after a stored ``done`` the lease becomes ``=<token>`` for
 ``done_ttl`` seconds so that callers that missed the store replay the log instead of calling the
@@ -70,7 +70,6 @@ import redis
 
 from chengeta_ai.errors import UpstreamLost
 from chengeta_ai.layers.fanout import (
-    STORE_TIMEOUT,
     Flight,
     _aclose_upstream,
     _open_upstream,
@@ -111,6 +110,13 @@ if tonumber(ARGV[5]) > 0 then
 else
   redis.call('DEL', KEYS[1])
 end
+return 1
+"""
+
+# KEYS: watchers; ARGV: expiry_ms, reader id, ttl_ms (one script: never a set without a TTL)
+_WATCH = """
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
@@ -187,6 +193,7 @@ class RedisFlights:
         self._acquire = self.client.register_script(_ACQUIRE)
         self._append = self.client.register_script(_APPEND)
         self._finish = self.client.register_script(_FINISH)
+        self._watch = self.client.register_script(_WATCH)
         self._codec = CompactSerializer()
         self._lock = threading.Lock()  # guards _down_until and _producers
         self._down_until = 0.0
@@ -488,9 +495,11 @@ class _Reader:
         client = rf.client
         now = time.monotonic()
         if now >= self._watch_at:
-            wk = rf.watchers_key(self.key)
-            client.zadd(wk, {self.rid: int(time.time() * 1000) + int(rf.lease * 1000)})
-            client.pexpire(wk, int(rf.log_ttl * 1000))
+            expiry_ms = int(time.time() * 1000) + int(rf.lease * 1000)
+            rf._watch(
+                keys=[rf.watchers_key(self.key)],
+                args=[expiry_ms, self.rid, int(rf.log_ttl * 1000)],
+            )
             self._registered = True
             self._watch_at = now + rf.lease / 3
         rf._count(reader_round_trips=1)
@@ -592,8 +601,9 @@ class _Producer:
             self.end("done", "", keep=state.not_stored is None)
 
     def before_store(self) -> None:
-        """At the upstream's end: every chunk written, the fence checked and the lease extended
-        over the store. A producer that lost its lease does not store."""
+        """At the upstream's end: every chunk written and the fence checked (the writer keeps
+        renewing the lease while the flight stores). A producer that lost its lease does not
+        store."""
         with self.cond:
             self.sync_wanted += 1
             wanted = self.sync_wanted
@@ -638,7 +648,7 @@ class _Producer:
                     batch = None
                     final = ("abandon", "the stream exceeded max_entry_bytes", False)
                 if batch is not None or final is None or sync != self.sync_done:
-                    lease = rf.lease + (STORE_TIMEOUT if sync != self.sync_done else 0.0)
+                    lease = rf.lease  # still renewed while the flight stores
                     rf._count(
                         producer_round_trips=1,
                         batches=batch is not None,
