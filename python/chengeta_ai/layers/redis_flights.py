@@ -340,7 +340,7 @@ class RedisFlights:
                 yield from _local(flight, stream_fn(messages), delivered, self)
                 return
             if role == "lead":
-                yield from self._produce_sync(flight, token, stream_fn(messages))
+                yield from self._produce_sync(flight, token, lambda: stream_fn(messages))
                 return
             reader = _Reader(self, flight, token)
             try:
@@ -367,11 +367,17 @@ class RedisFlights:
             finally:
                 reader.close()
 
-    def _produce_sync(self, flight: Flight, token: str, source: Iterable[Any]) -> Iterator[Any]:
+    def _produce_sync(
+        self, flight: Flight, token: str, open_source: Callable[[], Iterable[Any]]
+    ) -> Iterator[Any]:
+        # the writer first: an upstream that fails to open still gets its final record
         producer = _Producer(self, flight, token)
-        upstream = iter(source)
+        source: Any = None
+        upstream: Any = None
         ended = False
         try:
+            source = open_source()
+            upstream = iter(source)
             for chunk in upstream:
                 producer.push(chunk)
                 yield chunk
@@ -383,7 +389,7 @@ class RedisFlights:
             producer.end("error", repr(exc))
             raise
         finally:
-            if not ended:
+            if not ended and upstream is not None:
                 _close_sync(upstream, source)
         producer.before_store()
 
