@@ -9,7 +9,7 @@ from typing import Any
 
 import anyio
 import pytest
-from tests.helpers import Upstream, collect
+from tests.helpers import Heartbeat, Upstream, collect
 from tests.redis_flights.conftest import Fleet
 
 pytestmark = pytest.mark.anyio
@@ -148,3 +148,25 @@ def test_redis_unreachable_falls_back_to_in_process_flights() -> None:
         assert cache.stats()["stores"] == 1
     finally:
         rf.close()
+
+
+async def test_following_through_redis_never_blocks_the_event_loop(fleet: Fleet) -> None:
+    # every XREAD BLOCK (up to `block` = 0.1 s here, ~80 ms per chunk) runs in a worker thread
+    producer, follower = fleet.cache(), fleet.cache()
+    up = Upstream([f"c{i}" for i in range(8)], delay=0.08)
+    heartbeat = Heartbeat()
+    got: list[Any] = []
+
+    async def follow() -> None:
+        await anyio.sleep(0.02)
+        got.extend(await collect(follower.aget_or_stream(MESSAGES, up.asyncgen)))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(heartbeat.run)
+        async with anyio.create_task_group() as streams:
+            streams.start_soon(collect, producer.aget_or_stream(MESSAGES, up.asyncgen))
+            streams.start_soon(follow)
+        heartbeat.stop()
+    assert got == up.chunks and up.calls == 1
+    assert follower.stats()["remote_joins"] == 1
+    assert heartbeat.max_gap < 0.05, heartbeat.max_gap
