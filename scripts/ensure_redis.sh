@@ -1,8 +1,9 @@
 #!/usr/bin/env sh
-# Make sure `redis-server` is on PATH for the backend tests and benchmarks (which start their
-# own instance on a free loopback port). Installs it from apt only when it is missing.
+# Make sure `redis-server` (and `redis-cli`, which builds the test Redis Cluster) are on PATH for
+# the backend tests and benchmarks (which start their own instances on free loopback ports).
+# Installs them from apt only when missing.
 set -eu
-if command -v redis-server >/dev/null 2>&1; then
+if command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1; then
     redis-server --version
     exit 0
 fi
@@ -11,6 +12,6 @@ if [ "$(id -u)" -ne 0 ]; then
     SUDO="sudo"
 fi
 $SUDO apt-get update
-$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server redis-tools
 # The package may start a system service; the tests never use it (they start their own).
 redis-server --version

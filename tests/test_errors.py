@@ -15,7 +15,9 @@ EXPORTED = [getattr(errors, name) for name in errors.__all__]
 
 def test_every_exported_exception_is_a_chengeta_error() -> None:
     assert sorted(errors.__all__) == sorted(
-        name for name in chengeta_ai.__all__ if name.endswith("Error") or name == "ConsumerLagged"
+        name
+        for name in chengeta_ai.__all__
+        if name.endswith("Error") or name in ("ConsumerLagged", "UpstreamLost")
     )
     for exc in EXPORTED:
         assert issubclass(exc, errors.ChengetaError), exc

@@ -378,8 +378,15 @@ async def test_a_caller_never_joins_a_flight_that_is_being_cancelled() -> None:
 
 @pytest.mark.parametrize("mode", ["sync", "asyncio", "trio"])
 def test_hit_naming_an_unregistered_late_class_falls_back_to_the_live_stream(mode: str) -> None:
-    from tests.test_codec_bounds import late_class_entry
+    import importlib
+    import sys
 
+    # the module pytest collected (as "test_codec_bounds"), not a second import of it as
+    # "tests.test_codec_bounds": that would register its model classes twice and fail
+    bounds = sys.modules.get("test_codec_bounds") or importlib.import_module(
+        "tests.test_codec_bounds"
+    )
+    late_class_entry = bounds.late_class_entry
     from chengeta_ai.core.cache_manager import frame
 
     cache = new_cache()

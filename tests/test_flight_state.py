@@ -146,3 +146,35 @@ def test_upstream_closed_outside_cancelling_is_a_no_op() -> None:
     state = running()
     assert state.upstream_closed() == 0
     assert state.phase is Phase.RUNNING
+
+
+# -- across processes (RedisFlights) -----------------------------------------------------------
+
+
+def test_a_follower_ends_without_storing_and_it_is_not_a_failure() -> None:
+    state = running()
+    state.follow()
+    assert state.upstream_ended(complete=True) == ENDED
+    assert state.phase is Phase.DONE
+    assert state.not_stored is None  # a policy, not a reason counted as a failure
+
+
+def test_a_follower_elected_producer_stores_again() -> None:
+    state = running()
+    state.follow()
+    state.follow(False)
+    assert state.upstream_ended(complete=True) == STORE
+
+
+def test_remote_consumers_keep_the_upstream_when_the_last_local_one_leaves() -> None:
+    state = running("cancel")
+    state.remote_consumers = True
+    assert state.consumer_left(0) == DRAIN  # not CANCEL: other processes still read it
+    assert state.phase is Phase.RUNNING and state.not_stored is None
+    assert state.upstream_ended(complete=True) == STORE
+
+
+def test_without_remote_consumers_the_cancel_policy_applies() -> None:
+    state = running("cancel")
+    state.remote_consumers = False
+    assert state.consumer_left(0) == CANCEL

@@ -22,8 +22,10 @@ __all__ = [
     "JsonSerializer",
     "PickleSerializer",
     "RedisBackend",
+    "RedisFlights",
     "SQLiteBackend",
     "StreamingResponseCache",
+    "UpstreamLost",
     "__version__",
     "register_model",
 ]
@@ -44,6 +46,8 @@ _WHERE = {
     "ConsumerLagged": "chengeta_ai.errors",
     "DecodeError": "chengeta_ai.errors",
     "EncodeError": "chengeta_ai.errors",
+    "UpstreamLost": "chengeta_ai.errors",
+    "RedisFlights": "chengeta_ai.layers.redis_flights",
 }
 
 if TYPE_CHECKING:
@@ -58,7 +62,9 @@ if TYPE_CHECKING:
         ConsumerLagged,
         DecodeError,
         EncodeError,
+        UpstreamLost,
     )
+    from chengeta_ai.layers.redis_flights import RedisFlights
     from chengeta_ai.layers.streaming_cache import StreamingResponseCache
     from chengeta_ai.models import register_model
     from chengeta_ai.serializers import CompactSerializer, JsonSerializer, PickleSerializer

@@ -10,6 +10,14 @@ from chengeta_ai._core import (
     ConsumerLagged,
     DecodeError,
     EncodeError,
+    UpstreamLost,
 )
 
-__all__ = ["BackendError", "ChengetaError", "ConsumerLagged", "DecodeError", "EncodeError"]
+__all__ = [
+    "BackendError",
+    "ChengetaError",
+    "ConsumerLagged",
+    "DecodeError",
+    "EncodeError",
+    "UpstreamLost",
+]

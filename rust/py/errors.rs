@@ -102,6 +102,16 @@ Raised by backends to the cache layers, which log it, count it and step aside: c
 `get_or_stream` never see it."
 );
 
+chengeta_exception!(
+    UpstreamLost,
+    [ChengetaError],
+    "The process producing a shared in-flight stream was lost (killed, partitioned, paused past
+its lease) after this consumer had received part of the stream.
+
+Raised only with `RedisFlights`: a consumer that had received nothing is moved to a new
+producer transparently instead."
+);
+
 /// Adds every exception class to `chengeta_ai._core` (and so to its `__all__`).
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -110,5 +120,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("EncodeError", py.get_type::<EncodeError>())?;
     m.add("ConsumerLagged", py.get_type::<ConsumerLagged>())?;
     m.add("BackendError", py.get_type::<BackendError>())?;
+    m.add("UpstreamLost", py.get_type::<UpstreamLost>())?;
     Ok(())
 }

@@ -68,7 +68,8 @@ async def present(t: Tenant) -> list[bool]:
     return [await t.call("exists", t.key(m)) for m in ("gpt-4o", "gpt-4o-mini", "other")]
 
 
-async def test_invalidate_in_one_namespace_leaves_the_other(backend: Any, mode: str) -> None:
+async def test_invalidate_in_one_namespace_leaves_the_other(abackend: Any, mode: str) -> None:
+    backend = abackend  # closed on this test's own loop (see conftest)
     a, b = tenants(backend, mode, "tenant-a", "tenant-b")
     await fill(a)
     await fill(b)
@@ -83,7 +84,8 @@ async def test_invalidate_in_one_namespace_leaves_the_other(backend: Any, mode: 
     assert await a.call("get", a.key("other")) == "v"
 
 
-async def test_clear_in_one_namespace_leaves_the_other(backend: Any, mode: str) -> None:
+async def test_clear_in_one_namespace_leaves_the_other(abackend: Any, mode: str) -> None:
+    backend = abackend  # closed on this test's own loop (see conftest)
     a, b = tenants(backend, mode, "tenant-a", "tenant-b")
     await fill(a)
     await fill(b)
@@ -105,8 +107,9 @@ async def test_clear_in_one_namespace_leaves_the_other(backend: Any, mode: str) 
 
 
 async def test_namespaces_that_are_prefixes_or_wildcards_do_not_collide(
-    backend: Any, mode: str
+    abackend: Any, mode: str
 ) -> None:
+    backend = abackend  # closed on this test's own loop (see conftest)
     ts = tenants(backend, mode, *ODD_NAMESPACES)
     for t in ts:
         await fill(t)
@@ -125,8 +128,9 @@ async def test_namespaces_that_are_prefixes_or_wildcards_do_not_collide(
 
 
 async def test_entries_stored_with_bare_tags_stay_reachable_per_namespace(
-    backend: Any, mode: str
+    abackend: Any, mode: str
 ) -> None:
+    backend = abackend  # closed on this test's own loop (see conftest)
     """Entries stored before tags were scoped carry the bare tag: the manager of their key's
     namespace still invalidates them, no other manager does."""
     a, b, ab = tenants(backend, mode, "a", "b", "ab")

@@ -115,6 +115,9 @@ class Flight:
         self._encoded_bytes = self.encoder.nbytes
         self._error_tb: TracebackType | None = None
         self._stored_chunks = 0
+        #: Called (without the lock) once the flight has ended, after its store: the Redis
+        #: producer writes the stream's final record here (`redis_flights`).
+        self.on_end: Callable[[Flight], None] | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.key} {self.state!r} chunks={self.log.end}>"
@@ -155,6 +158,8 @@ class Flight:
             self.settings.table.release(self)
         if actions & WAKE:
             self.wake()
+        if actions & CLOSE_LOG and self.on_end is not None:
+            self.on_end(self)
 
     def cancel_upstream(self) -> None:
         raise NotImplementedError

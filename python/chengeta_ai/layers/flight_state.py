@@ -22,6 +22,13 @@ States::
 
 A flight occupies its key's slot in the table from its creation until an action ``RELEASE``;
 ``storable`` is orthogonal: the first reason a stream cannot be stored is kept in ``not_stored``.
+
+Across processes (`RedisFlights`), a flight is either the fleet's *producer* of its key (it reads
+the real upstream and stores) or a *follower* (its upstream is another process's stream, read
+from Redis): a follower never stores, and that is its policy, not a failure (``follower``, set by
+`follow`, is not a reason in ``not_stored``). ``remote_consumers``: other processes still read
+this producer's stream, so losing the last local consumer drains the upstream for them instead
+of cancelling it (the upstream is closed only when no process has a consumer left).
 """
 
 from __future__ import annotations
@@ -63,7 +70,16 @@ class Phase(enum.Enum):
 class FlightState:
     """The state of one flight. Every method must be called with the table lock held."""
 
-    __slots__ = ("abandoned", "error", "in_slot", "not_stored", "on_abandon", "phase")
+    __slots__ = (
+        "abandoned",
+        "error",
+        "follower",
+        "in_slot",
+        "not_stored",
+        "on_abandon",
+        "phase",
+        "remote_consumers",
+    )
 
     def __init__(self, on_abandon: AbandonPolicy) -> None:
         self.phase = Phase.RUNNING
@@ -76,11 +92,16 @@ class FlightState:
         self.error: BaseException | None = None
         #: The last consumer left before the end (either policy).
         self.abandoned = False
+        #: Store policy: a follower reads another process's stream and never stores it.
+        self.follower = False
+        #: Other processes read this (producer) flight's stream, as of the last lease renewal.
+        self.remote_consumers = False
 
     def __repr__(self) -> str:
         return (
             f"FlightState({self.phase.value}, in_slot={self.in_slot}, "
-            f"not_stored={self.not_stored!r}, abandoned={self.abandoned})"
+            f"not_stored={self.not_stored!r}, abandoned={self.abandoned}, "
+            f"follower={self.follower})"
         )
 
     # -- queries ----------------------------------------------------------------------------
@@ -104,6 +125,11 @@ class FlightState:
         self.not_stored = reason
         return True
 
+    def follow(self, follower: bool = True) -> None:
+        """Sets the store policy: a follower (True) reads another process's stream and does
+        not store it; a producer (False, after winning a new election) stores as usual."""
+        self.follower = follower
+
     def overflowed(self) -> int:
         """The log stopped retaining the whole stream: it is no longer stored and new callers
         of the key lead their own upstream instead of joining one they cannot replay."""
@@ -119,7 +145,7 @@ class FlightState:
         if remaining or self.phase is not Phase.RUNNING or self.abandoned:
             return 0
         self.abandoned = True
-        if self.on_abandon == "finish":
+        if self.on_abandon == "finish" or self.remote_consumers:
             return DRAIN
         self.phase = Phase.CANCELLING
         self.keep_from_store("abandoned")
@@ -133,7 +159,7 @@ class FlightState:
             return 0
         if not complete:
             self.keep_from_store("incomplete")
-        if self.not_stored is None:
+        if self.not_stored is None and not self.follower:
             self.phase = Phase.FINISHING
             return STORE
         return self._end(Phase.DONE)

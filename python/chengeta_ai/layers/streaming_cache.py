@@ -34,6 +34,7 @@ from chengeta_ai.layers.fanout import (
 )
 from chengeta_ai.layers.flight_state import AbandonPolicy
 from chengeta_ai.layers.flights import SYNC_SCOPE, FlightTable, current_loop_scope
+from chengeta_ai.layers.redis_flights import RedisFlights
 from chengeta_ai.serializers import CompactSerializer, Serializer, decode_cap
 
 __all__ = ["StreamingResponseCache"]
@@ -72,6 +73,9 @@ class StreamingResponseCache:
             is whole and may be stored; the default knows the OpenAI and Anthropic SDK stream
             types (their terminal events) and takes any other stream as complete (see
             `chengeta_ai.layers.completeness`).
+        flights: where in-flight streams are shared: None (default) within this process;
+            a `RedisFlights` shares them with every process pointed at the same Redis (one
+            upstream call per key across the fleet; see `chengeta_ai.layers.redis_flights`).
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class StreamingResponseCache:
         max_entry_bytes: int | None = None,
         task_group: anyio.abc.TaskGroup | None = None,
         is_complete: Callable[[list[Any]], bool] | None = None,
+        flights: RedisFlights | None = None,
     ) -> None:
         if not isinstance(manager, CacheManager):
             raise TypeError(f"manager must be a CacheManager, got {type(manager).__name__}")
@@ -97,6 +102,8 @@ class StreamingResponseCache:
             raise ValueError(f"max_lag must be an int >= 1, got {max_lag!r}")
         if slow_consumer not in ("wait", "detach"):
             raise ValueError(f"slow_consumer must be 'wait' or 'detach', got {slow_consumer!r}")
+        if flights is not None and not isinstance(flights, RedisFlights):
+            raise TypeError(f"flights must be a RedisFlights or None, got {type(flights).__name__}")
         if on_abandon not in ("cancel", "finish"):
             raise ValueError(f"on_abandon must be 'cancel' or 'finish', got {on_abandon!r}")
         self.manager = manager
@@ -112,6 +119,8 @@ class StreamingResponseCache:
         self._decode_cap = decode_cap(self.max_entry_bytes)
         #: In-flight streams by (sync or event loop, key), and where their pumps run.
         self.flights = FlightTable(task_group)
+        #: Shares in-flight streams across processes, or None (in-process only).
+        self.remote_flights = flights
         self._counters = _Counters(
             "hits",
             "misses",
@@ -134,6 +143,15 @@ class StreamingResponseCache:
             "abandoned_finished",
             "detaches",
             "lag_errors",
+            # RedisFlights (see its module doc): local flights that followed another process's
+            # stream / produced for the fleet, elections or streams that fell back to
+            # in-process because Redis failed, followers that got UpstreamLost, producers that
+            # lost their lease (fenced: they neither publish nor store)
+            "remote_joins",
+            "remote_leads",
+            "redis_fallbacks",
+            "upstream_lost",
+            "fenced",
         )
         self._flight_settings = FlightSettings(
             table=self.flights,
@@ -285,7 +303,10 @@ class StreamingResponseCache:
         if leads:
             self.count("misses")
             self.count("streams_led")
-            flight.start(stream_fn, messages)
+            remote = self.remote_flights
+            flight.start(
+                stream_fn if remote is None else remote.sync_upstream(flight, stream_fn), messages
+            )
         else:
             self.count("joins")
         yield from flight.consume(consumer)
@@ -389,8 +410,12 @@ class StreamingResponseCache:
         if leads:
             self.count("misses")
             self.count("streams_led")
+            remote = self.remote_flights
             try:
-                flight.start(stream_fn, messages)
+                flight.start(
+                    stream_fn if remote is None else remote.async_upstream(flight, stream_fn),
+                    messages,
+                )
             except BaseException as exc:  # a closed task group: nobody may join a dead flight
                 flight.start_failed(exc, consumer)
                 raise

@@ -1,0 +1,765 @@
+"""`RedisFlights`: one upstream stream per key across processes and machines, through Redis.
+
+The in-process flight machinery (`fanout`, `flights`, `flight_state`) is unchanged: every process
+still has one local flight per key, fanned out to its local consumers with the usual log,
+cursors and backpressure. Redis only changes *what the local flight reads*: this module is an
+upstream adapter put in front of ``stream_fn`` when a process leads its local flight.
+
+Keys (one hash tag per key, so that every key of one stream lives in one Cluster slot)::
+
+    {prefix}fl:{<key>}:lease       STRING  the producer's token "<gen>.<nonce>", PX lease;
+                                           "=<token>" for a short while after a stored end
+    {prefix}fl:{<key>}:gen         STRING  INCR counter of generations, PX log_ttl
+    {prefix}fl:{<key>}:log:<token> STREAM  one entry per batch of chunks ``d`` (compact codec,
+                                           a list), then one final entry ``f`` (+ ``m``)
+    {prefix}fl:{<key>}:w           ZSET    follower readers, score = registration expiry (ms)
+
+Election. The local leader runs `ACQUIRE`: if the lease key exists, it follows that token's
+log; otherwise it INCRs the generation, sets ``lease = "<gen>.<nonce>" NX PX lease`` (in one
+script, so one winner) and produces. Every write of a producer (`APPEND`, `FINISH`) is one Lua
+script that first checks that the lease still holds its token: a producer whose lease lapsed
+(killed, paused, partitioned) can never write again, and a new producer writes a new log.
+
+Producer. Its flight reads the real upstream through a tee: each chunk is encoded (a pristine
+copy, before any consumer sees it) into the pending batch and handed to the producer's writer
+thread, which sends *everything pending* in one `APPEND` (one round trip per batch of chunks
+that arrived while the previous one was in flight; the same script renews the lease and the
+log's TTL and returns how many follower readers are registered). With no chunk for
+``lease / 3`` the writer renews the lease alone. At the upstream's end the tee flushes and checks
+the fence before the flight stores (the lease is renewed during the store); a fenced producer does
+not store. After the store, `Flight.on_end` has the writer append the final record (``done``,
+``error``, ``cancel`` or ``abandon``); after a stored ``done`` the lease becomes ``=<token>`` for
+``done_ttl`` seconds so that callers that missed the store replay the log instead of calling the
+upstream again; the log expires ``log_ttl`` seconds later.
+
+Follower. Its flight reads the producer's log from the first entry (``0-0``, never ``$``) with
+``XREAD BLOCK`` (at most ``block`` seconds per call), decodes each batch and yields its chunks:
+one reader, so one Redis connection, per key per process, whatever the number of local
+consumers. It registers itself in the ``w`` set every ``lease / 3`` seconds, which is what keeps a
+producer whose local consumers all left reading the upstream for the other processes.
+
+Failure. After an empty ``XREAD`` the follower checks the lease: gone or another token without
+a final record means the producer was lost. A follower that has yielded nothing elects again
+(and may become the producer: the transparent restart); one that has yielded chunks raises
+`UpstreamLost`. A final ``error`` record raises `UpstreamLost` naming the producer's error; a
+final ``cancel`` or ``abandon`` is treated like a loss. Redis errors never reach a caller: the
+election falls back to the local upstream (an in-process flight, counted ``redis_fallbacks``);
+a producer whose writes fail stops publishing and carries on locally; a follower whose reads
+fail calls the upstream itself and, if it had already yielded chunks, skips them after checking
+that the new stream starts with the same chunks (else `UpstreamLost`: a different answer cannot
+be spliced). After a failure the client is not used for ``down_backoff`` seconds.
+
+Threads. Every Redis call uses the *sync* redis-py client: directly from sync flights, and in an
+anyio worker thread (``anyio.to_thread.run_sync``) from async flights, so asyncio and trio share
+one code path and the event loop never blocks (``redis.asyncio`` does not run on trio). Each
+producer has a writer thread for the life of its stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import redis
+
+from chengeta_ai.errors import UpstreamLost
+from chengeta_ai.layers.fanout import (
+    Flight,
+    _aclose_upstream,
+    _open_upstream,
+)
+from chengeta_ai.serializers import ChunkSink, CompactSerializer
+
+__all__ = ["RedisFlights"]
+
+logger = logging.getLogger("chengeta_ai")
+
+_ACQUIRE = """
+local cur = redis.call('GET', KEYS[1])
+if cur then return {0, cur} end
+local g = redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+local tok = tostring(g) .. '.' .. ARGV[2]
+redis.call('SET', KEYS[1], tok, 'PX', ARGV[1])
+return {1, tok}
+"""
+
+# KEYS: lease, log, watchers; ARGV: token, lease_ms, log_ttl_ms, now_ms[, batch]
+_APPEND = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if #ARGV >= 5 then redis.call('XADD', KEYS[2], '*', 'd', ARGV[5]) end
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[4])
+return redis.call('ZCARD', KEYS[3])
+"""
+
+# KEYS: lease, log; ARGV: token, kind, message, log_ttl_ms, done_ms
+_FINISH = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+redis.call('XADD', KEYS[2], '*', 'f', ARGV[2], 'm', ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+if tonumber(ARGV[5]) > 0 then
+  redis.call('SET', KEYS[1], '=' .. ARGV[1], 'PX', ARGV[5])
+else
+  redis.call('DEL', KEYS[1])
+end
+return 1
+"""
+
+# KEYS: watchers; ARGV: expiry_ms, reader id, ttl_ms (one script: never a set without a TTL)
+_WATCH = """
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+#: What a failing Redis (standalone or Cluster) raises: fail-open on all of them.
+_REDIS_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
+
+#: Chunks taken per XREAD entry batch (entries, each a batch of chunks).
+_XREAD_COUNT = 64
+
+
+class _Lost(Exception):
+    """Internal: the producer is gone (lease lapsed, cancelled); ``delivered`` decides."""
+
+
+class _Fallback(Exception):
+    """Internal: Redis failed; read the upstream locally."""
+
+
+class RedisFlights:
+    """Shares in-flight streams among every process pointed at the same Redis.
+
+    Pass it to `StreamingResponseCache` as ``flights=``. ``url_or_client``: a ``redis://`` URL
+    or a sync ``redis.Redis`` / ``redis.cluster.RedisCluster`` (not closed by `close`).
+
+    Args:
+        lease: seconds a producer's lease lasts without renewal (renewed every ``lease / 3``);
+            followers notice a lost producer within ``lease + block`` seconds.
+        block: longest single ``XREAD BLOCK``, seconds.
+        log_ttl: seconds a stream's log outlives its last write.
+        done_ttl: seconds after a stored end during which callers that missed the store replay
+            the log instead of electing a new producer.
+        max_entry_bytes: bound on one stream's log in Redis (None: the cache's
+            ``max_entry_bytes``); past it the producer stops publishing (followers that already
+            have chunks get `UpstreamLost`, the others read the upstream themselves).
+        down_backoff: seconds Redis is not used after a failure (every flight is local).
+    """
+
+    def __init__(
+        self,
+        url_or_client: str | Any = "redis://127.0.0.1:6379/0",
+        *,
+        prefix: str = "chengeta:",
+        lease: float = 3.0,
+        block: float = 0.25,
+        log_ttl: float = 10.0,
+        done_ttl: float = 5.0,
+        max_entry_bytes: int | None = None,
+        socket_timeout: float = 1.0,
+        socket_connect_timeout: float = 0.5,
+        down_backoff: float = 1.0,
+    ) -> None:
+        if lease <= 0 or block <= 0 or log_ttl <= 0 or done_ttl < 0:
+            raise ValueError("lease, block and log_ttl must be > 0, done_ttl >= 0")
+        self.prefix = prefix
+        self.lease = lease
+        self.block = block
+        self.log_ttl = max(log_ttl, lease)
+        self.done_ttl = done_ttl
+        self.max_entry_bytes = max_entry_bytes
+        self.down_backoff = down_backoff
+        if isinstance(url_or_client, str):
+            self.url = url_or_client
+            self._owns_client = True
+            # a blocking XREAD must end before the socket times out
+            self.client: Any = redis.Redis.from_url(
+                url_or_client,
+                socket_timeout=max(socket_timeout, block + 1.0),
+                socket_connect_timeout=socket_connect_timeout,
+            )
+        else:
+            self.url = repr(url_or_client)
+            self._owns_client = False
+            self.client = url_or_client
+        self._acquire = self.client.register_script(_ACQUIRE)
+        self._append = self.client.register_script(_APPEND)
+        self._finish = self.client.register_script(_FINISH)
+        self._watch = self.client.register_script(_WATCH)
+        self._codec = CompactSerializer()
+        self._lock = threading.Lock()  # guards _down_until and _producers
+        self._down_until = 0.0
+        #: Writer threads still running (`close` waits for their final records).
+        self._producers: set[threading.Thread] = set()
+        self._counts = dict.fromkeys(
+            ("producer_round_trips", "chunks_published", "batches", "reader_round_trips"), 0
+        )
+
+    def __repr__(self) -> str:
+        return f"RedisFlights({self.url}, prefix={self.prefix!r}, lease={self.lease})"
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Waits (up to ``timeout`` seconds) for producers to write their final records, then
+        closes the client this object created."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            producers = list(self._producers)
+        for thread in producers:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if self._owns_client:
+            self.client.close()
+            self.client.connection_pool.disconnect()
+
+    def stats(self) -> dict[str, int]:
+        """Round trips of this process: ``producer_round_trips`` (appends, renewals, final
+        records), ``batches`` and ``chunks_published`` (so round trips per chunk is
+        ``producer_round_trips / chunks_published``), ``reader_round_trips`` (XREADs)."""
+        with self._lock:
+            return dict(self._counts)
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for name, n in deltas.items():
+                self._counts[name] += n
+
+    # -- keys ----------------------------------------------------------------------------------
+
+    def base(self, key: str) -> str:
+        return f"{self.prefix}fl:{{{key}}}"
+
+    def lease_key(self, key: str) -> str:
+        return self.base(key) + ":lease"
+
+    def log_key(self, key: str, token: str) -> str:
+        return f"{self.base(key)}:log:{token}"
+
+    def watchers_key(self, key: str) -> str:
+        return self.base(key) + ":w"
+
+    # -- failure bookkeeping ---------------------------------------------------------------------
+
+    @property
+    def down(self) -> bool:
+        return time.monotonic() < self._down_until
+
+    def _failed(self, flight: Flight, what: str, exc: BaseException) -> None:
+        with self._lock:
+            self._down_until = time.monotonic() + self.down_backoff
+        flight.count("redis_fallbacks")
+        logger.warning(
+            "chengeta_ai: redis flights %s failed for %s (%r): in-process", what, flight.key, exc
+        )
+
+    # -- sync Redis operations (called directly, or in a worker thread) ---------------------------
+
+    def elect(self, key: str) -> tuple[bool, str]:
+        """``(leads, token)``: this caller produces ``token``'s log, or follows it."""
+        nonce = os.urandom(8).hex()
+        won, token = self._acquire(
+            keys=[self.lease_key(key), self.base(key) + ":gen"],
+            args=[int(self.lease * 1000), nonce, int(self.log_ttl * 1000)],
+        )
+        token = token.decode() if isinstance(token, bytes) else str(token)
+        return bool(won), token.removeprefix("=")
+
+    def append(self, key: str, token: str, batch: bytes | None, lease: float) -> int:
+        """Appends a batch (None: renews only); the number of follower readers, -1 if fenced."""
+        now_ms = int(time.time() * 1000)
+        args: list[Any] = [token, int(lease * 1000), int(self.log_ttl * 1000), now_ms]
+        if batch is not None:
+            args.append(batch)
+        keys = [self.lease_key(key), self.log_key(key, token), self.watchers_key(key)]
+        return int(self._append(keys=keys, args=args))
+
+    def finish(self, key: str, token: str, kind: str, message: str, keep: bool) -> bool:
+        """Writes the final record; ``keep``: the lease becomes ``=token`` for ``done_ttl``."""
+        done_ms = int(self.done_ttl * 1000) if keep else 0
+        keys = [self.lease_key(key), self.log_key(key, token)]
+        args = [token, kind, message[:1000], int(self.log_ttl * 1000), done_ms]
+        return int(self._finish(keys=keys, args=args)) == 1
+
+    # -- the adapters --------------------------------------------------------------------------
+
+    def sync_upstream(
+        self, flight: Flight, stream_fn: Callable[[Any], Iterable[Any]]
+    ) -> Callable[[Any], Iterator[Any]]:
+        """``stream_fn`` for a sync flight that leads its key in this process."""
+        return lambda messages: self._sync_stream(flight, stream_fn, messages)
+
+    def async_upstream(
+        self, flight: Flight, stream_fn: Callable[[Any], Any]
+    ) -> Callable[[Any], AsyncIterator[Any]]:
+        """``stream_fn`` for an async flight that leads its key in this process."""
+        return lambda messages: self._async_stream(flight, stream_fn, messages)
+
+    def _role(self, flight: Flight) -> tuple[str, str]:
+        """("lead" | "follow", token) or ("local", "")."""
+        if self.down:
+            flight.count("redis_fallbacks")
+            return "local", ""
+        try:
+            leads, token = self.elect(flight.key)
+        except _REDIS_ERRORS as exc:
+            self._failed(flight, "election", exc)
+            return "local", ""
+        return ("lead" if leads else "follow"), token
+
+    def _become(self, flight: Flight, role: str, first: bool) -> None:
+        follower = role == "follow"
+        with flight.settings.table.lock:
+            flight.state.follow(follower)
+        if follower and first:
+            flight.count("remote_joins")
+        elif role == "lead":
+            flight.count("remote_leads")
+
+    def _lost(self, flight: Flight, message: str) -> UpstreamLost:
+        flight.count("upstream_lost")
+        return UpstreamLost(f"{flight.key}: {message}")
+
+    # sync
+
+    def _sync_stream(
+        self, flight: Flight, stream_fn: Callable[[Any], Iterable[Any]], messages: Any
+    ) -> Iterator[Any]:
+        delivered = 0
+        first = True
+        while True:
+            role, token = self._role(flight)
+            self._become(flight, role, first)
+            first = False
+            if role == "local":
+                yield from _local(flight, stream_fn(messages), delivered, self)
+                return
+            if role == "lead":
+                yield from self._produce_sync(flight, token, lambda: stream_fn(messages))
+                return
+            reader = _Reader(self, flight, token)
+            try:
+                while True:
+                    try:
+                        got = reader.read()
+                    except _REDIS_ERRORS as exc:
+                        self._failed(flight, "read", exc)
+                        raise _Fallback from exc
+                    if got is None:
+                        continue
+                    for chunk in got:
+                        delivered += 1
+                        yield chunk
+            except _Lost as lost:
+                if delivered:
+                    raise self._lost(flight, str(lost)) from None
+                continue  # nothing yielded yet: elect again, maybe produce
+            except _Fallback:
+                yield from _local(flight, stream_fn(messages), delivered, self)
+                return
+            except _Done:
+                return
+            finally:
+                reader.close()
+
+    def _produce_sync(
+        self, flight: Flight, token: str, open_source: Callable[[], Iterable[Any]]
+    ) -> Iterator[Any]:
+        # the writer first: an upstream that fails to open still gets its final record
+        producer = _Producer(self, flight, token)
+        source: Any = None
+        upstream: Any = None
+        ended = False
+        try:
+            source = open_source()
+            upstream = iter(source)
+            for chunk in upstream:
+                producer.push(chunk)
+                yield chunk
+            ended = True
+        except GeneratorExit:
+            producer.end("cancel", "")
+            raise
+        except BaseException as exc:
+            producer.end("error", repr(exc))
+            raise
+        finally:
+            if not ended and upstream is not None:
+                _close_sync(upstream, source)
+        producer.before_store()
+
+    # async
+
+    async def _async_stream(
+        self, flight: Flight, stream_fn: Callable[[Any], Any], messages: Any
+    ) -> AsyncIterator[Any]:
+        delivered = 0
+        first = True
+        limiter = anyio.CapacityLimiter(1)  # one Redis call at a time per flight
+
+        async def call(fn: Callable[..., Any], *args: Any) -> Any:
+            return await anyio.to_thread.run_sync(
+                fn, *args, abandon_on_cancel=True, limiter=limiter
+            )
+
+        while True:
+            role, token = await call(self._role, flight)
+            self._become(flight, role, first)
+            first = False
+            if role == "local":
+                async for chunk in _alocal(flight, stream_fn, messages, delivered, self):
+                    yield chunk
+                return
+            if role == "lead":
+                producer = _Producer(self, flight, token)
+                upstream = await _open_upstream(stream_fn, messages)
+                ended = False
+                try:
+                    if hasattr(upstream, "__anext__"):
+                        while True:
+                            try:
+                                chunk = await upstream.__anext__()
+                            except StopAsyncIteration:
+                                break
+                            producer.push(chunk)
+                            yield chunk
+                    else:
+                        for chunk in upstream:
+                            producer.push(chunk)
+                            yield chunk
+                    ended = True
+                except BaseException as exc:
+                    if isinstance(exc, (GeneratorExit, anyio.get_cancelled_exc_class())):
+                        producer.end("cancel", "")
+                    else:
+                        producer.end("error", repr(exc))
+                    raise
+                finally:
+                    if not ended:
+                        await _aclose_upstream(upstream)
+                await call(producer.before_store)
+                return
+            reader = _Reader(self, flight, token)
+            try:
+                while True:
+                    try:
+                        got = await call(reader.read)
+                    except _REDIS_ERRORS as exc:
+                        self._failed(flight, "read", exc)
+                        raise _Fallback from exc
+                    if got is None:
+                        continue
+                    for chunk in got:
+                        delivered += 1
+                        yield chunk
+            except _Lost as lost:
+                if delivered:
+                    raise self._lost(flight, str(lost)) from None
+                continue
+            except _Fallback:
+                async for chunk in _alocal(flight, stream_fn, messages, delivered, self):
+                    yield chunk
+                return
+            except _Done:
+                return
+            finally:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                    await anyio.to_thread.run_sync(reader.close, abandon_on_cancel=True)
+
+
+class _Done(Exception):
+    """Internal: the producer's final ``done`` record was read."""
+
+
+class _Reader:
+    """A follower's reader of one producer's log (sync; async flights call it in a thread)."""
+
+    def __init__(self, rf: RedisFlights, flight: Flight, token: str) -> None:
+        self.rf = rf
+        self.flight = flight
+        self.token = token
+        self.key = flight.key
+        self.log = rf.log_key(flight.key, token)
+        self.last = "0-0"  # from the first entry, never "$"
+        self.rid = f"{os.getpid()}.{os.urandom(6).hex()}"
+        self._watch_at = 0.0
+        self._registered = False
+        self._final: tuple[str, str] | None = None
+
+    def read(self) -> list[Any] | None:
+        """Chunks of the next entries; None after an empty wait (the lease was alive). Raises
+        `_Done` at a final ``done``, `_Lost` when the producer is gone, `UpstreamLost` at a
+        final ``error``."""
+        if self._final is not None:
+            return self._at_final()
+        rf = self.rf
+        client = rf.client
+        now = time.monotonic()
+        if now >= self._watch_at:
+            expiry_ms = int(time.time() * 1000) + int(rf.lease * 1000)
+            rf._watch(
+                keys=[rf.watchers_key(self.key)],
+                args=[expiry_ms, self.rid, int(rf.log_ttl * 1000)],
+            )
+            self._registered = True
+            self._watch_at = now + rf.lease / 3
+        rf._count(reader_round_trips=1)
+        resp = client.xread({self.log: self.last}, count=_XREAD_COUNT, block=int(rf.block * 1000))
+        if not resp:
+            lease = client.get(rf.lease_key(self.key))
+            if lease is not None and lease.decode().removeprefix("=") == self.token:
+                return None
+            raise _Lost("the producing process was lost (its lease lapsed without an end)")
+        chunks: list[Any] = []
+        for entry_id, fields in resp[0][1]:
+            self.last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            data = fields.get(b"d")
+            if data is not None:
+                chunks.extend(rf._codec.loads(data))
+                continue
+            self._final = (fields.get(b"f", b"").decode(), fields.get(b"m", b"").decode())
+            break
+        if chunks:  # a final record read with them is handled at the next read
+            return chunks
+        return self._at_final()
+
+    def _at_final(self) -> list[Any] | None:
+        if self._final is None:
+            return None
+        kind, message = self._final
+        if kind == "done":
+            raise _Done
+        if kind == "error":
+            raise self.rf._lost(
+                self.flight, f"the upstream failed in the producing process: {message}"
+            )
+        raise _Lost(f"the producing process stopped ({kind}: {message})")
+
+    def close(self) -> None:
+        if self._registered:
+            try:
+                self.rf.client.zrem(self.rf.watchers_key(self.key), self.rid)
+            except _REDIS_ERRORS:
+                pass  # it expires
+
+
+class _Producer:
+    """The writer of one produced stream: batches pending chunks, renews the lease, writes the
+    final record, in its own thread (so the flight never waits for Redis but at the end)."""
+
+    def __init__(self, rf: RedisFlights, flight: Flight, token: str) -> None:
+        self.rf = rf
+        self.flight = flight
+        self.token = token
+        self.key = flight.key
+        self.cond = threading.Condition(threading.Lock())
+        self.encoder: ChunkSink | None = rf._codec.stream_encoder()
+        self.pending = 0
+        self.final: tuple[str, str, bool] | None = None
+        self.sync_wanted = 0
+        self.sync_done = 0
+        #: "live" until fenced, broken (Redis failed), stopped (oversized) or closed.
+        self.status = "live"
+        self.sent_bytes = 0
+        cap = rf.max_entry_bytes or flight.settings.max_entry_bytes
+        self.max_bytes = cap if cap is not None else 1 << 62
+        flight.on_end = self.on_end
+        self.thread = threading.Thread(
+            target=self._run_tracked, name="chengeta-redis-producer", daemon=True
+        )
+        with rf._lock:
+            rf._producers.add(self.thread)
+        self.thread.start()
+
+    # called by the tee (any thread), never blocking on Redis
+
+    def push(self, chunk: Any) -> None:
+        with self.cond:
+            if self.status != "live" or self.encoder is None:
+                return
+            try:
+                self.encoder.push(chunk)
+            except Exception as exc:  # not encodable: other processes cannot have it
+                self.encoder = None
+                self.final = ("abandon", f"a chunk cannot be encoded: {exc}", False)
+            self.pending += 1
+            self.cond.notify()
+
+    def end(self, kind: str, message: str, keep: bool = False) -> None:
+        with self.cond:
+            if self.final is None:
+                self.final = (kind, message, keep)
+            self.cond.notify()
+
+    def on_end(self, flight: Flight) -> None:
+        """The flight ended (after its store): the final record."""
+        state = flight.state
+        if state.error is not None:
+            self.end("error", repr(state.error))
+        elif state.abandoned and state.not_stored == "abandoned":
+            self.end("cancel", "")
+        else:
+            self.end("done", "", keep=state.not_stored is None)
+
+    def before_store(self) -> None:
+        """At the upstream's end: every chunk written and the fence checked (the writer keeps
+        renewing the lease while the flight stores). A producer that lost its lease does not
+        store."""
+        with self.cond:
+            self.sync_wanted += 1
+            wanted = self.sync_wanted
+            self.cond.notify()
+            while self.sync_done < wanted and self.status == "live":
+                self.cond.wait(0.05)
+        if self.status == "fenced":
+            self.flight.transition(lambda: self.flight.state.keep_from_store("fenced"))
+
+    # the writer thread
+
+    def _run_tracked(self) -> None:
+        try:
+            self._run()
+        finally:
+            with self.rf._lock:
+                self.rf._producers.discard(self.thread)
+
+    def _run(self) -> None:
+        rf = self.rf
+        renew_every = rf.lease / 3
+        next_renew = time.monotonic() + renew_every
+        while True:
+            with self.cond:
+                while (
+                    not self.pending
+                    and self.final is None
+                    and self.sync_done == self.sync_wanted
+                    and time.monotonic() < next_renew
+                ):
+                    self.cond.wait(max(0.0, next_renew - time.monotonic()))
+                batch: bytes | None = None
+                if self.pending and self.encoder is not None:
+                    batch = self.encoder.finish()
+                    self.encoder = rf._codec.stream_encoder()
+                chunks = self.pending
+                self.pending = 0
+                final = self.final
+                sync = self.sync_wanted
+            try:
+                if batch is not None and self.sent_bytes + len(batch) > self.max_bytes:
+                    batch = None
+                    final = ("abandon", "the stream exceeded max_entry_bytes", False)
+                if batch is not None or final is None or sync != self.sync_done:
+                    lease = rf.lease  # still renewed while the flight stores
+                    rf._count(
+                        producer_round_trips=1,
+                        batches=batch is not None,
+                        chunks_published=chunks if batch is not None else 0,
+                    )
+                    readers = rf.append(self.key, self.token, batch, lease)
+                    if readers < 0:
+                        self._stop("fenced")
+                        self.flight.count("fenced")
+                        logger.warning(
+                            "chengeta_ai: lost the lease of %s: no longer publishing or storing",
+                            self.key,
+                        )
+                        return
+                    if batch is not None:
+                        self.sent_bytes += len(batch)
+                    with self.flight.settings.table.lock:
+                        self.flight.state.remote_consumers = readers > 0
+                next_renew = time.monotonic() + renew_every
+                with self.cond:
+                    self.sync_done = sync
+                    self.cond.notify_all()
+                if final is not None:
+                    kind, message, keep = final
+                    rf._count(producer_round_trips=1)
+                    rf.finish(self.key, self.token, kind, message, keep)
+                    self._stop("closed")
+                    return
+            except Exception as exc:  # Redis failed (or a bug): stop publishing, never crash
+                rf._failed(self.flight, "publish", exc)
+                self._stop("broken")
+                return
+
+    def _stop(self, status: str) -> None:
+        with self.cond:
+            self.status = status
+            self.encoder = None
+            self.cond.notify_all()
+
+
+def _close_sync(*objs: Any) -> None:
+    for obj in dict.fromkeys(objs):
+        closer = getattr(obj, "close", None)
+        if closer is not None:
+            try:
+                closer()
+            except Exception as exc:
+                logger.debug("chengeta_ai: closing upstream raised %r", exc)
+
+
+def _check_prefix(flight: Flight, delivered: int, index: int, chunk: Any, prefix: Any) -> None:
+    if prefix is None or prefix[index] != chunk:
+        raise UpstreamLost(
+            f"{flight.key}: Redis failed mid-stream and the upstream, called again, "
+            "did not repeat the chunks already delivered"
+        )
+
+
+def _local(
+    flight: Flight, source: Iterable[Any], delivered: int, rf: RedisFlights
+) -> Iterator[Any]:
+    """The upstream read in this process (Redis failed), skipping the ``delivered`` chunks
+    after checking that they are the same."""
+    prefix = flight.log.snapshot() if delivered else None
+    upstream = iter(source)
+    ended = False
+    try:
+        for index, chunk in enumerate(upstream):
+            if index < delivered:
+                _check_prefix(flight, delivered, index, chunk, prefix)
+                continue
+            yield chunk
+        ended = True
+    finally:
+        if not ended:
+            _close_sync(upstream, source)
+
+
+async def _alocal(
+    flight: Flight, stream_fn: Callable[[Any], Any], messages: Any, delivered: int, rf: RedisFlights
+) -> AsyncIterator[Any]:
+    prefix = flight.log.snapshot() if delivered else None
+    upstream = await _open_upstream(stream_fn, messages)
+    ended = False
+    index = 0
+    try:
+        if hasattr(upstream, "__anext__"):
+            while True:
+                try:
+                    chunk = await upstream.__anext__()
+                except StopAsyncIteration:
+                    break
+                if index < delivered:
+                    _check_prefix(flight, delivered, index, chunk, prefix)
+                else:
+                    yield chunk
+                index += 1
+        else:
+            for chunk in upstream:
+                if index < delivered:
+                    _check_prefix(flight, delivered, index, chunk, prefix)
+                else:
+                    yield chunk
+                index += 1
+        ended = True
+    finally:
+        if not ended:
+            await _aclose_upstream(upstream)
