@@ -39,7 +39,96 @@ def chat_request(target_bytes: int) -> dict[str, Any]:
     return {"model": "gpt-4o-mini", "messages": messages, **PARAMS}
 
 
+def responses_request(target_bytes: int) -> dict[str, Any]:
+    """The keyword arguments of a realistic OpenAI Responses API call (``client.responses.
+    create(**kwargs)``) of about `target_bytes` of JSON: instructions, an ``input`` list of
+    messages with typed content parts (input_text / output_text), function tools with JSON
+    schemas, a structured-output ``text`` format, ``reasoning``, ``metadata``, ``include``."""
+
+    def tool(name: str, description: str, props: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "type": "function",
+            "name": name,
+            "description": description,
+            "strict": True,
+            "parameters": {
+                "type": "object",
+                "properties": props,
+                "required": sorted(props),
+                "additionalProperties": False,
+            },
+        }
+
+    string = {"type": "string"}
+    kwargs: dict[str, Any] = {
+        "model": "gpt-5-mini",
+        "instructions": "You are a support agent for Chengeta Books. Cite order ids. Be brief.",
+        "input": [],
+        "tools": [
+            tool("get_order", "Look up an order by id.", {"order_id": string}),
+            tool(
+                "search_catalog",
+                "Search the catalog.",
+                {"query": string, "limit": {"type": "integer", "minimum": 1, "maximum": 50}},
+            ),
+            tool(
+                "refund",
+                "Refund an order line.",
+                {"order_id": string, "line": {"type": "integer"}, "reason": string},
+            ),
+        ],
+        "tool_choice": "auto",
+        "parallel_tool_calls": True,
+        "text": {
+            "format": {
+                "type": "json_schema",
+                "name": "answer",
+                "strict": True,
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "reply": string,
+                        "order_ids": {"type": "array", "items": string},
+                    },
+                    "required": ["reply", "order_ids"],
+                    "additionalProperties": False,
+                },
+            },
+            "verbosity": "low",
+        },
+        "reasoning": {"effort": "medium", "summary": "auto"},
+        "max_output_tokens": 2048,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "store": False,
+        "include": ["reasoning.encrypted_content"],
+        "metadata": {"tenant": "acme", "session": "s-0042", "channel": "web"},
+        "prompt_cache_key": "support-v3",
+        "safety_identifier": "user-5f2c",
+        "service_tier": "auto",
+        "truncation": "disabled",
+        "stream": True,
+    }
+    size = len(json.dumps(kwargs))
+    turn = 0
+    while size < target_bytes:
+        user = turn % 2 == 0
+        text = f"Turn {turn}: where is order A-{1000 + turn}? It was due on the {turn % 28 + 1}th. "
+        item = {
+            "type": "message",
+            "role": "user" if user else "assistant",
+            "content": [{"type": "input_text" if user else "output_text", "text": text * 3}],
+        }
+        if not user:
+            item["content"][0]["annotations"] = []
+        kwargs["input"].append(item)
+        size += len(json.dumps(item)) + 2
+        turn += 1
+    return kwargs
+
+
 REQUESTS = {"2KB": chat_request(2_000), "100KB": chat_request(100_000)}
+RESPONSES_REQUESTS = {"2KB": responses_request(2_000), "100KB": responses_request(100_000)}
 
 
 class Message(pydantic.BaseModel):
@@ -83,12 +172,13 @@ def record_ratio(
     ours: Callable[[], object],
     size: str,
     base_fn: Callable[[], object] | None = None,
+    request: dict[str, Any] | None = None,
 ) -> None:
     """Times `ours` and the baseline (by default sha256(json.dumps) of the size's request) in
     the same run; prints and stores the speed-up."""
     if benchmark.disabled:
         return
-    request = REQUESTS[size]
+    request = REQUESTS[size] if request is None else request
     base, fast = interleaved_best(base_fn or (lambda: baseline(request)), ours)
     ratio = base / fast
     benchmark.extra_info.update(
@@ -137,4 +227,29 @@ def test_hash_request_models(benchmark: Any, size: str) -> None:
         lambda: hash_request(request),
         size,
         lambda: baseline_models(request),
+    )
+
+
+@pytest.mark.parametrize("size", list(RESPONSES_REQUESTS))
+def test_hash_request_responses_api(benchmark: Any, size: str, summary: Any) -> None:
+    """The whole keyword arguments of a Responses API call, hashed as the cached clients key
+    them, against ``sha256(json.dumps(kwargs, sort_keys=True))`` (targets: 5x at 2 KB, 10x at
+    100 KB)."""
+    kwargs = RESPONSES_REQUESTS[size]
+    assert len(benchmark(hash_request, kwargs)) == 32
+    if benchmark.disabled:
+        return
+    record_ratio(
+        benchmark,
+        "hash_request, Responses API kwargs",
+        lambda: hash_request(kwargs),
+        size,
+        request=kwargs,
+    )
+    info = benchmark.extra_info
+    summary(
+        f"key, Responses API request {size} ({len(json.dumps(kwargs)):,} B JSON)",
+        f"{info['ours_us']:.2f} us",
+        f"sha256(json.dumps) {info['baseline_us']:.2f} us",
+        f"{info['speedup_vs_sha256_json']:.1f}x",
     )

@@ -95,6 +95,8 @@ class Heartbeat:
 
     def __init__(self) -> None:
         self.max_gap = 0.0
+        #: ticks so far (read from other threads: proof that the loop is running)
+        self.ticks = 0
         self._stop = False
 
     async def run(self) -> None:
@@ -103,6 +105,7 @@ class Heartbeat:
             await anyio.sleep(0.001)
             now = anyio.current_time()
             self.max_gap = max(self.max_gap, now - last)
+            self.ticks += 1
             last = now
 
     def stop(self) -> None:

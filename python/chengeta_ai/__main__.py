@@ -1,5 +1,8 @@
 """The ``chengeta-ai`` command (also ``python -m chengeta_ai``).
 
+Options:
+    --version   print "chengeta_ai <version>" and exit
+
 Subcommands:
     demo    stream one prompt twice through StreamingResponseCache (see ``demo --help``)
 """
@@ -13,11 +16,13 @@ from collections.abc import Sequence
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``chengeta-ai`` console script; returns the exit code."""
+    from chengeta_ai import __version__
     from chengeta_ai.demo import cli
 
     parser = argparse.ArgumentParser(
         prog="chengeta-ai", description="chengeta_ai: cache for streamed LLM responses."
     )
+    parser.add_argument("--version", action="version", version=f"chengeta_ai {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser(
         "demo",

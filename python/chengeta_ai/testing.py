@@ -127,6 +127,11 @@ def openai_chunks(n_tokens: int, **kwargs: Any) -> list[Any]:
     Built the way the ``openai`` client builds them from a stream (``construct``: no
     validation, unknown keys such as ``obfuscation`` kept as extra fields).
     """
-    from openai.types.chat import ChatCompletionChunk
+    try:
+        from openai.types.chat import ChatCompletionChunk
+    except ImportError as exc:
+        from chengeta_ai.errors import missing_extra
+
+        raise missing_extra("openai", "openai_chunks") from exc
 
     return [ChatCompletionChunk.construct(**d) for d in openai_chunk_dicts(n_tokens, **kwargs)]

@@ -4,22 +4,16 @@ exactly one upstream call."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
+from tests.uvicorn_fixture import serve_recipe, sse_events
 
 from chengeta_ai.demo.server import LocalOpenAIServer
-from redis_fixture import RedisServer, free_port
-
-ROOT = Path(__file__).resolve().parents[2]
+from redis_fixture import RedisServer
 
 
 @pytest.fixture
@@ -30,40 +24,9 @@ def upstream() -> Iterator[LocalOpenAIServer]:
 
 @pytest.fixture
 def uvicorn_4(flights_redis: RedisServer, upstream: LocalOpenAIServer) -> Iterator[str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "OPENAI_BASE_URL": upstream.base_url,
-        "OPENAI_API_KEY": "local",
-        "CHENGETA_REDIS_URL": flights_redis.url,
-        "CHENGETA_PREFIX": f"u-{uuid.uuid4().hex[:8]}:",
-        "PYTHONPATH": str(ROOT),
-    }
-    argv = ["--workers", "4", "--host", "127.0.0.1", "--port", str(port), "--log-level", "error"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "examples.fastapi_app:app", *argv], cwd=ROOT, env=env
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        # up when several workers answer (each one imports openai and builds its cache)
-        # (a new connection each time: one kept alive would stay with one worker)
-        pids: set[int] = set()
-        deadline = time.monotonic() + 30
-        while len(pids) < 4 and time.monotonic() < deadline:
-            assert proc.poll() is None, "uvicorn exited"
-            try:
-                pids.add(httpx.get(base + "/health", timeout=2).json()["pid"])
-            except httpx.TransportError:
-                time.sleep(0.1)
-        assert len(pids) >= 2, pids
+    env = {"CHENGETA_REDIS_URL": flights_redis.url, "CHENGETA_PREFIX": f"u-{uuid.uuid4().hex[:8]}:"}
+    with serve_recipe(upstream.base_url, workers=4, env=env) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 def test_uvicorn_4_workers_50_clients_one_upstream_call(
@@ -80,6 +43,8 @@ def test_uvicorn_4_workers_50_clients_one_upstream_call(
     with ThreadPoolExecutor(50) as pool:
         answers = list(pool.map(ask, range(50)))
     texts = {text for _, text in answers}
-    assert len(texts) == 1 and next(iter(texts))
+    assert len(texts) == 1
+    events = sse_events(next(iter(texts)))
+    assert len(events) > 2 and events[-1] == "[DONE]"
     assert len({pid for pid, _ in answers}) >= 2  # served by several processes
     assert upstream.request_count - before == 1

@@ -62,19 +62,22 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import redis
-import redis.asyncio
-import redis.asyncio.retry
-import redis.backoff
-import redis.retry
-
 from chengeta_ai.backends.base import (
     BaseBackend,
     namespace_key_prefix,
     namespace_tag_prefix,
     scoped_tag,
 )
-from chengeta_ai.errors import BackendError
+from chengeta_ai.errors import BackendError, missing_extra
+
+try:
+    import redis
+    import redis.asyncio
+    import redis.asyncio.retry
+    import redis.backoff
+    import redis.retry
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess without redis
+    raise missing_extra("redis", "RedisBackend") from exc
 
 __all__ = ["RedisBackend"]
 

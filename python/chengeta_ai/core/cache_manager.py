@@ -76,6 +76,38 @@ def check_tags(tags: Iterable[str] | None) -> tuple[str, ...]:
     return out
 
 
+_BACKENDS_HINT = (
+    "pass a backend instance, e.g. InMemoryBackend(), SQLiteBackend(path) or "
+    "RedisBackend(url) (from chengeta_ai), or your own class implementing "
+    "chengeta_ai.backends.base.Backend"
+)
+
+
+#: The methods of the `Backend` protocol (sync and async twins).
+_BACKEND_METHODS = tuple(sorted(name for name in vars(Backend) if not name.startswith("_")))
+
+
+def _check_backend(backend: object) -> Backend:
+    """``backend`` if it implements the `Backend` protocol; else `TypeError` saying what to
+    pass (a backend named by a string, a class instead of an instance, a missing method)."""
+    if isinstance(backend, type):
+        raise TypeError(
+            f"backend must be an instance, got the class {backend.__name__}: "
+            f"pass {backend.__name__}(...)"
+        )
+    if isinstance(backend, (str, bytes)):
+        raise TypeError(
+            f"backend must be a backend object, not the string {backend!r}: {_BACKENDS_HINT}"
+        )
+    missing = [name for name in _BACKEND_METHODS if not callable(getattr(backend, name, None))]
+    if missing:
+        raise TypeError(
+            f"backend {type(backend).__name__} does not implement the Backend protocol "
+            f"(missing: {', '.join(missing)}): {_BACKENDS_HINT}"
+        )
+    return backend  # type: ignore[return-value]
+
+
 class _Counters:
     """Thread-safe counters shown by ``stats()``."""
 
@@ -125,7 +157,12 @@ class CacheManager:
     ) -> None:
         if max_entry_bytes is not None and max_entry_bytes < 1:
             raise ValueError(f"max_entry_bytes must be positive or None, got {max_entry_bytes!r}")
-        self.backend: Backend = backend if backend is not None else InMemoryBackend()
+        self.backend: Backend = InMemoryBackend() if backend is None else _check_backend(backend)
+        if key_builder is not None and not callable(getattr(key_builder, "build", None)):
+            raise TypeError(
+                "key_builder must be a CacheKeyBuilder (or have its build() method), got "
+                f"{type(key_builder).__name__}"
+            )
         self.key_builder = key_builder if key_builder is not None else CacheKeyBuilder()
         self.serializer: Serializer = serializer if serializer is not None else CompactSerializer()
         self.default_ttl = check_ttl(default_ttl)

@@ -129,10 +129,10 @@ class LocalOpenAIServer:
             import uvicorn
 
             from chengeta_ai.demo.app import build_app, hide_injected_aborts
-        except ImportError as exc:  # pragma: no cover - the dev install has them
-            raise RuntimeError(
-                "LocalOpenAIServer needs starlette and uvicorn: pip install 'chengeta_ai[demo]'"
-            ) from exc
+        except ImportError as exc:
+            from chengeta_ai.errors import missing_extra
+
+            raise missing_extra(exc.name or "uvicorn", "LocalOpenAIServer", "demo") from exc
 
         hide_injected_aborts()
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET

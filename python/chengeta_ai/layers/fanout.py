@@ -22,7 +22,7 @@ import contextvars
 import inspect
 import logging
 import threading
-from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -46,6 +46,7 @@ from chengeta_ai.layers.flight_state import (
     Phase,
 )
 from chengeta_ai.layers.flights import FlightTable, Slot
+from chengeta_ai.layers.upstream import aiter_sync, check_sync_stream, not_a_stream
 from chengeta_ai.serializers import ChunkSink, Serializer
 
 __all__ = ["AsyncFlight", "Flight", "FlightSettings", "SyncFlight"]
@@ -349,34 +350,30 @@ class Flight:
 
 
 async def _open_upstream(stream_fn: Callable[[Any], Any], messages: Any) -> Any:
-    """Calls ``stream_fn`` and returns something to iterate: async iterator or plain iterable.
+    """Calls ``stream_fn`` and returns the async iterator to read.
 
     Accepts what users hand us: an async iterator or async generator, an awaitable resolving to
-    one (``AsyncOpenAI().chat.completions.create(..., stream=True)``), or a sync iterable.
+    one (``AsyncOpenAI().chat.completions.create(..., stream=True)``), or a sync iterable: read
+    inline if it is in memory (a list), else one ``next()`` at a time in a worker thread (an
+    ``openai.Stream`` must not block the loop; see `chengeta_ai.layers.upstream`). A response
+    object rather than a stream (``stream=True`` forgotten) raises `TypeError`.
     """
     result = stream_fn(messages)
     if inspect.isawaitable(result) and not hasattr(result, "__anext__"):
         result = await result
+    reason = not_a_stream(result)
+    if reason is not None:
+        raise TypeError(reason)
     if hasattr(result, "__anext__"):
         return result
     if hasattr(result, "__aiter__"):
         return result.__aiter__()
     if hasattr(result, "__iter__"):
-        return result  # closed through `_aiter_plain`, the object itself (it may hold a socket)
+        return aiter_sync(result)
     raise TypeError(
         "stream_fn must return an async iterator, an awaitable of one, or an iterable; "
         f"got {type(result).__name__}"
     )
-
-
-async def _aiter_plain(iterable: Iterable[Any]) -> AsyncGenerator[Any, None]:
-    try:
-        for item in iterable:
-            yield item
-    finally:
-        closer = getattr(iterable, "close", None)
-        if closer is not None:
-            closer()
 
 
 async def _aclose_upstream(upstream: Any) -> None:
@@ -457,8 +454,6 @@ class AsyncFlight(Flight):
         try:
             with self._scope:
                 upstream = await _open_upstream(stream_fn, messages)
-                if not hasattr(upstream, "__anext__"):
-                    upstream = _aiter_plain(upstream)
                 await self._pump(upstream)
                 # An upstream that swallowed the cancellation of its read "ends" here: it did
                 # not end on its own, so it is not complete.
@@ -630,12 +625,7 @@ class SyncFlight(Flight):
         try:
             if self._upstream is None:
                 assert self._stream_fn is not None
-                result = self._stream_fn(self._messages)
-                if not hasattr(result, "__iter__"):
-                    raise TypeError(
-                        "get_or_stream needs stream_fn to return an iterable; got "
-                        f"{type(result).__name__} (use aget_or_stream for async streams)"
-                    )
+                result = check_sync_stream(self._stream_fn(self._messages))
                 self._source = result
                 self._upstream = iter(result)
             self.append(next(self._upstream))

@@ -66,14 +66,20 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-import redis
 
-from chengeta_ai.errors import UpstreamLost
+from chengeta_ai.errors import UpstreamLost, missing_extra
+
+try:
+    import redis
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess without redis
+    raise missing_extra("redis", "RedisFlights") from exc
+
 from chengeta_ai.layers.fanout import (
     Flight,
     _aclose_upstream,
     _open_upstream,
 )
+from chengeta_ai.layers.upstream import check_sync_stream
 from chengeta_ai.serializers import ChunkSink, CompactSerializer
 
 __all__ = ["RedisFlights"]
@@ -292,7 +298,11 @@ class RedisFlights:
         self, flight: Flight, stream_fn: Callable[[Any], Iterable[Any]]
     ) -> Callable[[Any], Iterator[Any]]:
         """``stream_fn`` for a sync flight that leads its key in this process."""
-        return lambda messages: self._sync_stream(flight, stream_fn, messages)
+
+        def checked(messages: Any) -> Iterable[Any]:
+            return check_sync_stream(stream_fn(messages))
+
+        return lambda messages: self._sync_stream(flight, checked, messages)
 
     def async_upstream(
         self, flight: Flight, stream_fn: Callable[[Any], Any]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -34,8 +34,11 @@ from chengeta_ai.layers.fanout import (
 )
 from chengeta_ai.layers.flight_state import AbandonPolicy
 from chengeta_ai.layers.flights import SYNC_SCOPE, FlightTable, current_loop_scope
-from chengeta_ai.layers.redis_flights import RedisFlights
+from chengeta_ai.layers.upstream import check_sync_stream
 from chengeta_ai.serializers import CompactSerializer, Serializer, decode_cap
+
+if TYPE_CHECKING:
+    from chengeta_ai.layers.redis_flights import RedisFlights
 
 __all__ = ["StreamingResponseCache"]
 
@@ -102,8 +105,13 @@ class StreamingResponseCache:
             raise ValueError(f"max_lag must be an int >= 1, got {max_lag!r}")
         if slow_consumer not in ("wait", "detach"):
             raise ValueError(f"slow_consumer must be 'wait' or 'detach', got {slow_consumer!r}")
-        if flights is not None and not isinstance(flights, RedisFlights):
-            raise TypeError(f"flights must be a RedisFlights or None, got {type(flights).__name__}")
+        if flights is not None:
+            from chengeta_ai.layers.redis_flights import RedisFlights  # needs redis
+
+            if not isinstance(flights, RedisFlights):
+                raise TypeError(
+                    f"flights must be a RedisFlights or None, got {type(flights).__name__}"
+                )
         if on_abandon not in ("cancel", "finish"):
             raise ValueError(f"on_abandon must be 'cancel' or 'finish', got {on_abandon!r}")
         self.manager = manager
@@ -269,7 +277,7 @@ class StreamingResponseCache:
     ) -> Iterator[Any]:
         if bypass:
             self.count("bypasses")
-            upstream = stream_fn(messages)
+            upstream = check_sync_stream(stream_fn(messages))
             try:
                 yield from upstream
             finally:
@@ -344,7 +352,8 @@ class StreamingResponseCache:
 
         ``stream_fn(messages)`` may return an async iterator (an async generator), an awaitable
         resolving to one (``AsyncOpenAI().chat.completions.create(..., stream=True)``), or a
-        non-blocking iterable.
+        sync iterable: a list or tuple is read inline, anything else (``openai.Stream``, a
+        generator) one ``next()`` at a time in a worker thread, so the loop never blocks.
         """
         key, ttl, tag_tuple = self._prepare(messages, stream_fn, model_id, params, ttl, tags)
         return self._aget_or_stream(key, messages, stream_fn, ttl, tag_tuple, bypass)
@@ -362,12 +371,8 @@ class StreamingResponseCache:
             self.count("bypasses")
             upstream = await _open_upstream(stream_fn, messages)
             try:
-                if hasattr(upstream, "__anext__"):
-                    async for chunk in upstream:
-                        yield chunk
-                else:
-                    for chunk in upstream:
-                        yield chunk
+                async for chunk in upstream:
+                    yield chunk
             finally:
                 await _aclose_upstream(upstream)
             return

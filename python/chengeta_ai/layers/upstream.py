@@ -1,0 +1,212 @@
+"""What ``stream_fn`` returned: checked at the call, and read without blocking an event loop.
+
+- `not_a_stream`: the objects that are iterable but are not a stream of chunks, which a cache
+  would otherwise store quietly: a pydantic model (``client.chat.completions.create(...)``
+  without ``stream=True`` returns a ``ChatCompletion``, which iterates as ``(field, value)``
+  pairs), a mapping (iterates its keys), a ``str`` (characters), ``bytes`` (ints).
+- `check_sync_stream`: the check of `get_or_stream` (sync callers).
+- `aiter_sync`: a sync iterable as an async iterator for `aget_or_stream`. Lists, tuples and
+  ranges (and iterators over them) are in memory and read inline. Anything else (an
+  ``openai.Stream``, a generator, any iterator) may block on I/O in ``next()``, so each
+  ``next()`` runs in a worker thread (`ThreadedIterator`) and the event loop never waits on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+
+__all__ = [
+    "UPSTREAM_READER_THREADS",
+    "ThreadedIterator",
+    "aiter_sync",
+    "check_sync_stream",
+    "in_memory",
+    "not_a_stream",
+]
+
+logger = logging.getLogger("chengeta_ai")
+
+#: Worker threads that may read blocking sync upstreams at once, per event loop. A separate
+#: limiter from anyio's default one (40 threads, shared with file backends and RedisFlights):
+#: streams waiting for their next token must not starve a SQLite read. A stream beyond this
+#: bound waits for a reader to be free (every reader progresses as its upstream does).
+UPSTREAM_READER_THREADS = 128
+
+_readers: anyio.lowlevel.RunVar[anyio.CapacityLimiter] = anyio.lowlevel.RunVar(
+    "chengeta_upstream_readers"
+)
+
+#: Sync iterables whose ``next()`` never does I/O: read on the event loop.
+_IN_MEMORY: frozenset[type] = frozenset(
+    {
+        list,
+        tuple,
+        range,
+        type(iter([])),
+        type(iter(())),
+        type(iter(range(0))),
+        type(iter(range(2**64))),  # longrange_iterator
+        type(reversed([])),
+    }
+)
+
+_HINT = "did you pass stream=True?"
+
+
+def not_a_stream(result: object) -> str | None:
+    """Why ``result`` is not a stream of chunks (an iterable a cache must refuse), or None."""
+    kind: str | None = None
+    pydantic = sys.modules.get("pydantic")
+    if pydantic is not None and isinstance(result, pydantic.BaseModel):
+        kind = "a pydantic model (a whole response, which iterates as (field, value) pairs)"
+    elif isinstance(result, Mapping):
+        kind = "a mapping (which iterates as its keys)"
+    elif isinstance(result, str):
+        kind = "a str (which iterates as characters)"
+    elif isinstance(result, (bytes, bytearray, memoryview)):
+        kind = "bytes (which iterate as ints)"
+    if kind is None:
+        return None
+    return (
+        f"stream_fn returned {type(result).__module__}.{type(result).__qualname__}, {kind}, "
+        f"not a stream of chunks: {_HINT} (stream_fn must return the SDK's stream, e.g. "
+        "client.chat.completions.create(..., stream=True), or an iterable of chunks; to cache "
+        "one whole object, return [obj])"
+    )
+
+
+def check_sync_stream(result: Any) -> Iterable[Any]:
+    """``result`` if `get_or_stream` can read it as chunks; else `TypeError` with the fix."""
+    reason = not_a_stream(result)
+    if reason is not None:
+        raise TypeError(reason)
+    if not hasattr(result, "__iter__"):
+        hint = (
+            "use aget_or_stream for async streams and coroutines"
+            if hasattr(result, "__aiter__") or hasattr(result, "__await__")
+            else _HINT
+        )
+        raise TypeError(
+            "get_or_stream needs stream_fn to return an iterable of chunks; got "
+            f"{type(result).__name__} ({hint})"
+        )
+    return result  # type: ignore[no-any-return]
+
+
+def in_memory(iterable: object) -> bool:
+    """True for the sync iterables read inline on an event loop (lists, tuples, ranges and
+    their iterators); anything else may block in ``next()``."""
+    return type(iterable) in _IN_MEMORY
+
+
+def aiter_sync(iterable: Iterable[Any]) -> Any:
+    """``iterable`` as an async iterator: inline if `in_memory`, else a `ThreadedIterator`."""
+    if in_memory(iterable):
+        return _aiter_in_memory(iterable)
+    return ThreadedIterator(iterable)
+
+
+async def _aiter_in_memory(iterable: Iterable[Any]) -> AsyncGenerator[Any, None]:
+    for item in iterable:
+        yield item
+
+
+_END = object()
+
+
+class ThreadedIterator:
+    """An async iterator over a sync iterable whose ``next()`` may block (an HTTP stream): each
+    ``next()`` runs in a worker thread, one at a time, only when asked for (so the reader's
+    backpressure holds: nothing is read ahead).
+
+    Closing (`aclose`, called when the flight is cancelled or fails) never waits for a read
+    in progress: a cancelled ``__anext__`` abandons its worker thread at once, and that thread
+    closes the iterator (and the object it came from, e.g. the ``openai.Stream`` holding the
+    socket) as soon as its ``next()`` returns; no further ``next()`` is started. With no read
+    in progress, `aclose` closes them itself, in a worker thread. Closing is done once.
+
+    The state (reading, close requested, closed) changes under a lock; ``next()`` and
+    ``close()`` run outside it (a close from another thread while a read blocks would race
+    the HTTP client's own state).
+    """
+
+    __slots__ = ("_closed", "_closing", "_iterator", "_lock", "_reading", "_source")
+
+    def __init__(self, source: Iterable[Any]) -> None:
+        self._source = source
+        self._iterator: Iterator[Any] | None = None
+        self._lock = threading.Lock()
+        self._reading = False
+        self._closing = False
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<ThreadedIterator over {type(self._source).__name__}>"
+
+    def __aiter__(self) -> ThreadedIterator:
+        return self
+
+    async def __anext__(self) -> Any:
+        limiter = _readers.get(None)
+        if limiter is None:
+            limiter = anyio.CapacityLimiter(UPSTREAM_READER_THREADS)
+            _readers.set(limiter)
+        item = await anyio.to_thread.run_sync(self._read, abandon_on_cancel=True, limiter=limiter)
+        if item is _END:
+            raise StopAsyncIteration
+        return item
+
+    def _read(self) -> Any:
+        """One ``next()``, in a worker thread."""
+        with self._lock:
+            if self._closing:
+                return _END
+            self._reading = True
+        close = True
+        try:
+            if self._iterator is None:
+                self._iterator = iter(self._source)
+            item = next(self._iterator, _END)
+            close = item is _END
+            return item
+        finally:
+            # an exception also closes: the stream is over either way
+            with self._lock:
+                self._reading = False
+                close = close or self._closing
+                self._closing = self._closing or close
+            if close:
+                self._close_once()
+
+    async def aclose(self) -> None:
+        with self._lock:
+            self._closing = True
+            busy = self._reading
+        if not busy:
+            await anyio.to_thread.run_sync(self._close_once)
+        # else: the reading thread closes once its next() returns (see the class doc)
+
+    def _close_once(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        objs: list[Any] = [self._iterator, self._source]
+        if self._iterator is self._source or self._iterator is None:
+            objs = [self._source]
+        for obj in objs:
+            closer = getattr(obj, "close", None)
+            if closer is None:
+                continue
+            try:
+                closer()
+            except Exception as exc:
+                logger.debug("chengeta_ai: closing upstream raised %r", exc)
