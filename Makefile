@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 MATURIN := $(VENV)/bin/maturin
 STAMP := $(VENV)/.deps-installed
 
-.PHONY: install build build-release demo test test-rust test-python lint-python lint-rust \
+.PHONY: install build build-release wheel demo test test-rust test-python lint-python lint-rust \
 	rustfmt-check clippy bench lint typecheck fmt clean
 
 $(STAMP): pyproject.toml
@@ -25,6 +25,10 @@ build: $(STAMP)
 ## build-release: optimised extension, for benchmarks
 build-release: $(STAMP)
 	$(MATURIN) develop --skip-install --release
+
+## wheel: the abi3 wheel (one per platform, CPython 3.10+), release profile, into dist/
+wheel: $(STAMP)
+	$(MATURIN) build --release --out dist --interpreter $(PY)
 
 demo: build
 	$(PY) -m chengeta_ai demo

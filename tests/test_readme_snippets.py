@@ -197,3 +197,61 @@ def test_readme_first_example(
         assert out == f"{expected_text}\n{expected_text}"
     else:  # another example: it must at least print the streamed answer
         assert expected_text in out
+
+
+# -- README.md: every python block, and the ones that are whole programs run as written --------
+
+
+def _readme_blocks() -> list[tuple[str, str]]:
+    """(the heading above it, the code) of every ```python block of README.md."""
+    text = (ROOT / "README.md").read_text()
+    blocks = []
+    heading = ""
+    for match in re.finditer(r"^(#{1,6} [^\n]*)$|^```python[ \t]*\n(.*?)^```", text, re.M | re.S):
+        if match.group(1):
+            heading = match.group(1).lstrip("#").strip()
+        else:
+            blocks.append((heading, match.group(2)))
+    return blocks
+
+
+def _readme_block(heading: str) -> str:
+    found = [code for h, code in _readme_blocks() if h.startswith(heading)]
+    assert len(found) == 1, f"one ```python block under {heading!r} in README.md"
+    return found[0]
+
+
+def test_every_readme_python_block_is_valid_python() -> None:
+    blocks = _readme_blocks()
+    assert len(blocks) >= 5
+    for heading, code in blocks:
+        try:
+            ast.parse(code)
+        except SyntaxError as exc:  # pragma: no cover - the failure message
+            pytest.fail(f"README block under {heading!r} does not parse: {exc}")
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_readme_async_example_runs_as_written(
+    env: LocalOpenAIServer, expected_text: str, capsys: pytest.CaptureFixture[str], backend: str
+) -> None:
+    """The "Async" section's example is a whole program: run as a script, it streams live,
+    then replays; on trio through the line its last comment gives."""
+    source = _readme_block("Async, on asyncio and trio")
+    last = source.rstrip().splitlines()[-1]
+    assert last == "asyncio.run(main())  # on trio: trio.run(main)"
+    if backend == "trio":
+        source = source.replace(last, "import trio\ntrio.run(main)")
+    before = env.request_count
+    exec(compile(source, "<README async example>", "exec"), {"__name__": "__main__"})
+    assert capsys.readouterr().out == f"{expected_text}\n{expected_text}\n"
+    assert env.request_count - before == 1  # the second pass was a hit
+
+
+def test_readme_fastapi_recipe_is_the_tested_example() -> None:
+    """The README's recipe is the handler of examples/fastapi_app.py, verbatim (that file is
+    what tests/e2e/test_fastapi_recipe.py serves under uvicorn)."""
+    block = _readme_block("Serving streams: FastAPI and server-sent events")
+    example = (ROOT / "examples" / "fastapi_app.py").read_text()
+    assert block.strip() in example
+    assert "text/event-stream" in block and "aclosing(" in block

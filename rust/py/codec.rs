@@ -855,13 +855,17 @@ fn new_instance<'py>(cls: &Bound<'py, PyType>) -> PyResult<Bound<'py, PyAny>> {
     let py = cls.py();
     let tp = cls.as_type_ptr();
     let args = PyTuple::empty(py);
-    // SAFETY: `tp` points to a live type object (owned by `cls`); `tp_new` is read from it and
-    // called with that type, an empty argument tuple and no keywords, which is what
-    // `object.__new__(cls)` does; it returns a new reference or NULL with an exception set.
+    // SAFETY: `tp` points to a live type object (owned by `cls`). `PyType_GetSlot` (stable
+    // ABI, so the abi3 wheel can use it; any type on 3.10+) returns its `tp_new` slot, a
+    // `newfunc` or NULL; it is called with that type, an empty argument tuple and no keywords,
+    // which is what `object.__new__(cls)` does, and returns a new reference or NULL with an
+    // exception set.
     unsafe {
-        let new = (*tp)
-            .tp_new
-            .ok_or_else(|| PyTypeError::new_err("model class cannot be instantiated"))?;
+        let slot = pyo3::ffi::PyType_GetSlot(tp, pyo3::ffi::Py_tp_new);
+        if slot.is_null() {
+            return Err(PyTypeError::new_err("model class cannot be instantiated"));
+        }
+        let new: pyo3::ffi::newfunc = std::mem::transmute(slot);
         Bound::from_owned_ptr_or_err(py, new(tp, args.as_ptr(), std::ptr::null_mut()))
     }
 }

@@ -32,7 +32,7 @@
 //! detaching would cost more than it frees). Speed comes from exact-type dispatch, UTF-8 read
 //! straight from `str` objects, a buffered hasher, and per-thread reused buffers.
 
-use pyo3::exceptions::{PyIndexError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -755,15 +755,8 @@ impl<'py> Walker<'py> {
 /// earlier item ran Python code that changed it): then an `IndexError`, as `list[i]` gives.
 #[inline]
 fn list_item<'py>(list: &Bound<'py, PyList>, i: usize) -> PyResult<Bound<'py, PyAny>> {
-    // SAFETY: `list` is a live list and the GIL is held; the index is checked against its
-    // current size, and the borrowed item is turned into an owned reference at once.
-    unsafe {
-        if i >= ffi::PyList_GET_SIZE(list.as_ptr()) as usize {
-            return Err(PyIndexError::new_err("list index out of range"));
-        }
-        let item = ffi::PyList_GET_ITEM(list.as_ptr(), i as ffi::Py_ssize_t);
-        Ok(Bound::from_borrowed_ptr(list.py(), item))
-    }
+    // `PyList_GetItem` (stable ABI) checks the index against the list's current size
+    list.get_item(i)
 }
 
 fn check_depth(depth: usize) -> WalkResult {
