@@ -13,21 +13,29 @@ STAMP := $(VENV)/.deps-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "maturin>=1.5,<2"
+	rm -f $(STALE_EXT)
 	$(MATURIN) develop --extras dev
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# An extension built before it was abi3 (`_core.cpython-3XX-*.so`) would shadow `_core.abi3.so`
+# on import and be packed into wheels: removed before every build.
+STALE_EXT := python/chengeta_ai/_core.cpython-*.so
+
 ## build: the extension in place, dev profile (incremental)
 build: $(STAMP)
+	rm -f $(STALE_EXT)
 	$(MATURIN) develop --skip-install
 
 ## build-release: optimised extension, for benchmarks
 build-release: $(STAMP)
+	rm -f $(STALE_EXT)
 	$(MATURIN) develop --skip-install --release
 
 ## wheel: the abi3 wheel (one per platform, CPython 3.10+), release profile, into dist/
 wheel: $(STAMP)
+	rm -f $(STALE_EXT)
 	$(MATURIN) build --release --out dist --interpreter $(PY)
 
 demo: build

@@ -130,7 +130,7 @@ def openai_chunks(n_tokens: int, **kwargs: Any) -> list[Any]:
     try:
         from openai.types.chat import ChatCompletionChunk
     except ImportError as exc:
-        from chengeta_ai.errors import missing_extra
+        from chengeta_ai._optional import missing_extra
 
         raise missing_extra("openai", "openai_chunks") from exc
 

@@ -62,13 +62,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from chengeta_ai._optional import missing_extra
 from chengeta_ai.backends.base import (
     BaseBackend,
     namespace_key_prefix,
     namespace_tag_prefix,
     scoped_tag,
 )
-from chengeta_ai.errors import BackendError, missing_extra
+from chengeta_ai.errors import BackendError
 
 try:
     import redis

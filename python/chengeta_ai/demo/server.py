@@ -130,7 +130,7 @@ class LocalOpenAIServer:
 
             from chengeta_ai.demo.app import build_app, hide_injected_aborts
         except ImportError as exc:
-            from chengeta_ai.errors import missing_extra
+            from chengeta_ai._optional import missing_extra
 
             raise missing_extra(exc.name or "uvicorn", "LocalOpenAIServer", "demo") from exc
 

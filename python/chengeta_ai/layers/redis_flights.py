@@ -67,7 +67,8 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from chengeta_ai.errors import UpstreamLost, missing_extra
+from chengeta_ai._optional import missing_extra
+from chengeta_ai.errors import UpstreamLost
 
 try:
     import redis
