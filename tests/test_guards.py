@@ -197,6 +197,8 @@ def test_a_backend_named_by_a_string_is_refused() -> None:
 def test_a_backend_class_instead_of_an_instance_is_refused() -> None:
     with pytest.raises(TypeError, match=r"pass InMemoryBackend\(\.\.\.\)"):
         CacheManager(backend=InMemoryBackend)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"the class dict does not implement .*missing: aclear"):
+        CacheManager(backend=dict)  # type: ignore[arg-type]
 
 
 def test_an_object_missing_backend_methods_is_refused_naming_them() -> None:

@@ -90,7 +90,7 @@ _BACKEND_METHODS = tuple(sorted(name for name in vars(Backend) if not name.start
 def _check_backend(backend: object) -> Backend:
     """``backend`` if it implements the `Backend` protocol; else `TypeError` saying what to
     pass (a backend named by a string, a class instead of an instance, a missing method)."""
-    if isinstance(backend, type):
+    if isinstance(backend, type) and all(hasattr(backend, name) for name in _BACKEND_METHODS):
         raise TypeError(
             f"backend must be an instance, got the class {backend.__name__}: "
             f"pass {backend.__name__}(...)"
@@ -101,8 +101,11 @@ def _check_backend(backend: object) -> Backend:
         )
     missing = [name for name in _BACKEND_METHODS if not callable(getattr(backend, name, None))]
     if missing:
+        what = (
+            f"the class {backend.__name__}" if isinstance(backend, type) else type(backend).__name__
+        )
         raise TypeError(
-            f"backend {type(backend).__name__} does not implement the Backend protocol "
+            f"backend {what} does not implement the Backend protocol "
             f"(missing: {', '.join(missing)}): {_BACKENDS_HINT}"
         )
     return backend  # type: ignore[return-value]
