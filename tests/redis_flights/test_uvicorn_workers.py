@@ -48,7 +48,8 @@ def uvicorn_4(flights_redis: RedisServer, upstream: LocalOpenAIServer) -> Iterat
         # up when several workers answer (each one imports openai and builds its cache)
         # (a new connection each time: one kept alive would stay with one worker)
         pids: set[int] = set()
-        deadline = time.monotonic() + 30
+        # (generous: four interpreters importing openai on a busy 2-core machine)
+        deadline = time.monotonic() + 120
         while len(pids) < 4 and time.monotonic() < deadline:
             assert proc.poll() is None, "uvicorn exited"
             try:
