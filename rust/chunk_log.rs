@@ -214,6 +214,40 @@ impl<T> ChunkLog<T> {
         overflowed
     }
 
+    /// True when this consumer may read the next upstream chunk itself: the stream is open,
+    /// the consumer has read everything pushed so far, and the producer is not held back.
+    pub fn ready_to_pull(&self, id: u64) -> bool {
+        !self.closed
+            && self.headroom() > 0
+            && self
+                .cursors
+                .get(&id)
+                .is_some_and(|c| c.position == self.end())
+    }
+
+    /// `push`, then, if consumer `id` had read everything before it, hands that consumer the
+    /// new chunk as a read of one would (acknowledging its previous batch). Returns
+    /// `(overflowed, taken)`. The consumer that pulled a chunk keeps it in hand instead of
+    /// reading it back: one call per chunk on a lone caller's miss instead of three.
+    pub fn push_taking(&mut self, item: T, nbytes: u64, id: u64) -> (bool, bool) {
+        let end = self.end();
+        let caught_up = self.cursors.get(&id).is_some_and(|c| c.position == end);
+        let overflowed = self.push(item, nbytes);
+        if !caught_up {
+            return (overflowed, false);
+        }
+        if let Some(cursor) = self.cursors.get_mut(&id) {
+            cursor.acked = cursor.position;
+            cursor.position += 1;
+            cursor.holds = true;
+        }
+        self.stats.delivered += 1;
+        if !self.retaining {
+            self.trim();
+        }
+        (overflowed, true)
+    }
+
     /// Marks the stream finished (successfully or not): consumers drain what is left.
     pub fn close(&mut self) {
         self.closed = true;
@@ -424,6 +458,46 @@ mod tests {
         assert_eq!(log.headroom(), 0, "the batch is still being consumed");
         log.read(c, 10, |_| {}).unwrap();
         assert_eq!(log.headroom(), 4);
+    }
+
+    #[test]
+    fn a_caught_up_consumer_takes_the_chunk_it_pulled() {
+        let mut log = ChunkLog::new(2, None);
+        let a = log.attach().unwrap();
+        let b = log.attach().unwrap();
+        assert!(log.ready_to_pull(a));
+        assert_eq!(log.push_taking(0, 1, a), (false, true));
+        // b has not read chunk 0: it reads it as usual; a is caught up again
+        assert!(log.ready_to_pull(a));
+        assert!(!log.ready_to_pull(b));
+        assert_eq!(log.push_taking(1, 1, a), (false, true));
+        // two chunks ahead of b (max_lag 2): nobody may pull
+        assert_eq!(log.headroom(), 0);
+        assert!(!log.ready_to_pull(a));
+        assert_eq!(read_all(&mut log, b).unwrap(), vec![0, 1]);
+        // b has not read chunk 2 (a took it): a chunk b pushes now is not b's to take
+        assert_eq!(log.push_taking(2, 1, a), (false, true));
+        assert_eq!(log.push_taking(3, 1, b), (false, false));
+        assert_eq!(read_all(&mut log, b).unwrap(), vec![2, 3]);
+        assert_eq!(log.stats().delivered, 7);
+        log.close();
+        assert!(!log.ready_to_pull(a));
+        assert!(!log.ready_to_pull(99));
+    }
+
+    #[test]
+    fn a_taken_chunk_is_dropped_once_nobody_needs_it() {
+        let mut log = ChunkLog::new(8, Some(1));
+        let a = log.attach().unwrap();
+        assert_eq!(log.push_taking(0, 5, a), (true, true));
+        assert_eq!(
+            log.retained_bytes(),
+            0,
+            "a holds it in hand, nobody else needs it"
+        );
+        assert_eq!(log.push_taking(1, 5, a), (false, true));
+        assert_eq!(log.retained_bytes(), 0);
+        assert_eq!(read_all(&mut log, a).unwrap(), Vec::<u32>::new());
     }
 
     #[test]

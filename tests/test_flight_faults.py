@@ -168,11 +168,11 @@ def test_interrupt_between_reading_and_logging_a_chunk_fails_every_consumer() ->
     original = flight.append
     calls = {"n": 0}
 
-    def interrupted_append(chunk: Any) -> None:
+    def interrupted_append(chunk: Any, taker: int | None = None) -> bool:
         calls["n"] += 1
         if chunk == 1:
             raise KeyboardInterrupt
-        original(chunk)
+        return original(chunk, taker)
 
     flight.append = interrupted_append  # type: ignore[method-assign]
     with pytest.raises(KeyboardInterrupt):

@@ -24,11 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @contextmanager
 def serve_recipe(
-    upstream_url: str, *, workers: int = 1, env: dict[str, str] | None = None
+    upstream_url: str,
+    *,
+    workers: int = 1,
+    env: dict[str, str] | None = None,
+    startup_timeout: float = 120,
 ) -> Iterator[str]:
     """Runs ``uvicorn examples.fastapi_app:app`` with ``workers`` processes, its OpenAI client
     pointed at ``upstream_url``; yields the base URL once it answers (with several workers:
-    once at least two processes answer)."""
+    once at least two processes answer, within ``startup_timeout`` seconds)."""
     port = free_port()
     full_env = {
         **os.environ,
@@ -51,7 +55,9 @@ def serve_recipe(
     try:
         # a new connection each time: one kept alive would stay with one worker
         pids: set[int] = set()
-        deadline = time.monotonic() + 30
+        # (generous: each process imports openai and fastapi; on a busy 2-core machine four of
+        # them took more than 30 s)
+        deadline = time.monotonic() + startup_timeout
         while len(pids) < min(workers, 4) and time.monotonic() < deadline:
             assert proc.poll() is None, "uvicorn exited"
             try:

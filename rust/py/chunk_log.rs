@@ -69,6 +69,20 @@ impl ChunkLog {
         self.lock().push(item, nbytes)
     }
 
+    /// `push`, handing the chunk to `consumer` if it had read everything before it (as a
+    /// read of one would). Returns a bit set: 1 = the push exceeded the byte budget,
+    /// 2 = the consumer took the chunk (it must not read it back).
+    fn push_taking(&self, item: Py<PyAny>, nbytes: u64, consumer: u64) -> u8 {
+        let (overflowed, taken) = self.lock().push_taking(item, nbytes, consumer);
+        u8::from(overflowed) | (u8::from(taken) << 1)
+    }
+
+    /// True when `consumer` may read the next upstream chunk itself: the stream is open, the
+    /// consumer has read everything, and the producer is not held back.
+    fn ready_to_pull(&self, consumer: u64) -> bool {
+        self.lock().ready_to_pull(consumer)
+    }
+
     /// How many chunks may be pushed before the slowest holding consumer must read.
     fn headroom(&self) -> u64 {
         self.lock().headroom()

@@ -68,6 +68,9 @@ UNENCODED_CHUNK_BYTES = 256
 #: Reasons a stream is not stored that are counted as ``not_stored_<reason>`` and logged
 #: (an upstream error and an abandoned stream have counters of their own).
 _RUNNING = Phase.RUNNING  # looked up once per pulled chunk
+#: `SyncFlight._pull_one` found no chunk for its taker (it pulled for the others, or the stream
+#: ended, or failed).
+_NOT_TAKEN: Any = object()
 _COUNTED_REASONS = frozenset(
     {"unserializable", "oversized", "incomplete", "backend_error", "interrupted"}
 )
@@ -206,8 +209,10 @@ class Flight:
 
     # -- per chunk ----------------------------------------------------------------------------
 
-    def append(self, chunk: Any) -> None:
-        """Encodes (for the store) and appends one upstream chunk to the log."""
+    def append(self, chunk: Any, taker: int | None = None) -> bool:
+        """Encodes (for the store) and appends one upstream chunk to the log. With ``taker``
+        (a consumer that has read everything before it), hands it the chunk as a read would;
+        returns True if it took it."""
         encoder = self.encoder
         if encoder is not None:
             try:
@@ -222,13 +227,21 @@ class Flight:
                 self._encoded_bytes = total
         else:
             nbytes = UNENCODED_CHUNK_BYTES
-        if self.log.push(chunk, nbytes):
+        if taker is None:
+            overflowed = self.log.push(chunk, nbytes)
+            taken = False
+        else:
+            bits = self.log.push_taking(chunk, nbytes, taker)
+            overflowed = bool(bits & 1)
+            taken = bits > 1
+        if overflowed:
             self.perform(
                 self.transition(
                     self.state.overflowed,
                     f"stream exceeded max_entry_bytes={self.settings.max_entry_bytes}",
                 )
             )
+        return taken
 
     def _cannot_encode(self, exc: Exception) -> None:
         if self.settings.copy_serializer is not None:
@@ -615,8 +628,10 @@ class SyncFlight(Flight):
             target=ctx.run, args=(self._drain,), name="chengeta-drain", daemon=True
         ).start()
 
-    def _pull_one(self) -> None:
+    def _pull_one(self, taker: int | None = None) -> Any:
         """Reads one upstream chunk (or the end, or an error) into the log. Pull lock held.
+        Returns the chunk if consumer ``taker`` took it in hand (see `Flight.append`), else
+        `_NOT_TAKEN`.
 
         The read and the append are one step: whatever interrupts it (an upstream error, a
         KeyboardInterrupt landing after ``next()`` returned) fails the flight, so that no
@@ -628,7 +643,9 @@ class SyncFlight(Flight):
                 result = check_sync_stream(self._stream_fn(self._messages))
                 self._source = result
                 self._upstream = iter(result)
-            self.append(next(self._upstream))
+            chunk = next(self._upstream)
+            if self.append(chunk, taker):
+                return chunk
         except StopIteration:
             self._finish()
         except BaseException as exc:
@@ -637,6 +654,7 @@ class SyncFlight(Flight):
                 self._close_upstream()
             finally:
                 self.perform(actions)
+        return _NOT_TAKEN
 
     def _finish(self) -> None:
         actions = 0
@@ -698,13 +716,35 @@ class SyncFlight(Flight):
                     logger.debug("chengeta_ai: closing upstream raised %r", exc)
 
     def consume(self, consumer: int) -> Iterator[Any]:
-        # `next_batch` inlined: this loop runs once per chunk on a lone caller's miss
-        read = self.log.read
+        # The loop a lone caller's miss runs once per chunk. A consumer that has read
+        # everything pulls the next chunk itself and keeps it in hand (`ChunkLog.push_taking`):
+        # per chunk, the upstream read, the encoder, and two calls into the log. Otherwise it
+        # reads what the log has for it (`next_batch`, inlined), or pulls, or waits.
+        log = self.log
+        read = log.read
+        ready_to_pull = log.ready_to_pull
+        pull_one = self._pull_one
         pull_lock = self._pull_lock
+        state = self.state
         delivered = 0
         acked = False
         try:
             while True:
+                if pull_lock.acquire(blocking=False):
+                    try:
+                        if state.phase is _RUNNING and ready_to_pull(consumer):
+                            chunk = pull_one(consumer)
+                        else:
+                            chunk = _NOT_TAKEN
+                    finally:
+                        pull_lock.release()
+                    if chunk is not _NOT_TAKEN:
+                        if self._waiters:
+                            self.wake()
+                        acked = True  # the take acknowledged the previous batch
+                        delivered += 1
+                        yield chunk
+                        continue
                 batch: list[Any] | None
                 try:
                     batch = read(consumer, READ_BATCH)
