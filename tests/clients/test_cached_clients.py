@@ -18,12 +18,12 @@ import anthropic
 import anyio
 import openai
 import pytest
+from tests.clients.fidelity import assert_identical
 
 from chengeta_ai import CacheManager, cached
 from chengeta_ai.clients import AsyncCachedStream, CachedStream
 from chengeta_ai.demo.server import LocalOpenAIServer
 from chengeta_ai.layers.streaming_cache import StreamingResponseCache
-from tests.clients.fidelity import assert_identical
 
 pytestmark = [
     # openai's and anthropic's AsyncStream leave their SSE decoder generators to the garbage
@@ -537,7 +537,7 @@ def test_everything_else_passes_through(
 
 def test_cached_refuses_what_it_cannot_wrap(oai: openai.OpenAI) -> None:
     cache = StreamingResponseCache(CacheManager())
-    with pytest.raises(TypeError, match="cached\\(\\) takes an openai.OpenAI"):
+    with pytest.raises(TypeError, match=r"cached\(\) takes an openai\.OpenAI"):
         cached(object(), cache)
     with pytest.raises(TypeError, match="StreamingResponseCache"):
         cached(oai, CacheManager())  # type: ignore[arg-type]
