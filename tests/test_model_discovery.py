@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
+from tests import litellm_shapes
+from tests.clients.fidelity import assert_identical
 
 from chengeta_ai import CacheManager, SQLiteBackend, register_model
 from chengeta_ai._core import registered_models
 from chengeta_ai.layers.streaming_cache import StreamingResponseCache
-from tests import litellm_shapes
-from tests.clients.fidelity import assert_identical
 
 
 def test_one_call_registers_a_litellm_stream_and_its_runtime_classes() -> None:
@@ -82,7 +82,9 @@ def test_a_reader_that_never_registered_the_class_logs_once_with_the_fix(
     child = textwrap.dedent(
         f"""
         import logging, sys
-        logging.basicConfig(stream=sys.stdout, level=logging.DEBUG, format="%(levelname)s %(message)s")
+        logging.basicConfig(
+            stream=sys.stdout, level=logging.DEBUG, format="%(levelname)s %(message)s"
+        )
         from chengeta_ai import CacheManager, SQLiteBackend
         manager = CacheManager(SQLiteBackend({str(db)!r}))
         print("GOT", manager.get("chengeta:object:a"), manager.get("chengeta:object:b"))

@@ -11,10 +11,10 @@ from typing import Any
 import anthropic
 import openai
 import pytest
+from tests.clients.fidelity import assert_identical
 
 from chengeta_ai.demo.server import LocalOpenAIServer
 from chengeta_ai.layers.streaming_cache import StreamingResponseCache
-from tests.clients.fidelity import assert_identical
 
 pytestmark = pytest.mark.filterwarnings(
     r"ignore:Async generator '(openai|anthropic|httpx2?|httpcore2?)\.:ResourceWarning"
@@ -123,13 +123,10 @@ async def test_async_responses_and_helper_events(
 
     before = server.request_count
     for fn in (responses, anthropic_events):
-        runs = [
-            [
-                e.model_copy(deep=True)
-                async for e in cache.aget_or_stream(_user(text), fn, model_id=fn.__name__)
-            ]
-            for _ in range(2)
-        ]
+        runs = []
+        for _ in range(2):
+            stream = cache.aget_or_stream(_user(text), fn, model_id=fn.__name__)
+            runs.append([e.model_copy(deep=True) async for e in stream])
         assert_identical(runs[1], runs[0])
     assert server.request_count - before == 2
     assert cache.stats()["stores"] == 2
