@@ -56,6 +56,10 @@ TRANSPORT_HEADERS = frozenset(
 )
 _SENTINELS = frozenset({"Omit", "NotGiven"})
 _KEEP_AS_IS = (str, bytes, bytearray, dict, list, tuple, BaseModel, Mapping)
+#: Exact types hashed as given (no look at them beyond their type).
+_PLAIN = frozenset({str, int, float, bool, type(None), dict, list, tuple, bytes})
+#: Arguments that are looked at whatever their type.
+_SPECIAL = frozenset({"timeout", "extra_headers", "extra_query", "extra_body"})
 
 
 def _is_sentinel(value: object) -> bool:
@@ -87,30 +91,32 @@ def _headers(value: Any) -> dict[str, Any]:
 
 
 def split_request(kwargs: dict[str, Any]) -> Request:
-    """Splits a call's keyword arguments into the hashed request and the SDK's arguments."""
-    request: dict[str, Any] = {}
-    sdk: dict[str, Any] = {}
+    """Splits a call's keyword arguments into the hashed request and the SDK's arguments.
+
+    ``kwargs`` (the call's own ``**kwargs`` dict) becomes the SDK's arguments (one-shot
+    iterables in it replaced by lists)."""
+    request = dict(kwargs)
     for name, value in kwargs.items():
-        if _is_sentinel(value) or name in TRANSPORT_ARGS:
-            sdk[name] = value
-            continue
-        if name == "extra_headers":
+        cls = type(value)
+        if cls in _PLAIN and name not in _SPECIAL:
+            continue  # the common case: a JSON-like value, hashed as given
+        if cls.__name__ in _SENTINELS or name in TRANSPORT_ARGS:
+            del request[name]
+        elif name == "extra_headers":
             headers = _headers(value)
             if headers:
                 request[name] = headers
-            sdk[name] = value
-            continue
-        if value is None and name in ("extra_query", "extra_body"):
-            sdk[name] = value
-            continue
-        if not isinstance(value, _KEEP_AS_IS) and hasattr(value, "__iter__"):
+            else:
+                del request[name]
+        elif value is None and name in ("extra_query", "extra_body"):
+            del request[name]
+        elif not isinstance(value, _KEEP_AS_IS) and hasattr(value, "__iter__"):
             value = list(value)  # a generator: read once, hashed and sent alike
-        request[name] = value
-        sdk[name] = value
+            request[name] = kwargs[name] = value
     stream = bool(request.pop("stream", False))
     model = request.get("model")
     model_id = model if isinstance(model, str) and model else "default"
-    return Request(request, sdk, stream, model_id)
+    return Request(request, kwargs, stream, model_id)
 
 
 def _digest(*secrets: object) -> str | None:
