@@ -138,7 +138,9 @@ static DISCOVERY_HOOK: RwLock<Option<Py<PyAny>>> = RwLock::new(None);
 fn set_discovery_hook(hook: Option<Bound<'_, PyAny>>) -> PyResult<()> {
     if let Some(h) = &hook {
         if !h.is_callable() {
-            return Err(PyTypeError::new_err("the discovery hook must be callable or None"));
+            return Err(PyTypeError::new_err(
+                "the discovery hook must be callable or None",
+            ));
         }
     }
     *DISCOVERY_HOOK.write().unwrap_or_else(|e| e.into_inner()) = hook.map(Bound::unbind);
