@@ -18,16 +18,20 @@ from typing import Any
 
 import anyio
 
+from chengeta_ai.clients.assemble import assemble, twin_request
 from chengeta_ai.clients.recorded import (
     AsyncCachedStream,
     CachedStream,
+    HttpHead,
     head_of,
     headers_type,
     only_object,
     register_head,
 )
 from chengeta_ai.clients.request_key import Request, client_identity, split_request
+from chengeta_ai.core.cache_manager import unframe
 from chengeta_ai.layers.streaming_cache import StreamingResponseCache
+from chengeta_ai.serializers import decode_cap
 
 __all__ = ["ClientCache", "pop_cache_control"]
 
@@ -145,6 +149,11 @@ class ClientCache:
             raw_create = resource.with_raw_response.create
 
             def upstream(_: Any) -> Iterator[Any]:
+                twin = self._twin_key(endpoint, req, params)
+                if twin is not None:
+                    found = self._from_twin(endpoint, self.cache.manager.get_raw(twin))
+                    if found is not None:
+                        return iter(found)
                 return _object_upstream(raw_create, req.sdk_kwargs)
 
         try:
@@ -175,8 +184,16 @@ class ClientCache:
         else:
             raw_create = resource.with_raw_response.create
 
-            def upstream(_: Any) -> AsyncIterator[Any]:
-                return _aobject_upstream(raw_create, req.sdk_kwargs)
+            async def upstream(_: Any) -> AsyncIterator[Any]:
+                twin = self._twin_key(endpoint, req, params)
+                if twin is not None:
+                    found = self._from_twin(endpoint, await self.cache.manager.aget_raw(twin))
+                    if found is not None:
+                        for item in found:
+                            yield item
+                        return
+                async for item in _aobject_upstream(raw_create, req.sdk_kwargs):
+                    yield item
 
         try:
             inner = self.cache.aget_or_stream(req.request, upstream, req.model_id, params, **extra)
@@ -197,6 +214,36 @@ class ClientCache:
                 with anyio.CancelScope(shield=True):
                     await closer()
         return only_object(items)
+
+    # -- one entry, both modes (see `chengeta_ai.clients.assemble`) ----------------------------
+
+    def _twin_key(self, endpoint: str, req: Request, params: dict[str, Any]) -> str | None:
+        """The key of the streamed call whose entry can answer the whole call ``req``."""
+        twin = twin_request(endpoint, req.request)
+        if twin is None:
+            return None
+        return self.cache.manager.key_builder.build(twin, req.model_id, {**params, "stream": True})
+
+    def _from_twin(self, endpoint: str, raw: bytes | None) -> list[Any] | None:
+        """``[head, object]`` assembled from a streamed twin's stored entry, or None. Never
+        raises: a twin that cannot be read or assembled is a miss (the call goes upstream)."""
+        if raw is None:
+            return None
+        try:
+            items = self.cache.serializer.loads(
+                bytes(unframe(raw)), max_decoded_bytes=decode_cap(self.cache.max_entry_bytes)
+            )
+            head = items[0] if isinstance(items, list) and items else None
+            if not isinstance(head, HttpHead) or not head.stream:
+                return None
+            whole = assemble(endpoint, items[1:])
+        except Exception as exc:
+            logger.debug("chengeta_ai: streamed twin not used for a whole call: %r", exc)
+            return None
+        if whole is None:
+            return None
+        self.cache.count("cross_mode_hits")
+        return [head.model_copy(update={"stream": False}), whole]
 
     def _uncacheable(self, endpoint: str, exc: TypeError) -> None:
         """A request holding a value the key cannot hash: sent upstream uncached."""
