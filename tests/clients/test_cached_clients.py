@@ -616,3 +616,29 @@ def test_cache_control_is_never_sent_upstream(
     )
     assert "cache_control" not in (server.last_request or {})
     assert cache.controls == [{"no_store": True}, {"ttl": 5}, None, None, {"ttl": 9}]
+
+
+# -- fail open -----------------------------------------------------------------------------------
+
+
+def test_a_backend_that_is_down_never_breaks_the_call(
+    server: LocalOpenAIServer, oai: openai.OpenAI, claude: anthropic.Anthropic, text: str
+) -> None:
+    from tests.test_cache_manager import DownBackend
+
+    cache = StreamingResponseCache(CacheManager(DownBackend()))
+    client, messages = cached(oai, cache), cached(claude, cache)
+    for _ in range(2):  # every call a miss, every call whole
+        with client.chat.completions.create(
+            model="gpt-4o-mini", messages=_user(text), stream=True
+        ) as stream:
+            chunks = list(stream)
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        assert stream.response.status_code == 200
+        assert client.responses.create(model="gpt-4o", input=text).output_text
+        with messages.messages.stream(
+            model="claude-sonnet-4-6", max_tokens=64, messages=_user(text)
+        ) as s:
+            assert s.get_final_text()
+    stats = cache.stats()
+    assert stats["stores"] == 0 and stats["not_stored_backend_error"] == 6
