@@ -479,7 +479,7 @@ class MyStr(str):
         (Level.ONE, "unsupported type 'Level' \\(an int subclass\\)"),
         (MyStr("x"), "a str subclass"),
         (OrderedDict(a=1), "a dict subclass"),
-        (Unregistered(), "unregistered model class 'Unregistered'.*register_model"),
+        (Unregistered(), r"unregistered model class '[\w.]+\.Unregistered'.*register_model"),
         (Extra(a=1, bad=frozenset()), r"^value \.bad: unsupported type 'frozenset'$"),
     ],
 )

@@ -27,6 +27,7 @@ __all__ = [
     "StreamingResponseCache",
     "UpstreamLost",
     "__version__",
+    "cached",
     "register_model",
 ]
 
@@ -41,6 +42,7 @@ _WHERE = {
     "PickleSerializer": "chengeta_ai.serializers",
     "JsonSerializer": "chengeta_ai.serializers",
     "register_model": "chengeta_ai.models",
+    "cached": "chengeta_ai.clients",
     "BackendError": "chengeta_ai.errors",
     "ChengetaError": "chengeta_ai.errors",
     "ConsumerLagged": "chengeta_ai.errors",
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
     from chengeta_ai.backends.memory_backend import InMemoryBackend
     from chengeta_ai.backends.redis_backend import RedisBackend
     from chengeta_ai.backends.sqlite_backend import SQLiteBackend
+    from chengeta_ai.clients import cached
     from chengeta_ai.core.cache_manager import CacheManager
     from chengeta_ai.core.key_builder import CacheKeyBuilder
     from chengeta_ai.errors import (

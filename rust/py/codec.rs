@@ -124,6 +124,47 @@ fn register_model(py: Python<'_>, cls: &Bound<'_, PyAny>, name: &str) -> PyResul
     }
 }
 
+/// The writing side's discovery hook (see [`set_discovery_hook`]), or None.
+// Locking: held only to clone or replace the reference, never across a call into Python.
+static DISCOVERY_HOOK: RwLock<Option<Py<PyAny>>> = RwLock::new(None);
+
+/// Sets (or, with None, removes) the hook the encoder calls with an unregistered pydantic
+/// model class met *inside* a registered model instance (a nested value reached at run time,
+/// not through annotations). The hook may register the class and return True: the encoder
+/// then encodes the instance as registered; anything else keeps the "unregistered" error.
+/// Top-level items of unregistered classes never reach the hook.
+#[pyfunction]
+#[pyo3(signature = (hook))]
+fn set_discovery_hook(hook: Option<Bound<'_, PyAny>>) -> PyResult<()> {
+    if let Some(h) = &hook {
+        if !h.is_callable() {
+            return Err(PyTypeError::new_err(
+                "the discovery hook must be callable or None",
+            ));
+        }
+    }
+    *DISCOVERY_HOOK.write().unwrap_or_else(|e| e.into_inner()) = hook.map(Bound::unbind);
+    Ok(())
+}
+
+fn discovery_hook(py: Python<'_>) -> Option<Py<PyAny>> {
+    DISCOVERY_HOOK
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map(|h| h.clone_ref(py))
+}
+
+/// `module.qualname` of a value's class (the name `register_model` uses by default).
+fn full_type_name(v: &Bound<'_, PyAny>) -> String {
+    let ty = v.get_type();
+    let module = ty
+        .module()
+        .map(|m| m.to_string())
+        .unwrap_or_else(|_| "?".into());
+    format!("{module}.{}", type_name(v))
+}
+
 /// The registered model classes, by name.
 #[pyfunction]
 fn registered_models(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
@@ -279,6 +320,8 @@ struct Encoder {
     by_type: HashMap<usize, (String, Vec<usize>), BuildHasherDefault<FxHasher>>,
     /// Scratch fields-set representation (field mask, other names sorted).
     fs_scratch: (Vec<u8>, Vec<String>),
+    /// How many model instances enclose the value being encoded.
+    in_model: u32,
 }
 
 /// `getattr(obj, name)` by `object.__getattribute__` (descriptors and instance dict, no
@@ -411,20 +454,32 @@ impl Encoder {
         let ty = v.get_type();
         let key = type_key(&ty);
         if self.by_type.contains_key(&key) {
-            return self.model(v, key, depth);
+            return self.nested_model(v, key, depth);
         }
         let registered = registry_read().by_type.get(&key).cloned();
         if let Some(name) = registered {
             self.by_type.insert(key, (name, Vec::new()));
-            return self.model(v, key, depth);
+            return self.nested_model(v, key, depth);
         }
         let name = type_name(v);
         if ty
             .hasattr(intern!(v.py(), "__pydantic_fields__"))
             .unwrap_or(false)
         {
+            if self.in_model > 0 {
+                if let Some(hook) = discovery_hook(v.py()) {
+                    if hook.bind(v.py()).call1((&ty,))?.is_truthy()? {
+                        let found = registry_read().by_type.get(&key).cloned();
+                        if let Some(name) = found {
+                            self.by_type.insert(key, (name, Vec::new()));
+                            return self.nested_model(v, key, depth);
+                        }
+                    }
+                }
+            }
             return Err(EncFail::new(format!(
-                "unregistered model class '{name}' (register it with chengeta_ai.models.register_model)"
+                "unregistered model class '{}' (register it with chengeta_ai.register_model)",
+                full_type_name(v)
             )));
         }
         let base = if v.is_instance_of::<PyString>() {
@@ -456,6 +511,15 @@ impl Encoder {
             self.value(&val, depth + 1).map_err(|e| e.at(seg()))?;
         }
         Ok(())
+    }
+
+    /// A registered model instance, counted as an enclosing model while its fields are
+    /// encoded (the discovery hook is consulted only inside one).
+    fn nested_model(&mut self, v: &Bound<'_, PyAny>, key: usize, depth: usize) -> EncResult {
+        self.in_model += 1;
+        let out = self.model(v, key, depth);
+        self.in_model -= 1;
+        out
     }
 
     fn model(&mut self, v: &Bound<'_, PyAny>, key: usize, depth: usize) -> EncResult {
@@ -1362,6 +1426,7 @@ fn decode<'py>(
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(register_model, m)?)?;
     m.add_function(wrap_pyfunction!(registered_models, m)?)?;
+    m.add_function(wrap_pyfunction!(set_discovery_hook, m)?)?;
     m.add_function(wrap_pyfunction!(encode, m)?)?;
     m.add_function(wrap_pyfunction!(decode, m)?)?;
     m.add_class::<StreamEncoder>()?;

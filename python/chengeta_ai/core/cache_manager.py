@@ -26,6 +26,7 @@ from chengeta_ai.backends.base import (
 from chengeta_ai.backends.memory_backend import InMemoryBackend
 from chengeta_ai.core.key_builder import CacheKeyBuilder
 from chengeta_ai.errors import BackendError, DecodeError
+from chengeta_ai.models import report_unregistered
 from chengeta_ai.serializers import CompactSerializer, Serializer, decode_cap
 
 __all__ = ["DEFAULT_MAX_ENTRY_BYTES", "CacheManager"]
@@ -201,14 +202,26 @@ class CacheManager:
 
     def corrupt(self, key: str, exc: BaseException) -> None:
         self.count("corrupt_entries")
-        logger.warning("chengeta_ai: corrupt entry %s dropped: %s", key, exc)
+        # an entry naming a class this process never registered: reported once per class
+        quiet = report_unregistered(str(exc))
+        logger.log(
+            logging.DEBUG if quiet else logging.WARNING,
+            "chengeta_ai: corrupt entry %s dropped: %s",
+            key,
+            exc,
+        )
 
     def _encode(self, key: str, value: Any, serializer: Serializer | None) -> bytes | None:
         try:
             payload = (serializer or self.serializer).dumps(value)
         except Exception as exc:  # an unserializable value is a skipped store, never an error
             self.count("encode_errors")
-            logger.warning("chengeta_ai: value for %s not cached, cannot encode: %s", key, exc)
+            logger.log(
+                logging.DEBUG if report_unregistered(str(exc)) else logging.WARNING,
+                "chengeta_ai: value for %s not cached, cannot encode: %s",
+                key,
+                exc,
+            )
             return None
         return self.fit(key, frame(payload))
 

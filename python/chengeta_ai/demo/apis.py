@@ -220,6 +220,21 @@ def _usage(completion_tokens: int) -> dict[str, Any]:
     }
 
 
+def _chat_usage(completion_tokens: int) -> dict[str, Any]:
+    """A whole chat reply's usage: with the token details, as in the streamed usage chunk
+    (`chengeta_ai.testing.openai_chunk_dicts`) and as the API sends them in both modes."""
+    return {
+        **_usage(completion_tokens),
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+
+
 def _texts(chunks: list[dict[str, Any]], n: int, key: str) -> list[str]:
     texts = [""] * n
     for c in chunks:
@@ -255,7 +270,7 @@ def chat_completion(
             }
             for i, text in enumerate(_texts(chunks, n, "content"))
         ],
-        "usage": _usage(n * tokens),
+        "usage": _chat_usage(n * tokens),
         "service_tier": head["service_tier"],
         "system_fingerprint": head["system_fingerprint"],
     }

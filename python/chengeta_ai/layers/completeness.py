@@ -10,7 +10,11 @@ when it carries its terminal event:
   the API's own deterministic end for a request cut by ``max_output_tokens``);
 - Anthropic Messages events: the last event is ``message_stop``.
 
-An empty stream is never complete. Any other chunk type (strings, dicts, your own classes) is
+An empty stream is never complete. A stream written by a cached client
+(`chengeta_ai.clients`) starts with the HTTP head of its response (an object whose class has
+``chengeta_http_head = True``, recognised by that attribute): the rule applies to the items
+after it, and a head recorded for a non-streamed call (``stream=False``) is complete with
+exactly one object after it. Any other chunk type (strings, dicts, your own classes) is
 complete when its upstream ends without error: pass ``is_complete=`` to
 `StreamingResponseCache` to say otherwise. The SDKs are recognised by module name, never
 imported here.
@@ -30,6 +34,13 @@ def sdk_stream_complete(chunks: Sequence[Any]) -> bool:
     """The default completeness rule (see the module docstring)."""
     if not chunks:
         return False
+    first = chunks[0]
+    if getattr(type(first), "chengeta_http_head", False):
+        if not getattr(first, "stream", True):
+            return len(chunks) == 2
+        chunks = chunks[1:]
+        if not chunks:
+            return False
     last = chunks[-1]
     module = type(last).__module__
     if module.startswith("openai."):

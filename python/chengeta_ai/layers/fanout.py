@@ -47,6 +47,7 @@ from chengeta_ai.layers.flight_state import (
 )
 from chengeta_ai.layers.flights import FlightTable, Slot
 from chengeta_ai.layers.upstream import aiter_sync, check_sync_stream, not_a_stream
+from chengeta_ai.models import report_unregistered
 from chengeta_ai.serializers import ChunkSink, Serializer
 
 __all__ = ["AsyncFlight", "Flight", "FlightSettings", "SyncFlight"]
@@ -128,9 +129,10 @@ class Flight:
 
     # -- the state machine: transitions under the table lock, actions after it --------------
 
-    def transition(self, step: Callable[[], int], detail: str = "") -> int:
+    def transition(self, step: Callable[[], int], detail: str = "", *, quiet: bool = False) -> int:
         """Runs one `FlightState` transition under the table lock; counts and logs a new
-        reason not to store; returns the actions the caller must perform."""
+        reason not to store (at debug level if ``quiet``: already reported once); returns the
+        actions the caller must perform."""
         state = self.state
         with self.settings.table.lock:
             before = state.not_stored
@@ -138,7 +140,8 @@ class Flight:
             reason = state.not_stored if before is None else None
         if reason in _COUNTED_REASONS:
             self.count(f"not_stored_{reason}")
-            logger.warning(
+            logger.log(
+                logging.DEBUG if quiet else logging.WARNING,
                 "chengeta_ai: stream %s will not be cached (%s)%s",
                 self.key,
                 reason,
@@ -251,6 +254,8 @@ class Flight:
         self.transition(
             lambda: self.state.keep_from_store("unserializable"),
             f"chunk {self.log.end} cannot be encoded: {exc}",
+            # an unregistered class is reported once per class, with the fix
+            quiet=report_unregistered(str(exc)),
         )
 
     # -- per consumer -------------------------------------------------------------------------

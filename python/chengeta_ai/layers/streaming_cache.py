@@ -160,6 +160,9 @@ class StreamingResponseCache:
             "redis_fallbacks",
             "upstream_lost",
             "fenced",
+            # cached clients: whole (stream=False) calls answered from their streamed twin's
+            # entry (`chengeta_ai.clients.assemble`)
+            "cross_mode_hits",
         )
         self._flight_settings = FlightSettings(
             table=self.flights,

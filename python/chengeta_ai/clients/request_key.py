@@ -1,0 +1,140 @@
+"""The cache key of an SDK call: the whole request, and who makes it.
+
+A cached client's call is looked up through `StreamingResponseCache.get_or_stream` with
+
+- ``messages`` = every keyword argument of the call that can change the response (model,
+  messages / input / prompt, tools, tool_choice, temperature, top_p, seed, response_format /
+  text, max tokens, reasoning, metadata, stop, n, user, ``extra_body``, ``extra_query``, the
+  response-shaping ``extra_headers``, ...): all of them except the SDK's "not given" sentinels,
+  ``stream`` (it goes to ``params``) and the transport-only ones below;
+- ``model_id`` = the ``model`` argument (``"default"`` without one): entries are tagged
+  ``model:<model>``, so ``manager.invalidate("model:gpt-4o")`` reaches them;
+- ``params`` = the endpoint (``"openai.chat.completions"``, ...), whether the call streams, the
+  client's base URL and, unless the cached client was made with ``isolate_api_keys=False``,
+  a digest of its API key (Anthropic: of its API key and auth token; OpenAI: also its
+  organization and project): two tenants never share an entry.
+
+Transport only, so not in the key: ``timeout``; the ``extra_headers`` ``x-stainless-*`` (the
+SDKs' own bookkeeping, e.g. which helper made the call), ``idempotency-key``, ``user-agent``,
+``traceparent``, ``tracestate``, ``baggage``, ``x-client-request-id``, ``accept-encoding``,
+``connection``, ``keep-alive``; headers given as the SDK's "omit" sentinel. Every other
+header is part of the request (``anthropic-beta`` changes the response). Client-level
+``max_retries`` and ``timeout`` never reach a call's arguments.
+
+One-shot iterables (a generator of messages) are read into a list once, and that list is both
+hashed and sent. The key is `CacheKeyBuilder.build` (BLAKE3 over a canonical encoding, in Rust):
+dict order never matters, ``1`` and ``1.0`` differ, pydantic models hash as their class and
+fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel
+
+from chengeta_ai._core import hash_request
+
+__all__ = ["Request", "client_identity", "split_request"]
+
+#: Call arguments that never change the response.
+TRANSPORT_ARGS = frozenset({"timeout"})
+#: Request headers that never change the response (lower case); plus every ``x-stainless-*``.
+TRANSPORT_HEADERS = frozenset(
+    {
+        "idempotency-key",
+        "user-agent",
+        "traceparent",
+        "tracestate",
+        "baggage",
+        "x-client-request-id",
+        "accept-encoding",
+        "connection",
+        "keep-alive",
+    }
+)
+_SENTINELS = frozenset({"Omit", "NotGiven"})
+_KEEP_AS_IS = (str, bytes, bytearray, dict, list, tuple, BaseModel, Mapping)
+#: Exact types hashed as given (no look at them beyond their type).
+_PLAIN = frozenset({str, int, float, bool, type(None), dict, list, tuple, bytes})
+#: Arguments that are looked at whatever their type.
+_SPECIAL = frozenset({"timeout", "extra_headers", "extra_query", "extra_body"})
+
+
+def _is_sentinel(value: object) -> bool:
+    return type(value).__name__ in _SENTINELS
+
+
+class Request:
+    """One call, split: what is hashed, what the SDK is given."""
+
+    __slots__ = ("model_id", "request", "sdk_kwargs", "stream")
+
+    def __init__(
+        self, request: dict[str, Any], sdk_kwargs: dict[str, Any], stream: bool, model_id: str
+    ) -> None:
+        self.request = request
+        self.sdk_kwargs = sdk_kwargs
+        self.stream = stream
+        self.model_id = model_id
+
+
+def _headers(value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, header in (value or {}).items():
+        lower = str(name).lower()
+        if lower in TRANSPORT_HEADERS or lower.startswith("x-stainless-") or _is_sentinel(header):
+            continue
+        out[lower] = header
+    return out
+
+
+def split_request(kwargs: dict[str, Any]) -> Request:
+    """Splits a call's keyword arguments into the hashed request and the SDK's arguments.
+
+    ``kwargs`` (the call's own ``**kwargs`` dict) becomes the SDK's arguments (one-shot
+    iterables in it replaced by lists)."""
+    request = dict(kwargs)
+    for name, value in kwargs.items():
+        cls = type(value)
+        if cls in _PLAIN and name not in _SPECIAL:
+            continue  # the common case: a JSON-like value, hashed as given
+        if cls.__name__ in _SENTINELS or name in TRANSPORT_ARGS:
+            del request[name]
+        elif name == "extra_headers":
+            headers = _headers(value)
+            if headers:
+                request[name] = headers
+            else:
+                del request[name]
+        elif value is None and name in ("extra_query", "extra_body"):
+            del request[name]
+        elif not isinstance(value, _KEEP_AS_IS) and hasattr(value, "__iter__"):
+            value = list(value)  # a generator: read once, hashed and sent alike
+            request[name] = kwargs[name] = value
+    stream = bool(request.pop("stream", False))
+    model = request.get("model")
+    model_id = model if isinstance(model, str) and model else "default"
+    return Request(request, kwargs, stream, model_id)
+
+
+def _digest(*secrets: object) -> str | None:
+    present = tuple(s for s in secrets if isinstance(s, str) and s)
+    if not present:
+        return None
+    return hash_request(("chengeta-api-key/1", present))[:16].hex()
+
+
+def client_identity(client: Any, *, isolate_api_keys: bool) -> dict[str, Any]:
+    """Who makes the calls: base URL, and (tenant isolation) digests of the credentials."""
+    identity: dict[str, Any] = {"base_url": str(client.base_url)}
+    if isolate_api_keys:
+        identity["api_key"] = _digest(
+            getattr(client, "api_key", None), getattr(client, "auth_token", None)
+        )
+        for name in ("organization", "project"):  # OpenAI's account selectors
+            value = getattr(client, name, None)
+            if isinstance(value, str) and value:
+                identity[name] = value
+    return identity
