@@ -37,6 +37,13 @@ class _Snapshot(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(self.__dataclass_fields__)  # type: ignore[attr-defined]
 
+    def as_dict(self) -> dict[str, Any]:
+        """A plain dict (nested snapshots too), e.g. for ``json.dumps``."""
+        return {
+            name: value.as_dict() if isinstance(value, _Snapshot) else value
+            for name, value in ((n, getattr(self, n)) for n in self)
+        }
+
 
 @dataclasses.dataclass(frozen=True, eq=False, slots=True)
 class ManagerStats(_Snapshot):

@@ -172,6 +172,11 @@ class Flight:
         if actions & CLOSE_LOG and self.on_end is not None:
             self.on_end(self)
 
+    def on_superseded(self) -> None:
+        """A ``no_cache`` call took this flight's key (`FlightTable.join_or_lead`)."""
+        if self.state.not_stored == "superseded":
+            self.count("not_stored_superseded")
+
     def cancel_upstream(self) -> None:
         raise NotImplementedError
 

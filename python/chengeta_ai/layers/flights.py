@@ -46,6 +46,8 @@ class TableFlight(Protocol):
 
     def on_released(self) -> None: ...
 
+    def on_superseded(self) -> None: ...
+
 
 def current_loop_scope() -> object:
     """Identifies the running event loop."""
@@ -96,28 +98,34 @@ class FlightTable:
         ``may_lead`` False (``only_if_cached``) returns ``(None, None, False)`` instead of
         leading.
         """
-        with self.lock:
-            flight = self._flights.get(slot)
-            if flight is not None:
-                if not flight.state.joinable:
-                    return flight, None, False
-                if newer_than is not None and flight.seq < newer_than:
-                    flight.state.supersede()
-                else:
-                    consumer = flight.log.attach()
-                    if consumer is not None:
-                        if store:
-                            flight.state.wants_store = True
-                        return flight, consumer, False
-                # the log stopped retaining the stream's start: lead a new one
-            if not may_lead:
-                return None, None, False
-            flight = make()
-            consumer = flight.log.attach()
-            assert consumer is not None
-            flight.state.wants_store = store
-            self._flights[slot] = flight
-            return flight, consumer, True
+        superseded: TableFlight | None = None
+        try:
+            with self.lock:
+                flight = self._flights.get(slot)
+                if flight is not None:
+                    if not flight.state.joinable:
+                        return flight, None, False
+                    if newer_than is not None and flight.seq < newer_than:
+                        flight.state.supersede()
+                        superseded = flight
+                    else:
+                        consumer = flight.log.attach()
+                        if consumer is not None:
+                            if store:
+                                flight.state.wants_store = True
+                            return flight, consumer, False
+                    # the log stopped retaining the stream's start: lead a new one
+                if not may_lead:
+                    return None, None, False
+                flight = make()
+                consumer = flight.log.attach()
+                assert consumer is not None
+                flight.state.wants_store = store
+                self._flights[slot] = flight
+                return flight, consumer, True
+        finally:
+            if superseded is not None:
+                superseded.on_superseded()
 
     def release(self, flight: TableFlight) -> None:
         """Frees the flight's slot (action RELEASE): new callers of its key lead or hit."""
