@@ -154,7 +154,11 @@ mod tests {
         let mut rec = PaceRecorder::new(DEFAULT_UNIT_US, 1 << 20);
         let mut t = 300_000_000u64; // 300 ms to first chunk: 3 bytes, once
         for i in 0..1000u64 {
-            t += if i % 3 == 0 { 0 } else { 5_000_000 + (i % 17) * 9_000_000 }; // 0-149 ms
+            t += if i % 3 == 0 {
+                0
+            } else {
+                5_000_000 + (i % 17) * 9_000_000
+            }; // 0-149 ms
             rec.record(t);
         }
         let section = rec.encode().unwrap();

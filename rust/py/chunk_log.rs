@@ -91,7 +91,9 @@ impl ChunkLog {
     fn push(&self, item: Py<PyAny>, nbytes: u64) -> bool {
         let mut inner = self.lock();
         let elapsed = inner.start.elapsed().as_nanos();
-        inner.pace.record(u64::try_from(elapsed).unwrap_or(u64::MAX));
+        inner
+            .pace
+            .record(u64::try_from(elapsed).unwrap_or(u64::MAX));
         inner.log.push(item, nbytes)
     }
 
