@@ -3,13 +3,15 @@
 //! Pure-Rust modules (no PyO3) hold the logic and their tests:
 //! - [`chunk_log`]: the append-only chunk log with per-consumer cursors and backpressure;
 //! - [`keys`]: the canonical, typed request hash (BLAKE3) building blocks;
-//! - [`codec`]: the compact, versioned binary format for chunk streams.
+//! - [`codec`]: the compact, versioned binary format for chunk streams;
+//! - [`timing`]: chunk arrival times, recorded and encoded for paced replay.
 //!
 //! `py/` adapts them to Python; it is compiled only with the `python` feature.
 
 pub mod chunk_log;
 pub mod codec;
 pub mod keys;
+pub mod timing;
 
 #[cfg(feature = "python")]
 mod py;
@@ -26,5 +28,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     py::chunk_log::register(m)?;
     py::keys::register(m)?;
     py::codec::register(m)?;
+    py::timing::register(m)?;
     Ok(())
 }

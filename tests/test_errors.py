@@ -17,7 +17,7 @@ def test_every_exported_exception_is_a_chengeta_error() -> None:
     assert sorted(errors.__all__) == sorted(
         name
         for name in chengeta_ai.__all__
-        if name.endswith("Error") or name in ("ConsumerLagged", "UpstreamLost")
+        if name.endswith("Error") or name in ("CacheMiss", "ConsumerLagged", "UpstreamLost")
     )
     for exc in EXPORTED:
         assert issubclass(exc, errors.ChengetaError), exc
@@ -29,6 +29,8 @@ def test_builtin_bases_are_kept() -> None:
     assert issubclass(errors.EncodeError, TypeError)
     assert not issubclass(errors.DecodeError, TypeError)
     assert not issubclass(errors.EncodeError, ValueError)
+    assert issubclass(errors.CacheMiss, LookupError)
+    assert not issubclass(errors.CacheMiss, ValueError)
 
 
 @pytest.mark.parametrize("exc", EXPORTED, ids=lambda e: e.__name__)

@@ -11,8 +11,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendError",
+    "CacheControl",
+    "CacheInfo",
     "CacheKeyBuilder",
     "CacheManager",
+    "CacheMiss",
+    "CacheStats",
     "ChengetaError",
     "CompactSerializer",
     "ConsumerLagged",
@@ -20,6 +24,7 @@ __all__ = [
     "EncodeError",
     "InMemoryBackend",
     "JsonSerializer",
+    "ManagerStats",
     "PickleSerializer",
     "RedisBackend",
     "RedisFlights",
@@ -32,6 +37,11 @@ __all__ = [
 ]
 
 _WHERE = {
+    "CacheControl": "chengeta_ai.layers.call_controls",
+    "CacheInfo": "chengeta_ai.layers.call_controls",
+    "CacheMiss": "chengeta_ai.errors",
+    "CacheStats": "chengeta_ai.core.stats",
+    "ManagerStats": "chengeta_ai.core.stats",
     "CacheManager": "chengeta_ai.core.cache_manager",
     "CacheKeyBuilder": "chengeta_ai.core.key_builder",
     "InMemoryBackend": "chengeta_ai.backends.memory_backend",
@@ -59,14 +69,17 @@ if TYPE_CHECKING:
     from chengeta_ai.clients import cached
     from chengeta_ai.core.cache_manager import CacheManager
     from chengeta_ai.core.key_builder import CacheKeyBuilder
+    from chengeta_ai.core.stats import CacheStats, ManagerStats
     from chengeta_ai.errors import (
         BackendError,
+        CacheMiss,
         ChengetaError,
         ConsumerLagged,
         DecodeError,
         EncodeError,
         UpstreamLost,
     )
+    from chengeta_ai.layers.call_controls import CacheControl, CacheInfo
     from chengeta_ai.layers.redis_flights import RedisFlights
     from chengeta_ai.layers.streaming_cache import StreamingResponseCache
     from chengeta_ai.models import register_model

@@ -1,11 +1,13 @@
 """Exceptions raised by chengeta_ai. Defined once in the Rust core, re-exported here.
 
-Every one derives from `ChengetaError`; `DecodeError` is also a `ValueError` and `EncodeError`
-also a `TypeError`, so code that catches those builtins keeps working.
+Every one derives from `ChengetaError`; `DecodeError` is also a `ValueError`, `EncodeError`
+also a `TypeError` and `CacheMiss` also a `LookupError`, so code that catches those builtins
+keeps working.
 """
 
 from chengeta_ai._core import (
     BackendError,
+    CacheMiss,
     ChengetaError,
     ConsumerLagged,
     DecodeError,
@@ -15,6 +17,7 @@ from chengeta_ai._core import (
 
 __all__ = [
     "BackendError",
+    "CacheMiss",
     "ChengetaError",
     "ConsumerLagged",
     "DecodeError",

@@ -1,13 +1,27 @@
 //! `ChunkLog`: the Python face of [`crate::chunk_log::ChunkLog`], holding live chunk objects.
 
 use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
+use pyo3::types::PyBytes;
+
 use crate::chunk_log::{ChunkLog as Log, LogError};
 use crate::py::errors::ConsumerLagged;
+use crate::timing::{PaceRecorder, DEFAULT_UNIT_US};
+
+/// Bound on the recorded timing of a log without a byte budget (16 MiB of deltas).
+const UNBOUNDED_TIMING_BYTES: usize = 16 << 20;
+
+/// The log and the arrival time of each pushed chunk, under one lock.
+struct Inner {
+    log: Log<Py<PyAny>>,
+    pace: PaceRecorder,
+    start: Instant,
+}
 
 /// An append-only log of chunks shared by the consumers of one in-flight stream.
 ///
@@ -15,16 +29,18 @@ use crate::py::errors::ConsumerLagged;
 /// ahead of the slowest consumer still holding it back; past `max_bytes` retained bytes the
 /// log stops retaining the whole stream, drops what every holding consumer has read, and
 /// refuses new consumers. Every method is non-blocking: Python parks on events and calls back.
+///
+/// Each push also records when it happened, relative to the log's creation, for `timing()`.
 #[pyclass(frozen, module = "chengeta_ai._core")]
 pub struct ChunkLog {
     // One lock per log, held for one method and never across a call into Python that could
     // re-enter the log. Dropped chunks are decref'd under it: chunk objects are data whose
     // deallocation cannot reach back into this log.
-    inner: Mutex<Log<Py<PyAny>>>,
+    inner: Mutex<Inner>,
 }
 
 impl ChunkLog {
-    fn lock(&self) -> MutexGuard<'_, Log<Py<PyAny>>> {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic cannot leave the log half-updated in a way later calls would misread, so a
         // poisoned lock is recovered rather than turned into an error on every later call.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
@@ -46,52 +62,76 @@ impl ChunkLog {
         if max_lag == 0 {
             return Err(PyValueError::new_err("max_lag must be at least 1"));
         }
+        let timing_bytes = max_bytes.map_or(UNBOUNDED_TIMING_BYTES, |b| {
+            usize::try_from(b).unwrap_or(UNBOUNDED_TIMING_BYTES)
+        });
         Ok(ChunkLog {
-            inner: Mutex::new(Log::new(max_lag, max_bytes)),
+            inner: Mutex::new(Inner {
+                log: Log::new(max_lag, max_bytes),
+                pace: PaceRecorder::new(DEFAULT_UNIT_US, timing_bytes),
+                start: Instant::now(),
+            }),
         })
     }
 
     /// Attaches a consumer at the first chunk and returns its id; `None` once the log no
     /// longer retains the start of the stream.
     fn attach(&self) -> Option<u64> {
-        self.lock().attach()
+        self.lock().log.attach()
     }
 
     /// Detaches a consumer; returns how many remain.
     fn detach(&self, consumer: u64) -> usize {
-        self.lock().detach(consumer)
+        self.lock().log.detach(consumer)
     }
 
     /// Appends a chunk accounted as `nbytes`; returns True when this push exceeded the byte
     /// budget (the stream is no longer retained whole).
     #[pyo3(signature = (item, nbytes = 0))]
     fn push(&self, item: Py<PyAny>, nbytes: u64) -> bool {
-        self.lock().push(item, nbytes)
+        let mut inner = self.lock();
+        let elapsed = inner.start.elapsed().as_nanos();
+        inner
+            .pace
+            .record(u64::try_from(elapsed).unwrap_or(u64::MAX));
+        inner.log.push(item, nbytes)
+    }
+
+    /// The recorded arrival times of every pushed chunk as a timing section (see
+    /// `chengeta_ai._core.decode_timing`), or None if it outgrew its bound.
+    fn timing<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        let section = self.lock().pace.encode()?;
+        Some(PyBytes::new(py, &section))
     }
 
     /// `push`, handing the chunk to `consumer` if it had read everything before it (as a
     /// read of one would). Returns a bit set: 1 = the push exceeded the byte budget,
     /// 2 = the consumer took the chunk (it must not read it back).
     fn push_taking(&self, item: Py<PyAny>, nbytes: u64, consumer: u64) -> u8 {
-        let (overflowed, taken) = self.lock().push_taking(item, nbytes, consumer);
+        let mut inner = self.lock();
+        let elapsed = inner.start.elapsed().as_nanos();
+        inner
+            .pace
+            .record(u64::try_from(elapsed).unwrap_or(u64::MAX));
+        let (overflowed, taken) = inner.log.push_taking(item, nbytes, consumer);
         u8::from(overflowed) | (u8::from(taken) << 1)
     }
 
     /// True when `consumer` may read the next upstream chunk itself: the stream is open, the
     /// consumer has read everything, and the producer is not held back.
     fn ready_to_pull(&self, consumer: u64) -> bool {
-        self.lock().ready_to_pull(consumer)
+        self.lock().log.ready_to_pull(consumer)
     }
 
     /// How many chunks may be pushed before the slowest holding consumer must read.
     fn headroom(&self) -> u64 {
-        self.lock().headroom()
+        self.lock().log.headroom()
     }
 
     /// Releases the slowest consumers from holding the producer back ("detach" policy);
     /// returns how many were released (0 if nobody is ahead of them).
     fn release_slowest(&self) -> usize {
-        self.lock().release_slowest()
+        self.lock().log.release_slowest()
     }
 
     /// Returns up to `max_n` chunks from the consumer's cursor and advances it. Raises
@@ -104,6 +144,7 @@ impl ChunkLog {
     ) -> PyResult<Bound<'py, PyList>> {
         let mut out: Vec<Py<PyAny>> = Vec::new();
         self.lock()
+            .log
             .read(consumer, max_n, |item| out.push(item.clone_ref(py)))
             .map_err(log_error)?;
         PyList::new(py, out)
@@ -111,7 +152,7 @@ impl ChunkLog {
 
     /// Number of chunks ready for this consumer.
     fn available(&self, consumer: u64) -> u64 {
-        self.lock().available(consumer)
+        self.lock().log.available(consumer)
     }
 
     /// Every chunk of the stream in order, or `None` if the start was dropped.
@@ -119,6 +160,7 @@ impl ChunkLog {
         let mut out: Vec<Py<PyAny>> = Vec::new();
         if !self
             .lock()
+            .log
             .for_each_retained(|item| out.push(item.clone_ref(py)))
         {
             return Ok(None);
@@ -128,40 +170,40 @@ impl ChunkLog {
 
     /// Marks the stream finished; consumers drain what is left.
     fn close(&self) {
-        self.lock().close()
+        self.lock().log.close()
     }
 
     #[getter]
     fn closed(&self) -> bool {
-        self.lock().is_closed()
+        self.lock().log.is_closed()
     }
 
     /// True while the whole stream since its first chunk is retained.
     #[getter]
     fn retaining(&self) -> bool {
-        self.lock().is_retaining()
+        self.lock().log.is_retaining()
     }
 
     /// Number of chunks pushed so far.
     #[getter]
     fn end(&self) -> u64 {
-        self.lock().end()
+        self.lock().log.end()
     }
 
     #[getter]
     fn retained_bytes(&self) -> u64 {
-        self.lock().retained_bytes()
+        self.lock().log.retained_bytes()
     }
 
     #[getter]
     fn consumers(&self) -> usize {
-        self.lock().consumers()
+        self.lock().log.consumers()
     }
 
     /// Counters: pushed, delivered, attached, detached_laggards, lag_errors, dropped,
     /// peak_retained.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.lock().stats();
+        let s = self.lock().log.stats();
         let d = PyDict::new(py);
         d.set_item("pushed", s.pushed)?;
         d.set_item("delivered", s.delivered)?;

@@ -9,7 +9,7 @@
 //! (`DecodeError`, ...) implements `PyTypeInfo` exactly as `create_exception!` does, so Rust
 //! code raises them the usual way: `DecodeError::new_err("...")`.
 
-use pyo3::exceptions::{PyException, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyException, PyLookupError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple, PyType};
 
@@ -112,6 +112,13 @@ Raised only with `RedisFlights`: a consumer that had received nothing is moved t
 producer transparently instead."
 );
 
+chengeta_exception!(
+    CacheMiss,
+    [ChengetaError, PyLookupError],
+    "A call with `only_if_cached` found neither a stored entry nor an in-flight stream of its
+request in this process. Raised before any chunk is handed over: nothing was called upstream."
+);
+
 /// Adds every exception class to `chengeta_ai._core` (and so to its `__all__`).
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -121,5 +128,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ConsumerLagged", py.get_type::<ConsumerLagged>())?;
     m.add("BackendError", py.get_type::<BackendError>())?;
     m.add("UpstreamLost", py.get_type::<UpstreamLost>())?;
+    m.add("CacheMiss", py.get_type::<CacheMiss>())?;
     Ok(())
 }

@@ -5,3 +5,4 @@ pub mod chunk_log;
 pub mod codec;
 pub mod errors;
 pub mod keys;
+pub mod timing;

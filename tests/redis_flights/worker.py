@@ -167,7 +167,7 @@ def main() -> None:
 
     def report(r: int, calls: int, results: list[Any]) -> None:
         elapsed = time.perf_counter() - started[0]
-        stats = cache.stats()
+        stats = cache.stats().as_dict()
         stats.pop("manager", None)
         line = {
             "round": r,

@@ -1,20 +1,31 @@
 """`CacheManager`: one backend, one key builder, one serializer, and the fail-open rules.
 
-Every stored value is framed as ``b"\\xc6\\x01" + crc32(payload) + payload`` (6 bytes), so a
-corrupt or foreign entry is recognised before a single chunk is replayed: it is treated as a
-miss, deleted, logged and counted. Backend failures on reads and writes are misses and skipped
-stores (logged, counted): the cache never breaks the code that uses it. Explicit removals
-(`delete`, `invalidate`, `clear`) do raise `BackendError` when the backend fails, because a
-caller who asked for data to be gone must know it was not.
+Every stored value is framed, so that a corrupt or foreign entry is recognised before a single
+chunk is replayed: it is treated as a miss, deleted, logged and counted. Two frame versions:
+
+- v1, ``b"\\xc6\\x01" + crc32(payload) + payload`` (6 bytes): values stored with `set`;
+- v2, ``b"\\xc6\\x02" + crc32(body) + body`` with ``body = varint(len(meta)) + meta + payload``
+  and ``meta = varint(written_at, unix ms) + timing``: streams. ``timing`` (possibly empty) is
+  the chunks' recorded arrival times (`chengeta_ai._core.decode_timing`; 1-2 bytes per chunk),
+  for replay at the recorded pace; ``written_at`` gives a hit its age.
+
+Readers accept both; a reader older than v2 refuses a v2 entry as "bad magic" (a miss: it is
+dropped and streamed afresh), never misreads it.
+
+Backend failures on reads and writes are misses and skipped stores (logged, counted): the cache
+never breaks the code that uses it. Explicit removals (`delete`, `invalidate`, `clear`) do raise
+`BackendError` when the backend fails, because a caller who asked for data to be gone must know
+it was not.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import threading
+import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from chengeta_ai.backends.base import (
@@ -25,34 +36,99 @@ from chengeta_ai.backends.base import (
 )
 from chengeta_ai.backends.memory_backend import InMemoryBackend
 from chengeta_ai.core.key_builder import CacheKeyBuilder
+from chengeta_ai.core.stats import Counters, ManagerStats, counter_names
 from chengeta_ai.errors import BackendError, DecodeError
 from chengeta_ai.models import report_unregistered
+from chengeta_ai.logs import warn
 from chengeta_ai.serializers import CompactSerializer, Serializer, decode_cap
 
-__all__ = ["DEFAULT_MAX_ENTRY_BYTES", "CacheManager"]
+__all__ = ["DEFAULT_MAX_ENTRY_BYTES", "CacheManager", "Entry", "frame", "unframe", "unframe_entry"]
 
 logger = logging.getLogger("chengeta_ai")
 
 DEFAULT_MAX_ENTRY_BYTES = 16 * 2**20
 _FRAME_MAGIC = b"\xc6\x01"
+_FRAME_MAGIC_V2 = b"\xc6\x02"
 _FRAME_HEADER = 6
 _MISSING = object()
 _T = TypeVar("_T")
 
 
-def frame(payload: bytes) -> bytes:
-    """Wraps an encoded value with the magic and checksum every entry carries."""
-    return _FRAME_MAGIC + zlib.crc32(payload).to_bytes(4, "little") + payload
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+def _read_varint(data: memoryview, pos: int, what: str) -> tuple[int, int]:
+    """``(value, next position)``; `DecodeError` if truncated or longer than 10 bytes."""
+    value = shift = 0
+    for i in range(pos, min(pos + 10, len(data))):
+        byte = data[i]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i + 1
+        shift += 7
+    raise DecodeError(f"corrupt entry frame: bad varint in {what}")
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """An unframed entry: its payload, and (v2 frames) when it was written and its timing."""
+
+    payload: memoryview
+    #: Unix time the entry was written, or None (a v1 frame).
+    written_at: float | None = None
+    #: The recorded timing section (see `chengeta_ai._core.decode_timing`), or None.
+    timing: memoryview | None = None
+
+    def age(self) -> float | None:
+        """Seconds since the entry was written (never negative), or None if unknown."""
+        if self.written_at is None:
+            return None
+        return max(0.0, time.time() - self.written_at)
+
+
+def frame(payload: bytes, *, written_at: float | None = None, timing: bytes | None = None) -> bytes:
+    """Wraps an encoded value with the magic and checksum every entry carries: a v1 frame, or a
+    v2 frame when ``written_at`` (unix seconds) or ``timing`` is given."""
+    if written_at is None and timing is None:
+        return _FRAME_MAGIC + zlib.crc32(payload).to_bytes(4, "little") + payload
+    stamp = time.time() if written_at is None else written_at
+    meta = _varint(max(0, round(stamp * 1000))) + (timing or b"")
+    body = _varint(len(meta)) + meta + payload
+    return _FRAME_MAGIC_V2 + zlib.crc32(body).to_bytes(4, "little") + body
+
+
+def unframe_entry(data: bytes) -> Entry:
+    """The parts of a framed entry (v1 or v2); `DecodeError` if the frame, its checksum or its
+    header is wrong. The timing section is only located here (decoded on demand)."""
+    if len(data) < _FRAME_HEADER:
+        raise DecodeError("not a chengeta_ai entry (bad magic)")
+    magic = data[:2]
+    if magic != _FRAME_MAGIC and magic != _FRAME_MAGIC_V2:
+        raise DecodeError("not a chengeta_ai entry (bad magic)")
+    body = memoryview(data)[_FRAME_HEADER:]
+    if zlib.crc32(body) != int.from_bytes(data[2:6], "little"):
+        raise DecodeError("entry checksum mismatch (corrupt or truncated entry)")
+    if magic == _FRAME_MAGIC:
+        return Entry(body)
+    meta_len, pos = _read_varint(body, 0, "meta length")
+    if meta_len > len(body) - pos:
+        raise DecodeError(f"corrupt entry frame: meta of {meta_len} bytes overruns the entry")
+    meta = body[pos : pos + meta_len]
+    written_ms, tpos = _read_varint(meta, 0, "written_at")
+    timing = meta[tpos:] if tpos < len(meta) else None
+    return Entry(body[pos + meta_len :], written_ms / 1000.0, timing)
 
 
 def unframe(data: bytes) -> memoryview:
-    """The payload of a framed entry; `DecodeError` if the frame or its checksum is wrong."""
-    if len(data) < _FRAME_HEADER or data[:2] != _FRAME_MAGIC:
-        raise DecodeError("not a chengeta_ai entry (bad magic)")
-    payload = memoryview(data)[_FRAME_HEADER:]
-    if zlib.crc32(payload) != int.from_bytes(data[2:6], "little"):
-        raise DecodeError("entry checksum mismatch (corrupt or truncated entry)")
-    return payload
+    """The payload of a framed entry (v1 or v2); `DecodeError` if the frame or its checksum is
+    wrong."""
+    return unframe_entry(data).payload
 
 
 def check_ttl(ttl: float | None) -> float | None:
@@ -112,22 +188,6 @@ def _check_backend(backend: object) -> Backend:
     return backend  # type: ignore[return-value]
 
 
-class _Counters:
-    """Thread-safe counters shown by ``stats()``."""
-
-    def __init__(self, *names: str) -> None:
-        self._lock = threading.Lock()
-        self._values = dict.fromkeys(names, 0)
-
-    def add(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self._values[name] = self._values.get(name, 0) + n
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._values)
-
-
 class CacheManager:
     """Gets and sets cached values on a backend, with keys, serialization and fail-open rules.
 
@@ -171,15 +231,7 @@ class CacheManager:
         self.serializer: Serializer = serializer if serializer is not None else CompactSerializer()
         self.default_ttl = check_ttl(default_ttl)
         self.max_entry_bytes = max_entry_bytes
-        self._counters = _Counters(
-            "hits",
-            "misses",
-            "sets",
-            "backend_errors",
-            "corrupt_entries",
-            "encode_errors",
-            "oversized_entries",
-        )
+        self._counters = Counters(counter_names(ManagerStats))
         self._warned_unscoped = False
 
     def __repr__(self) -> str:
@@ -198,30 +250,25 @@ class CacheManager:
 
     def backend_failed(self, op: str, key: str, exc: BaseException) -> None:
         self.count("backend_errors")
-        logger.warning("chengeta_ai: backend %s failed for %s: %r", op, key, exc)
+        warn("chengeta_ai: backend %s failed for %s: %r", op, key, exc, cause=op)
 
     def corrupt(self, key: str, exc: BaseException) -> None:
         self.count("corrupt_entries")
         # an entry naming a class this process never registered: reported once per class
-        quiet = report_unregistered(str(exc))
-        logger.log(
-            logging.DEBUG if quiet else logging.WARNING,
-            "chengeta_ai: corrupt entry %s dropped: %s",
-            key,
-            exc,
-        )
+        if report_unregistered(str(exc)):
+            logger.debug("chengeta_ai: corrupt entry %s dropped: %s", key, exc)
+        else:
+            warn("chengeta_ai: corrupt entry %s dropped: %s", key, exc)
 
     def _encode(self, key: str, value: Any, serializer: Serializer | None) -> bytes | None:
         try:
             payload = (serializer or self.serializer).dumps(value)
         except Exception as exc:  # an unserializable value is a skipped store, never an error
             self.count("encode_errors")
-            logger.log(
-                logging.DEBUG if report_unregistered(str(exc)) else logging.WARNING,
-                "chengeta_ai: value for %s not cached, cannot encode: %s",
-                key,
-                exc,
-            )
+            if report_unregistered(str(exc)):
+                logger.debug("chengeta_ai: value for %s not cached, cannot encode: %s", key, exc)
+            else:
+                warn("chengeta_ai: value for %s not cached, cannot encode: %s", key, exc)
             return None
         return self.fit(key, frame(payload))
 
@@ -387,7 +434,7 @@ class CacheManager:
     def _unscoped_fallback(self) -> None:
         if not self._warned_unscoped:
             self._warned_unscoped = True
-            logger.warning(
+            warn(
                 "chengeta_ai: %s has no invalidate_namespace(): invalidating namespace %r's "
                 "scoped tags only; entries it stored under bare tags (before tags were "
                 "scoped) are not removed",
@@ -490,11 +537,11 @@ class CacheManager:
             self.count("backend_errors")
             raise BackendError(f"backend {op} failed for {arg}: {exc!r}") from exc
 
-    def stats(self) -> dict[str, Any]:
-        """Counters of this manager plus ``backend``: the backend's own stats (or its error)."""
-        out: dict[str, Any] = dict(self._counters.snapshot())
+    def stats(self) -> ManagerStats:
+        """A typed snapshot of this manager's counters plus ``backend``: the backend's own
+        stats (or its error); see `ManagerStats`."""
         try:
-            out["backend"] = self.backend.stats()
+            backend: Any = self.backend.stats()
         except Exception as exc:
-            out["backend"] = {"error": repr(exc)}
-        return out
+            backend = {"error": repr(exc)}
+        return self._counters.snapshot(ManagerStats, backend=backend)

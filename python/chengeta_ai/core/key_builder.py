@@ -19,6 +19,11 @@ A key is ``"{namespace}:{kind}:{hex digest}"``. The digest is
   being found and age out of the backend);
 - ``namespace`` and ``kind`` are also readable in the key, so a backend can list or purge
   them by prefix.
+
+A *partition* (``build(partition=...)``, what a call's ``CacheControl(namespace=...)`` sets, e.g.
+a tenant) splits one builder's keys further: the key becomes
+``"{namespace}:{kind}:{partition}:{hex digest}"`` and the partition is hashed too (as an eighth
+item of the tuple, only when given, so that every key built without one is unchanged).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ KEY_FORMAT = "chengeta-key/3"
 # The name of each item of the hashed tuple, for hash_request's error messages
 # ("cannot hash object of type 'set' at messages[0]['content']").
 _NAMES = ("key_format", "namespace", "version", "kind", "model_id", "messages", "params")
+_NAMES_PARTITIONED = (*_NAMES, "partition")
 
 
 def _check_label(what: str, value: object) -> str:
@@ -106,6 +112,7 @@ class CacheKeyBuilder:
         params: Any = None,
         *,
         kind: str | None = None,
+        partition: str | None = None,
     ) -> bytes:
         """The 32-byte digest of a request (the hex part of :meth:`build`).
 
@@ -113,9 +120,13 @@ class CacheKeyBuilder:
         ``cannot hash object of type 'set' at messages[0]['content']``.
         """
         kind = self._kind if kind is None else _check_label("kind", kind)
-        return self._digest(messages, model_id, params, kind)
+        if partition is not None:
+            _check_label("partition", partition)
+        return self._digest(messages, model_id, params, kind, partition)
 
-    def _digest(self, messages: Any, model_id: Any, params: Any, kind: str) -> bytes:
+    def _digest(
+        self, messages: Any, model_id: Any, params: Any, kind: str, partition: str | None = None
+    ) -> bytes:
         request = (
             KEY_FORMAT,
             self._namespace,
@@ -125,7 +136,9 @@ class CacheKeyBuilder:
             messages,
             {} if params is None else params,
         )
-        return hash_request(request, names=_NAMES)
+        if partition is None:
+            return hash_request(request, names=_NAMES)
+        return hash_request((*request, partition), names=_NAMES_PARTITIONED)
 
     def build(
         self,
@@ -134,15 +147,22 @@ class CacheKeyBuilder:
         params: Any = None,
         *,
         kind: str | None = None,
+        partition: str | None = None,
     ) -> str:
-        """The cache key of a request: ``"{namespace}:{kind}:{hex digest}"``.
+        """The cache key of a request: ``"{namespace}:{kind}:{hex digest}"``, or
+        ``"{namespace}:{kind}:{partition}:{hex digest}"`` with a ``partition``.
 
         ``messages`` and ``params`` may hold dicts, lists, tuples, str, int, float, bool, None,
         bytes, pydantic models, dataclasses and named tuples (a record hashes as its class and
         every field value, defaults included). ``params`` is part of the key.
         """
         kind = self._kind if kind is None else _check_label("kind", kind)
-        return f"{self._namespace}:{kind}:{self._digest(messages, model_id, params, kind).hex()}"
+        if partition is None:
+            digest = self._digest(messages, model_id, params, kind)
+            return f"{self._namespace}:{kind}:{digest.hex()}"
+        _check_label("partition", partition)
+        digest = self._digest(messages, model_id, params, kind, partition)
+        return f"{self._namespace}:{kind}:{partition}:{digest.hex()}"
 
     def __repr__(self) -> str:
         return (

@@ -22,7 +22,8 @@ import contextvars
 import inspect
 import logging
 import threading
-from collections.abc import AsyncGenerator, Callable, Iterator
+import time
+from collections.abc import AsyncGenerator, Callable, Generator, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -32,7 +33,8 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from chengeta_ai._core import ChunkLog
-from chengeta_ai.core.cache_manager import CacheManager, _Counters, frame
+from chengeta_ai.core.cache_manager import CacheManager, frame
+from chengeta_ai.core.stats import Counters
 from chengeta_ai.errors import ChengetaError, ConsumerLagged
 from chengeta_ai.layers.flight_state import (
     CANCEL,
@@ -45,8 +47,9 @@ from chengeta_ai.layers.flight_state import (
     FlightState,
     Phase,
 )
-from chengeta_ai.layers.flights import FlightTable, Slot
+from chengeta_ai.layers.flights import FlightTable, Slot, next_sequence
 from chengeta_ai.layers.upstream import aiter_sync, check_sync_stream, not_a_stream
+from chengeta_ai.logs import warn
 from chengeta_ai.models import report_unregistered
 from chengeta_ai.serializers import ChunkSink, Serializer
 
@@ -67,14 +70,16 @@ STORE_TIMEOUT = 10.0
 #: Size accounted for a chunk the serializer could not encode.
 UNENCODED_CHUNK_BYTES = 256
 #: Reasons a stream is not stored that are counted as ``not_stored_<reason>`` and logged
-#: (an upstream error and an abandoned stream have counters of their own).
+#: (an upstream error and an abandoned stream have counters of their own) ...
 _RUNNING = Phase.RUNNING  # looked up once per pulled chunk
 #: `SyncFlight._pull_one` found no chunk for its taker (it pulled for the others, or the stream
 #: ended, or failed).
 _NOT_TAKEN: Any = object()
-_COUNTED_REASONS = frozenset(
+_LOGGED_REASONS = frozenset(
     {"unserializable", "oversized", "incomplete", "backend_error", "interrupted"}
 )
+#: ... and those counted without a warning: what a call asked for, not a failure.
+_COUNTED_REASONS = _LOGGED_REASONS | {"no_store", "superseded"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +97,9 @@ class FlightSettings:
     max_entry_bytes: int | None
     slow_consumer: SlowConsumerPolicy
     on_abandon: AbandonPolicy
-    counters: _Counters
+    counters: Counters
+    #: Called with the size of each stored entry (the OpenTelemetry histogram), or None.
+    on_stored: Callable[[int], None] | None = None
 
 
 class Flight:
@@ -107,6 +114,8 @@ class Flight:
         self.key = slot[1]
         self.ttl = ttl
         self.tags = tags
+        #: Orders this flight after the requests made before it (see `FlightTable.join_or_lead`).
+        self.seq = next_sequence()
         self.state = FlightState(settings.on_abandon)
         self.log = ChunkLog(settings.max_lag, settings.max_entry_bytes)
         # The stored bytes are encoded as each chunk arrives, before any consumer sees it, so
@@ -140,13 +149,22 @@ class Flight:
             reason = state.not_stored if before is None else None
         if reason in _COUNTED_REASONS:
             self.count(f"not_stored_{reason}")
-            logger.log(
-                logging.DEBUG if quiet else logging.WARNING,
-                "chengeta_ai: stream %s will not be cached (%s)%s",
-                self.key,
-                reason,
-                f": {detail}" if detail else "",
-            )
+            if reason in _LOGGED_REASONS:
+                if quiet:
+                    logger.debug(
+                        "chengeta_ai: stream %s will not be cached (%s)%s",
+                        self.key,
+                        reason,
+                        f": {detail}" if detail else "",
+                    )
+                else:
+                    warn(
+                        "chengeta_ai: stream %s will not be cached (%s)%s",
+                        self.key,
+                        reason,
+                        f": {detail}" if detail else "",
+                        cause=reason,
+                    )
         if actions & CANCEL:
             self.count("abandoned_cancelled")
         elif actions & DRAIN:
@@ -167,6 +185,11 @@ class Flight:
             self.wake()
         if actions & CLOSE_LOG and self.on_end is not None:
             self.on_end(self)
+
+    def on_superseded(self) -> None:
+        """A ``no_cache`` call took this flight's key (`FlightTable.join_or_lead`)."""
+        if self.state.not_stored == "superseded":
+            self.count("not_stored_superseded")
 
     def cancel_upstream(self) -> None:
         raise NotImplementedError
@@ -320,7 +343,7 @@ class Flight:
         try:
             complete = bool(settings.is_complete(chunks))
         except Exception as exc:
-            logger.warning("chengeta_ai: is_complete raised for %s: %r", self.key, exc)
+            warn("chengeta_ai: is_complete raised for %s: %r", self.key, exc)
             complete = False
         if not complete or self.state.not_stored is not None:
             return complete, None
@@ -343,7 +366,9 @@ class Flight:
                 f"cannot encode the stream: {exc}",
             )
             return complete, None
-        data = settings.manager.fit(self.key, frame(payload))
+        # the recorded arrival times go with the chunks, not with a joiner's value
+        timing = self.log.timing() if joiner is None else None
+        data = settings.manager.fit(self.key, frame(payload, written_at=time.time(), timing=timing))
         if data is None:
             self.transition(lambda: self.state.keep_from_store("oversized"))
         self._stored_chunks = len(chunks)
@@ -354,9 +379,11 @@ class Flight:
             self.count("stores")
             self.count("stored_bytes", len(data))
             self.count("stored_chunks", self._stored_chunks)
-        else:
-            self.count("not_stored_backend_error")
-        return self.transition(self.state.stored)
+            on_stored = self.settings.on_stored
+            if on_stored is not None:
+                on_stored(len(data))
+        # a failed write is counted (not_stored_backend_error) by the transition
+        return self.transition(lambda: self.state.stored(ok))
 
     def give_up_store(self, reason: str) -> int:
         """The end-of-stream step was interrupted or timed out: end without storing."""
@@ -720,7 +747,7 @@ class SyncFlight(Flight):
                 except Exception as exc:
                     logger.debug("chengeta_ai: closing upstream raised %r", exc)
 
-    def consume(self, consumer: int) -> Iterator[Any]:
+    def consume(self, consumer: int) -> Generator[Any, None, None]:
         # The loop a lone caller's miss runs once per chunk. A consumer that has read
         # everything pulls the next chunk itself and keeps it in hand (`ChunkLog.push_taking`):
         # per chunk, the upstream read, the encoder, and two calls into the log. Otherwise it

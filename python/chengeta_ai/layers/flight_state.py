@@ -20,8 +20,15 @@ States::
 - FAILED: the upstream raised; every consumer re-raises the error. Nothing is stored.
 - DONE: over; consumers drain what the log holds.
 
-A flight occupies its key's slot in the table from its creation until an action ``RELEASE``;
-``storable`` is orthogonal: the first reason a stream cannot be stored is kept in ``not_stored``.
+A flight occupies its key's slot in the table from its creation until an action ``RELEASE``,
+or until a ``no_cache`` call supersedes it (`supersede`: the call leads a newer stream of the key
+and takes the slot; the older stream goes on for its consumers and is not stored). ``storable``
+is orthogonal: the first reason a stream cannot be stored is kept in ``not_stored``.
+
+Per-call controls: ``wants_store`` is False while every caller attached so far asked
+``no_store``; a caller that joins without it sets it (under the table lock, so before the end
+can be decided). A stream that ends complete with ``wants_store`` False is not stored
+(reason ``no_store``). Once ended, ``outcome`` tells every consumer what became of the stream.
 
 Across processes (`RedisFlights`), a flight is either the fleet's *producer* of its key (it reads
 the real upstream and stores) or a *follower* (its upstream is another process's stream, read
@@ -79,9 +86,10 @@ class FlightState:
         "on_abandon",
         "phase",
         "remote_consumers",
+        "wants_store",
     )
 
-    def __init__(self, on_abandon: AbandonPolicy) -> None:
+    def __init__(self, on_abandon: AbandonPolicy, wants_store: bool = True) -> None:
         self.phase = Phase.RUNNING
         self.on_abandon: AbandonPolicy = on_abandon
         #: True until the flight gives its key's slot back (action RELEASE).
@@ -96,6 +104,8 @@ class FlightState:
         self.follower = False
         #: Other processes read this (producer) flight's stream, as of the last lease renewal.
         self.remote_consumers = False
+        #: Some caller attached to this flight wants it stored (not every one said no_store).
+        self.wants_store = wants_store
 
     def __repr__(self) -> str:
         return (
@@ -115,6 +125,16 @@ class FlightState:
     def ended(self) -> bool:
         return self.phase in (Phase.FAILED, Phase.DONE)
 
+    @property
+    def outcome(self) -> str | None:
+        """What became of the stream, once it ended: ``"stored"``, ``"follower"`` (another
+        process produced and stores it), or the reason it was not stored; None before."""
+        if not self.ended:
+            return None
+        if self.not_stored is not None:
+            return self.not_stored
+        return "follower" if self.follower else "stored"
+
     # -- transitions ------------------------------------------------------------------------
 
     def keep_from_store(self, reason: str) -> bool:
@@ -129,6 +149,13 @@ class FlightState:
         """Sets the store policy: a follower (True) reads another process's stream and does
         not store it; a producer (False, after winning a new election) stores as usual."""
         self.follower = follower
+
+    def supersede(self) -> None:
+        """A ``no_cache`` call leads a newer stream of this key and takes the slot: this one
+        goes on for its consumers, joinable by nobody, and is not stored if still running."""
+        if self.phase is Phase.RUNNING:
+            self.keep_from_store("superseded")
+        self.in_slot = False
 
     def overflowed(self) -> int:
         """The log stopped retaining the whole stream: it is no longer stored and new callers
@@ -159,6 +186,8 @@ class FlightState:
             return 0
         if not complete:
             self.keep_from_store("incomplete")
+        elif not self.wants_store:
+            self.keep_from_store("no_store")
         if self.not_stored is None and not self.follower:
             self.phase = Phase.FINISHING
             return STORE
@@ -173,10 +202,13 @@ class FlightState:
         self.keep_from_store("error")
         return self._end(Phase.FAILED)
 
-    def stored(self) -> int:
-        """The entry was written (or the write failed or timed out: fail-open)."""
+    def stored(self, ok: bool = True) -> int:
+        """The entry was written; ``ok`` False: the write failed (fail-open: the stream ends,
+        not stored, reason ``backend_error``)."""
         if self.phase is not Phase.FINISHING:
             return 0
+        if not ok:
+            self.keep_from_store("backend_error")
         return self._end(Phase.DONE)
 
     def store_aborted(self, reason: str) -> int:

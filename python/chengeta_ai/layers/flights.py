@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -23,9 +24,13 @@ import sniffio
 from chengeta_ai._core import ChunkLog
 from chengeta_ai.layers.flight_state import FlightState
 
-__all__ = ["SYNC_SCOPE", "FlightTable", "TableFlight", "current_loop_scope"]
+__all__ = ["SYNC_SCOPE", "FlightTable", "TableFlight", "current_loop_scope", "next_sequence"]
 
 SYNC_SCOPE = "sync"
+
+#: Orders requests and flights: a flight started after a request has a larger number
+#: (``no_cache`` joins only those). ``next()`` on a count is atomic under the GIL.
+next_sequence = itertools.count(1).__next__
 
 Slot = tuple[object, str]
 
@@ -36,8 +41,12 @@ class TableFlight(Protocol):
     slot: Slot
     state: FlightState
     log: ChunkLog
+    #: `next_sequence()` when the flight was created.
+    seq: int
 
     def on_released(self) -> None: ...
+
+    def on_superseded(self) -> None: ...
 
 
 def current_loop_scope() -> object:
@@ -71,27 +80,52 @@ class FlightTable:
             return iter(list(self._flights.values()))
 
     def join_or_lead(
-        self, slot: Slot, make: Callable[[], TableFlight]
-    ) -> tuple[TableFlight, int | None, bool]:
+        self,
+        slot: Slot,
+        make: Callable[[], TableFlight],
+        *,
+        store: bool = True,
+        newer_than: int | None = None,
+        may_lead: bool = True,
+    ) -> tuple[TableFlight | None, int | None, bool]:
         """Attaches to the slot's flight, or creates one and attaches as its leader.
 
         Returns ``(flight, consumer, leads)``; ``consumer`` is None when the slot's flight is
-        winding down (being cancelled): wait for its release, then call again.
+        winding down (being cancelled): wait for its release, then call again. Per-call
+        controls: ``store`` False (``no_store``) does not make the flight want storing;
+        ``newer_than`` (``no_cache``: the request's sequence number) joins only a flight created
+        after it, and supersedes an older one (`FlightState.supersede`) to lead a new one;
+        ``may_lead`` False (``only_if_cached``) returns ``(None, None, False)`` instead of
+        leading.
         """
-        with self.lock:
-            flight = self._flights.get(slot)
-            if flight is not None:
-                if not flight.state.joinable:
-                    return flight, None, False
+        superseded: TableFlight | None = None
+        try:
+            with self.lock:
+                flight = self._flights.get(slot)
+                if flight is not None:
+                    if not flight.state.joinable:
+                        return flight, None, False
+                    if newer_than is not None and flight.seq < newer_than:
+                        flight.state.supersede()
+                        superseded = flight
+                    else:
+                        consumer = flight.log.attach()
+                        if consumer is not None:
+                            if store:
+                                flight.state.wants_store = True
+                            return flight, consumer, False
+                    # the log stopped retaining the stream's start: lead a new one
+                if not may_lead:
+                    return None, None, False
+                flight = make()
                 consumer = flight.log.attach()
-                if consumer is not None:
-                    return flight, consumer, False
-                # the log stopped retaining the stream's start: lead a new one
-            flight = make()
-            consumer = flight.log.attach()
-            assert consumer is not None
-            self._flights[slot] = flight
-            return flight, consumer, True
+                assert consumer is not None
+                flight.state.wants_store = store
+                self._flights[slot] = flight
+                return flight, consumer, True
+        finally:
+            if superseded is not None:
+                superseded.on_superseded()
 
     def release(self, flight: TableFlight) -> None:
         """Frees the flight's slot (action RELEASE): new callers of its key lead or hit."""

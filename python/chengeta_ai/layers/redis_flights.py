@@ -81,6 +81,7 @@ from chengeta_ai.layers.fanout import (
     _open_upstream,
 )
 from chengeta_ai.layers.upstream import check_sync_stream
+from chengeta_ai.logs import warn
 from chengeta_ai.serializers import ChunkSink, CompactSerializer
 
 __all__ = ["RedisFlights"]
@@ -261,8 +262,12 @@ class RedisFlights:
         with self._lock:
             self._down_until = time.monotonic() + self.down_backoff
         flight.count("redis_fallbacks")
-        logger.warning(
-            "chengeta_ai: redis flights %s failed for %s (%r): in-process", what, flight.key, exc
+        warn(
+            "chengeta_ai: redis flights %s failed for %s (%r): in-process",
+            what,
+            flight.key,
+            exc,
+            cause=what,
         )
 
     # -- sync Redis operations (called directly, or in a worker thread) ---------------------------
@@ -675,7 +680,7 @@ class _Producer:
                     if readers < 0:
                         self._stop("fenced")
                         self.flight.count("fenced")
-                        logger.warning(
+                        warn(
                             "chengeta_ai: lost the lease of %s: no longer publishing or storing",
                             self.key,
                         )

@@ -8,12 +8,23 @@
   types.
 - In flight: identical requests arriving while a stream runs join it (see `fanout`).
 - The cache never breaks the stream: a backend that fails, a corrupt entry, a chunk that cannot
-  be encoded are logged (logger ``chengeta_ai``), counted in `stats()`, and stepped around.
+  be encoded are logged (logger ``chengeta_ai``, rate-limited), counted in `stats()`, and stepped
+  around.
+- Per call: ``cache_control=`` (`CacheControl`) says what to do; the returned stream's
+  ``cache_info`` (`CacheInfo`) says what was done (see `call_controls`).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+import time
+from collections.abc import (
+    AsyncGenerator,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +32,17 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from chengeta_ai.core.cache_manager import CacheManager, _Counters, check_tags, unframe
-from chengeta_ai.errors import DecodeError
+from chengeta_ai._core import decode_timing
+from chengeta_ai.core.cache_manager import CacheManager, Entry, check_tags, unframe_entry
+from chengeta_ai.core.stats import CacheStats, Counters, counter_names
+from chengeta_ai.errors import CacheMiss, DecodeError
+from chengeta_ai.layers.call_controls import (
+    AsyncCacheStream,
+    CacheControl,
+    CacheInfo,
+    CacheStream,
+    InfoBox,
+)
 from chengeta_ai.layers.completeness import sdk_stream_complete
 from chengeta_ai.layers.fanout import (
     AsyncFlight,
@@ -33,8 +53,14 @@ from chengeta_ai.layers.fanout import (
     _open_upstream,
 )
 from chengeta_ai.layers.flight_state import AbandonPolicy
-from chengeta_ai.layers.flights import SYNC_SCOPE, FlightTable, current_loop_scope
+from chengeta_ai.layers.flights import (
+    SYNC_SCOPE,
+    FlightTable,
+    current_loop_scope,
+    next_sequence,
+)
 from chengeta_ai.layers.upstream import check_sync_stream
+from chengeta_ai.metrics import StreamMetrics, otel_metrics
 from chengeta_ai.serializers import CompactSerializer, Serializer, decode_cap
 
 if TYPE_CHECKING:
@@ -50,6 +76,47 @@ __all__ = ["StreamingResponseCache"]
 #: and the replay triggers almost no collection at all; with 256 it triggered three per batch,
 #: each promoting the live batch towards the old generations (see benches/RESULTS.md).
 REPLAY_BATCH = 64
+#: Longest recorded timing a paced replay honours (an entry claiming more is refused as corrupt,
+#: so that a planted entry cannot make a replay sleep for hours).
+MAX_RECORDED_SECONDS = 3600.0
+_perf = time.perf_counter
+
+
+class _Call:
+    """One call's resolved arguments and controls."""
+
+    __slots__ = (
+        "bypass",
+        "key",
+        "no_cache",
+        "no_store",
+        "only_if_cached",
+        "paced",
+        "seq",
+        "speed",
+        "tags",
+        "ttl",
+    )
+
+    def __init__(
+        self,
+        key: str,
+        ttl: float | None,
+        tags: tuple[str, ...],
+        bypass: bool,
+        control: CacheControl | None,
+    ) -> None:
+        self.key = key
+        self.ttl = ttl
+        self.tags = tags
+        self.bypass = bypass
+        self.no_cache = control is not None and control.no_cache
+        self.no_store = control is not None and control.no_store
+        self.only_if_cached = control is not None and control.only_if_cached
+        self.paced = control is not None and control.replay == "recorded"
+        self.speed = control.speed if control is not None else 1.0
+        #: Orders this request before the flights created after it (``no_cache``).
+        self.seq = next_sequence()
 
 
 class StreamingResponseCache:
@@ -79,6 +146,9 @@ class StreamingResponseCache:
         flights: where in-flight streams are shared: None (default) within this process;
             a `RedisFlights` shares them with every process pointed at the same Redis (one
             upstream call per key across the fleet; see `chengeta_ai.layers.redis_flights`).
+        meter_provider: an OpenTelemetry ``MeterProvider`` to record metrics with; None (default)
+            uses the global one when ``opentelemetry-api`` is installed (a no-op until an SDK is
+            configured), else records nothing; False records nothing (see `chengeta_ai.metrics`).
     """
 
     def __init__(
@@ -94,6 +164,7 @@ class StreamingResponseCache:
         task_group: anyio.abc.TaskGroup | None = None,
         is_complete: Callable[[list[Any]], bool] | None = None,
         flights: RedisFlights | None = None,
+        meter_provider: Any = None,
     ) -> None:
         if not isinstance(manager, CacheManager):
             raise TypeError(f"manager must be a CacheManager, got {type(manager).__name__}")
@@ -129,40 +200,10 @@ class StreamingResponseCache:
         self.flights = FlightTable(task_group)
         #: Shares in-flight streams across processes, or None (in-process only).
         self.remote_flights = flights
-        self._counters = _Counters(
-            "hits",
-            "misses",
-            "joins",
-            "streams_led",
-            "bypasses",
-            "stores",
-            "stored_bytes",
-            "stored_chunks",
-            "chunks_replayed",
-            "chunks_delivered",
-            "corrupt_entries",
-            "upstream_errors",
-            "not_stored_unserializable",
-            "not_stored_oversized",
-            "not_stored_incomplete",
-            "not_stored_backend_error",
-            "not_stored_interrupted",
-            "abandoned_cancelled",
-            "abandoned_finished",
-            "detaches",
-            "lag_errors",
-            # RedisFlights (see its module doc): local flights that followed another process's
-            # stream / produced for the fleet, elections or streams that fell back to
-            # in-process because Redis failed, followers that got UpstreamLost, producers that
-            # lost their lease (fenced: they neither publish nor store)
-            "remote_joins",
-            "remote_leads",
-            "redis_fallbacks",
-            "upstream_lost",
-            "fenced",
-            # cached clients: whole (stream=False) calls answered from their streamed twin's
-            # entry (`chengeta_ai.clients.assemble`)
-            "cross_mode_hits",
+        self._counters = Counters(counter_names(CacheStats))
+        #: OpenTelemetry instruments, or None.
+        self._metrics: StreamMetrics | None = (
+            None if meter_provider is False else otel_metrics(meter_provider)
         )
         self._flight_settings = FlightSettings(
             table=self.flights,
@@ -178,6 +219,7 @@ class StreamingResponseCache:
             slow_consumer=slow_consumer,
             on_abandon=on_abandon,
             counters=self._counters,
+            on_stored=self._metrics.stored if self._metrics is not None else None,
         )
 
     def __repr__(self) -> str:
@@ -188,13 +230,13 @@ class StreamingResponseCache:
     def count(self, name: str, n: int = 1) -> None:
         self._counters.add(name, n)
 
-    def stats(self) -> dict[str, Any]:
-        """Counters: hits, misses, joins, streams_led, stores, stored_bytes, stored_chunks,
-        chunks_delivered, detaches, abandons, lag errors, ...; ``manager``: the manager's."""
-        out: dict[str, Any] = dict(self._counters.snapshot())
-        out["in_flight"] = len(self.flights)
-        out["manager"] = self.manager.stats()
-        return out
+    def stats(self) -> CacheStats:
+        """A typed, frozen snapshot of the counters (see `CacheStats` for each field), with
+        ``in_flight`` and the manager's (``manager``). Also a read-only mapping:
+        ``stats()["hits"]`` works, and an unknown name is a ``KeyError``."""
+        return self._counters.snapshot(
+            CacheStats, in_flight=len(self.flights), manager=self.manager.stats()
+        )
 
     # -- background tasks --------------------------------------------------------------------
 
@@ -223,23 +265,48 @@ class StreamingResponseCache:
         params: Any,
         ttl: float | None,
         tags: Iterable[str] | None,
-    ) -> tuple[str, float | None, tuple[str, ...]]:
+        bypass: bool,
+        cache_control: CacheControl | Mapping[str, Any] | None,
+    ) -> _Call:
         if not callable(stream_fn):
             raise TypeError(f"stream_fn must be callable, got {type(stream_fn).__name__}")
         if not isinstance(model_id, str) or not model_id:
             raise TypeError(f"model_id must be a non-empty str, got {model_id!r}")
         if params is not None and not isinstance(params, dict):
             raise TypeError(f"params must be a dict or None, got {type(params).__name__}")
-        key = self.manager.key_builder.build(messages, model_id, params)
+        control = CacheControl.coerce(cache_control)
+        partition = None
+        if control is not None:
+            if bypass and control.only_if_cached:
+                raise ValueError("bypass=True and only_if_cached contradict each other")
+            if control.ttl is not None:
+                if ttl is not None:
+                    raise TypeError("ttl given twice (argument and cache_control)")
+                ttl = control.ttl
+            if control.tags is not None:
+                if tags is not None:
+                    raise TypeError("tags given twice (argument and cache_control)")
+                tags = control.tags
+            partition = control.namespace
+        key = self.manager.key_builder.build(messages, model_id, params, partition=partition)
         tag_tuple = check_tags(tags) if tags is not None else (f"model:{model_id}",)
-        return key, self.manager.resolve_ttl(ttl), tag_tuple
+        return _Call(key, self.manager.resolve_ttl(ttl), tag_tuple, bypass, control)
 
-    def _replay_batches(self, raw: bytes, batch: int = REPLAY_BATCH) -> Iterator[list[Any]]:
-        """Batches of a stored entry; raises `DecodeError` up front if it is corrupt: the
-        frame's checksum, and (compact codec) the whole entry's structure, counts and class
-        names, within the decode cap, are checked before anything is yielded."""
+    def _open_entry(self, raw: bytes, call: _Call) -> tuple[Entry, Iterator[list[Any]], Any]:
+        """``(entry, batches, offsets or None)``; raises `DecodeError` up front if the entry is
+        corrupt: the frame's checksum, the timing a paced replay will use, and (compact codec)
+        the whole entry's structure, counts and class names, within the decode cap, are checked
+        before anything is yielded."""
+        entry = unframe_entry(raw)
+        offsets = None
+        if call.paced and entry.timing is not None:
+            offsets = decode_timing(bytes(entry.timing), max_total_seconds=MAX_RECORDED_SECONDS)
+        return entry, self._replay_batches(entry.payload), offsets
+
+    def _replay_batches(self, payload: Any, batch: int = REPLAY_BATCH) -> Iterator[list[Any]]:
+        """Batches of a stored entry's payload (see `_open_entry`)."""
         batches = self.serializer.iter_batches(
-            bytes(unframe(raw)), batch, max_decoded_bytes=self._decode_cap
+            bytes(payload), batch, max_decoded_bytes=self._decode_cap
         )
         first = next(batches, [])
 
@@ -248,6 +315,27 @@ class StreamingResponseCache:
             yield from batches
 
         return chained()
+
+    def _started(self, box: InfoBox, info: CacheInfo) -> None:
+        box.info = info
+        metrics = self._metrics
+        if metrics is not None:
+            metrics.started(info.status)
+
+    def _first_chunk(self, status: str, t0: float) -> None:
+        metrics = self._metrics
+        if metrics is not None:
+            metrics.first_chunk(status, _perf() - t0)
+
+    def _ended(self, box: InfoBox, info: CacheInfo, outcome: str) -> None:
+        box.info = info.ended(outcome)
+        metrics = self._metrics
+        if metrics is not None:
+            metrics.ended(info.status, outcome)
+
+    def _cache_miss(self, call: _Call) -> CacheMiss:
+        self.count("only_if_cached_misses")
+        return CacheMiss(f"{call.key}: not cached and not in flight (only_if_cached)")
 
     def get_or_stream(
         self,
@@ -259,86 +347,165 @@ class StreamingResponseCache:
         tags: Iterable[str] | None = None,
         *,
         bypass: bool = False,
-    ) -> Iterator[Any]:
+        cache_control: CacheControl | Mapping[str, Any] | None = None,
+    ) -> CacheStream:
         """Yields the response's chunks: replayed on a hit, live (and stored) on a miss.
 
         ``stream_fn(messages)`` is called only on a miss and must return an iterable of chunks
         (e.g. ``client.chat.completions.create(..., stream=True)``). ``bypass=True`` neither
-        joins nor stores: a fresh upstream call.
+        joins nor stores: a fresh upstream call. ``cache_control``: per-call directives
+        (`CacheControl` or a mapping of its fields). The returned iterator's ``cache_info``
+        tells what the cache did (`CacheInfo`). Nothing happens until iteration starts; with
+        ``only_if_cached``, the first ``next()`` raises `CacheMiss` if nothing can answer.
         """
-        key, ttl, tag_tuple = self._prepare(messages, stream_fn, model_id, params, ttl, tags)
-        return self._get_or_stream(key, messages, stream_fn, ttl, tag_tuple, bypass)
+        call = self._prepare(
+            messages, stream_fn, model_id, params, ttl, tags, bypass, cache_control
+        )
+        box = InfoBox()
+        return CacheStream(self._get_or_stream(call, messages, stream_fn, box), box)
 
     def _get_or_stream(
         self,
-        key: str,
+        call: _Call,
         messages: Any,
         stream_fn: Callable[[Any], Iterable[Any]],
-        ttl: float | None,
-        tags: tuple[str, ...],
-        bypass: bool,
-    ) -> Iterator[Any]:
-        if bypass:
+        box: InfoBox,
+    ) -> Generator[Any, None, None]:
+        t0 = _perf()
+        key = call.key
+        if call.bypass:
             self.count("bypasses")
+            info = CacheInfo("bypass", key)
+            self._started(box, info)
+            outcome = "abandoned"
             upstream = check_sync_stream(stream_fn(messages))
             try:
                 yield from upstream
+                outcome = "bypass"
+            except Exception:
+                outcome = "error"
+                raise
             finally:
                 # an HTTP stream (openai's Stream) is an iterator, not a generator: close it
                 closer = getattr(upstream, "close", None)
                 if closer is not None:
                     closer()
+                self._ended(box, info, outcome)
             return
         slot = (SYNC_SCOPE, key)
-        if slot not in self.flights:
+        if not call.no_cache and slot not in self.flights:
             raw = self.manager.get_raw(key)
             if raw is not None:
                 try:
-                    batches = self._replay_batches(raw)
+                    entry, batches, offsets = self._open_entry(raw, call)
                 except DecodeError as exc:
                     self.count("corrupt_entries")
                     self.manager.drop_corrupt(key, exc)
                 else:
                     self.count("hits")
-                    yield from self._replay(key, batches)
+                    info = CacheInfo("hit", key, entry.age())
+                    self._started(box, info)
+                    yield from self._replay(key, batches, offsets, call, box, info, t0)
                     return
         settings = self._flight_settings
         while True:
             flight, consumer, leads = self.flights.join_or_lead(
-                slot, lambda: SyncFlight(settings, slot, ttl, tags)
+                slot,
+                lambda: SyncFlight(settings, slot, call.ttl, call.tags),
+                store=not call.no_store,
+                newer_than=call.seq if call.no_cache else None,
+                may_lead=not call.only_if_cached,
             )
+            if flight is None or (consumer is None and call.only_if_cached):
+                raise self._cache_miss(call)
             assert isinstance(flight, SyncFlight)
             if consumer is not None:
                 break
             flight.wait_released()
         if leads:
-            self.count("misses")
-            self.count("streams_led")
+            self._count_lead(call)
             remote = self.remote_flights
+            # a refresh reads its own upstream: it must not follow a stream another process
+            # started before it (see RedisFlights in the README)
             flight.start(
-                stream_fn if remote is None else remote.sync_upstream(flight, stream_fn), messages
+                stream_fn
+                if remote is None or call.no_cache
+                else remote.sync_upstream(flight, stream_fn),
+                messages,
             )
         else:
             self.count("joins")
-        yield from flight.consume(consumer)
-
-    def _replay(self, key: str, batches: Iterator[list[Any]]) -> Iterator[Any]:
-        replayed = 0
+        info = CacheInfo("refresh" if leads and call.no_cache else "miss" if leads else "join", key)
+        self._started(box, info)
+        outcome = "abandoned"
+        consume = flight.consume(consumer)
         try:
-            for batch in batches:
-                replayed += len(batch)
-                yield from batch
-                # let go of the chunks now, not when the next batch has been decoded (the
-                # serializer's generator still refers to this list while it decodes)
-                batch.clear()
+            # the first chunk apart (time to first chunk), then the rest as before
+            for first in consume:
+                self._first_chunk(info.status, t0)
+                yield first
+                yield from consume
+                break
+            outcome = flight.state.outcome or "stored"
+        except GeneratorExit:
+            raise
+        except BaseException:
+            outcome = "error"
+            raise
+        finally:
+            consume.close()
+            self._ended(box, info, outcome)
+
+    def _count_lead(self, call: _Call) -> None:
+        self.count("refreshes" if call.no_cache else "misses")
+        self.count("streams_led")
+
+    def _replay(
+        self,
+        key: str,
+        batches: Iterator[list[Any]],
+        offsets: list[float] | None,
+        call: _Call,
+        box: InfoBox,
+        info: CacheInfo,
+        t0: float,
+    ) -> Iterator[Any]:
+        replayed = 0
+        outcome = "abandoned"
+        self._first_chunk("hit", t0)  # the first batch is decoded: its first chunk is ready
+        try:
+            if offsets is None:
+                for batch in batches:
+                    replayed += len(batch)
+                    yield from batch
+                    # let go of the chunks now, not when the next batch has been decoded (the
+                    # serializer's generator still refers to this list while it decodes)
+                    batch.clear()
+            else:
+                self.count("paced_replays")
+                n = len(offsets)
+                speed = call.speed
+                sleep = time.sleep
+                for batch in batches:
+                    for chunk in batch:
+                        if replayed < n:
+                            delay = t0 + offsets[replayed] / speed - _perf()
+                            if delay > 0:
+                                sleep(delay)
+                        replayed += 1
+                        yield chunk
+                    batch.clear()
+            outcome = "replayed"
         except DecodeError as exc:
             # past the checked head of the entry (e.g. a model class this process never
             # registered): drop it so that the next call streams afresh
+            outcome = "error"
             self.count("corrupt_entries")
             self.manager.drop_corrupt(key, exc)
             raise
         finally:
             self.count("chunks_replayed", replayed)
+            self._ended(box, info, outcome)
 
     def aget_or_stream(
         self,
@@ -350,78 +517,122 @@ class StreamingResponseCache:
         tags: Iterable[str] | None = None,
         *,
         bypass: bool = False,
-    ) -> AsyncIterator[Any]:
+        cache_control: CacheControl | Mapping[str, Any] | None = None,
+    ) -> AsyncCacheStream:
         """Async twin of `get_or_stream`, on asyncio and trio.
 
         ``stream_fn(messages)`` may return an async iterator (an async generator), an awaitable
         resolving to one (``AsyncOpenAI().chat.completions.create(..., stream=True)``), or a
         sync iterable: a list or tuple is read inline, anything else (``openai.Stream``, a
-        generator) one ``next()`` at a time in a worker thread, so the loop never blocks.
+        generator) one ``next()`` at a time in a worker thread, so the loop never blocks. With
+        ``only_if_cached``, the first ``__anext__`` raises `CacheMiss` if nothing can answer. A
+        paced replay (``replay="recorded"``) sleeps through anyio: the event loop is never
+        blocked.
         """
-        key, ttl, tag_tuple = self._prepare(messages, stream_fn, model_id, params, ttl, tags)
-        return self._aget_or_stream(key, messages, stream_fn, ttl, tag_tuple, bypass)
+        call = self._prepare(
+            messages, stream_fn, model_id, params, ttl, tags, bypass, cache_control
+        )
+        box = InfoBox()
+        return AsyncCacheStream(self._aget_or_stream(call, messages, stream_fn, box), box)
 
     async def _aget_or_stream(
         self,
-        key: str,
+        call: _Call,
         messages: Any,
         stream_fn: Callable[[Any], Any],
-        ttl: float | None,
-        tag_tuple: tuple[str, ...],
-        bypass: bool,
-    ) -> AsyncIterator[Any]:
-        if bypass:
+        box: InfoBox,
+    ) -> AsyncGenerator[Any, None]:
+        t0 = _perf()
+        key = call.key
+        if call.bypass:
             self.count("bypasses")
+            info = CacheInfo("bypass", key)
+            self._started(box, info)
+            outcome = "abandoned"
             upstream = await _open_upstream(stream_fn, messages)
             try:
                 async for chunk in upstream:
                     yield chunk
+                outcome = "bypass"
+            except Exception:
+                outcome = "error"
+                raise
             finally:
                 await _aclose_upstream(upstream)
+                self._ended(box, info, outcome)
             return
         slot = (current_loop_scope(), key)
-        if slot not in self.flights:
+        if not call.no_cache and slot not in self.flights:
             raw = await self.manager.aget_raw(key)
             if raw is not None:
                 try:
-                    batches = self._replay_batches(raw)
+                    entry, batches, offsets = self._open_entry(raw, call)
                 except DecodeError as exc:
                     self.count("corrupt_entries")
                     await self.manager.adrop_corrupt(key, exc)
                 else:
                     self.count("hits")
+                    info = CacheInfo("hit", key, entry.age())
+                    self._started(box, info)
+                    self._first_chunk("hit", t0)
                     replayed = 0
+                    outcome = "abandoned"
                     try:
-                        for batch in batches:
-                            replayed += len(batch)
-                            for chunk in batch:
-                                yield chunk
-                            batch.clear()  # see _replay
-                            # one batch per turn: the loop is never held for a whole stream
-                            await anyio.lowlevel.checkpoint()
+                        if offsets is None:
+                            for batch in batches:
+                                replayed += len(batch)
+                                for chunk in batch:
+                                    yield chunk
+                                batch.clear()  # see _replay
+                                # one batch per turn: the loop is never held for a whole stream
+                                await anyio.lowlevel.checkpoint()
+                        else:
+                            self.count("paced_replays")
+                            n = len(offsets)
+                            speed = call.speed
+                            for batch in batches:
+                                for chunk in batch:
+                                    if replayed < n:
+                                        delay = t0 + offsets[replayed] / speed - _perf()
+                                        if delay > 0:
+                                            await anyio.sleep(delay)
+                                    replayed += 1
+                                    yield chunk
+                                batch.clear()
+                                await anyio.lowlevel.checkpoint()
+                        outcome = "replayed"
                     except DecodeError as exc:  # see _replay
+                        outcome = "error"
                         self.count("corrupt_entries")
                         await self.manager.adrop_corrupt(key, exc)
                         raise
                     finally:
                         self.count("chunks_replayed", replayed)
+                        self._ended(box, info, outcome)
                     return
         settings = self._flight_settings
         while True:
             flight, consumer, leads = self.flights.join_or_lead(
-                slot, lambda: AsyncFlight(settings, slot, ttl, tag_tuple)
+                slot,
+                lambda: AsyncFlight(settings, slot, call.ttl, call.tags),
+                store=not call.no_store,
+                newer_than=call.seq if call.no_cache else None,
+                may_lead=not call.only_if_cached,
             )
+            if flight is None or (consumer is None and call.only_if_cached):
+                raise self._cache_miss(call)
             assert isinstance(flight, AsyncFlight)
             if consumer is not None:
                 break
             await flight.wait_released()
         if leads:
-            self.count("misses")
-            self.count("streams_led")
+            self._count_lead(call)
             remote = self.remote_flights
             try:
                 flight.start(
-                    stream_fn if remote is None else remote.async_upstream(flight, stream_fn),
+                    stream_fn
+                    if remote is None or call.no_cache
+                    else remote.async_upstream(flight, stream_fn),
                     messages,
                 )
             except BaseException as exc:  # a closed task group: nobody may join a dead flight
@@ -429,11 +640,25 @@ class StreamingResponseCache:
                 raise
         else:
             self.count("joins")
+        info = CacheInfo("refresh" if leads and call.no_cache else "miss" if leads else "join", key)
+        self._started(box, info)
+        outcome = "abandoned"
         consume = flight.consume(consumer)
         try:
             async for batch in consume:
+                if t0:
+                    self._first_chunk(info.status, t0)
+                    t0 = 0.0
                 for chunk in batch:
                     yield chunk
+            outcome = flight.state.outcome or "stored"
+        except GeneratorExit:
+            raise
+        except BaseException as exc:
+            if not isinstance(exc, anyio.get_cancelled_exc_class()):
+                outcome = "error"
+            raise
         finally:
             # close the inner generator now (it detaches the consumer), not at garbage collection
             await consume.aclose()
+            self._ended(box, info, outcome)

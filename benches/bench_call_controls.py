@@ -1,0 +1,309 @@
+"""Per-call controls and status (issue 9): what they cost, and how faithful a paced replay is.
+
+Run for real: ``pytest benches/bench_call_controls.py -q -s`` on a release build (``make
+bench``); smoke: ``pytest benches --benchmark-disable``. Against the commit before this feature:
+``scripts/compare_commits.sh BASE`` (bench_hot_path: the default path, which now returns a
+`CacheStream` and fills ``cache_info``).
+
+- ``control cost``: a 500-chunk hit (and miss) through ``get_or_stream`` / ``aget_or_stream``
+  with ``cache_control=CacheControl(...)`` and ``cache_info`` read at the first chunk and at
+  the end, against the same call without them; rounds interleaved, medians, per chunk.
+- ``pace fidelity``: an entry recorded from an upstream with known gaps (0-30 ms, 50 ms to the
+  first chunk), replayed with ``replay="recorded"`` at ``speed=1.0``: the error on the total
+  duration (target < 2 %) and the largest error on one gap (target < 1 ms), against the
+  timing the cache recorded; baseline: a bare loop sleeping to the same deadlines (what the
+  machine's timers allow: on a loaded machine its worst gap error is milliseconds too).
+- ``1,000 paced replays``: the largest event-loop gap (a task sleeping 1 ms in a loop) while
+  1,000 paced replays of one 20-chunk entry run on one loop, started together and spread over
+  one second, against a baseline of 1,000 plain async generators sleeping the same offsets.
+
+No assertions on time anywhere.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import statistics
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+import pytest
+from benches.streams import MODEL, async_upstream, chunks, fresh_messages, new_cache, sync_upstream
+
+from chengeta_ai import CacheControl
+from chengeta_ai._core import decode_timing
+from chengeta_ai.core.cache_manager import unframe_entry
+
+MODES = ["sync", "asyncio", "trio"]
+CONTROL = CacheControl(ttl=3600.0, tags=("bench",), replay="instant")
+
+
+def _run(mode: str, fn: Callable[[], Any]) -> Any:
+    return fn() if mode == "sync" else anyio.run(fn, backend=mode)
+
+
+# ---------------------------------------------------------------------------------------------
+# control cost
+
+
+def _one_call(mode: str, cache: Any, messages: Any, items: list[Any], control: bool) -> float:
+    """Seconds from the call to the last chunk in hand."""
+    kwargs: dict[str, Any] = {"model_id": MODEL}
+    if control:
+        kwargs["cache_control"] = CONTROL
+    if mode == "sync":
+        t0 = time.perf_counter()
+        stream = cache.get_or_stream(messages, sync_upstream(items), **kwargs)
+        n = 0
+        for _ in stream:
+            if control and not n:
+                assert stream.cache_info is not None
+            n += 1
+        elapsed = time.perf_counter() - t0
+        if control:
+            assert stream.cache_info is not None and stream.cache_info.done
+        return elapsed
+
+    async def main() -> float:
+        t0 = time.perf_counter()
+        stream = cache.aget_or_stream(messages, async_upstream(items), **kwargs)
+        n = 0
+        async for _ in stream:
+            if control and not n:
+                assert stream.cache_info is not None
+            n += 1
+        elapsed = time.perf_counter() - t0
+        if control:
+            assert stream.cache_info is not None and stream.cache_info.done
+        return elapsed
+
+    return float(anyio.run(main, backend=mode))
+
+
+@pytest.mark.parametrize("path", ["hit", "miss"])
+@pytest.mark.parametrize("mode", MODES)
+def test_control_cost_per_chunk(mode: str, path: str, smoke: bool, summary: Any) -> None:
+    n = 50 if smoke else 500
+    rounds = 2 if smoke else (60 if path == "hit" else 20)
+    items = chunks(n)
+    cache = new_cache()
+    hit_messages = fresh_messages()
+    if path == "hit":
+        # two entries: one per key (the control's tags do not change the key)
+        _one_call(mode, cache, hit_messages, items, False)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(rounds):
+        for control in (False, True):
+            messages = hit_messages if path == "hit" else fresh_messages()
+            gc.collect()
+            times[control].append(_one_call(mode, cache, messages, items, control))
+    plain = statistics.median(times[False]) / n * 1e6
+    ours = statistics.median(times[True]) / n * 1e6
+    print(f"\n{path} {n} chunks, {mode}: {plain:.3f} us/chunk plain, {ours:.3f} with control")
+    summary(
+        f"{path} {n}, {mode}: cache_control + cache_info, us/chunk",
+        f"{ours:.3f}",
+        f"{plain:.3f}",
+        f"{(ours / plain - 1) * 100:+.1f} %",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# pace fidelity
+
+
+def _gapped_upstream(n: int, seed: int) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    rng = random.Random(seed)
+    gaps = [0.05] + [rng.choice([0.0, 0.0, 0.002, 0.008, 0.015, 0.03]) for _ in range(n - 1)]
+    items = [f"t{i}" for i in range(n)]
+
+    def sync_fn(messages: Any) -> Any:
+        for gap, item in zip(gaps, items, strict=True):
+            time.sleep(gap)
+            yield item
+
+    async def async_fn(messages: Any) -> AsyncIterator[Any]:
+        for gap, item in zip(gaps, items, strict=True):
+            await anyio.sleep(gap)
+            yield item
+
+    return sync_fn, async_fn
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pace_fidelity(mode: str, smoke: bool, summary: Any) -> None:
+    n = 20 if smoke else 120
+    cache = new_cache()
+    messages = fresh_messages()
+    sync_fn, async_fn = _gapped_upstream(n, seed=9)
+    control = CacheControl(replay="recorded", speed=1.0)
+
+    def record() -> None:
+        list(cache.get_or_stream(messages, sync_fn, model_id=MODEL))
+
+    async def arecord() -> None:
+        async for _ in cache.aget_or_stream(messages, async_fn, model_id=MODEL):
+            pass
+
+    _run(mode, record if mode == "sync" else arecord)
+    key = cache.manager.key_builder.build(messages, MODEL)
+    raw = cache.manager.backend.get(key)
+    assert raw is not None
+    timing = unframe_entry(raw).timing
+    assert timing is not None
+    recorded = decode_timing(bytes(timing), max_total_seconds=3600)
+
+    def replay() -> list[float]:
+        t0 = time.perf_counter()
+        return [
+            time.perf_counter() - t0
+            for _ in cache.get_or_stream(messages, sync_fn, model_id=MODEL, cache_control=control)
+        ]
+
+    async def areplay() -> list[float]:
+        t0 = time.perf_counter()
+        out = []
+        async for _ in cache.aget_or_stream(
+            messages, async_fn, model_id=MODEL, cache_control=control
+        ):
+            out.append(time.perf_counter() - t0)
+        return out
+
+    def baseline() -> list[float]:
+        """The same deadlines slept by a bare loop (what this machine's timers allow)."""
+        t0 = time.perf_counter()
+        out = []
+        for offset in recorded:
+            delay = t0 + offset - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            out.append(time.perf_counter() - t0)
+        return out
+
+    async def abaseline() -> list[float]:
+        t0 = time.perf_counter()
+        out = []
+        for offset in recorded:
+            delay = t0 + offset - time.perf_counter()
+            if delay > 0:
+                await anyio.sleep(delay)
+            out.append(time.perf_counter() - t0)
+        return out
+
+    def errors(got: list[float]) -> tuple[float, float, float]:
+        assert len(got) == len(recorded) == n
+        total_err = abs(got[-1] - recorded[-1]) / recorded[-1] * 100
+        gap_errs = [
+            abs((got[i] - got[i - 1]) - (recorded[i] - recorded[i - 1])) * 1000 for i in range(1, n)
+        ]
+        worst = max([abs(got[0] - recorded[0]) * 1000, *gap_errs])
+        return total_err, worst, sorted(gap_errs)[int(0.99 * (len(gap_errs) - 1))]
+
+    total_err, worst, p99 = errors(_run(mode, replay if mode == "sync" else areplay))
+    b_total, b_worst, b_p99 = errors(_run(mode, baseline if mode == "sync" else abaseline))
+    print(
+        f"\npace fidelity {mode}: recorded {recorded[-1] * 1000:.1f} ms; total error "
+        f"{total_err:.2f} %, worst gap error {worst:.3f} ms (p99 {p99:.3f}); bare sleep loop: "
+        f"{b_total:.2f} %, {b_worst:.3f} ms (p99 {b_p99:.3f})"
+    )
+    summary(
+        f"paced replay {n} chunks, {mode}: total error / worst (p99) gap error",
+        f"{total_err:.2f} % / {worst:.2f} ({p99:.2f}) ms",
+        f"{b_total:.2f} % / {b_worst:.2f} ({b_p99:.2f}) ms",
+        "target 2 % / 1 ms",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# 1,000 paced replays on one loop
+
+
+class _Beat:
+    def __init__(self) -> None:
+        self.gaps: list[float] = []
+        self.stop = False
+
+    async def run(self) -> None:
+        last = time.perf_counter()
+        while not self.stop:
+            await anyio.sleep(0.001)
+            now = time.perf_counter()
+            self.gaps.append(now - last)
+            last = now
+
+
+async def _baseline_replay(items: list[Any], offsets: list[float]) -> AsyncIterator[Any]:
+    """What a paced replay must at least cost: sleep to each recorded offset, yield."""
+    t0 = time.perf_counter()
+    for item, offset in zip(items, offsets, strict=True):
+        delay = t0 + offset - time.perf_counter()
+        if delay > 0:
+            await anyio.sleep(delay)
+        yield item
+
+
+@pytest.mark.parametrize("start", ["together", "spread over 1 s"])
+@pytest.mark.parametrize("mode", ["asyncio", "trio"])
+def test_thousand_paced_replays_loop_gap(mode: str, start: str, smoke: bool, summary: Any) -> None:
+    k = 50 if smoke else 1000
+    spread = 0.0 if start == "together" else (0.05 if smoke else 1.0)
+    items = [f"c{i}" for i in range(20)]
+    cache = new_cache()
+    messages = fresh_messages()
+    control = CacheControl(replay="recorded")
+
+    async def main() -> tuple[float, float, float, float]:
+        async for _ in cache.aget_or_stream(
+            messages, _gapped_upstream(20, seed=3)[1], model_id=MODEL
+        ):
+            pass
+        raw = cache.manager.backend.get(cache.manager.key_builder.build(messages, MODEL))
+        assert raw is not None
+        timing = unframe_entry(raw).timing
+        assert timing is not None
+        offsets = decode_timing(bytes(timing), max_total_seconds=60)
+
+        async def ours(delay: float) -> None:
+            await anyio.sleep(delay)
+            async for _ in cache.aget_or_stream(
+                messages, async_upstream(items), model_id=MODEL, cache_control=control
+            ):
+                pass
+
+        async def base(delay: float) -> None:
+            await anyio.sleep(delay)
+            async for _ in _baseline_replay(items, offsets):
+                pass
+
+        figures = []
+        for fn in (ours, base):
+            beat = _Beat()
+            gc.collect()
+            gc.freeze()  # as a server does after start-up: the gaps measured are this run's
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(beat.run)
+                    async with anyio.create_task_group() as replays:
+                        for i in range(k):
+                            replays.start_soon(fn, spread * i / k)
+                    beat.stop = True
+            finally:
+                gc.unfreeze()
+            gaps = sorted(beat.gaps)
+            figures += [gaps[-1] * 1000, gaps[int(0.99 * (len(gaps) - 1))] * 1000]
+        return figures[0], figures[1], figures[2], figures[3]
+
+    ours_max, ours_p99, base_max, base_p99 = anyio.run(main, backend=mode)
+    print(
+        f"\n{k} paced replays {start}, {mode}: loop gap max {ours_max:.1f} ms (p99 "
+        f"{ours_p99:.1f}), baseline max {base_max:.1f} ms (p99 {base_p99:.1f})"
+    )
+    summary(
+        f"{k} paced replays {start}, {mode}: loop gap max (p99), ms",
+        f"{ours_max:.1f} ({ours_p99:.1f})",
+        f"{base_max:.1f} ({base_p99:.1f})",
+        f"{ours_max / base_max:.2f}x" if base_max else "-",
+    )
