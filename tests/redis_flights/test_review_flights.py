@@ -24,7 +24,6 @@ from chengeta_ai import (
     CacheManager,
     InMemoryBackend,
     RedisFlights,
-    UpstreamLost,
 )
 from chengeta_ai.layers.streaming_cache import StreamingResponseCache
 from redis_fixture import RedisServer
@@ -206,7 +205,9 @@ def test_review_a_non_utf8_lease_value_never_reaches_the_caller(
     assert rf is not None
     plain.set(rf.lease_key(flight_key(cache)), b"\xff\xfe", px=60_000)
     up = Upstream([f"c{i}" for i in range(5)])
-    finished, result, errors = run_in_thread(lambda: list(cache.get_or_stream(MESSAGES, up.sync)), 10)
+    finished, result, errors = run_in_thread(
+        lambda: list(cache.get_or_stream(MESSAGES, up.sync)), 10
+    )
     assert finished
     assert errors == []
     assert result == [up.chunks]
