@@ -80,9 +80,10 @@ __all__ = ["RedisFlights"]
 
 logger = logging.getLogger("chengeta_ai")
 
+# a lease without a TTL (planted, or PERSISTed) is nobody's: taken over, never followed
 _ACQUIRE = """
 local cur = redis.call('GET', KEYS[1])
-if cur then return {0, cur} end
+if cur and redis.call('PTTL', KEYS[1]) >= 0 then return {0, cur} end
 local g = redis.call('INCR', KEYS[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 local tok = tostring(g) .. '.' .. ARGV[2]
@@ -133,6 +134,19 @@ class _Lost(Exception):
 
 class _Fallback(Exception):
     """Internal: Redis failed; read the upstream locally."""
+
+
+class _Corrupt(Exception):
+    """Internal: Redis holds something this code never writes (a corrupt or planted lease or
+    log entry): handled like a Redis failure (the upstream is read locally)."""
+
+
+#: A producer closed, or its process going away (Ctrl-C, sys.exit): for the other processes a
+#: lost producer (``cancel``: who has nothing elects again), not an upstream error.
+_GONE = (GeneratorExit, KeyboardInterrupt, SystemExit)
+
+#: What makes a flight step aside to a local upstream read.
+_STEP_ASIDE = (*_REDIS_ERRORS, _Corrupt)
 
 
 class RedisFlights:
@@ -190,6 +204,11 @@ class RedisFlights:
             self.url = repr(url_or_client)
             self._owns_client = False
             self.client = url_or_client
+        encoder = getattr(self.client, "get_encoder", None)
+        if encoder is not None and getattr(encoder(), "decode_responses", False):
+            raise ValueError(
+                "RedisFlights needs a client without decode_responses (its logs are bytes)"
+            )
         self._acquire = self.client.register_script(_ACQUIRE)
         self._append = self.client.register_script(_APPEND)
         self._finish = self.client.register_script(_FINISH)
@@ -267,7 +286,10 @@ class RedisFlights:
             keys=[self.lease_key(key), self.base(key) + ":gen"],
             args=[int(self.lease * 1000), nonce, int(self.log_ttl * 1000)],
         )
-        token = token.decode() if isinstance(token, bytes) else str(token)
+        try:
+            token = token.decode() if isinstance(token, bytes) else str(token)
+        except UnicodeDecodeError as exc:
+            raise _Corrupt(f"a lease that is not UTF-8: {token[:64]!r}") from exc
         return bool(won), token.removeprefix("=")
 
     def append(self, key: str, token: str, batch: bytes | None, lease: float) -> int:
@@ -307,7 +329,7 @@ class RedisFlights:
             return "local", ""
         try:
             leads, token = self.elect(flight.key)
-        except _REDIS_ERRORS as exc:
+        except _STEP_ASIDE as exc:
             self._failed(flight, "election", exc)
             return "local", ""
         return ("lead" if leads else "follow"), token
@@ -347,7 +369,7 @@ class RedisFlights:
                 while True:
                     try:
                         got = reader.read()
-                    except _REDIS_ERRORS as exc:
+                    except _STEP_ASIDE as exc:
                         self._failed(flight, "read", exc)
                         raise _Fallback from exc
                     if got is None:
@@ -382,7 +404,7 @@ class RedisFlights:
                 producer.push(chunk)
                 yield chunk
             ended = True
-        except GeneratorExit:
+        except _GONE:
             producer.end("cancel", "")
             raise
         except BaseException as exc:
@@ -434,7 +456,7 @@ class RedisFlights:
                             yield chunk
                     ended = True
                 except BaseException as exc:
-                    if isinstance(exc, (GeneratorExit, anyio.get_cancelled_exc_class())):
+                    if isinstance(exc, (*_GONE, anyio.get_cancelled_exc_class())):
                         producer.end("cancel", "")
                     else:
                         producer.end("error", repr(exc))
@@ -449,7 +471,7 @@ class RedisFlights:
                 while True:
                     try:
                         got = await call(reader.read)
-                    except _REDIS_ERRORS as exc:
+                    except _STEP_ASIDE as exc:
                         self._failed(flight, "read", exc)
                         raise _Fallback from exc
                     if got is None:
@@ -512,17 +534,27 @@ class _Reader:
         resp = client.xread({self.log: self.last}, count=_XREAD_COUNT, block=int(rf.block * 1000))
         if not resp:
             lease = client.get(rf.lease_key(self.key))
-            if lease is not None and lease.decode().removeprefix("=") == self.token:
+            if lease is not None and lease.removeprefix(b"=") == self.token.encode():
                 return None
-            raise _Lost("the producing process was lost (its lease lapsed without an end)")
+            # A final record is written in one script with the lease's change: one written
+            # since the empty read is in the log now, and is no loss.
+            resp = client.xread({self.log: self.last}, count=_XREAD_COUNT)
+            if not resp:
+                raise _Lost("the producing process was lost (its lease lapsed without an end)")
         chunks: list[Any] = []
         for entry_id, fields in resp[0][1]:
             self.last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
             data = fields.get(b"d")
-            if data is not None:
-                chunks.extend(rf._codec.loads(data))
-                continue
-            self._final = (fields.get(b"f", b"").decode(), fields.get(b"m", b"").decode())
+            try:
+                if data is not None:
+                    chunks.extend(rf._codec.loads(data))
+                    continue
+                kind = fields.get(b"f")
+                if kind is None:
+                    raise ValueError(f"neither a batch nor a final record: {list(fields)[:4]!r}")
+                self._final = (kind.decode(), fields.get(b"m", b"").decode())
+            except Exception as exc:  # DecodeError, UnicodeDecodeError, ...
+                raise _Corrupt(f"a corrupt entry {self.last} in {self.log}: {exc!r}") from exc
             break
         if chunks:  # a final record read with them is handled at the next read
             return chunks
