@@ -405,3 +405,68 @@ def test_review_a_final_record_written_just_after_an_empty_read_is_not_a_loss(
     finally:
         rf.close()
         client.close()
+
+
+# -- bounds and timeouts ------------------------------------------------------------------------
+
+
+def test_review_a_planted_batch_larger_than_max_entry_bytes_is_refused(
+    fleet: Fleet, plain: redis.Redis
+) -> None:
+    """A producer never writes more than ``max_entry_bytes`` to its log; a follower read any
+    size: a planted (well-formed) batch of ~1 MB in a log bounded to 64 KiB was decoded and
+    its chunks served to the caller ahead of the real ones."""
+    import os
+
+    from chengeta_ai import CompactSerializer
+
+    up = Upstream([f"c{i}" for i in range(10)], pause_at=0)
+    thread, _lease, log = _started_producer(fleet, plain, up)
+    planted = CompactSerializer().dumps([os.urandom(500).hex() for _ in range(1000)])
+    assert len(planted) > 256 * 1024
+    plain.xadd(log, {b"d": planted})
+    follower = fleet.cache(max_entry_bytes=64 * 1024)
+    threading.Timer(0.3, up.thread_gate.set).start()
+    finished, result, errors = run_in_thread(
+        lambda: list(follower.get_or_stream(MESSAGES, up.sync)), 15
+    )
+    thread.join(15)
+    assert finished
+    assert errors == []
+    assert result == [up.chunks]
+
+
+def test_review_a_stalled_redis_never_hangs_a_caller_with_a_client_passed_in(
+    tmp_path: Any,
+) -> None:
+    """Fail-open needs every Redis call to end. With a URL, RedisFlights sets socket timeouts;
+    a client passed in (what the README shows for Redis Cluster) is used as it is, and a
+    redis.Redis made without a socket timeout (redis-py 5 to 7's default, which
+    ``redis>=5`` allows; 8 defaults to 5 s) makes a stalled Redis (SIGSTOP here; a frozen VM, a
+    dropped network path) hold the caller's election forever."""
+    import signal
+
+    server = RedisServer(tmp_path)
+    server.start()
+    client = redis.Redis.from_url(server.url, socket_timeout=None, socket_connect_timeout=None)
+    try:
+        rf = RedisFlights(client, prefix="t-stall:", lease=1.0, block=0.1)
+        cache = StreamingResponseCache(
+            CacheManager(backend=InMemoryBackend(), key_builder=CacheKeyBuilder()), flights=rf
+        )
+        client.ping()
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)
+        up = Upstream([f"c{i}" for i in range(5)])
+        try:
+            finished, result, errors = run_in_thread(
+                lambda: list(cache.get_or_stream(MESSAGES, up.sync)), 10
+            )
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        assert finished, "the caller still waits for a stalled Redis"
+        assert errors == []
+        assert result == [up.chunks]
+    finally:
+        client.close()
+        server.stop()
