@@ -74,7 +74,7 @@ from chengeta_ai.layers.fanout import (
     _aclose_upstream,
     _open_upstream,
 )
-from chengeta_ai.serializers import ChunkSink, CompactSerializer
+from chengeta_ai.serializers import ChunkSink, CompactSerializer, decode_cap
 
 __all__ = ["RedisFlights"]
 
@@ -512,6 +512,12 @@ class _Reader:
         self._watch_at = 0.0
         self._registered = False
         self._final: tuple[str, str] | None = None
+        #: A producer never writes more than this to a log (`_Producer.max_bytes`): a log that
+        #: holds more was not written by one, and is not decoded.
+        cap = rf.max_entry_bytes or flight.settings.max_entry_bytes
+        self.max_bytes = cap if cap is not None else 1 << 62
+        self.max_decoded = decode_cap(cap)
+        self.nbytes = 0
 
     def read(self) -> list[Any] | None:
         """Chunks of the next entries; None after an empty wait (the lease was alive). Raises
@@ -547,7 +553,10 @@ class _Reader:
             data = fields.get(b"d")
             try:
                 if data is not None:
-                    chunks.extend(rf._codec.loads(data))
+                    self.nbytes += len(data)
+                    if self.nbytes > self.max_bytes:
+                        raise ValueError(f"the log holds more than {self.max_bytes} bytes")
+                    chunks.extend(rf._codec.loads(data, max_decoded_bytes=self.max_decoded))
                     continue
                 kind = fields.get(b"f")
                 if kind is None:
