@@ -470,3 +470,71 @@ def test_review_a_stalled_redis_never_hangs_a_caller_with_a_client_passed_in(
     finally:
         client.close()
         server.stop()
+
+
+# -- a producer process that exits as soon as its stream is delivered ---------------------------
+
+_EXITING_PRODUCER = """
+import os, sys, time
+from chengeta_ai import CacheKeyBuilder, CacheManager, InMemoryBackend, RedisFlights
+from chengeta_ai.layers.streaming_cache import StreamingResponseCache
+
+url, prefix, how = sys.argv[1], sys.argv[2], sys.argv[3]
+flights = RedisFlights(url, prefix=prefix, lease=1.0, block=0.1)
+cache = StreamingResponseCache(
+    CacheManager(backend=InMemoryBackend(), key_builder=CacheKeyBuilder()), flights=flights
+)
+
+def upstream(messages):
+    for i in range(30):
+        time.sleep(0.02)
+        yield f"c{i}"
+
+got = list(cache.get_or_stream({messages!r}, upstream))
+assert len(got) == 30
+if how == "os._exit":
+    os._exit(0)  # how multiprocessing's fork workers end
+"""
+
+
+@pytest.mark.parametrize("how", ["os._exit", "return"])
+def test_review_a_producer_that_exits_right_after_its_stream_leaves_a_final_record(
+    flights_redis: RedisServer, plain: redis.Redis, how: str
+) -> None:
+    """The final ``done`` record is written by the producer's daemon writer thread after the
+    producer's own callers have their whole stream: a producer process that exits then (a
+    script, a multiprocessing worker, a server worker recycled after its last request) dies
+    with the record unwritten, and followers that had chunks got UpstreamLost for a stream
+    that ended normally (every time with os._exit, about 1 in 5 with a normal exit)."""
+    import subprocess
+    import sys
+    import uuid
+
+    script = _EXITING_PRODUCER.replace("{messages!r}", repr(MESSAGES))
+    outcomes: list[Any] = []
+    for _ in range(1 if how == "os._exit" else 8):
+        prefix = f"t-exit-{uuid.uuid4().hex[:8]}:"
+        proc = subprocess.Popen([sys.executable, "-c", script, flights_redis.url, prefix, how])
+        rf = RedisFlights(flights_redis.url, prefix=prefix, lease=1.0, block=0.1)
+        try:
+            cache = StreamingResponseCache(
+                CacheManager(backend=InMemoryBackend(), key_builder=CacheKeyBuilder()),
+                flights=rf,
+            )
+            lease = rf.lease_key(flight_key(cache))
+            wait_for(lambda lease=lease: plain.get(lease) is not None, 30)
+
+            def never(messages: Any) -> Iterator[Any]:
+                raise AssertionError("the follower called the upstream")
+
+            try:
+                outcomes.append(len(list(cache.get_or_stream(MESSAGES, never))))
+            except Exception as exc:
+                outcomes.append(exc)
+            assert proc.wait(30) == 0
+        finally:
+            rf.close()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert all(o == 30 for o in outcomes), outcomes
