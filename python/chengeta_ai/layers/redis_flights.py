@@ -57,10 +57,12 @@ producer has a writer thread for the life of its stream.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
@@ -216,8 +218,11 @@ class RedisFlights:
         self._codec = CompactSerializer()
         self._lock = threading.Lock()  # guards _down_until and _producers
         self._down_until = 0.0
-        #: Writer threads still running (`close` waits for their final records).
-        self._producers: set[threading.Thread] = set()
+        #: Producers whose writer thread still runs (`close` waits for their final records).
+        self._producers: set[_Producer] = set()
+        #: Longest a final record may take (a last append, then the record itself).
+        self._final_wait = 2 * max(socket_timeout, block + 1.0)
+        _INSTANCES.add(self)
         self._counts = dict.fromkeys(
             ("producer_round_trips", "chunks_published", "batches", "reader_round_trips"), 0
         )
@@ -231,8 +236,8 @@ class RedisFlights:
         deadline = time.monotonic() + timeout
         with self._lock:
             producers = list(self._producers)
-        for thread in producers:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        for producer in producers:
+            producer.thread.join(max(0.0, deadline - time.monotonic()))
         if self._owns_client:
             self.client.close()
             self.client.connection_pool.disconnect()
@@ -394,6 +399,7 @@ class RedisFlights:
     ) -> Iterator[Any]:
         # the writer first: an upstream that fails to open still gets its final record
         producer = _Producer(self, flight, token)
+        producer.wait_final = True
         source: Any = None
         upstream: Any = None
         ended = False
@@ -609,12 +615,14 @@ class _Producer:
         self.sent_bytes = 0
         cap = rf.max_entry_bytes or flight.settings.max_entry_bytes
         self.max_bytes = cap if cap is not None else 1 << 62
+        #: A sync flight's end waits for the final record (see `on_end`).
+        self.wait_final = False
         flight.on_end = self.on_end
         self.thread = threading.Thread(
             target=self._run_tracked, name="chengeta-redis-producer", daemon=True
         )
         with rf._lock:
-            rf._producers.add(self.thread)
+            rf._producers.add(self)
         self.thread.start()
 
     # called by the tee (any thread), never blocking on Redis
@@ -646,6 +654,11 @@ class _Producer:
             self.end("cancel", "")
         else:
             self.end("done", "", keep=state.not_stored is None)
+        if self.wait_final and threading.current_thread() is not self.thread:
+            # The callers' streams end with the record written: a process that exits as soon
+            # as it has its stream (a script, a multiprocessing worker) still leaves it, and
+            # the other processes' followers do not take a finished stream for a lost one.
+            self.thread.join(self.rf._final_wait)
 
     def before_store(self) -> None:
         """At the upstream's end: every chunk written and the fence checked (the writer keeps
@@ -667,7 +680,7 @@ class _Producer:
             self._run()
         finally:
             with self.rf._lock:
-                self.rf._producers.discard(self.thread)
+                self.rf._producers.discard(self)
 
     def _run(self) -> None:
         rf = self.rf
@@ -734,6 +747,23 @@ class _Producer:
             self.status = status
             self.encoder = None
             self.cond.notify_all()
+
+
+#: Every RedisFlights of this process, for `_write_final_records_at_exit`.
+_INSTANCES: weakref.WeakSet[RedisFlights] = weakref.WeakSet()
+
+
+@atexit.register
+def _write_final_records_at_exit(timeout: float = 2.0) -> None:
+    """At interpreter exit, lets writers that have a final record to write write it (their
+    threads are daemons: without this, a process exiting right after a stream, e.g. after
+    ``asyncio.run``, leaves followers in other processes waiting for a lease to lapse)."""
+    deadline = time.monotonic() + timeout
+    for rf in list(_INSTANCES):
+        with rf._lock:
+            producers = [p for p in rf._producers if p.final is not None]
+        for producer in producers:
+            producer.thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _close_sync(*objs: Any) -> None:
