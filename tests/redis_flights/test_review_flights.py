@@ -442,14 +442,22 @@ def test_review_a_stalled_redis_never_hangs_a_caller_with_a_client_passed_in(
     """Fail-open needs every Redis call to end. With a URL, RedisFlights sets socket timeouts;
     a client passed in (what the README shows for Redis Cluster) is used as it is, and a
     redis.Redis made without a socket timeout (redis-py 5 to 7's default, which
-    ``redis>=5`` allows; 8 defaults to 5 s) makes a stalled Redis (SIGSTOP here; a frozen VM, a
-    dropped network path) hold the caller's election forever."""
+    ``redis>=5`` allows; 8 defaults to 5 s) made a stalled Redis (SIGSTOP here; a frozen VM, a
+    dropped network path) hold the caller's election forever.
+
+    Such a client is now refused up front (ValueError naming socket_timeout: the client is the
+    user's, and rebuilding it would drop settings we cannot copy faithfully); the stall itself
+    is still exercised with a client passed in *with* a socket timeout, which must let the
+    caller go (a regression to unbounded calls on passed-in clients fails here)."""
     import signal
 
     server = RedisServer(tmp_path)
     server.start()
-    client = redis.Redis.from_url(server.url, socket_timeout=None, socket_connect_timeout=None)
+    untimed = redis.Redis.from_url(server.url, socket_timeout=None, socket_connect_timeout=None)
+    client = redis.Redis.from_url(server.url, socket_timeout=1.0, socket_connect_timeout=1.0)
     try:
+        with pytest.raises(ValueError, match="socket_timeout"):
+            RedisFlights(untimed, prefix="t-stall:", lease=1.0, block=0.1)
         rf = RedisFlights(client, prefix="t-stall:", lease=1.0, block=0.1)
         cache = StreamingResponseCache(
             CacheManager(backend=InMemoryBackend(), key_builder=CacheKeyBuilder()), flights=rf
@@ -468,6 +476,7 @@ def test_review_a_stalled_redis_never_hangs_a_caller_with_a_client_passed_in(
         assert errors == []
         assert result == [up.chunks]
     finally:
+        untimed.close()
         client.close()
         server.stop()
 

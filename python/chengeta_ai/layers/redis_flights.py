@@ -58,6 +58,8 @@ producer has a writer thread for the life of its stream.
 from __future__ import annotations
 
 import atexit
+import functools
+import inspect
 import logging
 import os
 import threading
@@ -67,6 +69,8 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
 import redis
 
@@ -76,6 +80,7 @@ from chengeta_ai.layers.fanout import (
     _aclose_upstream,
     _open_upstream,
 )
+from chengeta_ai.layers.flight_state import Phase
 from chengeta_ai.serializers import ChunkSink, CompactSerializer, decode_cap
 
 __all__ = ["RedisFlights"]
@@ -93,14 +98,26 @@ redis.call('SET', KEYS[1], tok, 'PX', ARGV[1])
 return {1, tok}
 """
 
-# KEYS: lease, log, watchers; ARGV: token, lease_ms, log_ttl_ms, now_ms[, batch]
+# KEYS: lease, log, watchers; ARGV: token, lease_ms, log_ttl_ms, cancel_if_alone[, batch]
+# Returns the live follower readers, -1 if fenced, -2 if it cancelled: with cancel_if_alone
+# ("1": the producer has no local consumer left, under on_abandon="cancel") and no live reader,
+# it writes the final ``cancel`` record and drops the lease in the same script, so a follower
+# registering (`_WATCH`, same slot) is either counted here or finds the lease gone.
 _APPEND = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
 if #ARGV >= 5 then redis.call('XADD', KEYS[2], '*', 'd', ARGV[5]) end
+local t = redis.call('TIME')
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', t[1] * 1000 + math.floor(t[2] / 1000))
+local n = redis.call('ZCARD', KEYS[3])
+if n == 0 and ARGV[4] == '1' then
+  redis.call('XADD', KEYS[2], '*', 'f', 'cancel', 'm', 'no consumer left in any process')
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  redis.call('DEL', KEYS[1])
+  return -2
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[4])
-return redis.call('ZCARD', KEYS[3])
+return n
 """
 
 # KEYS: lease, log; ARGV: token, kind, message, log_ttl_ms, done_ms
@@ -116,10 +133,24 @@ end
 return 1
 """
 
-# KEYS: watchers; ARGV: expiry_ms, reader id, ttl_ms (one script: never a set without a TTL)
+# KEYS: lease, log, watchers; ARGV: token, reader id, registration_ms, ttl_ms
+# A follower's registration (and its renewals, every lease / 3 from a timer, see `_Keeper`):
+# 0 if the producer is gone without a final record worth reading (no lease, or a final
+# ``cancel``/``abandon``): the reader has read nothing yet and elects again. Registered, the
+# reader also keeps the log alive (a follower held back by a slow consumer still finds it).
+# Times are Redis's own (TIME): no clock skew between machines.
 _WATCH = """
-redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local cur = redis.call('GET', KEYS[1])
+if cur ~= ARGV[1] and cur ~= '=' .. ARGV[1] then
+  local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+  if not last or last[2][1] ~= 'f' or last[2][2] == 'cancel' or last[2][2] == 'abandon' then
+    return 0
+  end
+end
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[3], t[1] * 1000 + math.floor(t[2] / 1000) + ARGV[3], ARGV[2])
+redis.call('PEXPIRE', KEYS[3], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return 1
 """
 
@@ -186,6 +217,9 @@ class RedisFlights:
     ) -> None:
         if lease <= 0 or block <= 0 or log_ttl <= 0 or done_ttl < 0:
             raise ValueError("lease, block and log_ttl must be > 0, done_ttl >= 0")
+        if done_ttl > max(log_ttl, lease):
+            # callers that missed the store would follow a log that has already expired
+            raise ValueError(f"done_ttl ({done_ttl}) must not exceed log_ttl ({log_ttl})")
         self.prefix = prefix
         self.lease = lease
         self.block = block
@@ -206,6 +240,17 @@ class RedisFlights:
             self.url = repr(url_or_client)
             self._owns_client = False
             self.client = url_or_client
+            known, timeout = _socket_timeout(url_or_client)
+            if known and (timeout is None or timeout <= block):
+                # Fail-open needs every call to end: a client that may wait forever on a
+                # stalled Redis (a frozen VM, a dropped path) would make its callers wait too,
+                # and one that times out within an XREAD BLOCK would take every wait for a
+                # failure. Refused here rather than patched: the client is the user's.
+                raise ValueError(
+                    f"RedisFlights needs a client with a socket_timeout above block ({block} s),"
+                    f" got {timeout!r}: e.g. redis.Redis.from_url(url, socket_timeout=2.0)"
+                    ", or pass the URL"
+                )
         encoder = getattr(self.client, "get_encoder", None)
         if encoder is not None and getattr(encoder(), "decode_responses", False):
             raise ValueError(
@@ -216,6 +261,7 @@ class RedisFlights:
         self._finish = self.client.register_script(_FINISH)
         self._watch = self.client.register_script(_WATCH)
         self._codec = CompactSerializer()
+        self._keeper = _Keeper(self)
         self._lock = threading.Lock()  # guards _down_until and _producers
         self._down_until = 0.0
         #: Producers whose writer thread still runs (`close` waits for their final records).
@@ -297,14 +343,29 @@ class RedisFlights:
             raise _Corrupt(f"a lease that is not UTF-8: {token[:64]!r}") from exc
         return bool(won), token.removeprefix("=")
 
-    def append(self, key: str, token: str, batch: bytes | None, lease: float) -> int:
-        """Appends a batch (None: renews only); the number of follower readers, -1 if fenced."""
-        now_ms = int(time.time() * 1000)
-        args: list[Any] = [token, int(lease * 1000), int(self.log_ttl * 1000), now_ms]
+    def append(
+        self, key: str, token: str, batch: bytes | None, lease: float, cancel_if_alone: bool
+    ) -> int:
+        """Appends a batch (None: renews only); the number of follower readers, -1 if fenced,
+        -2 if ``cancel_if_alone`` and no reader was registered: the final ``cancel`` record is
+        written and the lease dropped (see `_APPEND`)."""
+        args: list[Any] = [
+            token,
+            int(lease * 1000),
+            int(self.log_ttl * 1000),
+            "1" if cancel_if_alone else "0",
+        ]
         if batch is not None:
             args.append(batch)
         keys = [self.lease_key(key), self.log_key(key, token), self.watchers_key(key)]
         return int(self._append(keys=keys, args=args))
+
+    def watch(self, key: str, token: str, rid: str) -> int:
+        """Registers (or renews) follower reader ``rid`` of ``token``'s log; 0: the producer
+        is gone (see `_WATCH`)."""
+        keys = [self.lease_key(key), self.log_key(key, token), self.watchers_key(key)]
+        args = [token, rid, int(self.lease * 1000), int(self.log_ttl * 1000)]
+        return int(self._watch(keys=keys, args=args))
 
     def finish(self, key: str, token: str, kind: str, message: str, keep: bool) -> bool:
         """Writes the final record; ``keep``: the lease becomes ``=token`` for ``done_ttl``."""
@@ -398,7 +459,7 @@ class RedisFlights:
         self, flight: Flight, token: str, open_source: Callable[[], Iterable[Any]]
     ) -> Iterator[Any]:
         # the writer first: an upstream that fails to open still gets its final record
-        producer = _Producer(self, flight, token)
+        producer = _Producer(self, flight, token, _call_here)
         producer.wait_final = True
         source: Any = None
         upstream: Any = None
@@ -444,7 +505,8 @@ class RedisFlights:
                     yield chunk
                 return
             if role == "lead":
-                producer = _Producer(self, flight, token)
+                on_loop = functools.partial(_call_on_loop, anyio.lowlevel.current_token())
+                producer = _Producer(self, flight, token, on_loop)
                 upstream = await _open_upstream(stream_fn, messages)
                 ended = False
                 try:
@@ -515,8 +577,10 @@ class _Reader:
         self.log = rf.log_key(flight.key, token)
         self.last = "0-0"  # from the first entry, never "$"
         self.rid = f"{os.getpid()}.{os.urandom(6).hex()}"
-        self._watch_at = 0.0
         self._registered = False
+        #: Serialises a renewal with `close` (no registration renewed after it was removed).
+        self._renew_lock = threading.Lock()
+        self._closed = False
         self._final: tuple[str, str] | None = None
         #: A producer never writes more than this to a log (`_Producer.max_bytes`): a log that
         #: holds more was not written by one, and is not decoded.
@@ -533,15 +597,14 @@ class _Reader:
             return self._at_final()
         rf = self.rf
         client = rf.client
-        now = time.monotonic()
-        if now >= self._watch_at:
-            expiry_ms = int(time.time() * 1000) + int(rf.lease * 1000)
-            rf._watch(
-                keys=[rf.watchers_key(self.key)],
-                args=[expiry_ms, self.rid, int(rf.log_ttl * 1000)],
-            )
+        if not self._registered:
+            # Before the first read: a producer that cancelled (no reader registered) before
+            # this registration dropped its lease in the same script, so this reader, having
+            # read nothing, elects again instead of taking chunks and then the cancel.
+            if not rf.watch(self.key, self.token, self.rid):
+                raise _Lost("the producer stopped before this reader registered")
             self._registered = True
-            self._watch_at = now + rf.lease / 3
+            rf._keeper.add(self)
         rf._count(reader_round_trips=1)
         resp = client.xread({self.log: self.last}, count=_XREAD_COUNT, block=int(rf.block * 1000))
         if not resp:
@@ -587,24 +650,87 @@ class _Reader:
             )
         raise _Lost(f"the producing process stopped ({kind}: {message})")
 
+    def renew(self) -> None:
+        """Renews the registration and the log's TTL (the keeper's timer, every lease / 3,
+        whether or not the reader reads: its local consumers may hold it back)."""
+        with self._renew_lock:
+            if not self._closed:
+                self.rf.watch(self.key, self.token, self.rid)
+
     def close(self) -> None:
         if self._registered:
-            try:
-                self.rf.client.zrem(self.rf.watchers_key(self.key), self.rid)
-            except _REDIS_ERRORS:
-                pass  # it expires
+            self.rf._keeper.discard(self)
+            with self._renew_lock:
+                self._closed = True
+                try:
+                    self.rf.client.zrem(self.rf.watchers_key(self.key), self.rid)
+                except _REDIS_ERRORS:
+                    pass  # it expires
+
+
+class _Keeper:
+    """Renews every registered follower reader of one `RedisFlights` every ``lease / 3``, from
+    one thread (started with the first reader, ended when none is left), whether or not the
+    reader reads: a reader held back by its slow local consumers stays registered (a producer
+    under on_abandon="cancel" keeps reading for it) and keeps its log alive until it has read
+    it (a log otherwise expires ``log_ttl`` after the producer's last write)."""
+
+    def __init__(self, rf: RedisFlights) -> None:
+        self.rf = rf
+        self.lock = threading.Lock()  # guards readers and thread
+        self.readers: set[_Reader] = set()
+        self.thread: threading.Thread | None = None
+
+    def add(self, reader: _Reader) -> None:
+        with self.lock:
+            self.readers.add(reader)
+            if self.thread is None:
+                self.thread = threading.Thread(
+                    target=self._run, name="chengeta-redis-keeper", daemon=True
+                )
+                self.thread.start()
+
+    def discard(self, reader: _Reader) -> None:
+        with self.lock:
+            self.readers.discard(reader)
+
+    def _run(self) -> None:
+        every = self.rf.lease / 3
+        while True:
+            time.sleep(every)
+            with self.lock:
+                readers = list(self.readers)
+                if not readers:
+                    self.thread = None
+                    return
+            for reader in readers:
+                try:
+                    reader.renew()
+                except Exception as exc:  # Redis failed: the reader's own reads notice
+                    logger.debug("chengeta_ai: renewing a reader of %s: %r", reader.key, exc)
 
 
 class _Producer:
     """The writer of one produced stream: batches pending chunks, renews the lease, writes the
     final record, in its own thread (so the flight never waits for Redis but at the end)."""
 
-    def __init__(self, rf: RedisFlights, flight: Flight, token: str) -> None:
+    def __init__(
+        self,
+        rf: RedisFlights,
+        flight: Flight,
+        token: str,
+        on_owner: Callable[[Callable[[], None]], None],
+    ) -> None:
         self.rf = rf
         self.flight = flight
         self.token = token
         self.key = flight.key
+        #: Runs a function where the flight may be driven: directly for a sync flight, on the
+        #: flight's event loop for an async one (its cancel scope is the loop's).
+        self.on_owner = on_owner
         self.cond = threading.Condition(threading.Lock())
+        #: The flight was abandoned and drains: ask Redis now whether anybody still reads.
+        self.recheck = False
         self.encoder: ChunkSink | None = rf._codec.stream_encoder()
         self.pending = 0
         self.final: tuple[str, str, bool] | None = None
@@ -618,6 +744,9 @@ class _Producer:
         #: A sync flight's end waits for the final record (see `on_end`).
         self.wait_final = False
         flight.on_end = self.on_end
+        flight.on_drain = self.on_drain
+        with flight.settings.table.lock:
+            flight.state.publishing = True
         self.thread = threading.Thread(
             target=self._run_tracked, name="chengeta-redis-producer", daemon=True
         )
@@ -644,6 +773,46 @@ class _Producer:
             if self.final is None:
                 self.final = (kind, message, keep)
             self.cond.notify()
+
+    def on_drain(self) -> None:
+        """The flight's last local consumer left and it drains: the writer asks Redis now."""
+        with self.cond:
+            self.recheck = True
+            self.cond.notify()
+
+    def _alone(self) -> bool:
+        """Under on_abandon="cancel", no local consumer is left (none rejoined since)."""
+        flight = self.flight
+        state = flight.state
+        with flight.settings.table.lock:
+            return (
+                state.abandoned
+                and state.on_abandon == "cancel"
+                and state.phase is Phase.RUNNING
+                and flight.log.consumers == 0
+            )
+
+    def _unpublish(self) -> None:
+        """The writer stopped (the stream ended, or Redis failed, or the lease was lost, or
+        the cancel was written): from now on the flight decides a cancel alone, and an
+        abandoned flight that no local consumer rejoined is cancelled now."""
+        flight = self.flight
+        state = flight.state
+        with flight.settings.table.lock:
+            state.publishing = False
+            pending = state.abandoned and state.phase is Phase.RUNNING
+        if not pending:
+            return
+        self.wait_final = False  # nothing left to write: a flight's end never waits for it
+
+        def cancel() -> None:
+            log = flight.log
+            flight.perform(flight.transition(lambda: state.abandoned_everywhere(log.consumers)))
+
+        try:
+            self.on_owner(cancel)
+        except Exception as exc:  # the flight's event loop is gone: nothing to cancel
+            logger.debug("chengeta_ai: cancelling %s after its writer: %r", self.key, exc)
 
     def on_end(self, flight: Flight) -> None:
         """The flight ended (after its store): the final record."""
@@ -681,6 +850,7 @@ class _Producer:
         finally:
             with self.rf._lock:
                 self.rf._producers.discard(self)
+            self._unpublish()
 
     def _run(self) -> None:
         rf = self.rf
@@ -692,6 +862,7 @@ class _Producer:
                     not self.pending
                     and self.final is None
                     and self.sync_done == self.sync_wanted
+                    and not self.recheck
                     and time.monotonic() < next_renew
                 ):
                     self.cond.wait(max(0.0, next_renew - time.monotonic()))
@@ -703,6 +874,7 @@ class _Producer:
                 self.pending = 0
                 final = self.final
                 sync = self.sync_wanted
+                self.recheck = False
             try:
                 if batch is not None and self.sent_bytes + len(batch) > self.max_bytes:
                     batch = None
@@ -714,7 +886,11 @@ class _Producer:
                         batches=batch is not None,
                         chunks_published=chunks if batch is not None else 0,
                     )
-                    readers = rf.append(self.key, self.token, batch, lease)
+                    alone = final is None and self._alone()
+                    readers = rf.append(self.key, self.token, batch, lease, alone)
+                    if readers == -2:  # cancelled for every process: the local cancel follows
+                        self._stop("closed")
+                        return
                     if readers < 0:
                         self._stop("fenced")
                         self.flight.count("fenced")
@@ -725,8 +901,6 @@ class _Producer:
                         return
                     if batch is not None:
                         self.sent_bytes += len(batch)
-                    with self.flight.settings.table.lock:
-                        self.flight.state.remote_consumers = readers > 0
                 next_renew = time.monotonic() + renew_every
                 with self.cond:
                     self.sync_done = sync
@@ -764,6 +938,29 @@ def _write_final_records_at_exit(timeout: float = 2.0) -> None:
             producers = [p for p in rf._producers if p.final is not None]
         for producer in producers:
             producer.thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _socket_timeout(client: Any) -> tuple[bool, float | None]:
+    """``(known, socket_timeout)`` of a redis-py client (`redis.Redis` or `RedisCluster`);
+    ``known`` is False for a client whose settings cannot be read."""
+    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
+    if not isinstance(kwargs, dict):
+        kwargs = getattr(getattr(client, "nodes_manager", None), "connection_kwargs", None)
+    if not isinstance(kwargs, dict):
+        return False, None
+    if "socket_timeout" in kwargs:
+        timeout = kwargs["socket_timeout"]
+    else:  # a cluster passes its nodes only what it was given: the default of redis.Redis
+        timeout = inspect.signature(redis.Redis.__init__).parameters["socket_timeout"].default
+    return True, None if timeout is None else float(timeout)
+
+
+def _call_here(fn: Callable[[], None]) -> None:
+    fn()
+
+
+def _call_on_loop(loop: anyio.lowlevel.EventLoopToken, fn: Callable[[], None]) -> None:
+    anyio.from_thread.run_sync(fn, token=loop)
 
 
 def _close_sync(*objs: Any) -> None:
