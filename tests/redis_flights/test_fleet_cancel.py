@@ -21,7 +21,7 @@ import redis
 from tests.helpers import Upstream
 from tests.redis_flights.conftest import Fleet
 
-from chengeta_ai import CacheKeyBuilder, CacheManager, RedisFlights
+from chengeta_ai import CacheKeyBuilder, CacheManager, RedisFlights, UpstreamLost
 from chengeta_ai.layers.streaming_cache import StreamingResponseCache
 from redis_fixture import RedisServer
 
@@ -217,3 +217,104 @@ def test_done_ttl_longer_than_log_ttl_is_refused() -> None:
     is gone and they would wait for a lease to lapse and then produce again."""
     with pytest.raises(ValueError, match="done_ttl"):
         RedisFlights("redis://127.0.0.1:1/0", lease=1.0, log_ttl=2.0, done_ttl=3.0)
+
+
+# -- a producer lost between its store and its final record ------------------------------------
+
+
+class _DiesBeforeDone(RedisFlights):
+    """A producer that stores and then writes nothing more (its process killed right after
+    the store): its final record never comes and its lease lapses."""
+
+    released = threading.Event()
+
+    def finish(self, key: str, token: str, kind: str, message: str, keep: bool) -> bool:
+        self.released.wait(20)
+        return False
+
+
+def test_followers_of_a_producer_lost_after_its_store_finish_from_the_stored_entry(
+    fleet: Fleet, plain: redis.Redis
+) -> None:
+    """Followers see a lapsed lease without a final record. One that has every chunk but the
+    ``done`` must not get UpstreamLost, and one that has nothing must get the stored entry
+    rather than electing itself and calling the upstream a second time."""
+    manager = CacheManager(backend=fleet.backend, key_builder=CacheKeyBuilder())
+    prf = _DiesBeforeDone(fleet.url, prefix=fleet.prefix, lease=1.0, block=0.1)
+    producer = StreamingResponseCache(manager, flights=prf)
+    key = manager.key_builder.build(MESSAGES, "default", None)
+    lease = prf.lease_key(key)
+    hooked = _HookedFlights(fleet.url, prefix=fleet.prefix, lease=1.0, block=0.1)
+    late = StreamingResponseCache(
+        CacheManager(backend=fleet.backend, key_builder=CacheKeyBuilder()), flights=hooked
+    )
+    follower = fleet.cache()
+    up = Upstream([f"c{i}" for i in range(20)], delay=0.01)
+    results: dict[str, Any] = {}
+
+    def run(name: str, cache: StreamingResponseCache) -> None:
+        try:
+            results[name] = list(cache.get_or_stream(MESSAGES, up.sync))
+        except BaseException as exc:
+            results[name] = exc
+
+    def after_the_store_and_the_lapse() -> None:  # elected before, registers after
+        wait_for(lambda: fleet.backend.get(key) is not None and plain.get(lease) is None)
+
+    hooked.hook = after_the_store_and_the_lapse
+    threads = [threading.Thread(target=run, args=("producer", producer), daemon=True)]
+    threads[0].start()
+    wait_for(lambda: plain.get(lease) is not None)
+    for name, cache in (("follower", follower), ("late", late)):
+        threads.append(threading.Thread(target=run, args=(name, cache), daemon=True))
+        threads[-1].start()
+    try:
+        for thread in threads:
+            thread.join(20)
+    finally:
+        _DiesBeforeDone.released.set()
+        prf.close()
+        hooked.close()
+    assert results == {"producer": up.chunks, "follower": up.chunks, "late": up.chunks}
+    assert up.calls == 1
+
+
+def test_a_stored_entry_that_does_not_repeat_the_delivered_chunks_is_not_spliced(
+    fleet: Fleet, plain: redis.Redis
+) -> None:
+    """The stored entry continues a follower's stream only if it starts with exactly the chunks
+    the follower delivered: another answer stored under the key (a second producer after a
+    race, a nondeterministic model) gives UpstreamLost, never a spliced stream."""
+    manager = CacheManager(backend=fleet.backend, key_builder=CacheKeyBuilder())
+    prf = _DiesBeforeDone(fleet.url, prefix=fleet.prefix, lease=1.0, block=0.1)
+    producer = StreamingResponseCache(manager, flights=prf)
+    key = manager.key_builder.build(MESSAGES, "default", None)
+    lease = prf.lease_key(key)
+    follower = fleet.cache()
+    up = Upstream([f"c{i}" for i in range(20)], delay=0.01)
+    other = Upstream([f"other{i}" for i in range(20)])
+    results: dict[str, Any] = {}
+
+    def run(name: str, cache: StreamingResponseCache) -> None:
+        try:
+            results[name] = list(cache.get_or_stream(MESSAGES, up.sync))
+        except BaseException as exc:
+            results[name] = exc
+
+    threads = [threading.Thread(target=run, args=("producer", producer), daemon=True)]
+    threads[0].start()
+    wait_for(lambda: plain.get(lease) is not None)
+    threads.append(threading.Thread(target=run, args=("follower", follower), daemon=True))
+    threads[1].start()
+    try:
+        wait_for(lambda: fleet.backend.get(key) is not None)
+        fleet.backend.delete(key)  # another answer replaces the entry before the lease lapses
+        plain_cache = StreamingResponseCache(manager)
+        assert list(plain_cache.get_or_stream(MESSAGES, other.sync)) == other.chunks
+        for thread in threads:
+            thread.join(20)
+    finally:
+        _DiesBeforeDone.released.set()
+        prf.close()
+    assert results["producer"] == up.chunks
+    assert isinstance(results["follower"], UpstreamLost)

@@ -25,24 +25,40 @@ copy, before any consumer sees it) into the pending batch and handed to the prod
 thread, which sends *everything pending* in one `APPEND` (one round trip per batch of chunks
 that arrived while the previous one was in flight; the same script renews the lease and the
 log's TTL and returns how many follower readers are registered). With no chunk for
-``lease / 3`` the writer renews the lease alone. At the upstream's end the tee flushes and checks
-the fence before the flight stores (the lease is renewed during the store); a fenced producer does
-not store. After the store, `Flight.on_end` has the writer append the final record (``done``,
-``error``, ``cancel`` or ``abandon``); after a stored ``done`` the lease becomes ``=<token>`` for
-``done_ttl`` seconds so that callers that missed the store replay the log instead of calling the
-upstream again; the log expires ``log_ttl`` seconds later.
+``lease / 3`` the writer renews the lease alone. Under ``on_abandon="cancel"``, a producer whose
+last local consumer left keeps reading (the flight drains) and its writer appends with
+``cancel_if_alone``: the script that counts the live follower readers writes the final
+``cancel`` record and drops the lease when there is none, and only then is the local upstream
+cancelled (on the flight's event loop, for an async flight). The check runs at once and at every
+later append, so the upstream closes when the last reader in any process leaves. At the
+upstream's end the tee flushes and checks the fence before the flight stores (the lease is
+renewed during the store); a fenced producer does not store. After the store, `Flight.on_end`
+has the writer append the final record (``done``, ``error``, ``cancel`` or ``abandon``); after a
+stored ``done`` the lease becomes ``=<token>`` for ``done_ttl`` seconds so that callers that
+missed the store replay the log instead of calling the upstream again; the log expires
+``log_ttl`` seconds later.
 
 Follower. Its flight reads the producer's log from the first entry (``0-0``, never ``$``) with
 ``XREAD BLOCK`` (at most ``block`` seconds per call), decodes each batch and yields its chunks:
 one reader, so one Redis connection, per key per process, whatever the number of local
-consumers. It registers itself in the ``w`` set every ``lease / 3`` seconds, which is what keeps a
-producer whose local consumers all left reading the upstream for the other processes.
+consumers. Before its first read it registers in the ``w`` set with a script that checks the
+lease: the cancel decision and the registration are serialised by Redis, so a follower is either
+counted by the producer's decision or, registering after it, finds the lease gone, has read
+nothing, and elects again. The guarantee: the producer cancels only when no registration is
+live, and a follower never receives chunks of a stream cancelled under it while it stays
+registered. One keeper thread per `RedisFlights` renews every registration every ``lease / 3``
+seconds whether or not the reader reads (its local consumers may hold it back) and extends the
+log's TTL with it, so a follower held back by a slow consumer still finds the whole log.
 
 Failure. After an empty ``XREAD`` the follower checks the lease: gone or another token without
 a final record means the producer was lost. A follower that has yielded nothing elects again
 (and may become the producer: the transparent restart); one that has yielded chunks raises
 `UpstreamLost`. A final ``error`` record raises `UpstreamLost` naming the producer's error; a
-final ``cancel`` or ``abandon`` is treated like a loss. Redis errors never reach a caller: the
+final ``cancel`` or ``abandon`` is treated like a loss. A lost producer may have died between its
+store and its ``done`` record: before electing again or raising, a follower looks for the stored
+entry and, if there is one, continues from it (all of it for one that has yielded nothing; the
+rest, after checking that the chunks it has yielded are the entry's first ones, for one that
+has). Redis errors never reach a caller: the
 election falls back to the local upstream (an in-process flight, counted ``redis_fallbacks``);
 a producer whose writes fail stops publishing and carries on locally; a follower whose reads
 fail calls the upstream itself and, if it had already yielded chunks, skips them after checking
@@ -74,6 +90,7 @@ import anyio.lowlevel
 import anyio.to_thread
 import redis
 
+from chengeta_ai.core.cache_manager import unframe
 from chengeta_ai.errors import UpstreamLost
 from chengeta_ai.layers.fanout import (
     Flight,
@@ -409,6 +426,41 @@ class RedisFlights:
         elif role == "lead":
             flight.count("remote_leads")
 
+    def _from_store(self, flight: Flight, delivered: int) -> list[Any] | None:
+        """The producer was lost, but maybe after its store (killed between the store and its
+        ``done`` record): the stored entry's chunks after the ``delivered`` ones, once those
+        are checked equal to what this flight delivered (with a chunk joiner, only for a
+        follower that delivered nothing: the entry is the joined object). None: no such entry.
+        """
+        settings = flight.settings
+        if delivered and settings.chunk_joiner is not None:
+            return None
+        raw = settings.manager.get_raw(flight.key)  # fail-open: None if the backend fails
+        if raw is None:
+            return None
+        try:
+            cap = decode_cap(settings.max_entry_bytes)
+            chunks = [
+                chunk
+                for batch in settings.serializer.iter_batches(
+                    bytes(unframe(raw)), 256, max_decoded_bytes=cap
+                )
+                for chunk in batch
+            ]
+        except Exception as exc:  # corrupt: the cache's next hit drops it
+            logger.warning("chengeta_ai: stored entry of %s unreadable: %r", flight.key, exc)
+            return None
+        if delivered:
+            prefix = flight.log.snapshot()
+            if prefix is None or chunks[:delivered] != prefix[:delivered]:
+                return None
+        logger.info(
+            "chengeta_ai: producer of %s lost after its store: %d chunks from the stored entry",
+            flight.key,
+            len(chunks) - delivered,
+        )
+        return chunks[delivered:]
+
     def _lost(self, flight: Flight, message: str) -> UpstreamLost:
         flight.count("upstream_lost")
         return UpstreamLost(f"{flight.key}: {message}")
@@ -444,9 +496,13 @@ class RedisFlights:
                         delivered += 1
                         yield chunk
             except _Lost as lost:
-                if delivered:
-                    raise self._lost(flight, str(lost)) from None
-                continue  # nothing yielded yet: elect again, maybe produce
+                rest = self._from_store(flight, delivered)
+                if rest is None:
+                    if delivered:
+                        raise self._lost(flight, str(lost)) from None
+                    continue  # nothing yielded yet: elect again, maybe produce
+                yield from rest
+                return
             except _Fallback:
                 yield from _local(flight, stream_fn(messages), delivered, self)
                 return
@@ -548,9 +604,14 @@ class RedisFlights:
                         delivered += 1
                         yield chunk
             except _Lost as lost:
-                if delivered:
-                    raise self._lost(flight, str(lost)) from None
-                continue
+                rest = await call(self._from_store, flight, delivered)
+                if rest is None:
+                    if delivered:
+                        raise self._lost(flight, str(lost)) from None
+                    continue
+                for chunk in rest:
+                    yield chunk
+                return
             except _Fallback:
                 async for chunk in _alocal(flight, stream_fn, messages, delivered, self):
                     yield chunk
