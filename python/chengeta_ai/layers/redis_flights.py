@@ -861,7 +861,9 @@ class _Producer:
         state = flight.state
         with flight.settings.table.lock:
             state.publishing = False
-            pending = state.abandoned and state.phase is Phase.RUNNING
+            pending = (
+                state.abandoned and state.on_abandon == "cancel" and state.phase is Phase.RUNNING
+            )
         if not pending:
             return
         self.wait_final = False  # nothing left to write: a flight's end never waits for it
