@@ -166,15 +166,55 @@ def test_a_follower_elected_producer_stores_again() -> None:
     assert state.upstream_ended(complete=True) == STORE
 
 
-def test_remote_consumers_keep_the_upstream_when_the_last_local_one_leaves() -> None:
+def test_a_publishing_producer_drains_and_lets_redis_decide_the_cancel() -> None:
     state = running("cancel")
-    state.remote_consumers = True
-    assert state.consumer_left(0) == DRAIN  # not CANCEL: other processes still read it
+    state.publishing = True
+    assert state.consumer_left(0) == DRAIN  # not CANCEL: other processes may still read it
     assert state.phase is Phase.RUNNING and state.not_stored is None
-    assert state.upstream_ended(complete=True) == STORE
+    # the writer found no follower reader (and wrote the cancel record): cancel now
+    assert state.abandoned_everywhere(0) == CANCEL
+    assert state.phase is Phase.CANCELLING and state.not_stored == "abandoned"
+    assert state.upstream_closed() == ENDED
 
 
-def test_without_remote_consumers_the_cancel_policy_applies() -> None:
+def test_a_publishing_producer_still_read_by_others_stores() -> None:
     state = running("cancel")
-    state.remote_consumers = False
+    state.publishing = True
+    assert state.consumer_left(0) == DRAIN
+    assert state.upstream_ended(complete=True) == STORE
+    assert state.abandoned_everywhere(0) == 0  # too late: the stream ended
+
+
+def test_a_local_consumer_that_rejoined_keeps_a_cancelled_everywhere_flight() -> None:
+    state = running("cancel")
+    state.publishing = True
+    state.consumer_left(0)
+    assert state.abandoned_everywhere(1) == 0
+    assert state.phase is Phase.RUNNING
+
+
+def test_finish_policy_is_never_cancelled_everywhere() -> None:
+    state = running("finish")
+    state.publishing = True
+    assert state.consumer_left(0) == DRAIN
+    assert state.abandoned_everywhere(0) == 0
+
+
+def test_not_abandoned_is_never_cancelled_everywhere() -> None:
+    state = running("cancel")
+    state.publishing = True
+    assert state.abandoned_everywhere(0) == 0
+
+
+def test_without_publishing_the_cancel_policy_applies() -> None:
+    state = running("cancel")
+    state.publishing = False
     assert state.consumer_left(0) == CANCEL
+
+
+@pytest.mark.parametrize("policy", ["cancel", "finish"])
+def test_an_abandoned_follower_stops_reading_whatever_its_policy(policy: str) -> None:
+    state = running(policy)
+    state.follow()
+    assert state.consumer_left(0) == CANCEL  # it never stores: nothing to drain for
+    assert state.phase is Phase.CANCELLING

@@ -132,6 +132,9 @@ class Flight:
         #: Called (without the lock) once the flight has ended, after its store: the Redis
         #: producer writes the stream's final record here (`redis_flights`).
         self.on_end: Callable[[Flight], None] | None = None
+        #: Called (without the lock) when the flight is abandoned and drained: the Redis
+        #: producer's writer asks Redis whether another process still reads the stream.
+        self.on_drain: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.key} {self.state!r} chunks={self.log.end}>"
@@ -177,6 +180,8 @@ class Flight:
             self.cancel_upstream()
         if actions & DRAIN:
             self.drain()
+            if self.on_drain is not None:
+                self.on_drain()
         if actions & CLOSE_LOG:
             self.log.close()
         if actions & RELEASE:

@@ -33,9 +33,11 @@ can be decided). A stream that ends complete with ``wants_store`` False is not s
 Across processes (`RedisFlights`), a flight is either the fleet's *producer* of its key (it reads
 the real upstream and stores) or a *follower* (its upstream is another process's stream, read
 from Redis): a follower never stores, and that is its policy, not a failure (``follower``, set by
-`follow`, is not a reason in ``not_stored``). ``remote_consumers``: other processes still read
-this producer's stream, so losing the last local consumer drains the upstream for them instead
-of cancelling it (the upstream is closed only when no process has a consumer left).
+`follow`, is not a reason in ``not_stored``). ``publishing``: the flight is the fleet's producer
+and other processes may read its stream, so under ``on_abandon="cancel"`` losing the last local
+consumer does not cancel: the flight drains, and its Redis writer cancels in the same Lua
+script that finds no follower reader registered (`abandoned_everywhere`). The upstream is closed
+only when no process has a consumer left.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ class FlightState:
         "not_stored",
         "on_abandon",
         "phase",
-        "remote_consumers",
+        "publishing",
         "wants_store",
     )
 
@@ -102,8 +104,8 @@ class FlightState:
         self.abandoned = False
         #: Store policy: a follower reads another process's stream and never stores it.
         self.follower = False
-        #: Other processes read this (producer) flight's stream, as of the last lease renewal.
-        self.remote_consumers = False
+        #: The fleet's producer, publishing to Redis: the cancel decision is the writer's.
+        self.publishing = False
         #: Some caller attached to this flight wants it stored (not every one said no_store).
         self.wants_store = wants_store
 
@@ -172,8 +174,25 @@ class FlightState:
         if remaining or self.phase is not Phase.RUNNING or self.abandoned:
             return 0
         self.abandoned = True
-        if self.on_abandon == "finish" or self.remote_consumers:
+        # a follower never stores: read to the end for nobody, it would only keep its
+        # producer's upstream going (it stops, whatever its policy)
+        if not self.follower and (self.on_abandon == "finish" or self.publishing):
             return DRAIN
+        self.phase = Phase.CANCELLING
+        self.keep_from_store("abandoned")
+        return CANCEL
+
+    def abandoned_everywhere(self, remaining: int) -> int:
+        """A publishing flight found no consumer left in any process (its writer wrote the
+        cancel record), or stopped publishing (``publishing`` was cleared): under "cancel", an
+        abandoned flight that ``remaining`` local consumers did not rejoin is cancelled now."""
+        if (
+            self.on_abandon != "cancel"
+            or not self.abandoned
+            or remaining
+            or self.phase is not Phase.RUNNING
+        ):
+            return 0
         self.phase = Phase.CANCELLING
         self.keep_from_store("abandoned")
         return CANCEL

@@ -25,24 +25,40 @@ copy, before any consumer sees it) into the pending batch and handed to the prod
 thread, which sends *everything pending* in one `APPEND` (one round trip per batch of chunks
 that arrived while the previous one was in flight; the same script renews the lease and the
 log's TTL and returns how many follower readers are registered). With no chunk for
-``lease / 3`` the writer renews the lease alone. At the upstream's end the tee flushes and checks
-the fence before the flight stores (the lease is renewed during the store); a fenced producer does
-not store. After the store, `Flight.on_end` has the writer append the final record (``done``,
-``error``, ``cancel`` or ``abandon``); after a stored ``done`` the lease becomes ``=<token>`` for
-``done_ttl`` seconds so that callers that missed the store replay the log instead of calling the
-upstream again; the log expires ``log_ttl`` seconds later.
+``lease / 3`` the writer renews the lease alone. Under ``on_abandon="cancel"``, a producer whose
+last local consumer left keeps reading (the flight drains) and its writer appends with
+``cancel_if_alone``: the script that counts the live follower readers writes the final
+``cancel`` record and drops the lease when there is none, and only then is the local upstream
+cancelled (on the flight's event loop, for an async flight). The check runs at once and at every
+later append, so the upstream closes when the last reader in any process leaves. At the
+upstream's end the tee flushes and checks the fence before the flight stores (the lease is
+renewed during the store); a fenced producer does not store. After the store, `Flight.on_end`
+has the writer append the final record (``done``, ``error``, ``cancel`` or ``abandon``); after a
+stored ``done`` the lease becomes ``=<token>`` for ``done_ttl`` seconds so that callers that
+missed the store replay the log instead of calling the upstream again; the log expires
+``log_ttl`` seconds later.
 
 Follower. Its flight reads the producer's log from the first entry (``0-0``, never ``$``) with
 ``XREAD BLOCK`` (at most ``block`` seconds per call), decodes each batch and yields its chunks:
 one reader, so one Redis connection, per key per process, whatever the number of local
-consumers. It registers itself in the ``w`` set every ``lease / 3`` seconds, which is what keeps a
-producer whose local consumers all left reading the upstream for the other processes.
+consumers. Before its first read it registers in the ``w`` set with a script that checks the
+lease: the cancel decision and the registration are serialised by Redis, so a follower is either
+counted by the producer's decision or, registering after it, finds the lease gone, has read
+nothing, and elects again. The guarantee: the producer cancels only when no registration is
+live, and a follower never receives chunks of a stream cancelled under it while it stays
+registered. One keeper thread per `RedisFlights` renews every registration every ``lease / 3``
+seconds whether or not the reader reads (its local consumers may hold it back) and extends the
+log's TTL with it, so a follower held back by a slow consumer still finds the whole log.
 
 Failure. After an empty ``XREAD`` the follower checks the lease: gone or another token without
 a final record means the producer was lost. A follower that has yielded nothing elects again
 (and may become the producer: the transparent restart); one that has yielded chunks raises
 `UpstreamLost`. A final ``error`` record raises `UpstreamLost` naming the producer's error; a
-final ``cancel`` or ``abandon`` is treated like a loss. Redis errors never reach a caller: the
+final ``cancel`` or ``abandon`` is treated like a loss. A lost producer may have died between its
+store and its ``done`` record: before electing again or raising, a follower looks for the stored
+entry and, if there is one, continues from it (all of it for one that has yielded nothing; the
+rest, after checking that the chunks it has yielded are the entry's first ones, for one that
+has). Redis errors never reach a caller: the
 election falls back to the local upstream (an in-process flight, counted ``redis_fallbacks``);
 a producer whose writes fail stops publishing and carries on locally; a follower whose reads
 fail calls the upstream itself and, if it had already yielded chunks, skips them after checking
@@ -57,17 +73,24 @@ producer has a writer thread for the life of its stream.
 
 from __future__ import annotations
 
+import atexit
+import functools
+import inspect
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
 
 from chengeta_ai._optional import missing_extra
+from chengeta_ai.core.cache_manager import unframe
 from chengeta_ai.errors import UpstreamLost
 
 try:
@@ -80,17 +103,19 @@ from chengeta_ai.layers.fanout import (
     _aclose_upstream,
     _open_upstream,
 )
+from chengeta_ai.layers.flight_state import Phase
 from chengeta_ai.layers.upstream import check_sync_stream
 from chengeta_ai.logs import warn
-from chengeta_ai.serializers import ChunkSink, CompactSerializer
+from chengeta_ai.serializers import ChunkSink, CompactSerializer, decode_cap
 
 __all__ = ["RedisFlights"]
 
 logger = logging.getLogger("chengeta_ai")
 
+# a lease without a TTL (planted, or PERSISTed) is nobody's: taken over, never followed
 _ACQUIRE = """
 local cur = redis.call('GET', KEYS[1])
-if cur then return {0, cur} end
+if cur and redis.call('PTTL', KEYS[1]) >= 0 then return {0, cur} end
 local g = redis.call('INCR', KEYS[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 local tok = tostring(g) .. '.' .. ARGV[2]
@@ -98,14 +123,26 @@ redis.call('SET', KEYS[1], tok, 'PX', ARGV[1])
 return {1, tok}
 """
 
-# KEYS: lease, log, watchers; ARGV: token, lease_ms, log_ttl_ms, now_ms[, batch]
+# KEYS: lease, log, watchers; ARGV: token, lease_ms, log_ttl_ms, cancel_if_alone[, batch]
+# Returns the live follower readers, -1 if fenced, -2 if it cancelled: with cancel_if_alone
+# ("1": the producer has no local consumer left, under on_abandon="cancel") and no live reader,
+# it writes the final ``cancel`` record and drops the lease in the same script, so a follower
+# registering (`_WATCH`, same slot) is either counted here or finds the lease gone.
 _APPEND = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
 if #ARGV >= 5 then redis.call('XADD', KEYS[2], '*', 'd', ARGV[5]) end
+local t = redis.call('TIME')
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', t[1] * 1000 + math.floor(t[2] / 1000))
+local n = redis.call('ZCARD', KEYS[3])
+if n == 0 and ARGV[4] == '1' then
+  redis.call('XADD', KEYS[2], '*', 'f', 'cancel', 'm', 'no consumer left in any process')
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  redis.call('DEL', KEYS[1])
+  return -2
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[4])
-return redis.call('ZCARD', KEYS[3])
+return n
 """
 
 # KEYS: lease, log; ARGV: token, kind, message, log_ttl_ms, done_ms
@@ -121,10 +158,24 @@ end
 return 1
 """
 
-# KEYS: watchers; ARGV: expiry_ms, reader id, ttl_ms (one script: never a set without a TTL)
+# KEYS: lease, log, watchers; ARGV: token, reader id, registration_ms, ttl_ms
+# A follower's registration (and its renewals, every lease / 3 from a timer, see `_Keeper`):
+# 0 if the producer is gone without a final record worth reading (no lease, or a final
+# ``cancel``/``abandon``): the reader has read nothing yet and elects again. Registered, the
+# reader also keeps the log alive (a follower held back by a slow consumer still finds it).
+# Times are Redis's own (TIME): no clock skew between machines.
 _WATCH = """
-redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local cur = redis.call('GET', KEYS[1])
+if cur ~= ARGV[1] and cur ~= '=' .. ARGV[1] then
+  local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+  if not last or last[2][1] ~= 'f' or last[2][2] == 'cancel' or last[2][2] == 'abandon' then
+    return 0
+  end
+end
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[3], t[1] * 1000 + math.floor(t[2] / 1000) + ARGV[3], ARGV[2])
+redis.call('PEXPIRE', KEYS[3], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return 1
 """
 
@@ -141,6 +192,19 @@ class _Lost(Exception):
 
 class _Fallback(Exception):
     """Internal: Redis failed; read the upstream locally."""
+
+
+class _Corrupt(Exception):
+    """Internal: Redis holds something this code never writes (a corrupt or planted lease or
+    log entry): handled like a Redis failure (the upstream is read locally)."""
+
+
+#: A producer closed, or its process going away (Ctrl-C, sys.exit): for the other processes a
+#: lost producer (``cancel``: who has nothing elects again), not an upstream error.
+_GONE = (GeneratorExit, KeyboardInterrupt, SystemExit)
+
+#: What makes a flight step aside to a local upstream read.
+_STEP_ASIDE = (*_REDIS_ERRORS, _Corrupt)
 
 
 class RedisFlights:
@@ -178,6 +242,9 @@ class RedisFlights:
     ) -> None:
         if lease <= 0 or block <= 0 or log_ttl <= 0 or done_ttl < 0:
             raise ValueError("lease, block and log_ttl must be > 0, done_ttl >= 0")
+        if done_ttl > max(log_ttl, lease):
+            # callers that missed the store would follow a log that has already expired
+            raise ValueError(f"done_ttl ({done_ttl}) must not exceed log_ttl ({log_ttl})")
         self.prefix = prefix
         self.lease = lease
         self.block = block
@@ -198,15 +265,35 @@ class RedisFlights:
             self.url = repr(url_or_client)
             self._owns_client = False
             self.client = url_or_client
+            known, timeout = _socket_timeout(url_or_client)
+            if known and (timeout is None or timeout <= block):
+                # Fail-open needs every call to end: a client that may wait forever on a
+                # stalled Redis (a frozen VM, a dropped path) would make its callers wait too,
+                # and one that times out within an XREAD BLOCK would take every wait for a
+                # failure. Refused here rather than patched: the client is the user's.
+                raise ValueError(
+                    f"RedisFlights needs a client with a socket_timeout above block ({block} s),"
+                    f" got {timeout!r}: e.g. redis.Redis.from_url(url, socket_timeout=2.0)"
+                    ", or pass the URL"
+                )
+        encoder = getattr(self.client, "get_encoder", None)
+        if encoder is not None and getattr(encoder(), "decode_responses", False):
+            raise ValueError(
+                "RedisFlights needs a client without decode_responses (its logs are bytes)"
+            )
         self._acquire = self.client.register_script(_ACQUIRE)
         self._append = self.client.register_script(_APPEND)
         self._finish = self.client.register_script(_FINISH)
         self._watch = self.client.register_script(_WATCH)
         self._codec = CompactSerializer()
+        self._keeper = _Keeper(self)
         self._lock = threading.Lock()  # guards _down_until and _producers
         self._down_until = 0.0
-        #: Writer threads still running (`close` waits for their final records).
-        self._producers: set[threading.Thread] = set()
+        #: Producers whose writer thread still runs (`close` waits for their final records).
+        self._producers: set[_Producer] = set()
+        #: Longest a final record may take (a last append, then the record itself).
+        self._final_wait = 2 * max(socket_timeout, block + 1.0)
+        _INSTANCES.add(self)
         self._counts = dict.fromkeys(
             ("producer_round_trips", "chunks_published", "batches", "reader_round_trips"), 0
         )
@@ -220,8 +307,8 @@ class RedisFlights:
         deadline = time.monotonic() + timeout
         with self._lock:
             producers = list(self._producers)
-        for thread in producers:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        for producer in producers:
+            producer.thread.join(max(0.0, deadline - time.monotonic()))
         if self._owns_client:
             self.client.close()
             self.client.connection_pool.disconnect()
@@ -279,17 +366,35 @@ class RedisFlights:
             keys=[self.lease_key(key), self.base(key) + ":gen"],
             args=[int(self.lease * 1000), nonce, int(self.log_ttl * 1000)],
         )
-        token = token.decode() if isinstance(token, bytes) else str(token)
+        try:
+            token = token.decode() if isinstance(token, bytes) else str(token)
+        except UnicodeDecodeError as exc:
+            raise _Corrupt(f"a lease that is not UTF-8: {token[:64]!r}") from exc
         return bool(won), token.removeprefix("=")
 
-    def append(self, key: str, token: str, batch: bytes | None, lease: float) -> int:
-        """Appends a batch (None: renews only); the number of follower readers, -1 if fenced."""
-        now_ms = int(time.time() * 1000)
-        args: list[Any] = [token, int(lease * 1000), int(self.log_ttl * 1000), now_ms]
+    def append(
+        self, key: str, token: str, batch: bytes | None, lease: float, cancel_if_alone: bool
+    ) -> int:
+        """Appends a batch (None: renews only); the number of follower readers, -1 if fenced,
+        -2 if ``cancel_if_alone`` and no reader was registered: the final ``cancel`` record is
+        written and the lease dropped (see `_APPEND`)."""
+        args: list[Any] = [
+            token,
+            int(lease * 1000),
+            int(self.log_ttl * 1000),
+            "1" if cancel_if_alone else "0",
+        ]
         if batch is not None:
             args.append(batch)
         keys = [self.lease_key(key), self.log_key(key, token), self.watchers_key(key)]
         return int(self._append(keys=keys, args=args))
+
+    def watch(self, key: str, token: str, rid: str) -> int:
+        """Registers (or renews) follower reader ``rid`` of ``token``'s log; 0: the producer
+        is gone (see `_WATCH`)."""
+        keys = [self.lease_key(key), self.log_key(key, token), self.watchers_key(key)]
+        args = [token, rid, int(self.lease * 1000), int(self.log_ttl * 1000)]
+        return int(self._watch(keys=keys, args=args))
 
     def finish(self, key: str, token: str, kind: str, message: str, keep: bool) -> bool:
         """Writes the final record; ``keep``: the lease becomes ``=token`` for ``done_ttl``."""
@@ -323,7 +428,7 @@ class RedisFlights:
             return "local", ""
         try:
             leads, token = self.elect(flight.key)
-        except _REDIS_ERRORS as exc:
+        except _STEP_ASIDE as exc:
             self._failed(flight, "election", exc)
             return "local", ""
         return ("lead" if leads else "follow"), token
@@ -336,6 +441,46 @@ class RedisFlights:
             flight.count("remote_joins")
         elif role == "lead":
             flight.count("remote_leads")
+
+    def _from_store(self, flight: Flight, delivered: int) -> list[Any] | None:
+        """The producer was lost, but maybe after its store (killed between the store and its
+        ``done`` record): the stored entry's chunks after the ``delivered`` ones, once those
+        are checked equal to what this flight delivered (with a chunk joiner, only for a
+        follower that delivered nothing: the entry is the joined object). None: no such entry.
+        """
+        settings = flight.settings
+        if delivered and settings.chunk_joiner is not None:
+            return None
+        raw = settings.manager.get_raw(flight.key)  # fail-open: None if the backend fails
+        if raw is None:
+            return None
+        try:
+            cap = decode_cap(settings.max_entry_bytes)
+            chunks = [
+                chunk
+                for batch in settings.serializer.iter_batches(
+                    bytes(unframe(raw)), 256, max_decoded_bytes=cap
+                )
+                for chunk in batch
+            ]
+        except Exception as exc:  # corrupt: the cache's next hit drops it
+            warn(
+                "chengeta_ai: stored entry of %s unreadable: %r",
+                flight.key,
+                exc,
+                cause="stored_entry",
+            )
+            return None
+        if delivered:
+            prefix = flight.log.snapshot()
+            if prefix is None or chunks[:delivered] != prefix[:delivered]:
+                return None
+        logger.info(
+            "chengeta_ai: producer of %s lost after its store: %d chunks from the stored entry",
+            flight.key,
+            len(chunks) - delivered,
+        )
+        return chunks[delivered:]
 
     def _lost(self, flight: Flight, message: str) -> UpstreamLost:
         flight.count("upstream_lost")
@@ -363,7 +508,7 @@ class RedisFlights:
                 while True:
                     try:
                         got = reader.read()
-                    except _REDIS_ERRORS as exc:
+                    except _STEP_ASIDE as exc:
                         self._failed(flight, "read", exc)
                         raise _Fallback from exc
                     if got is None:
@@ -372,9 +517,13 @@ class RedisFlights:
                         delivered += 1
                         yield chunk
             except _Lost as lost:
-                if delivered:
-                    raise self._lost(flight, str(lost)) from None
-                continue  # nothing yielded yet: elect again, maybe produce
+                rest = self._from_store(flight, delivered)
+                if rest is None:
+                    if delivered:
+                        raise self._lost(flight, str(lost)) from None
+                    continue  # nothing yielded yet: elect again, maybe produce
+                yield from rest
+                return
             except _Fallback:
                 yield from _local(flight, stream_fn(messages), delivered, self)
                 return
@@ -387,7 +536,8 @@ class RedisFlights:
         self, flight: Flight, token: str, open_source: Callable[[], Iterable[Any]]
     ) -> Iterator[Any]:
         # the writer first: an upstream that fails to open still gets its final record
-        producer = _Producer(self, flight, token)
+        producer = _Producer(self, flight, token, _call_here)
+        producer.wait_final = True
         source: Any = None
         upstream: Any = None
         ended = False
@@ -398,7 +548,7 @@ class RedisFlights:
                 producer.push(chunk)
                 yield chunk
             ended = True
-        except GeneratorExit:
+        except _GONE:
             producer.end("cancel", "")
             raise
         except BaseException as exc:
@@ -432,7 +582,8 @@ class RedisFlights:
                     yield chunk
                 return
             if role == "lead":
-                producer = _Producer(self, flight, token)
+                on_loop = functools.partial(_call_on_loop, anyio.lowlevel.current_token())
+                producer = _Producer(self, flight, token, on_loop)
                 upstream = await _open_upstream(stream_fn, messages)
                 ended = False
                 try:
@@ -450,7 +601,7 @@ class RedisFlights:
                             yield chunk
                     ended = True
                 except BaseException as exc:
-                    if isinstance(exc, (GeneratorExit, anyio.get_cancelled_exc_class())):
+                    if isinstance(exc, (*_GONE, anyio.get_cancelled_exc_class())):
                         producer.end("cancel", "")
                     else:
                         producer.end("error", repr(exc))
@@ -465,7 +616,7 @@ class RedisFlights:
                 while True:
                     try:
                         got = await call(reader.read)
-                    except _REDIS_ERRORS as exc:
+                    except _STEP_ASIDE as exc:
                         self._failed(flight, "read", exc)
                         raise _Fallback from exc
                     if got is None:
@@ -474,9 +625,14 @@ class RedisFlights:
                         delivered += 1
                         yield chunk
             except _Lost as lost:
-                if delivered:
-                    raise self._lost(flight, str(lost)) from None
-                continue
+                rest = await call(self._from_store, flight, delivered)
+                if rest is None:
+                    if delivered:
+                        raise self._lost(flight, str(lost)) from None
+                    continue
+                for chunk in rest:
+                    yield chunk
+                return
             except _Fallback:
                 async for chunk in _alocal(flight, stream_fn, messages, delivered, self):
                     yield chunk
@@ -503,9 +659,17 @@ class _Reader:
         self.log = rf.log_key(flight.key, token)
         self.last = "0-0"  # from the first entry, never "$"
         self.rid = f"{os.getpid()}.{os.urandom(6).hex()}"
-        self._watch_at = 0.0
         self._registered = False
+        #: Serialises a renewal with `close` (no registration renewed after it was removed).
+        self._renew_lock = threading.Lock()
+        self._closed = False
         self._final: tuple[str, str] | None = None
+        #: A producer never writes more than this to a log (`_Producer.max_bytes`): a log that
+        #: holds more was not written by one, and is not decoded.
+        cap = rf.max_entry_bytes or flight.settings.max_entry_bytes
+        self.max_bytes = cap if cap is not None else 1 << 62
+        self.max_decoded = decode_cap(cap)
+        self.nbytes = 0
 
     def read(self) -> list[Any] | None:
         """Chunks of the next entries; None after an empty wait (the lease was alive). Raises
@@ -515,30 +679,42 @@ class _Reader:
             return self._at_final()
         rf = self.rf
         client = rf.client
-        now = time.monotonic()
-        if now >= self._watch_at:
-            expiry_ms = int(time.time() * 1000) + int(rf.lease * 1000)
-            rf._watch(
-                keys=[rf.watchers_key(self.key)],
-                args=[expiry_ms, self.rid, int(rf.log_ttl * 1000)],
-            )
+        if not self._registered:
+            # Before the first read: a producer that cancelled (no reader registered) before
+            # this registration dropped its lease in the same script, so this reader, having
+            # read nothing, elects again instead of taking chunks and then the cancel.
+            if not rf.watch(self.key, self.token, self.rid):
+                raise _Lost("the producer stopped before this reader registered")
             self._registered = True
-            self._watch_at = now + rf.lease / 3
+            rf._keeper.add(self)
         rf._count(reader_round_trips=1)
         resp = client.xread({self.log: self.last}, count=_XREAD_COUNT, block=int(rf.block * 1000))
         if not resp:
             lease = client.get(rf.lease_key(self.key))
-            if lease is not None and lease.decode().removeprefix("=") == self.token:
+            if lease is not None and lease.removeprefix(b"=") == self.token.encode():
                 return None
-            raise _Lost("the producing process was lost (its lease lapsed without an end)")
+            # A final record is written in one script with the lease's change: one written
+            # since the empty read is in the log now, and is no loss.
+            resp = client.xread({self.log: self.last}, count=_XREAD_COUNT)
+            if not resp:
+                raise _Lost("the producing process was lost (its lease lapsed without an end)")
         chunks: list[Any] = []
         for entry_id, fields in resp[0][1]:
             self.last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
             data = fields.get(b"d")
-            if data is not None:
-                chunks.extend(rf._codec.loads(data))
-                continue
-            self._final = (fields.get(b"f", b"").decode(), fields.get(b"m", b"").decode())
+            try:
+                if data is not None:
+                    self.nbytes += len(data)
+                    if self.nbytes > self.max_bytes:
+                        raise ValueError(f"the log holds more than {self.max_bytes} bytes")
+                    chunks.extend(rf._codec.loads(data, max_decoded_bytes=self.max_decoded))
+                    continue
+                kind = fields.get(b"f")
+                if kind is None:
+                    raise ValueError(f"neither a batch nor a final record: {list(fields)[:4]!r}")
+                self._final = (kind.decode(), fields.get(b"m", b"").decode())
+            except Exception as exc:  # DecodeError, UnicodeDecodeError, ...
+                raise _Corrupt(f"a corrupt entry {self.last} in {self.log}: {exc!r}") from exc
             break
         if chunks:  # a final record read with them is handled at the next read
             return chunks
@@ -556,24 +732,87 @@ class _Reader:
             )
         raise _Lost(f"the producing process stopped ({kind}: {message})")
 
+    def renew(self) -> None:
+        """Renews the registration and the log's TTL (the keeper's timer, every lease / 3,
+        whether or not the reader reads: its local consumers may hold it back)."""
+        with self._renew_lock:
+            if not self._closed:
+                self.rf.watch(self.key, self.token, self.rid)
+
     def close(self) -> None:
         if self._registered:
-            try:
-                self.rf.client.zrem(self.rf.watchers_key(self.key), self.rid)
-            except _REDIS_ERRORS:
-                pass  # it expires
+            self.rf._keeper.discard(self)
+            with self._renew_lock:
+                self._closed = True
+                try:
+                    self.rf.client.zrem(self.rf.watchers_key(self.key), self.rid)
+                except _REDIS_ERRORS:
+                    pass  # it expires
+
+
+class _Keeper:
+    """Renews every registered follower reader of one `RedisFlights` every ``lease / 3``, from
+    one thread (started with the first reader, ended when none is left), whether or not the
+    reader reads: a reader held back by its slow local consumers stays registered (a producer
+    under on_abandon="cancel" keeps reading for it) and keeps its log alive until it has read
+    it (a log otherwise expires ``log_ttl`` after the producer's last write)."""
+
+    def __init__(self, rf: RedisFlights) -> None:
+        self.rf = rf
+        self.lock = threading.Lock()  # guards readers and thread
+        self.readers: set[_Reader] = set()
+        self.thread: threading.Thread | None = None
+
+    def add(self, reader: _Reader) -> None:
+        with self.lock:
+            self.readers.add(reader)
+            if self.thread is None:
+                self.thread = threading.Thread(
+                    target=self._run, name="chengeta-redis-keeper", daemon=True
+                )
+                self.thread.start()
+
+    def discard(self, reader: _Reader) -> None:
+        with self.lock:
+            self.readers.discard(reader)
+
+    def _run(self) -> None:
+        every = self.rf.lease / 3
+        while True:
+            time.sleep(every)
+            with self.lock:
+                readers = list(self.readers)
+                if not readers:
+                    self.thread = None
+                    return
+            for reader in readers:
+                try:
+                    reader.renew()
+                except Exception as exc:  # Redis failed: the reader's own reads notice
+                    logger.debug("chengeta_ai: renewing a reader of %s: %r", reader.key, exc)
 
 
 class _Producer:
     """The writer of one produced stream: batches pending chunks, renews the lease, writes the
     final record, in its own thread (so the flight never waits for Redis but at the end)."""
 
-    def __init__(self, rf: RedisFlights, flight: Flight, token: str) -> None:
+    def __init__(
+        self,
+        rf: RedisFlights,
+        flight: Flight,
+        token: str,
+        on_owner: Callable[[Callable[[], None]], None],
+    ) -> None:
         self.rf = rf
         self.flight = flight
         self.token = token
         self.key = flight.key
+        #: Runs a function where the flight may be driven: directly for a sync flight, on the
+        #: flight's event loop for an async one (its cancel scope is the loop's).
+        self.on_owner = on_owner
         self.cond = threading.Condition(threading.Lock())
+        #: The flight was abandoned and drains: ask Redis now whether anybody still reads.
+        self.recheck = False
         self.encoder: ChunkSink | None = rf._codec.stream_encoder()
         self.pending = 0
         self.final: tuple[str, str, bool] | None = None
@@ -584,12 +823,17 @@ class _Producer:
         self.sent_bytes = 0
         cap = rf.max_entry_bytes or flight.settings.max_entry_bytes
         self.max_bytes = cap if cap is not None else 1 << 62
+        #: A sync flight's end waits for the final record (see `on_end`).
+        self.wait_final = False
         flight.on_end = self.on_end
+        flight.on_drain = self.on_drain
+        with flight.settings.table.lock:
+            flight.state.publishing = True
         self.thread = threading.Thread(
             target=self._run_tracked, name="chengeta-redis-producer", daemon=True
         )
         with rf._lock:
-            rf._producers.add(self.thread)
+            rf._producers.add(self)
         self.thread.start()
 
     # called by the tee (any thread), never blocking on Redis
@@ -612,6 +856,48 @@ class _Producer:
                 self.final = (kind, message, keep)
             self.cond.notify()
 
+    def on_drain(self) -> None:
+        """The flight's last local consumer left and it drains: the writer asks Redis now."""
+        with self.cond:
+            self.recheck = True
+            self.cond.notify()
+
+    def _alone(self) -> bool:
+        """Under on_abandon="cancel", no local consumer is left (none rejoined since)."""
+        flight = self.flight
+        state = flight.state
+        with flight.settings.table.lock:
+            return (
+                state.abandoned
+                and state.on_abandon == "cancel"
+                and state.phase is Phase.RUNNING
+                and flight.log.consumers == 0
+            )
+
+    def _unpublish(self) -> None:
+        """The writer stopped (the stream ended, or Redis failed, or the lease was lost, or
+        the cancel was written): from now on the flight decides a cancel alone, and an
+        abandoned flight that no local consumer rejoined is cancelled now."""
+        flight = self.flight
+        state = flight.state
+        with flight.settings.table.lock:
+            state.publishing = False
+            pending = (
+                state.abandoned and state.on_abandon == "cancel" and state.phase is Phase.RUNNING
+            )
+        if not pending:
+            return
+        self.wait_final = False  # nothing left to write: a flight's end never waits for it
+
+        def cancel() -> None:
+            log = flight.log
+            flight.perform(flight.transition(lambda: state.abandoned_everywhere(log.consumers)))
+
+        try:
+            self.on_owner(cancel)
+        except Exception as exc:  # the flight's event loop is gone: nothing to cancel
+            logger.debug("chengeta_ai: cancelling %s after its writer: %r", self.key, exc)
+
     def on_end(self, flight: Flight) -> None:
         """The flight ended (after its store): the final record."""
         state = flight.state
@@ -621,6 +907,11 @@ class _Producer:
             self.end("cancel", "")
         else:
             self.end("done", "", keep=state.not_stored is None)
+        if self.wait_final and threading.current_thread() is not self.thread:
+            # The callers' streams end with the record written: a process that exits as soon
+            # as it has its stream (a script, a multiprocessing worker) still leaves it, and
+            # the other processes' followers do not take a finished stream for a lost one.
+            self.thread.join(self.rf._final_wait)
 
     def before_store(self) -> None:
         """At the upstream's end: every chunk written and the fence checked (the writer keeps
@@ -642,7 +933,8 @@ class _Producer:
             self._run()
         finally:
             with self.rf._lock:
-                self.rf._producers.discard(self.thread)
+                self.rf._producers.discard(self)
+            self._unpublish()
 
     def _run(self) -> None:
         rf = self.rf
@@ -654,6 +946,7 @@ class _Producer:
                     not self.pending
                     and self.final is None
                     and self.sync_done == self.sync_wanted
+                    and not self.recheck
                     and time.monotonic() < next_renew
                 ):
                     self.cond.wait(max(0.0, next_renew - time.monotonic()))
@@ -665,6 +958,7 @@ class _Producer:
                 self.pending = 0
                 final = self.final
                 sync = self.sync_wanted
+                self.recheck = False
             try:
                 if batch is not None and self.sent_bytes + len(batch) > self.max_bytes:
                     batch = None
@@ -676,7 +970,11 @@ class _Producer:
                         batches=batch is not None,
                         chunks_published=chunks if batch is not None else 0,
                     )
-                    readers = rf.append(self.key, self.token, batch, lease)
+                    alone = final is None and self._alone()
+                    readers = rf.append(self.key, self.token, batch, lease, alone)
+                    if readers == -2:  # cancelled for every process: the local cancel follows
+                        self._stop("closed")
+                        return
                     if readers < 0:
                         self._stop("fenced")
                         self.flight.count("fenced")
@@ -687,8 +985,6 @@ class _Producer:
                         return
                     if batch is not None:
                         self.sent_bytes += len(batch)
-                    with self.flight.settings.table.lock:
-                        self.flight.state.remote_consumers = readers > 0
                 next_renew = time.monotonic() + renew_every
                 with self.cond:
                     self.sync_done = sync
@@ -709,6 +1005,46 @@ class _Producer:
             self.status = status
             self.encoder = None
             self.cond.notify_all()
+
+
+#: Every RedisFlights of this process, for `_write_final_records_at_exit`.
+_INSTANCES: weakref.WeakSet[RedisFlights] = weakref.WeakSet()
+
+
+@atexit.register
+def _write_final_records_at_exit(timeout: float = 2.0) -> None:
+    """At interpreter exit, lets writers that have a final record to write write it (their
+    threads are daemons: without this, a process exiting right after a stream, e.g. after
+    ``asyncio.run``, leaves followers in other processes waiting for a lease to lapse)."""
+    deadline = time.monotonic() + timeout
+    for rf in list(_INSTANCES):
+        with rf._lock:
+            producers = [p for p in rf._producers if p.final is not None]
+        for producer in producers:
+            producer.thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _socket_timeout(client: Any) -> tuple[bool, float | None]:
+    """``(known, socket_timeout)`` of a redis-py client (`redis.Redis` or `RedisCluster`);
+    ``known`` is False for a client whose settings cannot be read."""
+    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
+    if not isinstance(kwargs, dict):
+        kwargs = getattr(getattr(client, "nodes_manager", None), "connection_kwargs", None)
+    if not isinstance(kwargs, dict):
+        return False, None
+    if "socket_timeout" in kwargs:
+        timeout = kwargs["socket_timeout"]
+    else:  # a cluster passes its nodes only what it was given: the default of redis.Redis
+        timeout = inspect.signature(redis.Redis.__init__).parameters["socket_timeout"].default
+    return True, None if timeout is None else float(timeout)
+
+
+def _call_here(fn: Callable[[], None]) -> None:
+    fn()
+
+
+def _call_on_loop(loop: anyio.lowlevel.EventLoopToken, fn: Callable[[], None]) -> None:
+    anyio.from_thread.run_sync(fn, token=loop)
 
 
 def _close_sync(*objs: Any) -> None:
