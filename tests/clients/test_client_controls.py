@@ -453,6 +453,13 @@ def test_a_whole_call_answered_from_its_twin_reports_a_hit(
     info = cache_info_of(whole)
     assert info is not None and (info.status, info.outcome) == ("hit", "stored")
     assert info.age is not None and cache.stats().cross_mode_hits == 1
+    from prometheus_client import CollectorRegistry
+
+    from chengeta_ai.metrics import PrometheusCollector
+
+    registry = CollectorRegistry()
+    registry.register(PrometheusCollector(cache))
+    assert registry.get_sample_value("chengeta_ai_cross_mode_hits_total") == 1
     refreshed = client.messages.create(
         **_request("anthropic", text), cache_control={"no_cache": True}
     )
@@ -529,3 +536,21 @@ def test_an_uncacheable_request_with_only_if_cached_raises(
     assert server.request_count == before
     reply = client.chat.completions.create(**_request("openai", text), **odd)
     assert cache_info_of(reply) == CacheInfo("bypass", "", None, "bypass")
+
+
+def test_the_readme_block_runs_as_written(
+    server: LocalOpenAIServer, cache: StreamingResponseCache, oai: openai.OpenAI, text: str
+) -> None:
+    from tests.test_readme_snippets import _readme_block
+
+    code = _readme_block("Per call on the cached clients")
+    client = cached(oai, cache)
+    with client.responses.stream(model="gpt-4o", input="Explain caching") as warm:
+        warm.until_done()  # what the block's only_if_cached helper call answers from
+    scope: dict[str, Any] = {"client": client, "messages": _user(text)}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["stream"].cache_info.outcome == "stored" and scope["text"]
+    reply_info = cache_info_of(scope["reply"])
+    assert reply_info is not None and reply_info.status == "miss"
+    helper_info = cache_info_of(scope["helper"])
+    assert helper_info is not None and helper_info.status == "hit"
