@@ -7,6 +7,7 @@ races (``no_cache`` while others join, ``only_if_cached`` during an in-flight mi
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Iterator
@@ -207,9 +208,26 @@ def test_joiners_of_a_whole_call_get_their_own_object_and_info(
     assert cache_info_of(results[0].model_copy()) is None  # a copy is not the returned object
 
 
-def test_cache_info_of_what_is_not_a_cached_result() -> None:
+def test_cache_info_of_what_is_not_a_cached_result(cache: StreamingResponseCache) -> None:
     assert cache_info_of(object()) is None
     assert cache_info_of({"cache_info": 1}) is None
+    stream = cache.get_or_stream("hello", lambda _: iter(["a", "b"]))  # the seed API's too
+    assert list(stream) == ["a", "b"]
+    assert cache_info_of(stream) == CacheInfo("miss", stream.cache_info.key, None, "stored")
+
+
+def test_cache_info_of_forgets_collected_objects(
+    cache: StreamingResponseCache, oai: openai.OpenAI, text: str
+) -> None:
+    from chengeta_ai.clients import recorded
+
+    client = cached(oai, cache)
+    reply = client.chat.completions.create(**_request("openai", text))
+    ident = id(reply)
+    assert ident in recorded._infos
+    del reply
+    gc.collect()
+    assert ident not in recorded._infos
 
 
 # -- each control --------------------------------------------------------------------------------

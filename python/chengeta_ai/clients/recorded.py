@@ -330,11 +330,12 @@ def only_object(items: Iterable[Any]) -> Any:
 
 # -- the cache_info of a whole call's object ----------------------------------------------------
 
-#: id(object) -> (a weak reference to it, its info). Guarded by `_infos_lock`; an entry is
-#: dropped by its reference's callback when the object is collected (before its id can be
-#: reused), and only if it is still that reference's entry.
+#: id(object) -> (a weak reference to it, its info). Guarded by `_infos_lock` (reentrant: a
+#: collection inside the locked region may run `_forget` on this thread); an entry is dropped
+#: by its reference's callback when the object is collected (before its id can be reused), and
+#: only if it is still that reference's entry.
 _infos: dict[int, tuple[weakref.ref[Any], CacheInfo]] = {}
-_infos_lock = threading.Lock()
+_infos_lock = threading.RLock()
 
 
 def _forget(ident: int, ref: weakref.ref[Any]) -> None:
@@ -345,22 +346,22 @@ def _forget(ident: int, ref: weakref.ref[Any]) -> None:
 
 
 def remember(obj: T, info: CacheInfo | None) -> T:
-    """``obj`` (or, if it already has an info of another caller, a shallow copy of it), with
-    ``info`` kept for `cache_info_of`. An object that cannot be weakly referenced is returned
-    as is, without an info."""
+    """``obj`` with ``info`` kept for `cache_info_of`; if ``obj`` already has another caller's
+    info (callers that joined one whole call share its object), a shallow ``model_copy`` of it
+    instead. An object that cannot be weakly referenced is returned as is, without an info."""
     if info is None:
         return obj
-    with _infos_lock:
+    with _infos_lock:  # check and insert at once: two callers never end up with one object
         entry = _infos.get(id(obj))
-        taken = entry is not None and entry[0]() is obj
-    if taken and isinstance(obj, BaseModel):
-        obj = obj.model_copy()
-    ident = id(obj)
-    try:
-        ref = weakref.ref(obj, lambda r: _forget(ident, r))
-    except TypeError:
-        return obj
-    with _infos_lock:
+        if entry is not None and entry[0]() is obj:
+            if not isinstance(obj, BaseModel):
+                return obj  # cannot be copied: it keeps the first caller's info
+            obj = obj.model_copy()
+        ident = id(obj)
+        try:
+            ref = weakref.ref(obj, lambda r: _forget(ident, r))
+        except TypeError:
+            return obj
         _infos[ident] = (ref, info)
     return obj
 
