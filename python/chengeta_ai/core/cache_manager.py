@@ -38,8 +38,8 @@ from chengeta_ai.backends.memory_backend import InMemoryBackend
 from chengeta_ai.core.key_builder import CacheKeyBuilder
 from chengeta_ai.core.stats import Counters, ManagerStats, counter_names
 from chengeta_ai.errors import BackendError, DecodeError
-from chengeta_ai.models import report_unregistered
 from chengeta_ai.logs import warn
+from chengeta_ai.models import report_unregistered
 from chengeta_ai.serializers import CompactSerializer, Serializer, decode_cap
 
 __all__ = ["DEFAULT_MAX_ENTRY_BYTES", "CacheManager", "Entry", "frame", "unframe", "unframe_entry"]
