@@ -136,7 +136,7 @@ class _TwinAnswer:
 
     def info(self, info: CacheInfo | None) -> CacheInfo | None:
         """The caller's `CacheInfo`: the cache's, as a ``hit`` if the twin answered this call."""
-        if info is None or not self.used or info.status not in ("miss", "refresh"):
+        if info is None or not self.used or info.status != "miss":  # (a join's leader answered)
             return info
         return CacheInfo("hit", info.key, self.age, info.outcome)
 
