@@ -32,6 +32,7 @@ __all__ = [
     "StreamingResponseCache",
     "UpstreamLost",
     "__version__",
+    "cache_info_of",
     "cached",
     "register_model",
 ]
@@ -53,6 +54,7 @@ _WHERE = {
     "JsonSerializer": "chengeta_ai.serializers",
     "register_model": "chengeta_ai.models",
     "cached": "chengeta_ai.clients",
+    "cache_info_of": "chengeta_ai.clients",
     "BackendError": "chengeta_ai.errors",
     "ChengetaError": "chengeta_ai.errors",
     "ConsumerLagged": "chengeta_ai.errors",
@@ -66,7 +68,7 @@ if TYPE_CHECKING:
     from chengeta_ai.backends.memory_backend import InMemoryBackend
     from chengeta_ai.backends.redis_backend import RedisBackend
     from chengeta_ai.backends.sqlite_backend import SQLiteBackend
-    from chengeta_ai.clients import cached
+    from chengeta_ai.clients import cache_info_of, cached
     from chengeta_ai.core.cache_manager import CacheManager
     from chengeta_ai.core.key_builder import CacheKeyBuilder
     from chengeta_ai.core.stats import CacheStats, ManagerStats

@@ -570,54 +570,6 @@ def test_unhashable_request_goes_upstream_uncached(
     assert sum("not cached" in r.getMessage() for r in caplog.records) == 1
 
 
-# -- cache_control: popped from the call, forwarded to the cache ----------------------------
-
-
-class _RecordingCache(StreamingResponseCache):
-    """Records the ``cache_control`` the cached client forwards (the controls themselves are
-    the cache's business, tested with it)."""
-
-    def __init__(self) -> None:
-        super().__init__(CacheManager())
-        self.controls: list[Any] = []
-
-    def get_or_stream(self, *args: Any, cache_control: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
-        self.controls.append(cache_control)
-        return super().get_or_stream(*args, **kwargs)
-
-
-def test_cache_control_is_never_sent_upstream(
-    server: LocalOpenAIServer, oai: openai.OpenAI, claude: anthropic.Anthropic, text: str
-) -> None:
-    cache = _RecordingCache()
-    client, messages = cached(oai, cache), cached(claude, cache)
-    list(
-        client.chat.completions.create(
-            model="gpt-4o-mini", messages=_user(text), stream=True, cache_control={"no_store": True}
-        )
-    )
-    assert "cache_control" not in (server.last_request or {})
-    with client.chat.completions.stream(
-        model="gpt-4o-mini", messages=_user(text), cache_control={"ttl": 5}
-    ) as stream:
-        stream.until_done()
-    list(client.chat.completions.create(model="gpt-4o-mini", messages=_user(text), stream=True))
-    # Anthropic's own prompt-caching parameter of the same name goes to the API
-    anthropic_control = {"type": "ephemeral"}
-    messages.messages.create(
-        model="claude-sonnet-4-6",
-        max_tokens=64,
-        messages=_user(text),
-        cache_control=anthropic_control,
-    )
-    assert (server.last_request or {}).get("cache_control") == anthropic_control
-    messages.messages.create(
-        model="claude-sonnet-4-6", max_tokens=64, messages=_user(text), cache_control={"ttl": 9}
-    )
-    assert "cache_control" not in (server.last_request or {})
-    assert cache.controls == [{"no_store": True}, {"ttl": 5}, None, None, {"ttl": 9}]
-
-
 # -- fail open -----------------------------------------------------------------------------------
 
 

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from chengeta_ai.clients.recorded import AsyncCachedStream, CachedStream, RecordedResponse
+from chengeta_ai.clients.recorded import (
+    AsyncCachedStream,
+    CachedStream,
+    RecordedResponse,
+    cache_info_of,
+)
 from chengeta_ai.clients.sdk_clients import CachedAnthropic, CachedOpenAI
 from chengeta_ai.layers.streaming_cache import StreamingResponseCache
 
@@ -19,6 +24,7 @@ __all__ = [
     "CachedOpenAI",
     "CachedStream",
     "RecordedResponse",
+    "cache_info_of",
     "cached",
 ]
 

@@ -12,6 +12,7 @@ tell a complete entry: for a non-streamed call, exactly one object after it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
@@ -27,9 +28,12 @@ from chengeta_ai.clients.recorded import (
     headers_type,
     only_object,
     register_head,
+    remember,
 )
 from chengeta_ai.clients.request_key import Request, client_identity, split_request
-from chengeta_ai.core.cache_manager import unframe
+from chengeta_ai.core.cache_manager import unframe_entry
+from chengeta_ai.errors import CacheMiss
+from chengeta_ai.layers.call_controls import CacheControl, CacheInfo
 from chengeta_ai.layers.streaming_cache import StreamingResponseCache
 from chengeta_ai.serializers import decode_cap
 
@@ -50,13 +54,26 @@ def pop_cache_control(kwargs: dict[str, Any], *, sdk_has_param: bool) -> Any:
         return None
     value = kwargs["cache_control"]
     if sdk_has_param:
-        ours = type(value).__module__.startswith("chengeta_ai") or (
+        ours = isinstance(value, CacheControl) or (
             isinstance(value, Mapping) and "type" not in value
         )
         if not ours:
             return None
     del kwargs["cache_control"]
     return value
+
+
+#: What `cache_info_of` says of a call sent upstream uncached (its request cannot be hashed).
+_UNCACHEABLE = CacheInfo("bypass", "", None, "bypass")
+
+
+def _never_called(_: Any) -> Iterator[Any]:
+    """The upstream of an ``only_if_cached`` call (the cache never calls it)."""
+    raise AssertionError("only_if_cached: the upstream is never called")
+
+
+def _anever_called(_: Any) -> AsyncIterator[Any]:
+    raise AssertionError("only_if_cached: the upstream is never called")
 
 
 def _cannot_hash(exc: TypeError) -> bool:
@@ -103,6 +120,27 @@ async def _aobject_upstream(
     yield obj
 
 
+class _TwinAnswer:
+    """Set by a whole call's upstream when its streamed twin answered it (the call then reports
+    status ``hit``, with the twin's age)."""
+
+    __slots__ = ("age", "used")
+
+    def __init__(self) -> None:
+        self.used = False
+        self.age: float | None = None
+
+    def set(self, age: float | None) -> None:
+        self.used = True
+        self.age = age
+
+    def info(self, info: CacheInfo | None) -> CacheInfo | None:
+        """The caller's `CacheInfo`: the cache's, as a ``hit`` if the twin answered this call."""
+        if info is None or not self.used or info.status != "miss":  # (a join's leader answered)
+            return info
+        return CacheInfo("hit", info.key, self.age, info.outcome)
+
+
 class ClientCache:
     """What the cached resources of one SDK client share: the cache, the client's identity,
     and the two drivers (`call` picks the sync or async one by the client's kind)."""
@@ -135,37 +173,95 @@ class ClientCache:
         """``resource.create(**kwargs)`` through the cache: the SDK's result kind (a stream
         like the SDK's, or its model object); a coroutine for an async client."""
         req = split_request(kwargs)
+        control = CacheControl.coerce(cache_control)
         params = {"endpoint": endpoint, "stream": req.stream, **self.identity}
-        extra: dict[str, Any] = {} if cache_control is None else {"cache_control": cache_control}
         if self.is_async:
-            return self._acall(endpoint, resource, req, params, extra)
+            return self._acall(endpoint, resource, req, params, control)
         upstream: Callable[[Any], Iterator[Any]]
-        if req.stream:
-            create = resource.create
-
-            def upstream(_: Any) -> Iterator[Any]:
-                return _stream_upstream(create, req.sdk_kwargs)
-        else:
-            raw_create = resource.with_raw_response.create
-
-            def upstream(_: Any) -> Iterator[Any]:
-                twin = self._twin_key(endpoint, req, params)
-                if twin is not None:
-                    found = self._from_twin(endpoint, self.cache.manager.get_raw(twin))
-                    if found is not None:
-                        return iter(found)
-                return _object_upstream(raw_create, req.sdk_kwargs)
-
+        answer = _TwinAnswer()
         try:
-            inner = self.cache.get_or_stream(req.request, upstream, req.model_id, params, **extra)
+            if req.stream:
+                create = resource.create
+
+                def upstream(_: Any) -> Iterator[Any]:
+                    return _stream_upstream(create, req.sdk_kwargs)
+            elif control is not None and control.only_if_cached:
+                control, upstream = self._only_if_cached(endpoint, req, params, control, answer)
+            else:
+                raw_create = resource.with_raw_response.create
+                twin_key = self._twin_key(endpoint, req, params, control)
+
+                def upstream(_: Any) -> Iterator[Any]:
+                    if twin_key is not None:
+                        found = self._from_twin(endpoint, self.cache.manager.get_raw(twin_key))
+                        if found is not None:
+                            answer.set(found[0])
+                            return iter(found[1])
+                    return _object_upstream(raw_create, req.sdk_kwargs)
+
+            inner = self.cache.get_or_stream(
+                req.request, upstream, req.model_id, params, cache_control=control
+            )
         except TypeError as exc:
             if not _cannot_hash(exc):
                 raise
-            self._uncacheable(endpoint, exc)
-            return resource.create(**req.sdk_kwargs)
+            self._uncacheable(endpoint, exc, control)
+            return remember(resource.create(**req.sdk_kwargs), _UNCACHEABLE)
         if req.stream:
             return CachedStream(inner, self.make_headers)
-        return only_object(inner)
+        obj = only_object(inner)
+        return remember(obj, answer.info(inner.cache_info))
+
+    def _only_if_cached(
+        self,
+        endpoint: str,
+        req: Request,
+        params: dict[str, Any],
+        control: CacheControl,
+        answer: _TwinAnswer,
+    ) -> tuple[CacheControl, Callable[[Any], Iterator[Any]]]:
+        """A whole ``only_if_cached`` call: when its own entry is missing but its streamed twin
+        can answer it, the call goes on without ``only_if_cached``, with the twin's assembled
+        object as its upstream (no upstream call either way)."""
+        found = None
+        if self.cache.manager.get_raw(self._key(req, params, control)) is None:
+            twin_key = self._twin_key(endpoint, req, params, control)
+            if twin_key is not None:
+                found = self._from_twin(endpoint, self.cache.manager.get_raw(twin_key))
+        if found is None:
+            return control, _never_called
+        age, items = found
+
+        def upstream(_: Any) -> Iterator[Any]:
+            answer.set(age)
+            return iter(items)
+
+        return dataclasses.replace(control, only_if_cached=False), upstream
+
+    async def _aonly_if_cached(
+        self,
+        endpoint: str,
+        req: Request,
+        params: dict[str, Any],
+        control: CacheControl,
+        answer: _TwinAnswer,
+    ) -> tuple[CacheControl, Callable[[Any], AsyncIterator[Any]]]:
+        """Async twin of `_only_if_cached`."""
+        found = None
+        if await self.cache.manager.aget_raw(self._key(req, params, control)) is None:
+            twin_key = self._twin_key(endpoint, req, params, control)
+            if twin_key is not None:
+                found = self._from_twin(endpoint, await self.cache.manager.aget_raw(twin_key))
+        if found is None:
+            return control, _anever_called
+        age, items = found
+
+        async def upstream(_: Any) -> AsyncIterator[Any]:
+            answer.set(age)
+            for item in items:
+                yield item
+
+        return dataclasses.replace(control, only_if_cached=False), upstream
 
     async def _acall(
         self,
@@ -173,35 +269,45 @@ class ClientCache:
         resource: Any,
         req: Request,
         params: dict[str, Any],
-        extra: dict[str, Any],
+        control: CacheControl | None,
     ) -> Any:
         upstream: Callable[[Any], AsyncIterator[Any]]
-        if req.stream:
-            create = resource.create
-
-            def upstream(_: Any) -> AsyncIterator[Any]:
-                return _astream_upstream(create, req.sdk_kwargs)
-        else:
-            raw_create = resource.with_raw_response.create
-
-            async def upstream(_: Any) -> AsyncIterator[Any]:
-                twin = self._twin_key(endpoint, req, params)
-                if twin is not None:
-                    found = self._from_twin(endpoint, await self.cache.manager.aget_raw(twin))
-                    if found is not None:
-                        for item in found:
-                            yield item
-                        return
-                async for item in _aobject_upstream(raw_create, req.sdk_kwargs):
-                    yield item
-
+        answer = _TwinAnswer()
         try:
-            inner = self.cache.aget_or_stream(req.request, upstream, req.model_id, params, **extra)
+            if req.stream:
+                create = resource.create
+
+                def upstream(_: Any) -> AsyncIterator[Any]:
+                    return _astream_upstream(create, req.sdk_kwargs)
+            elif control is not None and control.only_if_cached:
+                control, upstream = await self._aonly_if_cached(
+                    endpoint, req, params, control, answer
+                )
+            else:
+                raw_create = resource.with_raw_response.create
+                twin_key = self._twin_key(endpoint, req, params, control)
+
+                async def upstream(_: Any) -> AsyncIterator[Any]:
+                    if twin_key is not None:
+                        found = self._from_twin(
+                            endpoint, await self.cache.manager.aget_raw(twin_key)
+                        )
+                        if found is not None:
+                            answer.set(found[0])
+                            for item in found[1]:
+                                yield item
+                            return
+                    async for item in _aobject_upstream(raw_create, req.sdk_kwargs):
+                        yield item
+
+            inner = self.cache.aget_or_stream(
+                req.request, upstream, req.model_id, params, cache_control=control
+            )
         except TypeError as exc:
             if not _cannot_hash(exc):
                 raise
-            self._uncacheable(endpoint, exc)
-            return await resource.create(**req.sdk_kwargs)
+            self._uncacheable(endpoint, exc, control)
+            return remember(await resource.create(**req.sdk_kwargs), _UNCACHEABLE)
         if req.stream:
             return await AsyncCachedStream.open(inner, self.make_headers)
         items: list[Any] = []
@@ -213,25 +319,41 @@ class ClientCache:
             if closer is not None:
                 with anyio.CancelScope(shield=True):
                     await closer()
-        return only_object(items)
+        return remember(only_object(items), answer.info(inner.cache_info))
+
+    def _key(self, req: Request, params: dict[str, Any], control: CacheControl | None) -> str:
+        """The key `StreamingResponseCache` gives the call (see its ``_prepare``)."""
+        partition = control.namespace if control is not None else None
+        return self.cache.manager.key_builder.build(
+            req.request, req.model_id, params, partition=partition
+        )
 
     # -- one entry, both modes (see `chengeta_ai.clients.assemble`) ----------------------------
 
-    def _twin_key(self, endpoint: str, req: Request, params: dict[str, Any]) -> str | None:
-        """The key of the streamed call whose entry can answer the whole call ``req``."""
+    def _twin_key(
+        self, endpoint: str, req: Request, params: dict[str, Any], control: CacheControl | None
+    ) -> str | None:
+        """The key of the streamed call whose entry can answer the whole call ``req`` (in the
+        call's ``namespace``: a tenant's whole call is never answered from another's stream),
+        or None: no twin, or ``no_cache`` (which reads no stored entry, the twin's neither)."""
         twin = twin_request(endpoint, req.request)
-        if twin is None:
+        if twin is None or (control is not None and control.no_cache):
             return None
-        return self.cache.manager.key_builder.build(twin, req.model_id, {**params, "stream": True})
+        partition = control.namespace if control is not None else None
+        return self.cache.manager.key_builder.build(
+            twin, req.model_id, {**params, "stream": True}, partition=partition
+        )
 
-    def _from_twin(self, endpoint: str, raw: bytes | None) -> list[Any] | None:
-        """``[head, object]`` assembled from a streamed twin's stored entry, or None. Never
-        raises: a twin that cannot be read or assembled is a miss (the call goes upstream)."""
+    def _from_twin(self, endpoint: str, raw: bytes | None) -> tuple[float | None, list[Any]] | None:
+        """``(the twin's age, [head, object])`` assembled from a streamed twin's stored entry,
+        or None. Never raises: a twin that cannot be read or assembled is a miss (the call goes
+        upstream, or ``only_if_cached`` raises `CacheMiss`)."""
         if raw is None:
             return None
         try:
+            entry = unframe_entry(raw)
             items = self.cache.serializer.loads(
-                bytes(unframe(raw)), max_decoded_bytes=decode_cap(self.cache.max_entry_bytes)
+                bytes(entry.payload), max_decoded_bytes=decode_cap(self.cache.max_entry_bytes)
             )
             head = items[0] if isinstance(items, list) and items else None
             if not isinstance(head, HttpHead) or not head.stream:
@@ -243,10 +365,14 @@ class ClientCache:
         if whole is None:
             return None
         self.cache.count("cross_mode_hits")
-        return [head.model_copy(update={"stream": False}), whole]
+        return entry.age(), [head.model_copy(update={"stream": False}), whole]
 
-    def _uncacheable(self, endpoint: str, exc: TypeError) -> None:
-        """A request holding a value the key cannot hash: sent upstream uncached."""
+    def _uncacheable(self, endpoint: str, exc: TypeError, control: CacheControl | None) -> None:
+        """A request holding a value the key cannot hash: sent upstream uncached (status
+        ``bypass``); with ``only_if_cached``, `CacheMiss` (nothing can answer it)."""
+        if control is not None and control.only_if_cached:
+            self.cache.count("only_if_cached_misses")
+            raise CacheMiss(f"{endpoint}: request cannot be cached ({exc}); only_if_cached")
         self.cache.count("bypasses")
         if endpoint not in self._warned:
             self._warned.add(endpoint)

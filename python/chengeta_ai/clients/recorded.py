@@ -13,6 +13,13 @@ strip it off:
   case-insensitive ``Headers``), ``http_version``, ``reason_phrase``, ``url``, ``is_success``,
   ``close()`` / ``aclose()`` (which close the stream, as closing the SDK's response does).
 
+`cache_info_of(result)` is the `CacheInfo` of anything a cached client returned: a stream (its
+``cache_info``), an SDK helper's stream (that of the cached stream under it), or a whole call's
+model object, which cannot carry it without being changed (its fields, ``==`` and JSON dump are
+the API's): the info is kept beside it, in a table keyed by the object's identity that forgets
+it when the object is collected. Callers that joined one whole call share its object, so each
+caller after the first gets its own (shallow) ``model_copy``: each object has one info.
+
 Not recorded: hop-by-hop headers (``connection``, ``keep-alive``, ``transfer-encoding``) and
 ``set-cookie`` (a cookie is one client's, never a shared cache's).
 """
@@ -20,6 +27,8 @@ Not recorded: hop-by-hop headers (``connection``, ``keep-alive``, ``transfer-enc
 from __future__ import annotations
 
 import importlib
+import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, ClassVar, Generic, TypeVar
@@ -27,13 +36,17 @@ from typing import Any, ClassVar, Generic, TypeVar
 import anyio
 from pydantic import BaseModel
 
+from chengeta_ai.layers.call_controls import CacheInfo
+
 __all__ = [
     "AsyncCachedStream",
     "CachedStream",
     "HttpHead",
     "RecordedResponse",
+    "cache_info_of",
     "head_of",
     "register_head",
+    "remember",
 ]
 
 T = TypeVar("T")
@@ -313,3 +326,68 @@ def only_object(items: Iterable[Any]) -> Any:
     if len(rest) != 1:
         raise RuntimeError(f"a non-streamed call's entry holds {len(rest)} objects, not 1")
     return rest[0]
+
+
+# -- the cache_info of a whole call's object ----------------------------------------------------
+
+#: id(object) -> (a weak reference to it, its info). Guarded by `_infos_lock` (reentrant: a
+#: collection inside the locked region may run `_forget` on this thread); an entry is dropped
+#: by its reference's callback when the object is collected (before its id can be reused), and
+#: only if it is still that reference's entry.
+_infos: dict[int, tuple[weakref.ref[Any], CacheInfo]] = {}
+_infos_lock = threading.RLock()
+
+
+def _forget(ident: int, ref: weakref.ref[Any]) -> None:
+    with _infos_lock:
+        entry = _infos.get(ident)
+        if entry is not None and entry[0] is ref:
+            del _infos[ident]
+
+
+def remember(obj: T, info: CacheInfo | None) -> T:
+    """``obj`` with ``info`` kept for `cache_info_of`; if ``obj`` already has another caller's
+    info (callers that joined one whole call share its object), a shallow ``model_copy`` of it
+    instead. An object that cannot be weakly referenced is returned as is, without an info."""
+    if info is None:
+        return obj
+    with _infos_lock:  # check and insert at once: two callers never end up with one object
+        entry = _infos.get(id(obj))
+        if entry is not None and entry[0]() is obj:
+            if not isinstance(obj, BaseModel):
+                return obj  # cannot be copied: it keeps the first caller's info
+            obj = obj.model_copy()
+        ident = id(obj)
+        try:
+            ref = weakref.ref(obj, lambda r: _forget(ident, r))
+        except TypeError:
+            return obj
+        _infos[ident] = (ref, info)
+    return obj
+
+
+def cache_info_of(result: Any) -> CacheInfo | None:
+    """What the cache did for the call that returned ``result``: a `CacheInfo`, or None.
+
+    ``result``: anything a cached client's call returned. A stream (``create(stream=True)``):
+    its ``cache_info`` (set when the call returns, final once the stream ended). An SDK helper's
+    stream (what ``with client.chat.completions.stream(...) as s`` gives): that of the cached
+    stream it reads. A whole call's model object (``ChatCompletion``, ``Response``,
+    ``Message``, ...): the call's final info (a request the key cannot hash was sent upstream
+    uncached: status ``bypass``, key ``""``). Also works on the streams of ``get_or_stream`` /
+    ``aget_or_stream``. None for anything else (a copy of a returned object, a value that did
+    not come from a cached client).
+    """
+    with _infos_lock:
+        entry = _infos.get(id(result))
+    if entry is not None and entry[0]() is result:
+        return entry[1]
+    if isinstance(result, BaseModel):  # (a model's own field or extra named cache_info is not)
+        return None
+    info = getattr(result, "cache_info", _NONE)
+    if info is not _NONE:
+        return info  # type: ignore[no-any-return]
+    raw = getattr(result, "_raw_stream", None)  # the SDK helpers' streams keep the stream they read
+    if raw is not None and raw is not result:
+        return cache_info_of(raw)
+    return None
