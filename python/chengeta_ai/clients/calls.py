@@ -30,7 +30,12 @@ from chengeta_ai.clients.recorded import (
     register_head,
     remember,
 )
-from chengeta_ai.clients.request_key import Request, client_identity, split_request
+from chengeta_ai.clients.request_key import (
+    Request,
+    check_isolatable,
+    client_identity,
+    split_request,
+)
 from chengeta_ai.core.cache_manager import unframe_entry
 from chengeta_ai.errors import CacheMiss
 from chengeta_ai.layers.call_controls import CacheControl, CacheInfo
@@ -165,7 +170,8 @@ class ClientCache:
         self.cache = cache
         self.isolate_api_keys = isolate_api_keys
         self.is_async = is_async
-        self.identity = client_identity(client, isolate_api_keys=isolate_api_keys)
+        if isolate_api_keys:
+            check_isolatable(client)
         self.make_headers = headers_type(client)
         self._warned: set[str] = set()
 
@@ -174,7 +180,8 @@ class ClientCache:
         like the SDK's, or its model object); a coroutine for an async client."""
         req = split_request(kwargs)
         control = CacheControl.coerce(cache_control)
-        params = {"endpoint": endpoint, "stream": req.stream, **self.identity}
+        identity = client_identity(self.client, isolate_api_keys=self.isolate_api_keys)
+        params = {"endpoint": endpoint, "stream": req.stream, **identity}
         if self.is_async:
             return self._acall(endpoint, resource, req, params, control)
         upstream: Callable[[Any], Iterator[Any]]

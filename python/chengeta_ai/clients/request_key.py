@@ -36,7 +36,7 @@ from pydantic import BaseModel
 
 from chengeta_ai._core import hash_request
 
-__all__ = ["Request", "client_identity", "split_request"]
+__all__ = ["Request", "check_isolatable", "client_identity", "split_request"]
 
 #: Call arguments that never change the response.
 TRANSPORT_ARGS = frozenset({"timeout"})
@@ -126,12 +126,40 @@ def _digest(*secrets: object) -> str | None:
     return hash_request(("chengeta-api-key/1", present))[:16].hex()
 
 
+def check_isolatable(client: Any) -> None:
+    """Refuses, under tenant isolation, a client whose credentials come from a provider (a
+    callable API key, an Azure AD token provider): there is no stable secret to key them by,
+    and keying without one would let two tenants share entries."""
+    providers = [
+        name
+        for name in ("_api_key_provider", "_azure_ad_token_provider")
+        if getattr(client, name, None) is not None
+    ]
+    if providers:
+        raise TypeError(
+            f"cached({type(client).__name__}): this client's credentials come from a provider "
+            f"({', '.join(n.lstrip('_') for n in providers)}), which cannot be keyed per tenant; "
+            "pass isolate_api_keys=False and partition tenants yourself "
+            "(cache_control={'namespace': tenant}), or give the client a plain key"
+        )
+
+
 def client_identity(client: Any, *, isolate_api_keys: bool) -> dict[str, Any]:
-    """Who makes the calls: base URL, and (tenant isolation) digests of the credentials."""
+    """Who makes the calls and how: base URL, the client's own default headers and query
+    (``default_headers=``, Azure's ``api-version``), and (tenant isolation) digests of the
+    credentials. Read at every call: a key changed on the client after wrapping counts."""
     identity: dict[str, Any] = {"base_url": str(client.base_url)}
+    headers = _headers(getattr(client, "_custom_headers", None))
+    if headers:
+        identity["default_headers"] = headers
+    query = getattr(client, "_custom_query", None)
+    if query:
+        identity["default_query"] = dict(query)
     if isolate_api_keys:
         identity["api_key"] = _digest(
-            getattr(client, "api_key", None), getattr(client, "auth_token", None)
+            getattr(client, "api_key", None),
+            getattr(client, "auth_token", None),
+            getattr(client, "_azure_ad_token", None),
         )
         for name in ("organization", "project"):  # OpenAI's account selectors
             value = getattr(client, name, None)

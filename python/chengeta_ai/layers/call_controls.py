@@ -71,6 +71,12 @@ CacheOutcome = Literal[
 Replay = Literal["instant", "recorded"]
 
 
+#: Slowest and fastest replay pacing accepted: a recorded stream (at most an hour) replays in at
+#: most 100 hours, and a delay is never a number `time.sleep` cannot take.
+MIN_SPEED = 0.01
+MAX_SPEED = 1e6
+
+
 @dataclass(frozen=True, slots=True)
 class CacheInfo:
     """What the cache did for one call (``stream.cache_info``)."""
@@ -133,8 +139,10 @@ class CacheControl:
         speed = self.speed
         if isinstance(speed, bool) or not isinstance(speed, (int, float)):
             raise TypeError("CacheControl.speed must be a number")
-        if not math.isfinite(speed) or speed <= 0:
-            raise ValueError(f"CacheControl.speed must be positive and finite, got {speed!r}")
+        if not math.isfinite(speed) or not MIN_SPEED <= speed <= MAX_SPEED:
+            raise ValueError(
+                f"CacheControl.speed must be between {MIN_SPEED} and {MAX_SPEED:g}, got {speed!r}"
+            )
         object.__setattr__(self, "speed", float(speed))
 
     @classmethod
