@@ -553,6 +553,7 @@ class RedisFlights:
             raise
         except BaseException as exc:
             producer.end("error", repr(exc))
+            producer.wait_written()
             raise
         finally:
             if not ended and upstream is not None:
@@ -605,6 +606,12 @@ class RedisFlights:
                         producer.end("cancel", "")
                     else:
                         producer.end("error", repr(exc))
+                        with anyio.CancelScope(shield=True), anyio.move_on_after(
+                            self._final_wait
+                        ):
+                            await anyio.to_thread.run_sync(
+                                producer.wait_written, abandon_on_cancel=True
+                            )
                     raise
                 finally:
                     if not ended:
@@ -855,6 +862,14 @@ class _Producer:
             if self.final is None:
                 self.final = (kind, message, keep)
             self.cond.notify()
+
+    def wait_written(self) -> None:
+        """Waits (bounded) until the writer has written the final record and stopped. Called
+        before an upstream error reaches the local callers: they see it only once the other
+        processes can, so a caller retrying at once elects afresh instead of following this
+        dead stream from its first chunk (and getting `UpstreamLost`)."""
+        if threading.current_thread() is not self.thread:
+            self.thread.join(self.rf._final_wait)
 
     def on_drain(self) -> None:
         """The flight's last local consumer left and it drains: the writer asks Redis now."""
