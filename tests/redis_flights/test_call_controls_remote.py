@@ -15,7 +15,6 @@ from tests.redis_flights.conftest import Fleet
 
 from chengeta_ai import CacheMiss
 
-
 M = [{"role": "user", "content": "controls across processes"}]
 
 

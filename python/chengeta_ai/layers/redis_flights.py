@@ -606,9 +606,7 @@ class RedisFlights:
                         producer.end("cancel", "")
                     else:
                         producer.end("error", repr(exc))
-                        with anyio.CancelScope(shield=True), anyio.move_on_after(
-                            self._final_wait
-                        ):
+                        with anyio.CancelScope(shield=True), anyio.move_on_after(self._final_wait):
                             await anyio.to_thread.run_sync(
                                 producer.wait_written, abandon_on_cancel=True
                             )
