@@ -56,6 +56,8 @@ from chengeta_ai.layers.flight_state import AbandonPolicy
 from chengeta_ai.layers.flights import (
     SYNC_SCOPE,
     FlightTable,
+    Slot,
+    TableFlight,
     current_loop_scope,
     next_sequence,
 )
@@ -409,15 +411,9 @@ class StreamingResponseCache:
                     return
         settings = self._flight_settings
         while True:
-            flight, consumer, leads = self.flights.join_or_lead(
-                slot,
-                lambda: SyncFlight(settings, slot, call.ttl, call.tags),
-                store=not call.no_store,
-                newer_than=call.seq if call.no_cache else None,
-                may_lead=not call.only_if_cached,
+            flight, consumer, leads = self._join_or_lead(
+                slot, call, lambda: SyncFlight(settings, slot, call.ttl, call.tags)
             )
-            if flight is None or (consumer is None and call.only_if_cached):
-                raise self._cache_miss(call)
             assert isinstance(flight, SyncFlight)
             if consumer is not None:
                 break
@@ -455,6 +451,23 @@ class StreamingResponseCache:
         finally:
             consume.close()
             self._ended(box, info, outcome)
+
+    def _join_or_lead(
+        self, slot: Slot, call: _Call, make: Callable[[], TableFlight]
+    ) -> tuple[TableFlight, int | None, bool]:
+        """One attempt at the flight table for ``call``: join the key's flight or lead a new
+        one (a flight, the consumer id or None when it must wait for the flight's release,
+        whether it leads). ``only_if_cached`` never leads: `CacheMiss`."""
+        flight, consumer, leads = self.flights.join_or_lead(
+            slot,
+            make,
+            store=not call.no_store,
+            newer_than=call.seq if call.no_cache else None,
+            may_lead=not call.only_if_cached,
+        )
+        if flight is None or (consumer is None and call.only_if_cached):
+            raise self._cache_miss(call)
+        return flight, consumer, leads
 
     def _count_lead(self, call: _Call) -> None:
         self.count("refreshes" if call.no_cache else "misses")
@@ -612,15 +625,9 @@ class StreamingResponseCache:
                     return
         settings = self._flight_settings
         while True:
-            flight, consumer, leads = self.flights.join_or_lead(
-                slot,
-                lambda: AsyncFlight(settings, slot, call.ttl, call.tags),
-                store=not call.no_store,
-                newer_than=call.seq if call.no_cache else None,
-                may_lead=not call.only_if_cached,
+            flight, consumer, leads = self._join_or_lead(
+                slot, call, lambda: AsyncFlight(settings, slot, call.ttl, call.tags)
             )
-            if flight is None or (consumer is None and call.only_if_cached):
-                raise self._cache_miss(call)
             assert isinstance(flight, AsyncFlight)
             if consumer is not None:
                 break
