@@ -10,6 +10,7 @@ from typing import Any
 import anthropic
 import openai
 import pytest
+from tests.clients.fidelity import assert_identical
 
 from chengeta_ai import cached
 from chengeta_ai.demo.server import LocalOpenAIServer
@@ -47,9 +48,8 @@ def _resource(client: Any, path: tuple[str, ...]) -> Any:
 
 
 def _equal_to_api(assembled: Any, api: Any) -> None:
-    assert type(assembled) is type(api)
-    assert assembled == api
-    assert assembled.model_dump(exclude_none=True) == api.model_dump(exclude_none=True)
+    """Field for field, all the way down: ``model_fields_set``, extras, JSON dump."""
+    assert_identical(assembled, api)
 
 
 @pytest.mark.parametrize("endpoint", list(TWINS))
