@@ -226,16 +226,15 @@ class ClientCache:
                     raise
                 self._uncacheable(endpoint, exc, control)
                 return remember(resource.create(**req.sdk_kwargs), _UNCACHEABLE)
-            if req.stream:
-                # the head: upstream errors, CacheMiss are raised here, as the SDK raises them
-                first = next(inner, None)
-                if head_fits(first, endpoint, stream=True):
+            # the head: upstream errors, CacheMiss are raised here, as the SDK raises them
+            first = next(inner, None)
+            if head_fits(first, endpoint, stream=req.stream):
+                if req.stream:
                     return CachedStream(inner, first, self.http, _perf() - t0)
-                inner.close()
-            else:
-                obj = whole_object(list(inner), endpoint)
+                obj = whole_object(first, list(inner))
                 if obj is not None:
                     return self._whole(obj, inner.cache_info, answer)
+            inner.close()
             drop = self._wrong_entry(endpoint, req.stream, inner.cache_info)
             if drop is not None:
                 self.cache.manager.drop_corrupt(*drop)
@@ -385,25 +384,19 @@ class ClientCache:
                     raise
                 self._uncacheable(endpoint, exc, control)
                 return remember(await resource.create(**req.sdk_kwargs), _UNCACHEABLE)
-            if req.stream:
-                try:
-                    first = await anext(inner, None)
-                except BaseException:
-                    await aclose_quietly(inner)
-                    raise
-                if head_fits(first, endpoint, stream=True):
-                    return AsyncCachedStream(inner, first, self.http, _perf() - t0)
+            try:
+                first = await anext(inner, None)
+                if head_fits(first, endpoint, stream=req.stream):
+                    if req.stream:
+                        return AsyncCachedStream(inner, first, self.http, _perf() - t0)
+                    rest = [item async for item in inner]
+                    obj = whole_object(first, rest)
+                    if obj is not None:
+                        return self._whole(obj, inner.cache_info, answer)
+            except BaseException:
                 await aclose_quietly(inner)
-            else:
-                items: list[Any] = []
-                try:
-                    async for item in inner:
-                        items.append(item)
-                finally:
-                    await aclose_quietly(inner)
-                obj = whole_object(items, endpoint)
-                if obj is not None:
-                    return self._whole(obj, inner.cache_info, answer)
+                raise
+            await aclose_quietly(inner)
             drop = self._wrong_entry(endpoint, req.stream, inner.cache_info)
             if drop is not None:
                 await self.cache.manager.adrop_corrupt(*drop)

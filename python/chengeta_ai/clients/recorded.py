@@ -345,12 +345,11 @@ async def aclose_quietly(it: Any) -> None:
             await closer()
 
 
-def whole_object(items: list[Any], endpoint: str) -> Any | None:
-    """The object of a whole call's entry (``[head, object]``), or None if the items are not
-    such an entry (see `head_fits`)."""
-    if len(items) != 2 or not head_fits(items[0], endpoint, stream=False):
+def whole_object(head: HttpHead, rest: list[Any]) -> Any | None:
+    """The object of a whole call's entry (the items after its head: exactly one), or None."""
+    if len(rest) != 1 or head.stream:
         return None
-    return items[1]
+    return rest[0]
 
 
 def own_copy(obj: T) -> T:
