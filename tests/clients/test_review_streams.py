@@ -19,6 +19,7 @@ import pytest
 from tests.clients.test_cached_clients import API_IDS, APIS, Api, _kwargs, _resource
 
 from chengeta_ai import CacheManager, cached
+from chengeta_ai.clients.recorded import head_of, recorded_response
 from chengeta_ai.demo.server import LocalOpenAIServer
 from chengeta_ai.layers.streaming_cache import StreamingResponseCache
 
@@ -135,3 +136,20 @@ async def test_async_stream_response_is_the_sdks_http_response(
             await stream.__anext__()
         with pytest.raises(RuntimeError, match="sync close on an async stream"):
             stream.response.close()  # as on the SDK's own async response
+
+
+def test_a_header_outside_ascii_is_kept() -> None:
+    """A header value the HTTP library decoded as UTF-8 or Latin-1 (a proxy's) is rebuilt as
+    the same str (the HTTP library refuses such a str as a header value)."""
+    import httpx2
+
+    for raw in ("café".encode(), "café".encode("latin-1")):
+        original = httpx2.Response(
+            200,
+            headers=[(b"x-proxy", raw), (b"x-request-id", b"r1")],
+            request=httpx2.Request("POST", "http://127.0.0.1/v1/chat/completions"),
+        )
+        head = head_of(original, stream=True, endpoint="openai.chat.completions")
+        rebuilt = recorded_response(httpx2, head, elapsed=0.0, close=lambda: None, is_async=False)
+        assert rebuilt.headers["x-proxy"] == original.headers["x-proxy"] == "café"
+        assert rebuilt.headers["x-request-id"] == "r1"

@@ -196,7 +196,9 @@ def recorded_response(
     sync_body, async_body = _body_types(lib)
     response = lib.Response(
         head.status_code,
-        headers=head.headers,
+        # as bytes: a str value outside ASCII (decoded by the HTTP library as UTF-8 or
+        # Latin-1) is refused as a str; its UTF-8 bytes decode back to the same str
+        headers=[(name.encode(), value.encode()) for name, value in head.headers],
         stream=(async_body if is_async else sync_body)(close),
         request=lib.Request(head.method, head.url or "http://cached.invalid/"),
         extensions={
