@@ -147,6 +147,25 @@ def _tries(control: CacheControl | None) -> tuple[CacheControl | None, ...]:
     return (control, control, refresh)
 
 
+def _add_response_ids(whole: Any, headers: Any) -> None:
+    """What the SDK sets on a whole reply it parsed (``_request_id``; Anthropic's
+    ``_workspace_id`` too), from the response's headers, with the SDK's own helper."""
+    if type(whole).__module__.startswith("anthropic."):
+        from anthropic._models import (  # type: ignore[import-not-found, unused-ignore]
+            add_response_ids,
+        )
+
+        add_response_ids(
+            whole,
+            request_id=headers.get("request-id"),
+            workspace_id=headers.get("anthropic-workspace-id"),
+        )
+    elif type(whole).__module__.startswith("openai."):
+        from openai._models import add_request_id
+
+        add_request_id(whole, headers.get("x-request-id"))
+
+
 def _nothing() -> None:
     """The close of a response nobody reads a body from."""
 
@@ -497,7 +516,9 @@ class ClientCache:
         response = recorded_response(
             self.http, head, elapsed=0.0, close=_nothing, is_async=self.is_async
         )
-        return process(data=data, cast_to=cast_to, response=response)
+        whole = process(data=data, cast_to=cast_to, response=response)
+        _add_response_ids(whole, response.headers)
+        return whole
 
     def _uncacheable(self, endpoint: str, exc: TypeError, control: CacheControl | None) -> None:
         """A request holding a value the key cannot hash: sent upstream uncached (status
