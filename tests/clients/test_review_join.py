@@ -94,6 +94,7 @@ def _check(replies: list[Any], seen: list[str], api_reply: Any, hit: Any) -> Non
     infos = [cache_info_of(r) for r in replies]
     assert sorted(i.status for i in infos if i is not None) == ["join"] * (CALLERS - 1) + ["miss"]
     assert seen == [api_reply.model_dump_json()] * CALLERS
+    assert [r._request_id for r in replies] == [api_reply._request_id] * CALLERS
     for i, reply in enumerate(replies):
         for j, other in enumerate(replies):
             if i != j:
