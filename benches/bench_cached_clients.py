@@ -12,6 +12,10 @@ bench``); smoke: ``pytest benches --benchmark-disable`` (every path once, sizes 
 - Key building for a 2 KB and a 100 KB Responses API request: the cached client's split of the
   arguments plus `CacheKeyBuilder.build`, against ``sha256(json.dumps(kwargs, sort_keys=True))``
   of the same keyword arguments (targets: >= 5x and >= 10x).
+- A whole call's object for each caller of a live call (the miss and its joiners share the one
+  the upstream produced; each gets its own, `chengeta_ai.clients.recorded.own_copy`): a deep
+  ``model_copy`` per caller, against decoding a compact copy per caller (plus encoding it once),
+  for a 500-token ``ChatCompletion``, ``Response`` and ``Message`` from the local server.
 - Bytes per event stored for a 500-event Responses API stream and a 500-event Anthropic stream
   (read from the local server through the SDKs): the entry the cached client stores (frame,
   HTTP head and events, compact codec), against ``pickle`` of the same events (protocol 5, one
@@ -36,10 +40,12 @@ import openai
 import pytest
 
 from chengeta_ai import CacheManager, cached
+from chengeta_ai.clients.recorded import own_copy, register_head
 from chengeta_ai.clients.request_key import client_identity, split_request
 from chengeta_ai.core.key_builder import CacheKeyBuilder
 from chengeta_ai.demo.server import LocalOpenAIServer
 from chengeta_ai.layers.streaming_cache import StreamingResponseCache
+from chengeta_ai.serializers import CompactSerializer
 
 pytestmark = pytest.mark.filterwarnings(
     r"ignore:Async generator '(openai|anthropic|httpx2?|httpcore2?)\.:ResourceWarning"
@@ -108,6 +114,49 @@ def test_adapter_overhead_per_chunk(
             f"{r / h:.1f}x less",
         )
     raw_client.close()
+
+
+@pytest.mark.parametrize("api", ["chat", "responses", "anthropic"])
+def test_whole_call_copy_per_caller(
+    api: str, server: LocalOpenAIServer, smoke: bool, summary: Callable[..., None]
+) -> None:
+    register_head()
+    if api == "anthropic":
+        with anthropic.Anthropic(
+            base_url=server.anthropic_base_url, api_key="k", max_retries=0
+        ) as claude:
+            whole: Any = claude.messages.create(
+                model="claude-sonnet-4-6",
+                max_tokens=4096,
+                messages=[{"role": "user", "content": "copy"}],
+            )
+    else:
+        with openai.OpenAI(base_url=server.base_url, api_key="k", max_retries=0) as oai:
+            if api == "chat":
+                whole = oai.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "copy"}]
+                )
+            else:
+                whole = oai.responses.create(model="gpt-4o", input="copy")
+    codec = CompactSerializer()
+    blob = codec.dumps([whole])
+    assert own_copy(whole) == whole == codec.loads(blob)[0]
+    number, repeat = (5, 2) if smoke else (500, 15)
+    best = {"copy": float("inf"), "decode": float("inf"), "encode": float("inf")}
+    for _ in range(repeat):  # interleaved, best of each
+        for name, fn in (
+            ("copy", lambda: own_copy(whole)),
+            ("decode", lambda: codec.loads(blob)),
+            ("encode", lambda: codec.dumps([whole])),
+        ):
+            best[name] = min(best[name], timeit.timeit(fn, number=number) / number)
+    copy_us, decode_us, encode_us = (best[k] * 1e6 for k in ("copy", "decode", "encode"))
+    summary(
+        f"whole call, own object per caller, {type(whole).__name__}",
+        f"deep copy {copy_us:.1f} us",
+        f"decode {decode_us:.1f} us (+ encode once {encode_us:.1f} us)",
+        f"{decode_us / copy_us:.2f}x per caller; 1 caller {(decode_us + encode_us) / copy_us:.2f}x",
+    )
 
 
 def _responses_request(target_bytes: int) -> dict[str, Any]:

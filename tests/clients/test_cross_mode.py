@@ -10,6 +10,7 @@ from typing import Any
 import anthropic
 import openai
 import pytest
+from tests.clients.fidelity import assert_identical
 
 from chengeta_ai import cached
 from chengeta_ai.demo.server import LocalOpenAIServer
@@ -46,10 +47,14 @@ def _resource(client: Any, path: tuple[str, ...]) -> Any:
     return client
 
 
-def _equal_to_api(assembled: Any, api: Any) -> None:
-    assert type(assembled) is type(api)
-    assert assembled == api
-    assert assembled.model_dump(exclude_none=True) == api.model_dump(exclude_none=True)
+def _equal_to_api(assembled: Any, api: Any, twin_response: Any) -> None:
+    """Field for field, all the way down: ``model_fields_set``, extras, JSON dump; and what
+    the SDK sets on a whole reply (``_request_id``: the twin's, the request that made it)."""
+    assert_identical(assembled, api)
+    assert set(vars(assembled)) == set(vars(api))
+    header = "request-id" if isinstance(api, anthropic.types.Message) else "x-request-id"
+    assert assembled._request_id == twin_response.headers[header]
+    assert api._request_id
 
 
 @pytest.mark.parametrize("endpoint", list(TWINS))
@@ -74,7 +79,7 @@ def test_whole_call_served_from_streamed_twin(
     again = client.create(**kwargs)  # now a direct hit on the whole call's own entry
     assert again == whole and cache.stats()["cross_mode_hits"] == 1
     assert server.request_count == before
-    _equal_to_api(whole, _resource(raw, path).create(**kwargs))
+    _equal_to_api(whole, _resource(raw, path).create(**kwargs), stream.response)
 
 
 @pytest.mark.anyio
@@ -97,7 +102,7 @@ async def test_async_whole_call_served_from_streamed_twin(
     whole = await client.create(**kwargs)
     assert server.request_count == before
     assert cache.stats()["cross_mode_hits"] == 1
-    _equal_to_api(whole, await _resource(raw, path).create(**kwargs))
+    _equal_to_api(whole, await _resource(raw, path).create(**kwargs), stream.response)
 
 
 def test_no_usable_twin_goes_upstream(

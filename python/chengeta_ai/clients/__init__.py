@@ -1,7 +1,8 @@
 """Cached SDK clients: ``cached(client, cache)`` (see `chengeta_ai.clients.sdk_clients`).
 
 Modules: `request_key` (what a call's key is made of), `recorded` (the SDK-like streams and
-their recorded ``.response``), `calls` (one call through the cache, sync or async),
+their ``.response``, a real HTTP ``Response`` rebuilt from the recorded head), `calls` (one call
+through the cache, sync or async), `assemble` (a whole reply from its streamed twin),
 `sdk_clients` (the OpenAI and Anthropic surfaces).
 """
 
@@ -12,7 +13,6 @@ from typing import Any
 from chengeta_ai.clients.recorded import (
     AsyncCachedStream,
     CachedStream,
-    RecordedResponse,
     cache_info_of,
 )
 from chengeta_ai.clients.sdk_clients import CachedAnthropic, CachedOpenAI
@@ -23,7 +23,6 @@ __all__ = [
     "CachedAnthropic",
     "CachedOpenAI",
     "CachedStream",
-    "RecordedResponse",
     "cache_info_of",
     "cached",
 ]

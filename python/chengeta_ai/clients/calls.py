@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
@@ -24,11 +25,15 @@ from chengeta_ai.clients.recorded import (
     AsyncCachedStream,
     CachedStream,
     HttpHead,
+    aclose_quietly,
+    head_fits,
     head_of,
-    headers_type,
-    only_object,
+    http_library,
+    own_copy,
+    recorded_response,
     register_head,
     remember,
+    whole_object,
 )
 from chengeta_ai.clients.request_key import (
     Request,
@@ -37,7 +42,7 @@ from chengeta_ai.clients.request_key import (
     split_request,
 )
 from chengeta_ai.core.cache_manager import unframe_entry
-from chengeta_ai.errors import CacheMiss
+from chengeta_ai.errors import CacheMiss, DecodeError
 from chengeta_ai.layers.call_controls import CacheControl, CacheInfo
 from chengeta_ai.layers.streaming_cache import StreamingResponseCache
 from chengeta_ai.serializers import decode_cap
@@ -45,6 +50,7 @@ from chengeta_ai.serializers import decode_cap
 __all__ = ["ClientCache", "pop_cache_control"]
 
 logger = logging.getLogger("chengeta_ai")
+_perf = time.perf_counter
 
 
 def pop_cache_control(kwargs: dict[str, Any], *, sdk_has_param: bool) -> Any:
@@ -85,28 +91,32 @@ def _cannot_hash(exc: TypeError) -> bool:
     return str(exc).startswith("cannot hash")
 
 
-def _stream_upstream(create: Callable[..., Any], kwargs: dict[str, Any]) -> Iterator[Any]:
+def _stream_upstream(
+    create: Callable[..., Any], kwargs: dict[str, Any], endpoint: str
+) -> Iterator[Any]:
     stream = create(**kwargs)
     try:
-        yield head_of(stream.response, stream=True)
+        yield head_of(stream.response, stream=True, endpoint=endpoint)
         yield from stream
     finally:
         stream.close()
 
 
-def _object_upstream(raw_create: Callable[..., Any], kwargs: dict[str, Any]) -> Iterator[Any]:
+def _object_upstream(
+    raw_create: Callable[..., Any], kwargs: dict[str, Any], endpoint: str
+) -> Iterator[Any]:
     raw = raw_create(**kwargs)
     obj = raw.parse()
-    yield head_of(raw, stream=False)
+    yield head_of(raw, stream=False, endpoint=endpoint)
     yield obj
 
 
 async def _astream_upstream(
-    create: Callable[..., Any], kwargs: dict[str, Any]
+    create: Callable[..., Any], kwargs: dict[str, Any], endpoint: str
 ) -> AsyncIterator[Any]:
     stream = await create(**kwargs)
     try:
-        yield head_of(stream.response, stream=True)
+        yield head_of(stream.response, stream=True, endpoint=endpoint)
         async for chunk in stream:
             yield chunk
     finally:
@@ -115,14 +125,49 @@ async def _astream_upstream(
 
 
 async def _aobject_upstream(
-    raw_create: Callable[..., Any], kwargs: dict[str, Any]
+    raw_create: Callable[..., Any], kwargs: dict[str, Any], endpoint: str
 ) -> AsyncIterator[Any]:
     raw = await raw_create(**kwargs)
     obj = raw.parse()
     if hasattr(obj, "__await__"):  # anthropic's AsyncAPIResponse.parse is a coroutine
         obj = await obj
-    yield head_of(raw, stream=False)
+    yield head_of(raw, stream=False, endpoint=endpoint)
     yield obj
+
+
+def _tries(control: CacheControl | None) -> tuple[CacheControl | None, ...]:
+    """The controls a call is tried with, one after another while it meets an entry it cannot
+    serve (each such entry is dropped): as asked; as asked again (a miss, or a whole call
+    answered from its streamed twin); then ``no_cache`` (a refresh, whose entry replaces one
+    the backend would not delete). ``only_if_cached`` is tried twice (it never goes upstream).
+    """
+    if control is not None and control.only_if_cached:
+        return (control, control)
+    refresh = dataclasses.replace(control or CacheControl(), no_cache=True)
+    return (control, control, refresh)
+
+
+def _add_response_ids(whole: Any, headers: Any) -> None:
+    """What the SDK sets on a whole reply it parsed (``_request_id``; Anthropic's
+    ``_workspace_id`` too), from the response's headers, with the SDK's own helper."""
+    if type(whole).__module__.startswith("anthropic."):
+        from anthropic._models import (  # type: ignore[import-not-found, unused-ignore]
+            add_response_ids,
+        )
+
+        add_response_ids(
+            whole,
+            request_id=headers.get("request-id"),
+            workspace_id=headers.get("anthropic-workspace-id"),
+        )
+    elif type(whole).__module__.startswith("openai."):
+        from openai._models import add_request_id
+
+        add_request_id(whole, headers.get("x-request-id"))
+
+
+def _nothing() -> None:
+    """The close of a response nobody reads a body from."""
 
 
 class _TwinAnswer:
@@ -172,52 +217,121 @@ class ClientCache:
         self.is_async = is_async
         if isolate_api_keys:
             check_isolatable(client)
-        self.make_headers = headers_type(client)
+        #: The HTTP library of the SDK client (``httpx`` or ``httpx2``): its ``Response``.
+        self.http = http_library(client)
         self._warned: set[str] = set()
 
     def call(self, endpoint: str, resource: Any, kwargs: dict[str, Any], cache_control: Any) -> Any:
         """``resource.create(**kwargs)`` through the cache: the SDK's result kind (a stream
-        like the SDK's, or its model object); a coroutine for an async client."""
+        like the SDK's, or its model object); a coroutine for an async client.
+
+        The entry's head is checked before anything is handed over (`head_fits`, once per
+        call): an entry of the other kind (streamed under a whole call's key, or the reverse)
+        or endpoint is corrupt: logged, counted (``corrupt_entries``), dropped, and the call
+        tried again (see `_tries`)."""
         req = split_request(kwargs)
         control = CacheControl.coerce(cache_control)
         identity = client_identity(self.client, isolate_api_keys=self.isolate_api_keys)
         params = {"endpoint": endpoint, "stream": req.stream, **identity}
         if self.is_async:
             return self._acall(endpoint, resource, req, params, control)
+        t0 = _perf()
+        for tried in _tries(control):
+            answer = _TwinAnswer()
+            try:
+                inner = self._open(endpoint, resource, req, params, tried, answer)
+            except TypeError as exc:
+                if not _cannot_hash(exc):
+                    raise
+                self._uncacheable(endpoint, exc, control)
+                return remember(resource.create(**req.sdk_kwargs), _UNCACHEABLE)
+            # the head: upstream errors, CacheMiss are raised here, as the SDK raises them
+            first = next(inner, None)
+            if head_fits(first, endpoint, stream=req.stream):
+                if req.stream:
+                    return CachedStream(inner, first, self.http, _perf() - t0)
+                obj = whole_object(first, list(inner))
+                if obj is not None:
+                    return self._whole(obj, inner.cache_info, answer)
+            inner.close()
+            drop = self._wrong_entry(endpoint, req.stream, inner.cache_info)
+            if drop is not None:
+                self.cache.manager.drop_corrupt(*drop)
+        return self._last_resort(endpoint, req, control, resource.create)
+
+    def _open(
+        self,
+        endpoint: str,
+        resource: Any,
+        req: Request,
+        params: dict[str, Any],
+        control: CacheControl | None,
+        answer: _TwinAnswer,
+    ) -> Any:
+        """The cache's stream of one try of a sync call (nothing read yet)."""
         upstream: Callable[[Any], Iterator[Any]]
-        answer = _TwinAnswer()
-        try:
-            if req.stream:
-                create = resource.create
-
-                def upstream(_: Any) -> Iterator[Any]:
-                    return _stream_upstream(create, req.sdk_kwargs)
-            elif control is not None and control.only_if_cached:
-                control, upstream = self._only_if_cached(endpoint, req, params, control, answer)
-            else:
-                raw_create = resource.with_raw_response.create
-                twin_key = self._twin_key(endpoint, req, params, control)
-
-                def upstream(_: Any) -> Iterator[Any]:
-                    if twin_key is not None:
-                        found = self._from_twin(endpoint, self.cache.manager.get_raw(twin_key))
-                        if found is not None:
-                            answer.set(found[0])
-                            return iter(found[1])
-                    return _object_upstream(raw_create, req.sdk_kwargs)
-
-            inner = self.cache.get_or_stream(
-                req.request, upstream, req.model_id, params, cache_control=control
-            )
-        except TypeError as exc:
-            if not _cannot_hash(exc):
-                raise
-            self._uncacheable(endpoint, exc, control)
-            return remember(resource.create(**req.sdk_kwargs), _UNCACHEABLE)
         if req.stream:
-            return CachedStream(inner, self.make_headers)
-        obj = only_object(inner)
-        return remember(obj, answer.info(inner.cache_info))
+            create = resource.create
+
+            def upstream(_: Any) -> Iterator[Any]:
+                return _stream_upstream(create, req.sdk_kwargs, endpoint)
+        elif control is not None and control.only_if_cached:
+            control, upstream = self._only_if_cached(endpoint, req, params, control, answer)
+        else:
+            raw_create = resource.with_raw_response.create
+            twin_key = self._twin_key(endpoint, req, params, control)
+
+            def upstream(_: Any) -> Iterator[Any]:
+                if twin_key is not None:
+                    found = self._from_twin(endpoint, self.cache.manager.get_raw(twin_key))
+                    if found is not None:
+                        answer.set(found[0])
+                        return iter(found[1])
+                return _object_upstream(raw_create, req.sdk_kwargs, endpoint)
+
+        return self.cache.get_or_stream(
+            req.request, upstream, req.model_id, params, cache_control=control
+        )
+
+    def _whole(self, obj: Any, info: CacheInfo | None, answer: _TwinAnswer) -> Any:
+        """A whole call's object for its caller: a live call's object is shared by every caller
+        of that call (the miss and its joiners): each gets its own deep copy (a hit decoded
+        its own)."""
+        if info is None or info.status != "hit":
+            obj = own_copy(obj)
+        return remember(obj, answer.info(info))
+
+    def _wrong_entry(
+        self, endpoint: str, stream: bool, info: CacheInfo | None
+    ) -> tuple[str, DecodeError] | None:
+        """Counts an entry that cannot serve the call (see `head_fits`). Returns what to drop
+        it with (a hit's key and error; the manager logs it), or None (logged here)."""
+        self.cache.count("corrupt_entries")
+        error = DecodeError(
+            f"not a {'streamed' if stream else 'whole'} {endpoint} response (an entry of "
+            "another kind or endpoint): not served, the call goes on without it"
+        )
+        if info is not None and info.status == "hit":
+            return info.key, error
+        logger.warning("chengeta_ai: %s: %s", info.key if info is not None else "?", error)
+        return None
+
+    def _last_resort(
+        self, endpoint: str, req: Request, control: CacheControl | None, create: Any
+    ) -> Any:
+        """Every try met an entry it could not serve: ``only_if_cached`` raises `CacheMiss`
+        (nothing can answer); any other call is sent upstream uncached (status ``bypass``).
+        A coroutine for an async ``create``."""
+        if control is not None and control.only_if_cached:
+            self.cache.count("only_if_cached_misses")
+            raise CacheMiss(f"{endpoint}: no usable entry (only_if_cached)")
+        self.cache.count("bypasses")
+        if self.is_async:
+            return self._abypass(create, req)
+        return remember(create(**req.sdk_kwargs), _UNCACHEABLE)
+
+    async def _abypass(self, create: Any, req: Request) -> Any:
+        return remember(await create(**req.sdk_kwargs), _UNCACHEABLE)
 
     def _only_if_cached(
         self,
@@ -278,55 +392,71 @@ class ClientCache:
         params: dict[str, Any],
         control: CacheControl | None,
     ) -> Any:
-        upstream: Callable[[Any], AsyncIterator[Any]]
-        answer = _TwinAnswer()
-        try:
-            if req.stream:
-                create = resource.create
-
-                def upstream(_: Any) -> AsyncIterator[Any]:
-                    return _astream_upstream(create, req.sdk_kwargs)
-            elif control is not None and control.only_if_cached:
-                control, upstream = await self._aonly_if_cached(
-                    endpoint, req, params, control, answer
-                )
-            else:
-                raw_create = resource.with_raw_response.create
-                twin_key = self._twin_key(endpoint, req, params, control)
-
-                async def upstream(_: Any) -> AsyncIterator[Any]:
-                    if twin_key is not None:
-                        found = self._from_twin(
-                            endpoint, await self.cache.manager.aget_raw(twin_key)
-                        )
-                        if found is not None:
-                            answer.set(found[0])
-                            for item in found[1]:
-                                yield item
-                            return
-                    async for item in _aobject_upstream(raw_create, req.sdk_kwargs):
-                        yield item
-
-            inner = self.cache.aget_or_stream(
-                req.request, upstream, req.model_id, params, cache_control=control
-            )
-        except TypeError as exc:
-            if not _cannot_hash(exc):
+        """Async twin of `call`."""
+        t0 = _perf()
+        for tried in _tries(control):
+            answer = _TwinAnswer()
+            try:
+                inner = await self._aopen(endpoint, resource, req, params, tried, answer)
+            except TypeError as exc:
+                if not _cannot_hash(exc):
+                    raise
+                self._uncacheable(endpoint, exc, control)
+                return remember(await resource.create(**req.sdk_kwargs), _UNCACHEABLE)
+            try:
+                first = await anext(inner, None)
+                if head_fits(first, endpoint, stream=req.stream):
+                    if req.stream:
+                        return AsyncCachedStream(inner, first, self.http, _perf() - t0)
+                    rest = [item async for item in inner]
+                    obj = whole_object(first, rest)
+                    if obj is not None:
+                        return self._whole(obj, inner.cache_info, answer)
+            except BaseException:
+                await aclose_quietly(inner)
                 raise
-            self._uncacheable(endpoint, exc, control)
-            return remember(await resource.create(**req.sdk_kwargs), _UNCACHEABLE)
+            await aclose_quietly(inner)
+            drop = self._wrong_entry(endpoint, req.stream, inner.cache_info)
+            if drop is not None:
+                await self.cache.manager.adrop_corrupt(*drop)
+        return await self._last_resort(endpoint, req, control, resource.create)
+
+    async def _aopen(
+        self,
+        endpoint: str,
+        resource: Any,
+        req: Request,
+        params: dict[str, Any],
+        control: CacheControl | None,
+        answer: _TwinAnswer,
+    ) -> Any:
+        """Async twin of `_open`."""
+        upstream: Callable[[Any], AsyncIterator[Any]]
         if req.stream:
-            return await AsyncCachedStream.open(inner, self.make_headers)
-        items: list[Any] = []
-        try:
-            async for item in inner:
-                items.append(item)
-        finally:
-            closer = getattr(inner, "aclose", None)
-            if closer is not None:
-                with anyio.CancelScope(shield=True):
-                    await closer()
-        return remember(only_object(items), answer.info(inner.cache_info))
+            create = resource.create
+
+            def upstream(_: Any) -> AsyncIterator[Any]:
+                return _astream_upstream(create, req.sdk_kwargs, endpoint)
+        elif control is not None and control.only_if_cached:
+            control, upstream = await self._aonly_if_cached(endpoint, req, params, control, answer)
+        else:
+            raw_create = resource.with_raw_response.create
+            twin_key = self._twin_key(endpoint, req, params, control)
+
+            async def upstream(_: Any) -> AsyncIterator[Any]:
+                if twin_key is not None:
+                    found = self._from_twin(endpoint, await self.cache.manager.aget_raw(twin_key))
+                    if found is not None:
+                        answer.set(found[0])
+                        for item in found[1]:
+                            yield item
+                        return
+                async for item in _aobject_upstream(raw_create, req.sdk_kwargs, endpoint):
+                    yield item
+
+        return self.cache.aget_or_stream(
+            req.request, upstream, req.model_id, params, cache_control=control
+        )
 
     def _key(self, req: Request, params: dict[str, Any], control: CacheControl | None) -> str:
         """The key `StreamingResponseCache` gives the call (see its ``_prepare``)."""
@@ -363,16 +493,32 @@ class ClientCache:
                 bytes(entry.payload), max_decoded_bytes=decode_cap(self.cache.max_entry_bytes)
             )
             head = items[0] if isinstance(items, list) and items else None
-            if not isinstance(head, HttpHead) or not head.stream:
+            if not head_fits(head, endpoint, stream=True):
                 return None
-            whole = assemble(endpoint, items[1:])
+            body = assemble(endpoint, items[1:])
+            if body is None:
+                return None
+            head = head.model_copy(update={"stream": False, "endpoint": endpoint})
+            whole = self._parse_whole(head, *body)
         except Exception as exc:
             logger.debug("chengeta_ai: streamed twin not used for a whole call: %r", exc)
             return None
-        if whole is None:
-            return None
         self.cache.count("cross_mode_hits")
-        return entry.age(), [head.model_copy(update={"stream": False}), whole]
+        return entry.age(), [head, whole]
+
+    def _parse_whole(self, head: HttpHead, cast_to: type, data: dict[str, Any]) -> Any:
+        """The whole reply ``data`` (its JSON body) as the SDK client parses one (its
+        ``_process_response_data``: the SDK's own construction, or validation with
+        ``_strict_response_validation``)."""
+        process = getattr(self.client, "_process_response_data", None)
+        if process is None:  # (an SDK without it: validated)
+            return cast_to.model_validate(data)  # type: ignore[attr-defined]
+        response = recorded_response(
+            self.http, head, elapsed=0.0, close=_nothing, is_async=self.is_async
+        )
+        whole = process(data=data, cast_to=cast_to, response=response)
+        _add_response_ids(whole, response.headers)
+        return whole
 
     def _uncacheable(self, endpoint: str, exc: TypeError, control: CacheControl | None) -> None:
         """A request holding a value the key cannot hash: sent upstream uncached (status

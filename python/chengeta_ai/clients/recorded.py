@@ -1,24 +1,29 @@
 """What a cached client hands back: SDK-like streams whose ``.response`` was recorded.
 
 The first item of every entry a cached client writes is an `HttpHead`: the status line and
-headers of the upstream HTTP response (request ids included). It is stored with the entry and
-replayed with it, so a miss, a join and a hit all expose the same ``.response``. The wrappers
-strip it off:
+headers of the upstream HTTP response (request ids included), whether the entry is streamed or
+whole, and the endpoint. It is stored with the entry and replayed with it, so a miss, a join
+and a hit all expose the same ``.response``; `head_fits` tells whether an entry may serve a
+call (an entry of the other kind or endpoint is corrupt). The wrappers strip it off:
 
 - `CachedStream` / `AsyncCachedStream` behave like the SDK's ``Stream`` / ``AsyncStream``:
   iteration (the chunks, exactly as the cache yields them: no per-chunk wrapper), context
   manager, ``close()`` (``aclose()`` too, async), ``.response`` and ``cache_info`` (read from the
   cache's own stream object, once it has one);
-- `RecordedResponse` is that ``.response``: ``status_code``, ``headers`` (the HTTP library's
-  case-insensitive ``Headers``), ``http_version``, ``reason_phrase``, ``url``, ``is_success``,
-  ``close()`` / ``aclose()`` (which close the stream, as closing the SDK's response does).
+- ``.response`` is a real ``Response`` of the HTTP library the SDK client uses (``httpx`` or
+  its fork ``httpx2``: the class of the SDK stream's own ``.response``), rebuilt from the head
+  on first use (`recorded_response`): ``status_code``, ``headers``, ``http_version``,
+  ``reason_phrase``, ``url`` (a ``URL``), ``request`` (method and URL), ``elapsed``,
+  ``is_success``, ``raise_for_status()``, ... Its body is empty (the chunks are the stream's);
+  ``close()`` / ``aclose()`` close the stream, as closing the SDK's response does.
 
 `cache_info_of(result)` is the `CacheInfo` of anything a cached client returned: a stream (its
 ``cache_info``), an SDK helper's stream (that of the cached stream under it), or a whole call's
 model object, which cannot carry it without being changed (its fields, ``==`` and JSON dump are
 the API's): the info is kept beside it, in a table keyed by the object's identity that forgets
-it when the object is collected. Callers that joined one whole call share its object, so each
-caller after the first gets its own (shallow) ``model_copy``: each object has one info.
+it when the object is collected. Callers of one live whole call (a miss and its joiners) share
+the object the upstream produced: each gets its own deep copy (`own_copy`), so no caller sees
+another's edits and each object has one info.
 
 Not recorded: hop-by-hop headers (``connection``, ``keep-alive``, ``transfer-encoding``) and
 ``set-cookie`` (a cookie is one client's, never a shared cache's).
@@ -26,12 +31,15 @@ Not recorded: hop-by-hop headers (``connection``, ``keep-alive``, ``transfer-enc
 
 from __future__ import annotations
 
+import copy
+import datetime
+import functools
 import importlib
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from types import TracebackType
-from typing import Any, ClassVar, Generic, TypeVar
+from collections.abc import AsyncIterator, Callable, Iterator
+from types import ModuleType, TracebackType
+from typing import Any, ClassVar, Generic, TypeGuard, TypeVar
 
 import anyio
 from pydantic import BaseModel
@@ -42,11 +50,15 @@ __all__ = [
     "AsyncCachedStream",
     "CachedStream",
     "HttpHead",
-    "RecordedResponse",
     "cache_info_of",
+    "head_fits",
     "head_of",
+    "http_library",
+    "own_copy",
+    "recorded_response",
     "register_head",
     "remember",
+    "whole_object",
 ]
 
 T = TypeVar("T")
@@ -70,6 +82,9 @@ class HttpHead(BaseModel):
     method: str = "POST"
     url: str = ""
     headers: list[tuple[str, str]] = []
+    #: The cached client's endpoint that wrote the entry (``"openai.chat.completions"``, ...);
+    #: empty in entries written before it was recorded.
+    endpoint: str = ""
 
 
 _registered = False
@@ -85,7 +100,7 @@ def register_head() -> None:
         _registered = True
 
 
-def head_of(response: Any, *, stream: bool) -> HttpHead:
+def head_of(response: Any, *, stream: bool, endpoint: str) -> HttpHead:
     """The head of an HTTP response (``httpx.Response`` or the SDK's raw-response wrapper)."""
     http = getattr(response, "http_response", response)
     request = getattr(http, "request", None)
@@ -101,114 +116,130 @@ def head_of(response: Any, *, stream: bool) -> HttpHead:
             for name, value in http.headers.multi_items()
             if name.lower() not in _NOT_RECORDED
         ],
+        endpoint=endpoint,
     )
 
 
-def headers_type(client: Any) -> Callable[[list[tuple[str, str]]], Any]:
-    """The ``Headers`` class of the HTTP library the client uses (``httpx`` or its fork)."""
+def head_fits(first: Any, endpoint: str, *, stream: bool) -> TypeGuard[HttpHead]:
+    """Whether ``first``, an entry's first item, is the head of an entry this call may serve:
+    an `HttpHead` of the call's kind (streamed or whole) and endpoint. Anything else (no head,
+    a whole call's entry under a streamed call's key or the reverse, another endpoint's) is a
+    corrupt entry: written by a bug, or planted in a shared backend."""
+    return (
+        isinstance(first, HttpHead) and first.stream is stream and first.endpoint in (endpoint, "")
+    )
+
+
+# -- `.response`: a real HTTP response of the SDK's HTTP library, rebuilt from the head --------
+
+
+def http_library(client: Any) -> ModuleType:
+    """The HTTP library the client uses (``httpx``, or the SDK's fork of it, ``httpx2``)."""
     http_client = getattr(client, "_client", None)
     module = type(http_client).__module__.partition(".")[0] if http_client is not None else ""
     for name in (module, "httpx2", "httpx"):
         if not name:
             continue
         try:
-            found = getattr(importlib.import_module(name), "Headers", None)
+            found = importlib.import_module(name)
         except ImportError:
             continue
-        if found is not None:
-            return found  # type: ignore[no-any-return]
-    return dict
+        if all(hasattr(found, n) for n in ("Response", "Request", "SyncByteStream")):
+            return found
+    raise ModuleNotFoundError("a cached client needs httpx (the SDKs depend on it)")
 
 
-class RecordedResponse:
-    """``.response`` of a cached client's stream: the upstream response's recorded head.
+@functools.cache
+def _body_types(lib: ModuleType) -> tuple[type, type]:
+    """The empty bodies of a recorded response, for ``lib``: closing one closes the cached
+    stream the response belongs to (sync, async)."""
 
-    ``close()`` / ``aclose()`` close the stream it belongs to (as the SDK's helpers expect of
-    ``stream.response``).
-    """
+    class SyncBody(lib.SyncByteStream):  # type: ignore[name-defined, misc]
+        def __init__(self, close: Callable[[], Any]) -> None:
+            self._close = close
 
-    def __init__(
-        self,
-        head: HttpHead,
-        make_headers: Callable[[list[tuple[str, str]]], Any],
-        close: Callable[[], Any],
-    ) -> None:
-        self.head = head
-        self.status_code = head.status_code
-        self.reason_phrase = head.reason_phrase
-        self.http_version = head.http_version
-        self.method = head.method
-        self.url = head.url
-        self.headers = make_headers(list(head.headers))
-        self.is_closed = False
-        self._close = close
+        def __iter__(self) -> Iterator[bytes]:
+            return iter(())
 
-    @property
-    def is_success(self) -> bool:
-        return 200 <= self.status_code < 300
+        def close(self) -> None:
+            self._close()
 
-    @property
-    def is_error(self) -> bool:
-        return self.status_code >= 400
+    class AsyncBody(lib.AsyncByteStream):  # type: ignore[name-defined, misc]
+        def __init__(self, close: Callable[[], Any]) -> None:
+            self._close = close
 
-    def close(self) -> None:
-        """Closes the stream (sync streams)."""
-        self.is_closed = True
-        self._close()
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            return
+            yield b""
 
-    async def aclose(self) -> None:
-        """Closes the stream (async streams)."""
-        self.is_closed = True
-        result = self._close()
-        if result is not None:
-            await result
+        async def aclose(self) -> None:
+            result = self._close()
+            if result is not None:
+                await result
 
-    def __repr__(self) -> str:
-        return f"<RecordedResponse [{self.status_code} {self.reason_phrase}]>"
+    return SyncBody, AsyncBody
 
 
-def _split_head(first: Any) -> tuple[HttpHead, Any]:
-    """``(head, pending chunk or _NONE)`` from an entry's first item."""
-    if isinstance(first, HttpHead):
-        return first, _NONE
-    # an entry without a head (never written by a cached client): keep the item
-    return HttpHead.model_construct(), first
+def recorded_response(
+    lib: ModuleType,
+    head: HttpHead,
+    *,
+    elapsed: float,
+    close: Callable[[], Any],
+    is_async: bool,
+) -> Any:
+    """The ``.response`` of a cached stream: ``lib.Response`` (the class of the SDK stream's own
+    ``.response``) with the recorded status, reason phrase, HTTP version and headers, a
+    ``request`` with the recorded method and URL, and ``elapsed``: the time this call took to
+    its head. Its body is empty and never read (the chunks are the stream's); ``close()`` /
+    ``aclose()`` close the stream."""
+    sync_body, async_body = _body_types(lib)
+    response = lib.Response(
+        head.status_code,
+        # as bytes: a str value outside ASCII (decoded by the HTTP library as UTF-8 or
+        # Latin-1) is refused as a str; its UTF-8 bytes decode back to the same str
+        headers=[(name.encode(), value.encode()) for name, value in head.headers],
+        stream=(async_body if is_async else sync_body)(close),
+        request=lib.Request(head.method, head.url or "http://cached.invalid/"),
+        extensions={
+            "http_version": head.http_version.encode("ascii", "replace"),
+            "reason_phrase": head.reason_phrase.encode("ascii", "replace"),
+        },
+    )
+    response.elapsed = datetime.timedelta(seconds=elapsed)
+    return response
 
 
 _NONE: Any = object()
 
 
-def _prepend(item: Any, rest: Iterator[Any]) -> Iterator[Any]:
-    yield item
-    yield from rest
-
-
-async def _aprepend(item: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    yield item
-    async for chunk in rest:
-        yield chunk
-
-
 class CachedStream(Generic[T]):
-    """A cached client's stream: behaves like the SDK's ``Stream`` on a miss, join or hit."""
+    """A cached client's stream: behaves like the SDK's ``Stream`` on a miss, join or hit.
 
-    response: RecordedResponse
+    ``.response`` is built on first use (see `recorded_response`)."""
 
     def __init__(
-        self,
-        inner: Iterator[Any],
-        make_headers: Callable[[list[tuple[str, str]]], Any],
+        self, inner: Iterator[Any], head: HttpHead, lib: ModuleType, elapsed: float
     ) -> None:
-        """Reads the head from ``inner`` (the cache's stream) at once: upstream errors (HTTP
-        status errors, connection errors) are raised here, as the SDK raises them from
-        ``create``."""
+        """``inner``: the cache's stream, its head already read (by `ClientCache.call`, which
+        raises upstream errors, as the SDK raises them from ``create``)."""
         self._source = inner
-        try:
-            head, pending = _split_head(next(inner))
-        except StopIteration:
-            head, pending = HttpHead.model_construct(), _NONE
-        self._iter: Iterator[Any] = inner if pending is _NONE else _prepend(pending, inner)
-        self.response = RecordedResponse(head, make_headers, self.close)
+        self._iter = inner
+        self._head = head
+        self._lib = lib
+        self._elapsed = elapsed
+        self._response: Any = None
+        self._closed = False
+
+    @property
+    def response(self) -> Any:
+        """The upstream response's recorded head as the SDK's HTTP response class."""
+        if self._response is None:
+            self._response = recorded_response(
+                self._lib, self._head, elapsed=self._elapsed, close=self.close, is_async=False
+            )
+            self._response.is_closed = self._closed
+        return self._response
 
     @property
     def cache_info(self) -> Any:
@@ -235,47 +266,41 @@ class CachedStream(Generic[T]):
     def close(self) -> None:
         """Stops reading: detaches from the shared stream (the upstream is closed if nobody
         else reads it; see `StreamingResponseCache`)."""
-        self.response.is_closed = True
-        for it in (self._iter, self._source):
-            closer = getattr(it, "close", None)
-            if closer is not None:
-                closer()
+        self._closed = True
+        if self._response is not None:
+            self._response.is_closed = True
+        closer = getattr(self._source, "close", None)
+        if closer is not None:
+            closer()
 
     def __repr__(self) -> str:
-        return f"<CachedStream {self.response!r}>"
+        return f"<CachedStream [{self._head.status_code} {self._head.reason_phrase}]>"
 
 
 class AsyncCachedStream(Generic[T]):
     """A cached async client's stream: behaves like the SDK's ``AsyncStream``."""
 
-    response: RecordedResponse
-
     def __init__(
-        self,
-        inner: AsyncIterator[Any],
-        head: HttpHead,
-        pending: Any,
-        make_headers: Callable[[list[tuple[str, str]]], Any],
+        self, inner: AsyncIterator[Any], head: HttpHead, lib: ModuleType, elapsed: float
     ) -> None:
+        """``inner``: the cache's stream, its head already read (see `CachedStream`)."""
         self._source = inner
-        self._iter: AsyncIterator[Any] = inner if pending is _NONE else _aprepend(pending, inner)
-        self.response = RecordedResponse(head, make_headers, self.close)
+        self._iter = inner
+        self._head = head
+        self._lib = lib
+        self._elapsed = elapsed
+        self._response: Any = None
+        self._closed = False
 
-    @classmethod
-    async def open(
-        cls, inner: AsyncIterator[Any], make_headers: Callable[[list[tuple[str, str]]], Any]
-    ) -> AsyncCachedStream[Any]:
-        """Reads the head from ``inner`` (upstream errors are raised here, as the SDK raises
-        them from ``await create(...)``); closes ``inner`` if that fails or is cancelled."""
-        try:
-            first = await inner.__anext__()
-        except StopAsyncIteration:
-            return cls(inner, HttpHead.model_construct(), _NONE, make_headers)
-        except BaseException:
-            await _aclose_quietly(inner)
-            raise
-        head, pending = _split_head(first)
-        return cls(inner, head, pending, make_headers)
+    @property
+    def response(self) -> Any:
+        """The upstream response's recorded head as the SDK's HTTP response class."""
+        if self._response is None:
+            self._response = recorded_response(
+                self._lib, self._head, elapsed=self._elapsed, close=self.close, is_async=True
+            )
+            self._response.is_closed = self._closed
+        return self._response
 
     @property
     def cache_info(self) -> Any:
@@ -301,31 +326,43 @@ class AsyncCachedStream(Generic[T]):
 
     async def close(self) -> None:
         """Stops reading (see `CachedStream.close`)."""
-        self.response.is_closed = True
-        for it in (self._iter, self._source):
-            await _aclose_quietly(it)
+        self._closed = True
+        if self._response is not None:
+            self._response.is_closed = True
+        await aclose_quietly(self._source)
 
     async def aclose(self) -> None:
         """Alias of `close`."""
         await self.close()
 
     def __repr__(self) -> str:
-        return f"<AsyncCachedStream {self.response!r}>"
+        return f"<AsyncCachedStream [{self._head.status_code} {self._head.reason_phrase}]>"
 
 
-async def _aclose_quietly(it: Any) -> None:
+async def aclose_quietly(it: Any) -> None:
+    """Closes an async iterator (if it can be closed), shielded from cancellation."""
     closer = getattr(it, "aclose", None)
     if closer is not None:
         with anyio.CancelScope(shield=True):
             await closer()
 
 
-def only_object(items: Iterable[Any]) -> Any:
-    """The object of a non-streamed entry (the items after the head)."""
-    rest = [item for item in items if not isinstance(item, HttpHead)]
-    if len(rest) != 1:
-        raise RuntimeError(f"a non-streamed call's entry holds {len(rest)} objects, not 1")
+def whole_object(head: HttpHead, rest: list[Any]) -> Any | None:
+    """The object of a whole call's entry (the items after its head: exactly one), or None."""
+    if len(rest) != 1 or head.stream:
+        return None
     return rest[0]
+
+
+def own_copy(obj: T) -> T:
+    """A deep copy of a whole call's object, for one caller: the object a live call (miss,
+    join) yields is shared by every caller of that call, and nested models are mutable."""
+    if isinstance(obj, BaseModel):
+        return obj.model_copy(deep=True)
+    try:
+        return copy.deepcopy(obj)
+    except Exception:
+        return obj
 
 
 # -- the cache_info of a whole call's object ----------------------------------------------------
@@ -347,7 +384,7 @@ def _forget(ident: int, ref: weakref.ref[Any]) -> None:
 
 def remember(obj: T, info: CacheInfo | None) -> T:
     """``obj`` with ``info`` kept for `cache_info_of`; if ``obj`` already has another caller's
-    info (callers that joined one whole call share its object), a shallow ``model_copy`` of it
+    info (the calls give each caller its own object: a safety net), a deep copy of it
     instead. An object that cannot be weakly referenced is returned as is, without an info."""
     if info is None:
         return obj
@@ -356,7 +393,7 @@ def remember(obj: T, info: CacheInfo | None) -> T:
         if entry is not None and entry[0]() is obj:
             if not isinstance(obj, BaseModel):
                 return obj  # cannot be copied: it keeps the first caller's info
-            obj = obj.model_copy()
+            obj = obj.model_copy(deep=True)
         ident = id(obj)
         try:
             ref = weakref.ref(obj, lambda r: _forget(ident, r))
