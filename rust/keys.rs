@@ -129,6 +129,14 @@ pub trait Sink {
         self.put(&[tag]);
         self.put(&value.to_be_bytes());
     }
+
+    /// Appends a tag byte, the length prefix of `data.len()`, then `data` (a str or bytes).
+    /// Sinks may write it in one step.
+    #[inline]
+    fn put_tagged_bytes(&mut self, tag: u8, data: &[u8]) {
+        self.put_header(tag, data.len() as u64);
+        self.put(data);
+    }
 }
 
 impl Sink for Vec<u8> {
@@ -224,8 +232,7 @@ pub trait Encode: Sink {
     #[doc(hidden)]
     #[inline]
     fn tagged_bytes(&mut self, tag: u8, data: &[u8]) {
-        self.count_header(tag, data.len());
-        self.put(data);
+        self.put_tagged_bytes(tag, data);
     }
 
     #[doc(hidden)]
@@ -317,15 +324,32 @@ impl Sink for KeyHasher {
             // initialise exactly the new length. (Vec::extend_from_slice re-checks capacity and
             // is not inlined in the opt-level-1 dev build that the tests use.)
             unsafe {
-                std::ptr::copy_nonoverlapping(
-                    bytes.as_ptr(),
-                    self.buf.as_mut_ptr().add(len),
-                    bytes.len(),
-                );
+                copy_bytes(bytes, self.buf.as_mut_ptr().add(len));
                 self.buf.set_len(len + bytes.len());
             }
         } else {
             self.put_slow(bytes);
+        }
+    }
+
+    #[inline]
+    fn put_tagged_bytes(&mut self, tag: u8, data: &[u8]) {
+        let len = self.buf.len();
+        let n = data.len();
+        // Most strs of a request (dict keys, roles, types) are short: tag, one length byte and
+        // the text, written with one capacity check.
+        if n as u64 <= MAX_SHORT_LEN && n + 2 <= BUFFER_SIZE - len {
+            // SAFETY: as in `put`: capacity >= BUFFER_SIZE and the `n + 2` bytes fit; the
+            // writes initialise exactly the new length.
+            unsafe {
+                let at = self.buf.as_mut_ptr().add(len);
+                at.cast::<[u8; 2]>().write_unaligned([tag, n as u8]);
+                copy_bytes(data, at.add(2));
+                self.buf.set_len(len + 2 + n);
+            }
+        } else {
+            self.put_header(tag, n as u64);
+            self.put(data);
         }
     }
 
@@ -408,6 +432,40 @@ impl KeyHasher {
             self.hasher.update(&rest[..direct]);
         }
         self.buf.extend_from_slice(&rest[direct..]);
+    }
+}
+
+/// Copies `src` to `dst`. Up to 16 bytes (most keys and short values) with two overlapping
+/// loads and stores of a word or half-word, inline; longer through `copy_nonoverlapping`
+/// (a `memcpy` call, which is what its unknown length compiles to anyway).
+///
+/// # Safety
+/// `dst` must be valid for `src.len()` bytes of writes and not overlap `src`.
+#[inline(always)]
+unsafe fn copy_bytes(src: &[u8], dst: *mut u8) {
+    let n = src.len();
+    let from = src.as_ptr();
+    // SAFETY (every branch): the reads stay within `src` (offsets 0..n) and the writes within
+    // `dst..dst + n` (the caller's contract); overlapping stores write the same bytes twice.
+    unsafe {
+        if n > 16 {
+            std::ptr::copy_nonoverlapping(from, dst, n);
+        } else if n >= 8 {
+            let head = from.cast::<u64>().read_unaligned();
+            let tail = from.add(n - 8).cast::<u64>().read_unaligned();
+            dst.cast::<u64>().write_unaligned(head);
+            dst.add(n - 8).cast::<u64>().write_unaligned(tail);
+        } else if n >= 4 {
+            let head = from.cast::<u32>().read_unaligned();
+            let tail = from.add(n - 4).cast::<u32>().read_unaligned();
+            dst.cast::<u32>().write_unaligned(head);
+            dst.add(n - 4).cast::<u32>().write_unaligned(tail);
+        } else if n > 0 {
+            // 1 to 3 bytes: first, middle, last.
+            dst.write(*from);
+            dst.add(n / 2).write(*from.add(n / 2));
+            dst.add(n - 1).write(*from.add(n - 1));
+        }
     }
 }
 
@@ -914,6 +972,33 @@ mod tests {
                     plain.put_tagged_u64(TAG_FLOAT, n);
                     hasher.put_tagged_u64(TAG_FLOAT, n);
                 }
+            }
+            assert_eq!(
+                hasher.finalize(),
+                *blake3::hash(&plain).as_bytes(),
+                "pad {pad}"
+            );
+        }
+    }
+
+    #[test]
+    fn hasher_strs_match_the_plain_encoding_at_every_small_length_and_buffer_edge() {
+        // `put_tagged_bytes` and the inline small copies of the hasher, against `Vec<u8>`:
+        // every length up to 40 (each branch of the small copy) and around the one-byte
+        // length limit, wherever in the buffer they land.
+        let text: Vec<u8> = (0..300u32).map(|i| (i * 7 + 1) as u8).collect();
+        let lens: Vec<usize> = (0..=40).chain([246, 247, 248, 300]).collect();
+        for pad in 0..48 {
+            let mut plain = Vec::new();
+            let mut hasher = KeyHasher::new();
+            let filler = vec![0x5au8; BUFFER_SIZE - 40 + pad];
+            plain.put(&filler);
+            hasher.put(&filler);
+            for &n in &lens {
+                plain.str_utf8(&text[..n]);
+                hasher.str_utf8(&text[..n]);
+                plain.put(&text[n / 3..n]);
+                hasher.put(&text[n / 3..n]);
             }
             assert_eq!(
                 hasher.finalize(),
