@@ -130,6 +130,13 @@ pub trait Sink {
         self.put(&value.to_be_bytes());
     }
 
+    /// Appends the first `used` bytes of `block` (at most 16: a short str's whole encoding).
+    /// Sinks may store all 16 at once.
+    #[inline]
+    fn put_block(&mut self, block: [u8; 16], used: usize) {
+        self.put(&block[..used]);
+    }
+
     /// Appends a tag byte, the length prefix of `data.len()`, then `data` (a str or bytes).
     /// Sinks may write it in one step.
     #[inline]
@@ -333,6 +340,26 @@ impl Sink for KeyHasher {
     }
 
     #[inline]
+    fn put_block(&mut self, block: [u8; 16], used: usize) {
+        debug_assert!(used <= 16);
+        let len = self.buf.len();
+        if BUFFER_SIZE - len >= 16 {
+            // SAFETY: as in `put`: capacity >= BUFFER_SIZE and 16 bytes fit; the store writes
+            // spare capacity, and the new length covers only the `used` bytes meant.
+            unsafe {
+                self.buf
+                    .as_mut_ptr()
+                    .add(len)
+                    .cast::<[u8; 16]>()
+                    .write_unaligned(block);
+                self.buf.set_len(len + used);
+            }
+        } else {
+            self.put(&block[..used]);
+        }
+    }
+
+    #[inline]
     fn put_tagged_bytes(&mut self, tag: u8, data: &[u8]) {
         let len = self.buf.len();
         let n = data.len();
@@ -433,6 +460,44 @@ impl KeyHasher {
         }
         self.buf.extend_from_slice(&rest[direct..]);
     }
+}
+
+/// Longest str (UTF-8 bytes) whose encoding [`short_encoding`] holds: tag, one length byte and
+/// the text in 16 bytes.
+pub const SHORT_STR: usize = 14;
+
+/// The encoding of a str of up to [`SHORT_STR`] bytes of UTF-8 (`s`, length, text), zero-padded
+/// to 16 bytes, as a big-endian number (never 0); 0 for a longer one. Two such numbers compare
+/// like the encodings (the zero padding sorts below any byte, and only pads a shorter text,
+/// whose length byte already decides).
+#[inline]
+pub fn short_encoding(utf8: &[u8]) -> u128 {
+    let n = utf8.len();
+    if n > SHORT_STR {
+        return 0;
+    }
+    let be64 = |at: usize| {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&utf8[at..at + 8]);
+        u128::from(u64::from_be_bytes(word))
+    };
+    let be32 = |at: usize| {
+        let mut word = [0u8; 4];
+        word.copy_from_slice(&utf8[at..at + 4]);
+        u128::from(u32::from_be_bytes(word))
+    };
+    // The text goes to bytes 2..2 + n of the 16 (bits 111 down): loaded as two overlapping
+    // words, each shifted into its place.
+    let text = if n >= 8 {
+        (be64(0) << 48) | (be64(n - 8) << (8 * (SHORT_STR - n)))
+    } else if n >= 4 {
+        (be32(0) << 80) | (be32(n - 4) << (8 * (SHORT_STR - n)))
+    } else {
+        utf8.iter()
+            .enumerate()
+            .fold(0, |t, (i, &b)| t | (u128::from(b) << (104 - 8 * i)))
+    };
+    (u128::from(TAG_STR) << 120) | ((n as u128) << 112) | text
 }
 
 /// Copies `src` to `dst`. Up to 16 bytes (most keys and short values) with two overlapping
@@ -997,6 +1062,11 @@ mod tests {
             for &n in &lens {
                 plain.str_utf8(&text[..n]);
                 hasher.str_utf8(&text[..n]);
+                let mut block = [0xeeu8; 16];
+                let used = n.min(16);
+                block[..used].copy_from_slice(&text[..used]);
+                plain.put_block(block, used);
+                hasher.put_block(block, used);
                 plain.put(&text[n / 3..n]);
                 hasher.put(&text[n / 3..n]);
             }
@@ -1005,6 +1075,36 @@ mod tests {
                 *blake3::hash(&plain).as_bytes(),
                 "pad {pad}"
             );
+        }
+    }
+
+    #[test]
+    fn short_encodings_are_the_encodings_and_sort_like_them() {
+        let texts: Vec<Vec<u8>> = (0..=SHORT_STR + 1)
+            .flat_map(|n| {
+                [0x00u8, 0x61, 0xff]
+                    .into_iter()
+                    .map(move |fill| (0..n).map(|i| fill.wrapping_add(i as u8 * 37)).collect())
+            })
+            .collect();
+        for a in &texts {
+            let short = short_encoding(a);
+            if a.len() > SHORT_STR {
+                assert_eq!(short, 0);
+                continue;
+            }
+            let mut plain = Vec::new();
+            plain.str_utf8(a);
+            let bytes = short.to_be_bytes();
+            assert_eq!(&bytes[..a.len() + 2], &plain[..], "{a:?}");
+            assert!(bytes[a.len() + 2..].iter().all(|&b| b == 0), "{a:?}");
+            for b in &texts {
+                if b.len() <= SHORT_STR {
+                    let mut other = Vec::new();
+                    other.str_utf8(b);
+                    assert_eq!(short.cmp(&short_encoding(b)), plain.cmp(&other));
+                }
+            }
         }
     }
 

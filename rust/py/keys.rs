@@ -43,7 +43,9 @@ use pyo3::Borrowed;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::keys::{Encode, KeyError, KeyErrorKind, KeyHasher, KeyOrder, Segment, Sink, MAX_DEPTH};
+use crate::keys::{
+    short_encoding, Encode, KeyError, KeyErrorKind, KeyHasher, KeyOrder, Segment, Sink, MAX_DEPTH,
+};
 
 /// The walk failed: a value the encoding rejects, or a Python exception raised under it.
 /// Boxed, so that every level of the walk returns a one-word `Result` (a wide one costs a
@@ -239,14 +241,16 @@ impl ClassKind {
 /// list item being walked. Whether the slot owns a reference to `key` and `value` depends on
 /// its place in the stack (see [`Walker`]). `utf8` borrows the key's UTF-8 when the key is an
 /// exact `str` without lone surrogates (read once, then used to sort and to write), else it is
-/// null; `prefix` is then its first 8 bytes, big-endian, zero-padded (for sorting).
+/// null; `short` is then, for up to [`crate::keys::SHORT_STR`] bytes of UTF-8, the key's whole
+/// encoding, zero-padded ([`short_encoding`], as bytes: written with one 16-byte copy, which a
+/// number spilt to the stack would stall), else all zero.
 #[derive(Clone, Copy)]
 struct Entry {
     key: *mut ffi::PyObject,
     value: *mut ffi::PyObject,
     utf8: *const u8,
     utf8_len: usize,
-    prefix: u64,
+    short: [u8; 16],
 }
 
 impl Entry {
@@ -267,54 +271,22 @@ impl Entry {
         }
     }
 
-    /// The canonical order of two str keys: by the order of their encodings, i.e. by UTF-8
-    /// length, then bytes (see [`Walker::write_str_keyed`]); mostly decided by the lengths and
-    /// prefixes without reading the text.
+    /// The canonical order of two str keys: the order of their encodings, i.e. by UTF-8
+    /// length, then bytes (see [`Walker::write_str_keyed`]); for short keys, one comparison of
+    /// their encodings.
     ///
     /// # Safety
     /// As [`Entry::key_utf8`], for both entries, which must have UTF-8.
     #[inline]
     unsafe fn cmp_str_keys(&self, other: &Entry) -> std::cmp::Ordering {
+        if self.short[0] != 0 && other.short[0] != 0 {
+            return u128::from_be_bytes(self.short).cmp(&u128::from_be_bytes(other.short));
+        }
+        // SAFETY: the caller's contract.
+        let (a, b) = unsafe { (self.key_utf8(), other.key_utf8()) };
         self.utf8_len
             .cmp(&other.utf8_len)
-            .then(self.prefix.cmp(&other.prefix))
-            .then_with(|| {
-                if self.utf8_len <= 8 {
-                    // Equal lengths and prefixes: the whole (short) keys are equal.
-                    std::cmp::Ordering::Equal
-                } else {
-                    // SAFETY: the caller's contract.
-                    let (a, b) = unsafe { (self.key_utf8(), other.key_utf8()) };
-                    a.unwrap_or_default()[8..].cmp(&b.unwrap_or_default()[8..])
-                }
-            })
-    }
-}
-
-/// The first 8 bytes of `utf8` as a big-endian number, zero-padded: two strs of one length
-/// compare like these numbers first.
-#[inline]
-fn sort_prefix(utf8: &[u8]) -> u64 {
-    let n = utf8.len();
-    let be32 = |at: usize| {
-        u64::from(u32::from_be_bytes([
-            utf8[at],
-            utf8[at + 1],
-            utf8[at + 2],
-            utf8[at + 3],
-        ]))
-    };
-    if n >= 8 {
-        u64::from_be_bytes([
-            utf8[0], utf8[1], utf8[2], utf8[3], utf8[4], utf8[5], utf8[6], utf8[7],
-        ])
-    } else if n >= 4 {
-        // Bytes 0..4 and n-4..n (overlapping when n < 8), each in its place.
-        (be32(0) << 32) | (be32(n - 4) << (64 - 8 * n))
-    } else {
-        utf8.iter()
-            .enumerate()
-            .fold(0, |p, (i, &b)| p | (u64::from(b) << (56 - 8 * i)))
+            .then_with(|| a.unwrap_or_default().cmp(b.unwrap_or_default()))
     }
 }
 
@@ -462,16 +434,16 @@ impl<'py> Walker<'py> {
         } else {
             None
         };
-        let (utf8, utf8_len, prefix) = match utf8 {
-            Some(s) => (s.as_ptr(), s.len(), sort_prefix(s)),
-            None => (std::ptr::null(), 0, 0),
+        let (utf8, utf8_len, short) = match utf8 {
+            Some(s) => (s.as_ptr(), s.len(), short_encoding(s).to_be_bytes()),
+            None => (std::ptr::null(), 0, [0; 16]),
         };
         self.entries.push(Entry {
             key,
             value,
             utf8,
             utf8_len,
-            prefix,
+            short,
         });
         !utf8.is_null()
     }
@@ -737,16 +709,24 @@ impl<'py> Walker<'py> {
             if item.is_null() {
                 return Err(PyErr::fetch(self.py).into());
             }
+            // SAFETY: alive (see above).
+            let item_ref = unsafe { self.held(item) };
+            if item_ref.is_exact_instance_of::<PyString>() {
+                // No slot needed: writing a str runs Python code only past its own reference
+                // (lone surrogates).
+                // SAFETY: the exact type was checked just above.
+                self.write_str(sink, unsafe { (*item_ref).cast_unchecked::<PyString>() })?;
+                continue;
+            }
             let slot = self.entries.len();
             self.entries.push(Entry {
                 key: std::ptr::null_mut(),
                 value: item,
                 utf8: std::ptr::null(),
                 utf8_len: 0,
-                prefix: 0,
+                short: [0; 16],
             });
-            // SAFETY: alive while its slot is (see above).
-            let walked = self.walk(sink, unsafe { &self.held(item) }, depth + 1);
+            let walked = self.walk(sink, &item_ref, depth + 1);
             self.release_entries(slot);
             walked.map_err(|e| e.within(|| Segment::Index(i)))?;
         }
@@ -860,12 +840,27 @@ impl<'py> Walker<'py> {
         }
         sink.dict_header(n);
         for index in start..start + n {
-            let entry = self.entries[index];
-            // SAFETY: the entry stays in the stack until this mapping is done, after this loop.
-            let (utf8, value) = unsafe { (entry.key_utf8(), self.held(entry.value)) };
-            sink.str_utf8(utf8.unwrap_or_default());
-            if let Err(e) = self.walk(sink, &value, depth + 1) {
-                return Err(e.within(|| self.segment_for(entry.key, naming)));
+            let entry = &self.entries[index];
+            let value = entry.value;
+            if entry.short[0] != 0 {
+                sink.put_block(entry.short, entry.utf8_len + 2);
+            } else {
+                // SAFETY: the entry stays in the stack until this mapping is done, after this
+                // loop.
+                sink.str_utf8(unsafe { entry.key_utf8() }.unwrap_or_default());
+            }
+            // SAFETY: as above.
+            let value = unsafe { self.held(value) };
+            let walked = if value.is_exact_instance_of::<PyString>() {
+                // The most common value, without the dispatch.
+                // SAFETY: the exact type was checked just above.
+                self.write_str(sink, unsafe { (*value).cast_unchecked::<PyString>() })
+            } else {
+                self.walk(sink, &value, depth + 1)
+            };
+            if let Err(e) = walked {
+                let key = self.entries[index].key;
+                return Err(e.within(|| self.segment_for(key, naming)));
             }
         }
         Ok(())
