@@ -45,6 +45,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::keys::{
     short_encoding, Encode, KeyError, KeyErrorKind, KeyHasher, KeyOrder, Segment, Sink, MAX_DEPTH,
+    SHORT_STR,
 };
 
 /// The walk failed: a value the encoding rejects, or a Python exception raised under it.
@@ -294,9 +295,93 @@ impl Entry {
 /// a [`KeyOrder`] per nesting level (sibling dicts, and later requests, reuse the allocations).
 #[derive(Default)]
 struct Scratch {
-    hasher_buf: Vec<u8>,
+    hasher: Option<Box<KeyHasher>>,
     entries: Vec<Entry>,
     orders: Vec<KeyOrder>,
+    strs: StrCache,
+}
+
+/// Slots of [`StrCache`] (a power of two).
+const STR_CACHE_SLOTS: usize = 128;
+
+/// The encodings of the short strs met lately, by object address: a request repeats the same
+/// few key objects (`"role"`, `"type"`, `"content"`, interned by the code that built it) and
+/// values (`"user"`, `"message"`) hundreds of times, and a hit skips reading the str's UTF-8
+/// (a call under the stable ABI) and encoding it.
+///
+/// An address names the same str only while that str lives: a slot counts only in the
+/// `generation` it was filled in, and the generation moves on whenever an object may have been
+/// freed since (a walk starts, Python code ran, a pinned slot gave back its reference, a
+/// failed UTF-8 read made and dropped an exception). In between, no object is freed (see
+/// [`Walker`]), so no address can be reused.
+struct StrCache {
+    generation: u64,
+    /// [`STR_CACHE_SLOTS`] slots once [`StrCache::ready`]; empty in a placeholder (taking the
+    /// cache out of [`Scratch`] must not allocate).
+    slots: Vec<CachedStr>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct CachedStr {
+    obj: usize,
+    generation: u64,
+    utf8: usize,
+    len: usize,
+    encoding: [u8; 16],
+}
+
+impl Default for StrCache {
+    fn default() -> Self {
+        StrCache {
+            generation: 1, // slots start at 0: empty
+            slots: Vec::new(),
+        }
+    }
+}
+
+impl StrCache {
+    /// Allocates the slots on first use, and forgets every slot (see [`StrCache::invalidate`]).
+    fn ready(&mut self) {
+        if self.slots.len() != STR_CACHE_SLOTS {
+            self.slots = vec![CachedStr::default(); STR_CACHE_SLOTS];
+        }
+        self.invalidate();
+    }
+
+    #[inline]
+    fn index(obj: *mut ffi::PyObject) -> usize {
+        let address = obj as usize;
+        ((address >> 4) ^ (address >> 11)) & (STR_CACHE_SLOTS - 1)
+    }
+
+    /// The cached facts of the str at `obj`, filled in this generation.
+    #[inline]
+    fn get(&self, obj: *mut ffi::PyObject) -> Option<&CachedStr> {
+        let slot = self.slots.get(Self::index(obj))?;
+        (slot.obj == obj as usize && slot.generation == self.generation).then_some(slot)
+    }
+
+    /// Records the str at `obj`, whose UTF-8 (alive as long as it) is `utf8`, of at most
+    /// [`crate::keys::SHORT_STR`] bytes, and `encoding`, its [`short_encoding`].
+    #[inline]
+    fn put(&mut self, obj: *mut ffi::PyObject, utf8: &[u8], encoding: [u8; 16]) {
+        let Some(slot) = self.slots.get_mut(Self::index(obj)) else {
+            return;
+        };
+        *slot = CachedStr {
+            obj: obj as usize,
+            generation: self.generation,
+            utf8: utf8.as_ptr() as usize,
+            len: utf8.len(),
+            encoding,
+        };
+    }
+
+    /// Forgets every slot (objects may have been freed, their addresses reused).
+    #[inline]
+    fn invalidate(&mut self) {
+        self.generation += 1;
+    }
 }
 
 thread_local! {
@@ -333,6 +418,7 @@ struct Walker<'py> {
     owned: usize,
     /// The walk paused the garbage collector (it was enabled) and must resume it.
     gc_paused: bool,
+    strs: StrCache,
 }
 
 /// How a mapping's entries are named in error paths.
@@ -356,12 +442,15 @@ impl<'py> Walker<'py> {
     fn new(py: Python<'py>, scratch: &mut Scratch) -> Self {
         // SAFETY: the GIL is held (`py`). PyGC_Disable returns the previous state.
         let gc_paused = unsafe { ffi::PyGC_Disable() } != 0;
+        let mut strs = std::mem::take(&mut scratch.strs);
+        strs.ready(); // (the previous call's objects may be gone)
         Walker {
             py,
             entries: std::mem::take(&mut scratch.entries),
             orders: std::mem::take(&mut scratch.orders),
             owned: 0,
             gc_paused,
+            strs,
         }
     }
 
@@ -379,6 +468,7 @@ impl<'py> Walker<'py> {
         entries.clear();
         entries.shrink_to(KEEP_BYTES / std::mem::size_of::<Entry>());
         scratch.entries = entries;
+        scratch.strs = std::mem::take(&mut self.strs);
     }
 
     /// Resumes the garbage collector if the walk paused it.
@@ -397,7 +487,9 @@ impl<'py> Walker<'py> {
     fn with_python<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
         self.pin();
         self.resume_gc();
+        self.strs.invalidate();
         let result = f(self);
+        self.strs.invalidate();
         // SAFETY: the GIL is held (`self.py`). Python code in `f` may have disabled the
         // collector itself: then it stays so.
         self.gc_paused = unsafe { ffi::PyGC_Disable() } != 0;
@@ -426,6 +518,64 @@ impl<'py> Walker<'py> {
     /// their container until the slot is popped or pinned (see [`Walker`]).
     #[inline]
     unsafe fn push_entry(&mut self, key: *mut ffi::PyObject, value: *mut ffi::PyObject) -> bool {
+        // SAFETY: a live object (the caller's contract).
+        let key_ref = unsafe { self.held(key) };
+        if !key_ref.is_exact_instance_of::<PyString>() {
+            self.entries.push(Entry {
+                key,
+                value,
+                utf8: std::ptr::null(),
+                utf8_len: 0,
+                short: [0; 16],
+            });
+            return false;
+        }
+        if let Some(hit) = self.strs.get(key) {
+            let entry = Entry {
+                key,
+                value,
+                utf8: hit.utf8 as *const u8,
+                utf8_len: hit.len,
+                short: hit.encoding,
+            };
+            self.entries.push(entry);
+            return true;
+        }
+        // SAFETY: a live str (checked above); alive while the slot is.
+        let utf8 = unsafe { utf8_of_ptr(self.py, key) };
+        let (utf8, utf8_len, short) = match utf8 {
+            Some(s) => {
+                let short = short_encoding(s).to_be_bytes();
+                if short[0] != 0 {
+                    self.strs.put(key, s, short);
+                }
+                (s.as_ptr(), s.len(), short)
+            }
+            None => {
+                self.strs.invalidate(); // an exception was made and dropped
+                (std::ptr::null(), 0, [0; 16])
+            }
+        };
+        self.entries.push(Entry {
+            key,
+            value,
+            utf8,
+            utf8_len,
+            short,
+        });
+        !utf8.is_null()
+    }
+
+    /// [`Walker::push_entry`] without the str cache (a record's fields are read between runs
+    /// of Python code, which may free what the cache names).
+    ///
+    /// # Safety
+    /// As [`Walker::push_entry`].
+    unsafe fn push_entry_uncached(
+        &mut self,
+        key: *mut ffi::PyObject,
+        value: *mut ffi::PyObject,
+    ) -> bool {
         // SAFETY: a live object (the caller's contract).
         let key_ref = unsafe { self.held(key) };
         let utf8 = if key_ref.is_exact_instance_of::<PyString>() {
@@ -465,7 +615,7 @@ impl<'py> Walker<'py> {
         unsafe {
             ffi::Py_INCREF(key);
             ffi::Py_INCREF(value);
-            let str_keyed = self.push_entry(key, value);
+            let str_keyed = self.push_entry_uncached(key, value);
             self.owned = self.entries.len();
             str_keyed
         }
@@ -477,6 +627,10 @@ impl<'py> Walker<'py> {
         self.owned = self.owned.min(start);
         // Every slot below `start` is pinned too when any above is (`owned` bounds a prefix),
         // so whatever Python code a last reference's finalizer runs finds no borrowed slot.
+        if pinned_end > start {
+            // A last reference given back frees its object (and a finalizer may run).
+            self.strs.invalidate();
+        }
         for i in start..pinned_end {
             let entry = self.entries[i];
             // SAFETY: a pinned slot owns one reference to its key and value; the GIL is held
@@ -756,7 +910,6 @@ impl<'py> Walker<'py> {
     ) -> WalkResult {
         check_depth(depth)?;
         let start = self.entries.len();
-        self.entries.reserve(dict.len());
         let mut str_keyed = true;
         let mut pos: ffi::Py_ssize_t = 0;
         let (mut key, mut value) = (std::ptr::null_mut(), std::ptr::null_mut());
@@ -945,12 +1098,23 @@ impl<'py> Walker<'py> {
 
     #[inline]
     fn write_str<S: Sink>(&mut self, sink: &mut S, s: &Bound<'py, PyString>) -> WalkResult {
+        if let Some(hit) = self.strs.get(s.as_ptr()) {
+            sink.put_block(hit.encoding, hit.len + 2);
+            return Ok(());
+        }
         match utf8_of(s) {
             Some(utf8) => {
+                if utf8.len() <= SHORT_STR {
+                    self.strs
+                        .put(s.as_ptr(), utf8, short_encoding(utf8).to_be_bytes());
+                }
                 sink.str_utf8(utf8);
                 Ok(())
             }
-            None => self.write_surrogates(sink, s),
+            None => {
+                self.strs.invalidate(); // an exception was made and dropped
+                self.write_surrogates(sink, s)
+            }
         }
     }
 
@@ -1065,15 +1229,15 @@ pub fn hash_request<'py>(
         Some(names) => Some(check_names(obj, names)?),
     };
     let mut scratch = SCRATCH.take().unwrap_or_default();
-    let mut hasher = KeyHasher::with_buffer(std::mem::take(&mut scratch.hasher_buf));
+    let mut hasher = scratch.hasher.take().unwrap_or_default();
     let mut walker = Walker::new(py, &mut scratch);
     let walked = match named {
-        None => walker.walk(&mut hasher, obj, 0),
-        Some((items, names)) => walker.walk_named(&mut hasher, items, names),
+        None => walker.walk(&mut *hasher, obj, 0),
+        Some((items, names)) => walker.walk_named(&mut *hasher, items, names),
     };
     walker.into_scratch(&mut scratch);
-    let (digest, buf) = hasher.finalize_keep_buffer();
-    scratch.hasher_buf = buf;
+    let digest = hasher.finalize_reset();
+    scratch.hasher = Some(hasher);
     SCRATCH.set(Some(scratch));
     walked?;
     Ok(PyBytes::new(py, &digest))
