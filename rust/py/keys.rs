@@ -30,7 +30,10 @@
 //!
 //! The GIL stays held: the walk reads Python objects throughout (and requests are small, so
 //! detaching would cost more than it frees). Speed comes from exact-type dispatch, UTF-8 read
-//! straight from `str` objects, a buffered hasher, and per-thread reused buffers.
+//! straight from `str` objects, borrowed references (no reference counting, which the stable
+//! ABI makes a call per object: see [`Walker`]), short strs remembered by address within a
+//! walk ([`StrCache`]), a buffered hasher, and per-thread reused buffers and hasher. The garbage
+//! collector is paused while the walk holds borrowed references.
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::ffi;
