@@ -1075,9 +1075,11 @@ mod tests {
     fn short_encodings_are_the_encodings_and_sort_like_them() {
         let texts: Vec<Vec<u8>> = (0..=SHORT_STR + 1)
             .flat_map(|n| {
-                [0x00u8, 0x61, 0xff]
-                    .into_iter()
-                    .map(move |fill| (0..n).map(|i| fill.wrapping_add(i as u8 * 37)).collect())
+                [0x00u8, 0x61, 0xff].into_iter().map(move |fill| {
+                    (0..n)
+                        .map(|i| fill.wrapping_add((i as u8).wrapping_mul(37)))
+                        .collect()
+                })
             })
             .collect();
         for a in &texts {
