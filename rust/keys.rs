@@ -129,6 +129,21 @@ pub trait Sink {
         self.put(&[tag]);
         self.put(&value.to_be_bytes());
     }
+
+    /// Appends the first `used` bytes of `block` (at most 16: a short str's whole encoding).
+    /// Sinks may store all 16 at once.
+    #[inline]
+    fn put_block(&mut self, block: [u8; 16], used: usize) {
+        self.put(&block[..used]);
+    }
+
+    /// Appends a tag byte, the length prefix of `data.len()`, then `data` (a str or bytes).
+    /// Sinks may write it in one step.
+    #[inline]
+    fn put_tagged_bytes(&mut self, tag: u8, data: &[u8]) {
+        self.put_header(tag, data.len() as u64);
+        self.put(data);
+    }
 }
 
 impl Sink for Vec<u8> {
@@ -224,8 +239,7 @@ pub trait Encode: Sink {
     #[doc(hidden)]
     #[inline]
     fn tagged_bytes(&mut self, tag: u8, data: &[u8]) {
-        self.count_header(tag, data.len());
-        self.put(data);
+        self.put_tagged_bytes(tag, data);
     }
 
     #[doc(hidden)]
@@ -270,26 +284,19 @@ impl KeyHasher {
         }
     }
 
-    /// A hasher that writes through `buf` (emptied first), e.g. one kept from an earlier
-    /// [`KeyHasher::finalize_keep_buffer`] to skip an allocation.
-    pub fn with_buffer(mut buf: Vec<u8>) -> Self {
-        buf.clear();
-        buf.reserve_exact(BUFFER_SIZE);
-        KeyHasher {
-            hasher: blake3::Hasher::new(),
-            buf,
-        }
-    }
-
     /// The 32-byte digest of everything written.
-    pub fn finalize(self) -> [u8; 32] {
-        self.finalize_keep_buffer().0
+    pub fn finalize(mut self) -> [u8; 32] {
+        self.finalize_reset()
     }
 
-    /// The digest, and the buffer back for reuse.
-    pub fn finalize_keep_buffer(mut self) -> ([u8; 32], Vec<u8>) {
+    /// The 32-byte digest of everything written; the hasher is then as new, its buffer kept
+    /// (a hasher kept between requests skips an allocation, and moving 2 KiB of BLAKE3 state
+    /// in and out of every call).
+    pub fn finalize_reset(&mut self) -> [u8; 32] {
         self.flush();
-        (*self.hasher.finalize().as_bytes(), self.buf)
+        let digest = *self.hasher.finalize().as_bytes();
+        self.hasher.reset();
+        digest
     }
 
     #[inline]
@@ -312,20 +319,57 @@ impl Sink for KeyHasher {
     fn put(&mut self, bytes: &[u8]) {
         let len = self.buf.len();
         if bytes.len() <= BUFFER_SIZE - len {
-            // SAFETY: `buf` has capacity >= BUFFER_SIZE (reserved by `new`/`with_buffer`, never
+            // SAFETY: `buf` has capacity >= BUFFER_SIZE (reserved by `new`, never
             // shrunk) and the check above keeps `len + bytes.len()` within it; the copied bytes
             // initialise exactly the new length. (Vec::extend_from_slice re-checks capacity and
             // is not inlined in the opt-level-1 dev build that the tests use.)
             unsafe {
-                std::ptr::copy_nonoverlapping(
-                    bytes.as_ptr(),
-                    self.buf.as_mut_ptr().add(len),
-                    bytes.len(),
-                );
+                copy_bytes(bytes, self.buf.as_mut_ptr().add(len));
                 self.buf.set_len(len + bytes.len());
             }
         } else {
             self.put_slow(bytes);
+        }
+    }
+
+    #[inline]
+    fn put_block(&mut self, block: [u8; 16], used: usize) {
+        debug_assert!(used <= 16);
+        let len = self.buf.len();
+        if BUFFER_SIZE - len >= 16 {
+            // SAFETY: as in `put`: capacity >= BUFFER_SIZE and 16 bytes fit; the store writes
+            // spare capacity, and the new length covers only the `used` bytes meant.
+            unsafe {
+                self.buf
+                    .as_mut_ptr()
+                    .add(len)
+                    .cast::<[u8; 16]>()
+                    .write_unaligned(block);
+                self.buf.set_len(len + used);
+            }
+        } else {
+            self.put(&block[..used]);
+        }
+    }
+
+    #[inline]
+    fn put_tagged_bytes(&mut self, tag: u8, data: &[u8]) {
+        let len = self.buf.len();
+        let n = data.len();
+        // Most strs of a request (dict keys, roles, types) are short: tag, one length byte and
+        // the text, written with one capacity check.
+        if n as u64 <= MAX_SHORT_LEN && n + 2 <= BUFFER_SIZE - len {
+            // SAFETY: as in `put`: capacity >= BUFFER_SIZE and the `n + 2` bytes fit; the
+            // writes initialise exactly the new length.
+            unsafe {
+                let at = self.buf.as_mut_ptr().add(len);
+                at.cast::<[u8; 2]>().write_unaligned([tag, n as u8]);
+                copy_bytes(data, at.add(2));
+                self.buf.set_len(len + 2 + n);
+            }
+        } else {
+            self.put_header(tag, n as u64);
+            self.put(data);
         }
     }
 
@@ -408,6 +452,78 @@ impl KeyHasher {
             self.hasher.update(&rest[..direct]);
         }
         self.buf.extend_from_slice(&rest[direct..]);
+    }
+}
+
+/// Longest str (UTF-8 bytes) whose encoding [`short_encoding`] holds: tag, one length byte and
+/// the text in 16 bytes.
+pub const SHORT_STR: usize = 14;
+
+/// The encoding of a str of up to [`SHORT_STR`] bytes of UTF-8 (`s`, length, text), zero-padded
+/// to 16 bytes, as a big-endian number (never 0); 0 for a longer one. Two such numbers compare
+/// like the encodings (the zero padding sorts below any byte, and only pads a shorter text,
+/// whose length byte already decides).
+#[inline]
+pub fn short_encoding(utf8: &[u8]) -> u128 {
+    let n = utf8.len();
+    if n > SHORT_STR {
+        return 0;
+    }
+    let be64 = |at: usize| {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&utf8[at..at + 8]);
+        u128::from(u64::from_be_bytes(word))
+    };
+    let be32 = |at: usize| {
+        let mut word = [0u8; 4];
+        word.copy_from_slice(&utf8[at..at + 4]);
+        u128::from(u32::from_be_bytes(word))
+    };
+    // The text goes to bytes 2..2 + n of the 16 (bits 111 down): loaded as two overlapping
+    // words, each shifted into its place.
+    let text = if n >= 8 {
+        (be64(0) << 48) | (be64(n - 8) << (8 * (SHORT_STR - n)))
+    } else if n >= 4 {
+        (be32(0) << 80) | (be32(n - 4) << (8 * (SHORT_STR - n)))
+    } else {
+        utf8.iter()
+            .enumerate()
+            .fold(0, |t, (i, &b)| t | (u128::from(b) << (104 - 8 * i)))
+    };
+    (u128::from(TAG_STR) << 120) | ((n as u128) << 112) | text
+}
+
+/// Copies `src` to `dst`. Up to 16 bytes (most keys and short values) with two overlapping
+/// loads and stores of a word or half-word, inline; longer through `copy_nonoverlapping`
+/// (a `memcpy` call, which is what its unknown length compiles to anyway).
+///
+/// # Safety
+/// `dst` must be valid for `src.len()` bytes of writes and not overlap `src`.
+#[inline(always)]
+unsafe fn copy_bytes(src: &[u8], dst: *mut u8) {
+    let n = src.len();
+    let from = src.as_ptr();
+    // SAFETY (every branch): the reads stay within `src` (offsets 0..n) and the writes within
+    // `dst..dst + n` (the caller's contract); overlapping stores write the same bytes twice.
+    unsafe {
+        if n > 16 {
+            std::ptr::copy_nonoverlapping(from, dst, n);
+        } else if n >= 8 {
+            let head = from.cast::<u64>().read_unaligned();
+            let tail = from.add(n - 8).cast::<u64>().read_unaligned();
+            dst.cast::<u64>().write_unaligned(head);
+            dst.add(n - 8).cast::<u64>().write_unaligned(tail);
+        } else if n >= 4 {
+            let head = from.cast::<u32>().read_unaligned();
+            let tail = from.add(n - 4).cast::<u32>().read_unaligned();
+            dst.cast::<u32>().write_unaligned(head);
+            dst.add(n - 4).cast::<u32>().write_unaligned(tail);
+        } else if n > 0 {
+            // 1 to 3 bytes: first, middle, last.
+            dst.write(*from);
+            dst.add(n / 2).write(*from.add(n / 2));
+            dst.add(n - 1).write(*from.add(n - 1));
+        }
     }
 }
 
@@ -920,6 +1036,70 @@ mod tests {
                 *blake3::hash(&plain).as_bytes(),
                 "pad {pad}"
             );
+        }
+    }
+
+    #[test]
+    fn hasher_strs_match_the_plain_encoding_at_every_small_length_and_buffer_edge() {
+        // `put_tagged_bytes` and the inline small copies of the hasher, against `Vec<u8>`:
+        // every length up to 40 (each branch of the small copy) and around the one-byte
+        // length limit, wherever in the buffer they land.
+        let text: Vec<u8> = (0..300u32).map(|i| (i * 7 + 1) as u8).collect();
+        let lens: Vec<usize> = (0..=40).chain([246, 247, 248, 300]).collect();
+        for pad in 0..48 {
+            let mut plain = Vec::new();
+            let mut hasher = KeyHasher::new();
+            let filler = vec![0x5au8; BUFFER_SIZE - 40 + pad];
+            plain.put(&filler);
+            hasher.put(&filler);
+            for &n in &lens {
+                plain.str_utf8(&text[..n]);
+                hasher.str_utf8(&text[..n]);
+                let mut block = [0xeeu8; 16];
+                let used = n.min(16);
+                block[..used].copy_from_slice(&text[..used]);
+                plain.put_block(block, used);
+                hasher.put_block(block, used);
+                plain.put(&text[n / 3..n]);
+                hasher.put(&text[n / 3..n]);
+            }
+            assert_eq!(
+                hasher.finalize(),
+                *blake3::hash(&plain).as_bytes(),
+                "pad {pad}"
+            );
+        }
+    }
+
+    #[test]
+    fn short_encodings_are_the_encodings_and_sort_like_them() {
+        let texts: Vec<Vec<u8>> = (0..=SHORT_STR + 1)
+            .flat_map(|n| {
+                [0x00u8, 0x61, 0xff].into_iter().map(move |fill| {
+                    (0..n)
+                        .map(|i| fill.wrapping_add((i as u8).wrapping_mul(37)))
+                        .collect()
+                })
+            })
+            .collect();
+        for a in &texts {
+            let short = short_encoding(a);
+            if a.len() > SHORT_STR {
+                assert_eq!(short, 0);
+                continue;
+            }
+            let mut plain = Vec::new();
+            plain.str_utf8(a);
+            let bytes = short.to_be_bytes();
+            assert_eq!(&bytes[..a.len() + 2], &plain[..], "{a:?}");
+            assert!(bytes[a.len() + 2..].iter().all(|&b| b == 0), "{a:?}");
+            for b in &texts {
+                if b.len() <= SHORT_STR {
+                    let mut other = Vec::new();
+                    other.str_utf8(b);
+                    assert_eq!(short.cmp(&short_encoding(b)), plain.cmp(&other));
+                }
+            }
         }
     }
 

@@ -653,6 +653,65 @@ def test_containers_changed_during_the_walk() -> None:
         h(items)  # the list shrank under the walk: as list[1] would
 
 
+def test_strs_freed_and_reallocated_mid_walk_hash_as_themselves() -> None:
+    # Short strs are remembered by address during a walk. Model code that frees one and makes
+    # a new str (which CPython's allocator puts at the freed address) must not be hashed as
+    # the old one.
+    first: dict[str, Any] = {"v": "".join(["a"] * 4)}
+    second: dict[str, Any] = {"v": None}
+    reused: list[bool] = []
+
+    @dataclasses.dataclass
+    class Swapper:
+        x: int = 1
+
+        def __getattribute__(self, name: str) -> Any:
+            if name == "x" and second["v"] is None:
+                old = id(first["v"])
+                first["v"] = None  # the last reference: freed
+                second["v"] = "".join(["b"] * 4)  # most likely at the same address
+                reused.append(id(second["v"]) == old)
+            return object.__getattribute__(self, name)
+
+    digest = h([first, Swapper(), second])
+    assert reused == [True]  # the case this test is about did happen
+    second_now = dict(second)
+    second["v"] = "taken"  # (disarm)
+    assert digest == h([{"v": "aaaa"}, Swapper(), second_now])
+    assert digest != h([{"v": "aaaa"}, Swapper(), {"v": "aaaa"}])
+
+
+def test_collector_state_is_left_as_found() -> None:
+    # The walk pauses the garbage collector and resumes it: after success, errors, and model
+    # code that switches it itself.
+    import gc
+
+    @dataclasses.dataclass
+    class Switch:
+        x: int = 1
+
+        def __getattribute__(self, name: str) -> Any:
+            if name == "x":
+                gc.disable()
+            return object.__getattribute__(self, name)
+
+    assert gc.isenabled()
+    try:
+        h(CHAT)
+        assert gc.isenabled()
+        with pytest.raises(TypeError):
+            h({"a": [{1, 2}]})
+        assert gc.isenabled()
+        h([Switch()])
+        assert not gc.isenabled()  # what the model code chose
+        h(CHAT)
+        with pytest.raises(TypeError):
+            h({"a": [{1, 2}]})
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_equal_after_error_and_across_threads() -> None:
     with pytest.raises(TypeError):
         h({"a": [{"b": {1}}]})

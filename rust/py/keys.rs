@@ -30,7 +30,10 @@
 //!
 //! The GIL stays held: the walk reads Python objects throughout (and requests are small, so
 //! detaching would cost more than it frees). Speed comes from exact-type dispatch, UTF-8 read
-//! straight from `str` objects, a buffered hasher, and per-thread reused buffers.
+//! straight from `str` objects, borrowed references (no reference counting, which the stable
+//! ABI makes a call per object: see [`Walker`]), short strs remembered by address within a
+//! walk ([`StrCache`]), a buffered hasher, and per-thread reused buffers and hasher. The garbage
+//! collector is paused while the walk holds borrowed references.
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::ffi;
@@ -43,7 +46,10 @@ use pyo3::Borrowed;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::keys::{Encode, KeyError, KeyErrorKind, KeyHasher, KeyOrder, Segment, Sink, MAX_DEPTH};
+use crate::keys::{
+    short_encoding, Encode, KeyError, KeyErrorKind, KeyHasher, KeyOrder, Segment, Sink, MAX_DEPTH,
+    SHORT_STR,
+};
 
 /// The walk failed: a value the encoding rejects, or a Python exception raised under it.
 /// Boxed, so that every level of the walk returns a one-word `Result` (a wide one costs a
@@ -235,33 +241,56 @@ impl ClassKind {
     }
 }
 
-/// One entry of a mapping being walked, in [`Walker::entries`]. The slot owns one reference to
-/// `key` and one to `value` (taken by [`Walker::push_entry`], given back by
-/// [`Walker::release_entries`]); `utf8` borrows the key's UTF-8 when the key is an exact `str`
-/// without lone surrogates (read once, then used to sort and to write), else it is null.
+/// One slot of [`Walker::entries`]: an entry of a mapping being walked, or (`key` null) the
+/// list item being walked. Whether the slot owns a reference to `key` and `value` depends on
+/// its place in the stack (see [`Walker`]). `utf8` borrows the key's UTF-8 when the key is an
+/// exact `str` without lone surrogates (read once, then used to sort and to write), else it is
+/// null; `short` is then, for up to [`crate::keys::SHORT_STR`] bytes of UTF-8, the key's whole
+/// encoding, zero-padded ([`short_encoding`], as bytes: written with one 16-byte copy, which a
+/// number spilt to the stack would stall), else all zero.
 #[derive(Clone, Copy)]
 struct Entry {
     key: *mut ffi::PyObject,
     value: *mut ffi::PyObject,
     utf8: *const u8,
     utf8_len: usize,
+    short: [u8; 16],
 }
 
 impl Entry {
     /// The key's UTF-8, if the key is a plain `str`.
     ///
     /// # Safety
-    /// The entry must still be in [`Walker::entries`] (so that it owns its key), and the
+    /// The entry must still be in [`Walker::entries`] (so that its key is alive), and the
     /// returned slice must not outlive that.
     #[inline]
     unsafe fn key_utf8<'a>(self) -> Option<&'a [u8]> {
         if self.utf8.is_null() {
             None
         } else {
-            // SAFETY: `utf8`/`utf8_len` came from `utf8_of` on the key, which the slot keeps
-            // alive; CPython keeps a str's UTF-8 as long as the (immutable) str.
+            // SAFETY: `utf8`/`utf8_len` came from `utf8_of` on the key, which is alive while
+            // the slot is (see `Walker`); CPython keeps a str's UTF-8 as long as the
+            // (immutable) str.
             Some(unsafe { std::slice::from_raw_parts(self.utf8, self.utf8_len) })
         }
+    }
+
+    /// The canonical order of two str keys: the order of their encodings, i.e. by UTF-8
+    /// length, then bytes (see [`Walker::write_str_keyed`]); for short keys, one comparison of
+    /// their encodings.
+    ///
+    /// # Safety
+    /// As [`Entry::key_utf8`], for both entries, which must have UTF-8.
+    #[inline]
+    unsafe fn cmp_str_keys(&self, other: &Entry) -> std::cmp::Ordering {
+        if self.short[0] != 0 && other.short[0] != 0 {
+            return u128::from_be_bytes(self.short).cmp(&u128::from_be_bytes(other.short));
+        }
+        // SAFETY: the caller's contract.
+        let (a, b) = unsafe { (self.key_utf8(), other.key_utf8()) };
+        self.utf8_len
+            .cmp(&other.utf8_len)
+            .then_with(|| a.unwrap_or_default().cmp(b.unwrap_or_default()))
     }
 }
 
@@ -269,9 +298,93 @@ impl Entry {
 /// a [`KeyOrder`] per nesting level (sibling dicts, and later requests, reuse the allocations).
 #[derive(Default)]
 struct Scratch {
-    hasher_buf: Vec<u8>,
+    hasher: Option<Box<KeyHasher>>,
     entries: Vec<Entry>,
     orders: Vec<KeyOrder>,
+    strs: StrCache,
+}
+
+/// Slots of [`StrCache`] (a power of two).
+const STR_CACHE_SLOTS: usize = 128;
+
+/// The encodings of the short strs met lately, by object address: a request repeats the same
+/// few key objects (`"role"`, `"type"`, `"content"`, interned by the code that built it) and
+/// values (`"user"`, `"message"`) hundreds of times, and a hit skips reading the str's UTF-8
+/// (a call under the stable ABI) and encoding it.
+///
+/// An address names the same str only while that str lives: a slot counts only in the
+/// `generation` it was filled in, and the generation moves on whenever an object may have been
+/// freed since (a walk starts, Python code ran, a pinned slot gave back its reference, a
+/// failed UTF-8 read made and dropped an exception). In between, no object is freed (see
+/// [`Walker`]), so no address can be reused.
+struct StrCache {
+    generation: u64,
+    /// [`STR_CACHE_SLOTS`] slots once [`StrCache::ready`]; empty in a placeholder (taking the
+    /// cache out of [`Scratch`] must not allocate).
+    slots: Vec<CachedStr>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct CachedStr {
+    obj: usize,
+    generation: u64,
+    utf8: usize,
+    len: usize,
+    encoding: [u8; 16],
+}
+
+impl Default for StrCache {
+    fn default() -> Self {
+        StrCache {
+            generation: 1, // slots start at 0: empty
+            slots: Vec::new(),
+        }
+    }
+}
+
+impl StrCache {
+    /// Allocates the slots on first use, and forgets every slot (see [`StrCache::invalidate`]).
+    fn ready(&mut self) {
+        if self.slots.len() != STR_CACHE_SLOTS {
+            self.slots = vec![CachedStr::default(); STR_CACHE_SLOTS];
+        }
+        self.invalidate();
+    }
+
+    #[inline]
+    fn index(obj: *mut ffi::PyObject) -> usize {
+        let address = obj as usize;
+        ((address >> 4) ^ (address >> 11)) & (STR_CACHE_SLOTS - 1)
+    }
+
+    /// The cached facts of the str at `obj`, filled in this generation.
+    #[inline]
+    fn get(&self, obj: *mut ffi::PyObject) -> Option<&CachedStr> {
+        let slot = self.slots.get(Self::index(obj))?;
+        (slot.obj == obj as usize && slot.generation == self.generation).then_some(slot)
+    }
+
+    /// Records the str at `obj`, whose UTF-8 (alive as long as it) is `utf8`, of at most
+    /// [`crate::keys::SHORT_STR`] bytes, and `encoding`, its [`short_encoding`].
+    #[inline]
+    fn put(&mut self, obj: *mut ffi::PyObject, utf8: &[u8], encoding: [u8; 16]) {
+        let Some(slot) = self.slots.get_mut(Self::index(obj)) else {
+            return;
+        };
+        *slot = CachedStr {
+            obj: obj as usize,
+            generation: self.generation,
+            utf8: utf8.as_ptr() as usize,
+            len: utf8.len(),
+            encoding,
+        };
+    }
+
+    /// Forgets every slot (objects may have been freed, their addresses reused).
+    #[inline]
+    fn invalidate(&mut self) {
+        self.generation += 1;
+    }
 }
 
 thread_local! {
@@ -286,11 +399,29 @@ thread_local! {
 /// its entries, sorts its own range in place, walks the values, and pops its range; the
 /// mappings nested in its values push and pop above it, so its range stays put (only the
 /// `Vec` may move, which is why entries are copied out by index, never borrowed across a
-/// nested walk).
+/// nested walk). The item of a list being walked sits there too, as a slot without a key.
+///
+/// References: slots are pushed *borrowed* (no reference counting, which the stable ABI turns
+/// into two calls per object). That is sound while no Python code runs: nothing can then change
+/// or free the containers being walked. The walk runs Python code only in
+/// [`Walker::with_python`] (records, lone surrogates, huge ints, error messages), which first
+/// *pins* the stack: takes a reference to every borrowed slot, so that slots below `owned` own
+/// their key and value, and those from `owned` on borrow them (pinned slots are given back
+/// when popped). What else is held while Python code may run is safe without a slot: the
+/// object passed in (the caller's), tuple items (a live tuple cannot lose them), the object
+/// `with_python` works on (its closure takes its own reference). And so that no garbage
+/// collection runs finalizers in between (an exception object allocated by a failed UTF-8
+/// read could start one before Python 3.12), the collector is paused for the walk and resumed
+/// inside `with_python` and at the end.
 struct Walker<'py> {
     py: Python<'py>,
     entries: Vec<Entry>,
     orders: Vec<KeyOrder>,
+    /// `entries[..owned]` own a reference to their key and value; the rest borrow them.
+    owned: usize,
+    /// The walk paused the garbage collector (it was enabled) and must resume it.
+    gc_paused: bool,
+    strs: StrCache,
 }
 
 /// How a mapping's entries are named in error paths.
@@ -306,15 +437,23 @@ impl Drop for Walker<'_> {
     fn drop(&mut self) {
         // Normally empty already; not after a panic unwound through the walk.
         self.release_entries(0);
+        self.resume_gc();
     }
 }
 
 impl<'py> Walker<'py> {
     fn new(py: Python<'py>, scratch: &mut Scratch) -> Self {
+        // SAFETY: the GIL is held (`py`). PyGC_Disable returns the previous state.
+        let gc_paused = unsafe { ffi::PyGC_Disable() } != 0;
+        let mut strs = std::mem::take(&mut scratch.strs);
+        strs.ready(); // (the previous call's objects may be gone)
         Walker {
             py,
             entries: std::mem::take(&mut scratch.entries),
             orders: std::mem::take(&mut scratch.orders),
+            owned: 0,
+            gc_paused,
+            strs,
         }
     }
 
@@ -322,68 +461,202 @@ impl<'py> Walker<'py> {
         // Keep buffers for the first few levels only, and none of a huge request's size.
         const KEEP_LEVELS: usize = 16;
         const KEEP_BYTES: usize = 64 * 1024;
+        self.resume_gc();
         let mut orders = std::mem::take(&mut self.orders);
         orders.truncate(KEEP_LEVELS);
         orders.iter_mut().for_each(|o| o.clear_and_trim(KEEP_BYTES));
         scratch.orders = orders;
         let mut entries = std::mem::take(&mut self.entries);
-        debug_assert!(entries.is_empty());
+        debug_assert!(entries.is_empty() && self.owned == 0);
         entries.clear();
         entries.shrink_to(KEEP_BYTES / std::mem::size_of::<Entry>());
         scratch.entries = entries;
+        scratch.strs = std::mem::take(&mut self.strs);
     }
 
-    /// Pushes an entry, taking a reference to `key` and to `value`; returns whether the key is
-    /// a plain `str` (its UTF-8 read).
+    /// Resumes the garbage collector if the walk paused it.
+    fn resume_gc(&mut self) {
+        if std::mem::take(&mut self.gc_paused) {
+            // SAFETY: the GIL is held (`self.py`).
+            unsafe { ffi::PyGC_Enable() };
+        }
+    }
+
+    /// Runs `f`, which may run Python code (and so change or free any object not referenced):
+    /// the stack is pinned first, the garbage collector runs meanwhile, and slots `f` pushes
+    /// must own their references ([`Walker::push_owned_entry`]).
+    #[cold]
+    #[inline(never)]
+    fn with_python<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        self.pin();
+        self.resume_gc();
+        self.strs.invalidate();
+        let result = f(self);
+        self.strs.invalidate();
+        // SAFETY: the GIL is held (`self.py`). Python code in `f` may have disabled the
+        // collector itself: then it stays so.
+        self.gc_paused = unsafe { ffi::PyGC_Disable() } != 0;
+        result
+    }
+
+    /// Takes a reference to the key and value of every borrowed slot (see [`Walker`]).
+    fn pin(&mut self) {
+        for entry in &self.entries[self.owned..] {
+            // SAFETY: a borrowed slot's objects are alive (no Python code ran since it was
+            // pushed: see `Walker`); the GIL is held.
+            unsafe {
+                if !entry.key.is_null() {
+                    ffi::Py_INCREF(entry.key);
+                }
+                ffi::Py_INCREF(entry.value);
+            }
+        }
+        self.owned = self.entries.len();
+    }
+
+    /// Pushes a borrowed entry; returns whether the key is a plain `str` (its UTF-8 read).
     ///
     /// # Safety
-    /// `key` and `value` must be live objects (the GIL is held by `self.py`).
+    /// `key` and `value` must be live objects (the GIL is held by `self.py`), kept alive by
+    /// their container until the slot is popped or pinned (see [`Walker`]).
     #[inline]
     unsafe fn push_entry(&mut self, key: *mut ffi::PyObject, value: *mut ffi::PyObject) -> bool {
-        // SAFETY: both are live (the caller's contract); the references taken here belong to
-        // the new slot until `release_entries`.
-        let key_ref = unsafe {
-            ffi::Py_INCREF(key);
-            ffi::Py_INCREF(value);
-            self.held(key)
+        // SAFETY: a live object (the caller's contract).
+        let key_ref = unsafe { self.held(key) };
+        if !key_ref.is_exact_instance_of::<PyString>() {
+            self.entries.push(Entry {
+                key,
+                value,
+                utf8: std::ptr::null(),
+                utf8_len: 0,
+                short: [0; 16],
+            });
+            return false;
+        }
+        if let Some(hit) = self.strs.get(key) {
+            let entry = Entry {
+                key,
+                value,
+                utf8: hit.utf8 as *const u8,
+                utf8_len: hit.len,
+                short: hit.encoding,
+            };
+            self.entries.push(entry);
+            return true;
+        }
+        // SAFETY: a live str (checked above); alive while the slot is.
+        let utf8 = unsafe { utf8_of_ptr(self.py, key) };
+        let (utf8, utf8_len, short) = match utf8 {
+            Some(s) => {
+                let short = short_encoding(s).to_be_bytes();
+                if short[0] != 0 {
+                    self.strs.put(key, s, short);
+                }
+                (s.as_ptr(), s.len(), short)
+            }
+            None => {
+                self.strs.invalidate(); // an exception was made and dropped
+                (std::ptr::null(), 0, [0; 16])
+            }
         };
-        let utf8 = if key_ref.is_exact_instance_of::<PyString>() {
-            // SAFETY: a live str (checked just above); the slot keeps it alive for the slice.
-            unsafe { utf8_of_ptr(self.py, key) }
-        } else {
-            None
-        };
-        let (utf8, utf8_len) = utf8.map_or((std::ptr::null(), 0), |s| (s.as_ptr(), s.len()));
         self.entries.push(Entry {
             key,
             value,
             utf8,
             utf8_len,
+            short,
         });
         !utf8.is_null()
     }
 
-    /// Pops the entries from `start` on, giving back their references.
-    fn release_entries(&mut self, start: usize) {
-        for entry in self.entries.drain(start..) {
-            // SAFETY: each slot owns one reference to its key and value (`push_entry`), and
-            // the GIL is held (the walker lives inside a call from Python).
-            unsafe {
-                ffi::Py_DECREF(entry.key);
-                ffi::Py_DECREF(entry.value);
-            }
+    /// [`Walker::push_entry`] without the str cache (a record's fields are read between runs
+    /// of Python code, which may free what the cache names).
+    ///
+    /// # Safety
+    /// As [`Walker::push_entry`].
+    unsafe fn push_entry_uncached(
+        &mut self,
+        key: *mut ffi::PyObject,
+        value: *mut ffi::PyObject,
+    ) -> bool {
+        // SAFETY: a live object (the caller's contract).
+        let key_ref = unsafe { self.held(key) };
+        let utf8 = if key_ref.is_exact_instance_of::<PyString>() {
+            // SAFETY: a live str (checked just above); alive while the slot is.
+            unsafe { utf8_of_ptr(self.py, key) }
+        } else {
+            None
+        };
+        let (utf8, utf8_len, short) = match utf8 {
+            Some(s) => (s.as_ptr(), s.len(), short_encoding(s).to_be_bytes()),
+            None => (std::ptr::null(), 0, [0; 16]),
+        };
+        self.entries.push(Entry {
+            key,
+            value,
+            utf8,
+            utf8_len,
+            short,
+        });
+        !utf8.is_null()
+    }
+
+    /// [`Walker::push_entry`] of an entry that owns a reference to `key` and `value` (taken
+    /// here), for objects that only a temporary holds (a model's field values). Only inside
+    /// [`Walker::with_python`], on a pinned stack.
+    ///
+    /// # Safety
+    /// `key` and `value` must be live objects (the GIL is held by `self.py`).
+    unsafe fn push_owned_entry(
+        &mut self,
+        key: *mut ffi::PyObject,
+        value: *mut ffi::PyObject,
+    ) -> bool {
+        debug_assert_eq!(self.owned, self.entries.len());
+        // SAFETY: both live (the caller's contract); the references belong to the slot, below
+        // `owned`, until `release_entries`.
+        unsafe {
+            ffi::Py_INCREF(key);
+            ffi::Py_INCREF(value);
+            let str_keyed = self.push_entry_uncached(key, value);
+            self.owned = self.entries.len();
+            str_keyed
         }
     }
 
-    /// An object held by a slot of the stack, borrowed without borrowing `self` (so that the
-    /// walk can go on while it is used).
+    /// Pops the entries from `start` on, giving back the references of pinned ones.
+    fn release_entries(&mut self, start: usize) {
+        let pinned_end = self.owned.max(start);
+        self.owned = self.owned.min(start);
+        // Every slot below `start` is pinned too when any above is (`owned` bounds a prefix),
+        // so whatever Python code a last reference's finalizer runs finds no borrowed slot.
+        if pinned_end > start {
+            // A last reference given back frees its object (and a finalizer may run).
+            self.strs.invalidate();
+        }
+        for i in start..pinned_end {
+            let entry = self.entries[i];
+            // SAFETY: a pinned slot owns one reference to its key and value; the GIL is held
+            // (the walker lives inside a call from Python).
+            unsafe {
+                if !entry.key.is_null() {
+                    ffi::Py_DECREF(entry.key);
+                }
+                ffi::Py_DECREF(entry.value);
+            }
+        }
+        self.entries.truncate(start);
+    }
+
+    /// An object held by a slot of the stack (or otherwise alive, see [`Walker`]), borrowed
+    /// without borrowing `self` (so that the walk can go on while it is used).
     ///
     /// # Safety
-    /// `ptr` must be the key or value of a slot, and the result must not be used after that
-    /// slot is released (only the mapping that pushed it releases it, once done with it).
+    /// `ptr` must be a live object, and the result must not be used after it may have been
+    /// freed (a slot holding it popped, or, for a borrowed slot, Python code run unpinned).
     #[inline]
     unsafe fn held<'a>(&self, ptr: *mut ffi::PyObject) -> Borrowed<'a, 'py, PyAny> {
-        // SAFETY: the slot owns a reference to `ptr` (the caller's contract).
+        // SAFETY: a live object (the caller's contract).
         unsafe { Borrowed::from_ptr(self.py, ptr) }
     }
 
@@ -391,7 +664,7 @@ impl<'py> Walker<'py> {
         // Exact types first: one pointer comparison each, in order of frequency.
         if obj.is_exact_instance_of::<PyString>() {
             // SAFETY: the exact type was checked just above.
-            return write_str(sink, unsafe { obj.cast_unchecked::<PyString>() });
+            return self.write_str(sink, unsafe { obj.cast_unchecked::<PyString>() });
         }
         if obj.is_exact_instance_of::<PyDict>() {
             // SAFETY: the exact type was checked just above.
@@ -402,8 +675,7 @@ impl<'py> Walker<'py> {
             return self.walk_list(sink, unsafe { obj.cast_unchecked::<PyList>() }, depth);
         }
         if obj.is_exact_instance_of::<PyInt>() {
-            write_int(sink, obj);
-            return Ok(());
+            return self.write_int(sink, obj);
         }
         if obj.is_exact_instance_of::<PyBool>() {
             sink.boolean(obj.is(PyBool::new(self.py, true)));
@@ -437,17 +709,17 @@ impl<'py> Walker<'py> {
             sink.bytes(b.as_bytes());
             return Ok(());
         }
-        let info = class_info(&obj.get_type())?;
+        // Working out a class's facts runs Python code (`dataclasses.fields`, ...).
+        let info = self.with_python(|_| class_info(&obj.get_type()))?;
         if !matches!(info.kind, ClassKind::Plain) {
             return self.walk_record(sink, obj, &info, depth);
         }
         if let Ok(s) = obj.cast::<PyString>() {
-            return write_str(sink, s);
+            return self.write_str(sink, s);
         }
         if obj.is_instance_of::<PyInt>() {
             // bool cannot be subclassed, so this is an int subclass (IntEnum, ...).
-            write_int(sink, obj);
-            return Ok(());
+            return self.write_int(sink, obj);
         }
         if let Ok(f) = obj.cast::<PyFloat>() {
             sink.float(f.value());
@@ -470,7 +742,7 @@ impl<'py> Walker<'py> {
         if let Ok(t) = obj.cast::<PyTuple>() {
             return self.walk_tuple(sink, t, depth);
         }
-        let type_name = obj.get_type().name()?.to_string();
+        let type_name = self.with_python(|_| obj.get_type().name().map(|n| n.to_string()))?;
         Err(WalkError::key(KeyErrorKind::Unsupported(type_name)))
     }
 
@@ -484,7 +756,8 @@ impl<'py> Walker<'py> {
     ) -> WalkResult {
         check_depth(depth)?;
         let start = self.entries.len();
-        let result = match self.push_fields(obj, &info.kind) {
+        // Reading the fields runs Python code (`__dict__`, `getattr`).
+        let result = match self.with_python(|w| w.push_fields(obj, &info.kind)) {
             Ok(str_keyed) => {
                 sink.put(&info.identity);
                 self.write_mapping(sink, start, str_keyed, depth, Naming::Fields)
@@ -495,8 +768,9 @@ impl<'py> Walker<'py> {
         result
     }
 
-    /// Pushes a record's `(name, value)` fields onto the entry stack; returns whether every
-    /// name is a plain `str`. On error, the caller pops what was pushed.
+    /// Pushes a record's `(name, value)` fields onto the entry stack, as owned entries (inside
+    /// [`Walker::with_python`]); returns whether every name is a plain `str`. On error, the
+    /// caller pops what was pushed.
     fn push_fields(
         &mut self,
         obj: &Bound<'py, PyAny>,
@@ -514,14 +788,16 @@ impl<'py> Walker<'py> {
                     // (it has no default): nothing of it is sent, nothing is hashed.
                     if let Some(value) = values.get_item(name.bind(py))? {
                         // SAFETY: `names` (the cached class facts) and `value` are alive.
-                        str_keyed &= unsafe { self.push_entry(name.as_ptr(), value.as_ptr()) };
+                        str_keyed &=
+                            unsafe { self.push_owned_entry(name.as_ptr(), value.as_ptr()) };
                     }
                 }
                 let extra = obj.getattr(pyo3::intern!(py, "__pydantic_extra__"))?;
                 if let Ok(extra) = extra.cast::<PyDict>() {
                     for (name, value) in extra.iter() {
                         // SAFETY: both alive (held by `name` and `value`).
-                        str_keyed &= unsafe { self.push_entry(name.as_ptr(), value.as_ptr()) };
+                        str_keyed &=
+                            unsafe { self.push_owned_entry(name.as_ptr(), value.as_ptr()) };
                     }
                 }
             }
@@ -529,7 +805,7 @@ impl<'py> Walker<'py> {
                 for name in names {
                     let value = obj.getattr(name.bind(py))?;
                     // SAFETY: `names` (the cached class facts) and `value` are alive.
-                    str_keyed &= unsafe { self.push_entry(name.as_ptr(), value.as_ptr()) };
+                    str_keyed &= unsafe { self.push_owned_entry(name.as_ptr(), value.as_ptr()) };
                 }
             }
             ClassKind::NamedTuple(names) => {
@@ -540,7 +816,7 @@ impl<'py> Walker<'py> {
                 }
                 for (name, value) in names.iter().zip(items.iter_borrowed()) {
                     // SAFETY: `names` (the cached class facts) and the tuple's items are alive.
-                    str_keyed &= unsafe { self.push_entry(name.as_ptr(), value.as_ptr()) };
+                    str_keyed &= unsafe { self.push_owned_entry(name.as_ptr(), value.as_ptr()) };
                 }
             }
         }
@@ -557,12 +833,15 @@ impl<'py> Walker<'py> {
     ) -> WalkResult {
         sink.list_header(items.len());
         for (i, item) in items.iter_borrowed().enumerate() {
-            self.walk(sink, &item, 1).map_err(|e| {
-                e.within(|| {
-                    let name = names.get_item(i).map(|n| n.to_string());
-                    Segment::Name(name.unwrap_or_else(|_| format!("[{i}]")))
-                })
-            })?;
+            if let Err(e) = self.walk(sink, &item, 1) {
+                return Err(e.within(|| {
+                    // `str()` of a name runs Python code.
+                    self.with_python(|_| {
+                        let name = names.get_item(i).map(|n| n.to_string());
+                        Segment::Name(name.unwrap_or_else(|_| format!("[{i}]")))
+                    })
+                }));
+            }
         }
         Ok(())
     }
@@ -577,9 +856,36 @@ impl<'py> Walker<'py> {
         let len = list.len();
         sink.list_header(len);
         for i in 0..len {
-            let item = list_item(list, i)?;
-            self.walk(sink, &item, depth + 1)
-                .map_err(|e| e.within(|| Segment::Index(i)))?;
+            // A borrowed reference: the list keeps its items while no Python code runs, and
+            // the item's slot gets pinned before any does (see `Walker`).
+            // SAFETY: a live list (the caller's) and the GIL held. `PyList_GetItem` (stable
+            // ABI) checks the index against the list's current size: it may have shrunk since
+            // its length was read (only if walking an earlier item ran Python code that
+            // changed it), and then it raises IndexError, as `list[i]` does.
+            let item = unsafe { ffi::PyList_GetItem(list.as_ptr(), i as ffi::Py_ssize_t) };
+            if item.is_null() {
+                return Err(PyErr::fetch(self.py).into());
+            }
+            // SAFETY: alive (see above).
+            let item_ref = unsafe { self.held(item) };
+            if item_ref.is_exact_instance_of::<PyString>() {
+                // No slot needed: writing a str runs Python code only past its own reference
+                // (lone surrogates).
+                // SAFETY: the exact type was checked just above.
+                self.write_str(sink, unsafe { (*item_ref).cast_unchecked::<PyString>() })?;
+                continue;
+            }
+            let slot = self.entries.len();
+            self.entries.push(Entry {
+                key: std::ptr::null_mut(),
+                value: item,
+                utf8: std::ptr::null(),
+                utf8_len: 0,
+                short: [0; 16],
+            });
+            let walked = self.walk(sink, &item_ref, depth + 1);
+            self.release_entries(slot);
+            walked.map_err(|e| e.within(|| Segment::Index(i)))?;
         }
         Ok(())
     }
@@ -607,13 +913,13 @@ impl<'py> Walker<'py> {
     ) -> WalkResult {
         check_depth(depth)?;
         let start = self.entries.len();
-        self.entries.reserve(dict.len());
         let mut str_keyed = true;
         let mut pos: ffi::Py_ssize_t = 0;
         let (mut key, mut value) = (std::ptr::null_mut(), std::ptr::null_mut());
-        // SAFETY: PyDict_Next over a live dict (held by `dict`) with the GIL held; it hands out
-        // borrowed references, which push_entry turns into owned ones at once. No Python code
-        // runs in this loop (reading a str's UTF-8 runs none), so the dict cannot change
+        // SAFETY: PyDict_Next over a live dict (the caller's) with the GIL held; it hands out
+        // borrowed references, which the dict keeps alive while no Python code runs (the slots
+        // are pinned before any does: see `Walker`). No Python code runs in this loop (reading
+        // a str's UTF-8 runs none, and the collector is paused), so the dict cannot change
         // under it.
         unsafe {
             while ffi::PyDict_Next(dict.as_ptr(), &mut pos, &mut key, &mut value) != 0 {
@@ -645,7 +951,8 @@ impl<'py> Walker<'py> {
 
     /// The usual mapping: every key a plain `str`. The encodings of two strs compare like
     /// their `(UTF-8 length, UTF-8 bytes)` (same tag, order-preserving length prefix), so the
-    /// entries are sorted in place by those, without encoding the keys apart.
+    /// entries are sorted in place by those ([`Entry::cmp_str_keys`]), without encoding the
+    /// keys apart.
     fn write_str_keyed<S: Sink>(
         &mut self,
         sink: &mut S,
@@ -657,37 +964,59 @@ impl<'py> Walker<'py> {
         let n = entries.len();
         // SAFETY (both closures): every entry from `start` on is in the stack, with UTF-8 (the
         // caller checked `str_keyed`).
-        let rank = |e: &Entry| unsafe { e.key_utf8() }.unwrap_or_default();
-        let cmp = |a: &Entry, b: &Entry| {
-            let (a, b) = (rank(a), rank(b));
-            a.len().cmp(&b.len()).then_with(|| a.cmp(b))
-        };
+        let cmp = |a: &Entry, b: &Entry| unsafe { a.cmp_str_keys(b) };
+        let mut duplicate = false;
         if n <= 16 {
-            // Insertion sort: most request dicts have 2 to 8 keys.
+            // Insertion sort: most request dicts have 2 to 8 keys. A key equal to another
+            // stops at it (every key meets its sorted predecessor), so that finds duplicates.
             for i in 1..n {
                 let mut j = i;
-                while j > 0 && cmp(&entries[j - 1], &entries[j]).is_gt() {
-                    entries.swap(j - 1, j);
+                loop {
+                    match cmp(&entries[j - 1], &entries[j]) {
+                        std::cmp::Ordering::Greater => entries.swap(j - 1, j),
+                        std::cmp::Ordering::Equal => {
+                            duplicate = true;
+                            break;
+                        }
+                        std::cmp::Ordering::Less => break,
+                    }
                     j -= 1;
+                    if j == 0 {
+                        break;
+                    }
                 }
             }
         } else {
             entries.sort_unstable_by(cmp);
+            duplicate = entries.windows(2).any(|w| cmp(&w[0], &w[1]).is_eq());
         }
-        if entries.windows(2).any(|w| cmp(&w[0], &w[1]).is_eq()) {
+        if duplicate {
             // Equal exact strs are one dict key; only model fields and extras could meet here.
             return Err(WalkError::key(KeyErrorKind::DuplicateKey));
         }
         sink.dict_header(n);
         for index in start..start + n {
-            let entry = self.entries[index];
-            // SAFETY: the entry stays in the stack until this mapping is done, after this loop.
-            let (utf8, value) = unsafe { (entry.key_utf8(), self.held(entry.value)) };
-            sink.str_utf8(utf8.unwrap_or_default());
-            if let Err(e) = self.walk(sink, &value, depth + 1) {
-                // SAFETY: as above.
-                let key = unsafe { self.held(entry.key) };
-                return Err(e.within(|| segment_for(&key, naming)));
+            let entry = &self.entries[index];
+            let value = entry.value;
+            if entry.short[0] != 0 {
+                sink.put_block(entry.short, entry.utf8_len + 2);
+            } else {
+                // SAFETY: the entry stays in the stack until this mapping is done, after this
+                // loop.
+                sink.str_utf8(unsafe { entry.key_utf8() }.unwrap_or_default());
+            }
+            // SAFETY: as above.
+            let value = unsafe { self.held(value) };
+            let walked = if value.is_exact_instance_of::<PyString>() {
+                // The most common value, without the dispatch.
+                // SAFETY: the exact type was checked just above.
+                self.write_str(sink, unsafe { (*value).cast_unchecked::<PyString>() })
+            } else {
+                self.walk(sink, &value, depth + 1)
+            };
+            if let Err(e) = walked {
+                let key = self.entries[index].key;
+                return Err(e.within(|| self.segment_for(key, naming)));
             }
         }
         Ok(())
@@ -743,20 +1072,84 @@ impl<'py> Walker<'py> {
         for (key_bytes, i) in order.iter() {
             sink.put(key_bytes);
             let entry = self.entries[start + i];
-            let (key, value) = unsafe { (self.held(entry.key), self.held(entry.value)) };
-            self.walk(sink, &value, depth + 1)
-                .map_err(|e| e.within(|| segment_for(&key, naming)))?;
+            let value = unsafe { self.held(entry.value) };
+            if let Err(e) = self.walk(sink, &value, depth + 1) {
+                return Err(e.within(|| self.segment_for(entry.key, naming)));
+            }
         }
         Ok(())
     }
-}
 
-/// Item `i` of a list, which may have shrunk since its length was read (only if walking an
-/// earlier item ran Python code that changed it): then an `IndexError`, as `list[i]` gives.
-#[inline]
-fn list_item<'py>(list: &Bound<'py, PyList>, i: usize) -> PyResult<Bound<'py, PyAny>> {
-    // `PyList_GetItem` (stable ABI) checks the index against the list's current size
-    list.get_item(i)
+    /// The error-path segment of the mapping entry with this key (only built when an error
+    /// unwinds; `repr()` runs Python code).
+    #[cold]
+    fn segment_for(&mut self, key: *mut ffi::PyObject, naming: Naming) -> Segment {
+        self.with_python(|w| {
+            // SAFETY: the key of a slot still in the stack (the mapping being unwound), pinned
+            // by `with_python`.
+            let key = unsafe { w.held(key) };
+            match naming {
+                Naming::Fields => Segment::Field(key.to_string()),
+                Naming::Keys => Segment::Key(
+                    key.repr()
+                        .map(|r| r.to_string())
+                        .unwrap_or_else(|_| "?".to_owned()),
+                ),
+            }
+        })
+    }
+
+    #[inline]
+    fn write_str<S: Sink>(&mut self, sink: &mut S, s: &Bound<'py, PyString>) -> WalkResult {
+        if let Some(hit) = self.strs.get(s.as_ptr()) {
+            sink.put_block(hit.encoding, hit.len + 2);
+            return Ok(());
+        }
+        match utf8_of(s) {
+            Some(utf8) => {
+                if utf8.len() <= SHORT_STR {
+                    self.strs
+                        .put(s.as_ptr(), utf8, short_encoding(utf8).to_be_bytes());
+                }
+                sink.str_utf8(utf8);
+                Ok(())
+            }
+            None => {
+                self.strs.invalidate(); // an exception was made and dropped
+                self.write_surrogates(sink, s)
+            }
+        }
+    }
+
+    /// A str with lone surrogates: their `surrogatepass` bytes are never valid UTF-8, so they
+    /// cannot collide with any real string.
+    #[cold]
+    #[inline(never)]
+    fn write_surrogates<S: Sink>(&mut self, sink: &mut S, s: &Bound<'py, PyString>) -> WalkResult {
+        let s = s.clone(); // its own reference, while Python code runs
+        let bytes = self.with_python(|_| {
+            s.call_method1(pyo3::intern!(s.py(), "encode"), ("utf-8", "surrogatepass"))
+        })?;
+        sink.str_utf8(bytes.cast::<PyBytes>().map_err(PyErr::from)?.as_bytes());
+        Ok(())
+    }
+
+    #[inline]
+    fn write_int<S: Sink>(&mut self, sink: &mut S, obj: &Bound<'py, PyAny>) -> WalkResult {
+        let mut overflow = 0;
+        // SAFETY: `obj` is an int (or subclass), alive; with an int argument
+        // PyLong_AsLongLongAndOverflow cannot fail, it only reports overflow through the flag.
+        let small = unsafe { ffi::PyLong_AsLongLongAndOverflow(obj.as_ptr(), &mut overflow) };
+        if overflow == 0 {
+            sink.int_i64(small);
+        } else {
+            // Under the stable ABI the conversion calls `int.to_bytes`: Python code.
+            let obj = obj.clone();
+            let big: num_bigint::BigInt = self.with_python(|_| obj.extract())?;
+            sink.int_big(&big);
+        }
+        Ok(())
+    }
 }
 
 fn check_depth(depth: usize) -> WalkResult {
@@ -765,33 +1158,6 @@ fn check_depth(depth: usize) -> WalkResult {
     } else {
         Ok(())
     }
-}
-
-/// The error-path segment of a mapping entry (only built when an error unwinds).
-fn segment_for(key: &Bound<'_, PyAny>, naming: Naming) -> Segment {
-    match naming {
-        Naming::Fields => Segment::Field(key.to_string()),
-        Naming::Keys => Segment::Key(
-            key.repr()
-                .map(|r| r.to_string())
-                .unwrap_or_else(|_| "?".to_owned()),
-        ),
-    }
-}
-
-#[inline]
-fn write_str<S: Sink>(sink: &mut S, s: &Bound<'_, PyString>) -> WalkResult {
-    match utf8_of(s) {
-        Some(utf8) => sink.str_utf8(utf8),
-        None => {
-            // Lone surrogates: their `surrogatepass` bytes are never valid UTF-8, so they
-            // cannot collide with any real string.
-            let bytes =
-                s.call_method1(pyo3::intern!(s.py(), "encode"), ("utf-8", "surrogatepass"))?;
-            sink.str_utf8(bytes.cast::<PyBytes>().map_err(PyErr::from)?.as_bytes());
-        }
-    }
-    Ok(())
 }
 
 /// A str's canonical text bytes (UTF-8, or `surrogatepass` bytes for lone surrogates), into
@@ -835,20 +1201,6 @@ unsafe fn utf8_of_ptr<'a>(py: Python<'_>, s: *mut ffi::PyObject) -> Option<&'a [
     Some(unsafe { std::slice::from_raw_parts(data.cast::<u8>(), size as usize) })
 }
 
-#[inline]
-fn write_int<S: Sink>(sink: &mut S, obj: &Bound<'_, PyAny>) {
-    let mut overflow = 0;
-    // SAFETY: `obj` is an int (or subclass) kept alive by the Bound; with an int argument
-    // PyLong_AsLongLongAndOverflow cannot fail, it only reports overflow through the flag.
-    let small = unsafe { ffi::PyLong_AsLongLongAndOverflow(obj.as_ptr(), &mut overflow) };
-    if overflow == 0 {
-        sink.int_i64(small);
-    } else {
-        let big: num_bigint::BigInt = obj.extract().expect("an int always converts to BigInt");
-        sink.int_big(&big);
-    }
-}
-
 /// Hashes a request (messages, params, ...) to a 32-byte BLAKE3 digest of its canonical,
 /// typed encoding (format 3).
 ///
@@ -880,15 +1232,15 @@ pub fn hash_request<'py>(
         Some(names) => Some(check_names(obj, names)?),
     };
     let mut scratch = SCRATCH.take().unwrap_or_default();
-    let mut hasher = KeyHasher::with_buffer(std::mem::take(&mut scratch.hasher_buf));
+    let mut hasher = scratch.hasher.take().unwrap_or_default();
     let mut walker = Walker::new(py, &mut scratch);
     let walked = match named {
-        None => walker.walk(&mut hasher, obj, 0),
-        Some((items, names)) => walker.walk_named(&mut hasher, items, names),
+        None => walker.walk(&mut *hasher, obj, 0),
+        Some((items, names)) => walker.walk_named(&mut *hasher, items, names),
     };
     walker.into_scratch(&mut scratch);
-    let (digest, buf) = hasher.finalize_keep_buffer();
-    scratch.hasher_buf = buf;
+    let digest = hasher.finalize_reset();
+    scratch.hasher = Some(hasher);
     SCRATCH.set(Some(scratch));
     walked?;
     Ok(PyBytes::new(py, &digest))

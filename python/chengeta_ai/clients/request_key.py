@@ -96,6 +96,20 @@ def split_request(kwargs: dict[str, Any]) -> Request:
     ``kwargs`` (the call's own ``**kwargs`` dict) becomes the SDK's arguments (one-shot
     iterables in it replaced by lists)."""
     request = dict(kwargs)
+    # The common call (every argument a JSON-like value, none looked at by name) is checked in
+    # two C loops and needs no Python loop at all.
+    if not (_SPECIAL.isdisjoint(kwargs) and _PLAIN.issuperset(map(type, kwargs.values()))):
+        _drop_and_read(kwargs, request)
+    stream = bool(request.pop("stream", False))
+    model = request.get("model")
+    model_id = model if isinstance(model, str) and model else "default"
+    return Request(request, kwargs, stream, model_id)
+
+
+def _drop_and_read(kwargs: dict[str, Any], request: dict[str, Any]) -> None:
+    """`split_request`'s slow path: drops sentinels and transport-only arguments from
+    `request`, keeps only the response-shaping headers, reads one-shot iterables into lists
+    (in both dicts)."""
     for name, value in kwargs.items():
         cls = type(value)
         if cls in _PLAIN and name not in _SPECIAL:
@@ -113,10 +127,6 @@ def split_request(kwargs: dict[str, Any]) -> Request:
         elif not isinstance(value, _KEEP_AS_IS) and hasattr(value, "__iter__"):
             value = list(value)  # a generator: read once, hashed and sent alike
             request[name] = kwargs[name] = value
-    stream = bool(request.pop("stream", False))
-    model = request.get("model")
-    model_id = model if isinstance(model, str) and model else "default"
-    return Request(request, kwargs, stream, model_id)
 
 
 def _digest(*secrets: object) -> str | None:

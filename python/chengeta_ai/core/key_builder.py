@@ -156,6 +156,21 @@ class CacheKeyBuilder:
         bytes, pydantic models, dataclasses and named tuples (a record hashes as its class and
         every field value, defaults included). ``params`` is part of the key.
         """
+        if kind is None and partition is None:
+            # Every cached call: `_digest` inlined (one Python call less).
+            digest = hash_request(
+                (
+                    KEY_FORMAT,
+                    self._namespace,
+                    self._version_str,
+                    self._kind,
+                    model_id,
+                    messages,
+                    {} if params is None else params,
+                ),
+                names=_NAMES,
+            )
+            return f"{self._namespace}:{self._kind}:{digest.hex()}"
         kind = self._kind if kind is None else _check_label("kind", kind)
         if partition is None:
             digest = self._digest(messages, model_id, params, kind)
