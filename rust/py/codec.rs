@@ -132,8 +132,12 @@ fn resolve_slots(ty: &Bound<'_, PyType>) -> Option<ClassSlots> {
             return None; // not a data descriptor: the instance dict could shadow it
         }
         // SAFETY: see above (`tp_descr_set` is likewise a `descrsetfunc`).
-        let (get, set): (pyo3::ffi::descrgetfunc, pyo3::ffi::descrsetfunc) =
-            unsafe { (std::mem::transmute(get), std::mem::transmute(set)) };
+        let (get, set): (pyo3::ffi::descrgetfunc, pyo3::ffi::descrsetfunc) = unsafe {
+            (
+                std::mem::transmute::<*mut std::ffi::c_void, pyo3::ffi::descrgetfunc>(get),
+                std::mem::transmute::<*mut std::ffi::c_void, pyo3::ffi::descrsetfunc>(set),
+            )
+        };
         out.push(SlotAccess {
             descr: descr.unbind(),
             get,
