@@ -75,9 +75,11 @@ class ChunkSink(Protocol):
     """Accumulates a stream's items; ``finish`` returns the encoded sequence.
 
     ``nbytes`` is the encoded size so far: the streaming layer bounds in-flight streams with it.
+    ``push`` may return it (saving the streaming layer a second call per chunk); a sink whose
+    ``push`` returns None has its ``nbytes`` read instead.
     """
 
-    def push(self, item: Any) -> None: ...
+    def push(self, item: Any) -> int | None: ...
 
     def finish(self) -> bytes: ...
 
@@ -219,13 +221,14 @@ class _PickleSink(_PythonSink):
         self._buf.write(_PICKLE_MAGIC + _PICKLE_SEQ)
         self._pickler = pickle.Pickler(self._buf, protocol=protocol)
 
-    def push(self, item: Any) -> None:
+    def push(self, item: Any) -> int:
         self._check()
         try:
             self._pickler.dump(item)
         except Exception as exc:
             raise self._fail(f"cannot pickle {type(item).__qualname__}: {exc}") from exc
         self.nbytes = self._buf.tell()
+        return self.nbytes
 
     def finish(self) -> bytes:
         self._check()
@@ -338,7 +341,7 @@ class _JsonSink(_PythonSink):
         super().__init__()
         self._parts: list[bytes] = []
 
-    def push(self, item: Any) -> None:
+    def push(self, item: Any) -> int:
         self._check()
         try:
             part = _json_dumps(item)
@@ -346,6 +349,7 @@ class _JsonSink(_PythonSink):
             raise self._fail(f"chunk {len(self._parts)}: {exc}") from exc
         self._parts.append(part)
         self.nbytes += len(part) + 1
+        return self.nbytes
 
     def finish(self) -> bytes:
         self._check()

@@ -926,9 +926,10 @@ impl StreamEncoder {
         })
     }
 
-    /// Appends one item. Raises `EncodeError` (with the item number and path) on unsupported
-    /// input, after which the encoder is poisoned.
-    fn push(&self, py: Python<'_>, item: &Bound<'_, PyAny>) -> PyResult<()> {
+    /// Appends one item and returns `nbytes` after it (saves a second call per item). Raises
+    /// `EncodeError` (with the item number and path) on unsupported input, after which the
+    /// encoder is poisoned.
+    fn push(&self, py: Python<'_>, item: &Bound<'_, PyAny>) -> PyResult<usize> {
         let mut st = self
             .state
             .lock_py_attached(py)
@@ -945,7 +946,7 @@ impl StreamEncoder {
         match st.enc.value(item, 0) {
             Ok(()) => {
                 st.count += 1;
-                Ok(())
+                Ok(st.enc.w.len())
             }
             Err(e) => {
                 let msg = e.render(&format!("chunk {n}"));
