@@ -722,9 +722,9 @@ impl Encoder {
             EncFail::new("__pydantic_fields_set__ is not a set")
                 .at(Seg::Attr("__pydantic_fields_set__".into()))
         })?;
-        // "Same as the previous instance's": set equality with a private copy of it, whose
-        // members were checked to be exact `str` when it was taken. Equal sets of the same size
-        // have members equal (and equal-hashed) to those, which is all the decoder rebuilds.
+        // "Same as the previous instance's": set equality with a private copy of it, compared
+        // before any member is looked at (most instances of a stream repeat the previous set).
+        // Members are field names: `str`, a subclass being stored as its string value.
         let snap = self.templates[tid]
             .prev_fs
             .as_ref()
@@ -740,11 +740,21 @@ impl Encoder {
             fs_rep.0.resize(mask_len(n), 0);
             fs_rep.1.clear();
             let t = &self.templates[tid];
+            // the private copy holds exact `str` members only
+            let copy = PySet::empty(py)?;
             for name in fields_set.iter() {
                 let s = name
-                    .cast_exact::<PyString>()
+                    .cast::<PyString>()
                     .map_err(|_| EncFail::new("__pydantic_fields_set__ holds a non-str"))?;
+                // A str subclass is its string value (what the decoder rebuilds, and what the
+                // "same" test above compares equal to).
+                let s = if s.is_exact_instance_of::<PyString>() {
+                    s.clone()
+                } else {
+                    PyString::new(py, s.to_str()?)
+                };
                 let h = s.hash()?;
+                copy.add(&s)?;
                 let pos = (0..n).find(|&i| {
                     let f = t.fields[i].bind(py);
                     s.is(f) || (t.hashes[i] == h && scalar_eq(s.as_any(), f.as_any()))
@@ -755,7 +765,7 @@ impl Encoder {
                 }
             }
             fs_rep.1.sort_unstable();
-            fs_copy = Some(copy_set(fields_set)?.unbind());
+            fs_copy = Some(copy.unbind());
         }
         let mut flags = 0u8;
         if same_fs {
@@ -873,6 +883,26 @@ fn pack<'py>(
     Ok(PyBytes::new(py, &out))
 }
 
+/// Seeds the validation memo with an encoding this process just wrote: the encoder's output
+/// is valid by construction (every tag, count and reference it writes is one the decoder reads,
+/// and every class it names was registered under `generation`), so the first hit of an entry
+/// this process stored is not walked again. Entries written elsewhere are still validated
+/// whole on their first hit here.
+fn remember_valid(py: Python<'_>, generation: u64, data: &[u8]) {
+    if data.len() < codec::MEMO_MIN_BYTES {
+        return;
+    }
+    let key = if data.len() >= DETACH_MIN_BYTES {
+        py.detach(|| codec::memo_key(generation, data))
+    } else {
+        codec::memo_key(generation, data)
+    };
+    VALIDATED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key);
+}
+
 /// Encodes one value into compact bytes (zstd-compressed when the body is at least
 /// `compress_min_bytes` long). Raises `EncodeError` on unsupported input.
 #[pyfunction]
@@ -975,7 +1005,11 @@ impl StreamEncoder {
             let enc = std::mem::take(&mut st.enc);
             (enc.w, st.count)
         };
-        pack(py, &w, true, count, self.compress_min_bytes, self.level)
+        // Read before packing: every class this encoding names was registered by then.
+        let generation = REGISTRY_GENERATION.load(Ordering::SeqCst);
+        let out = pack(py, &w, true, count, self.compress_min_bytes, self.level)?;
+        remember_valid(py, generation, out.as_bytes());
+        Ok(out)
     }
 
     /// Items pushed so far.
