@@ -236,6 +236,45 @@ def test_same_class_nested_fields_set_edge_case() -> None:
     assert all(same(a, b) for a, b in zip(items, out, strict=True))
 
 
+def test_fields_set_members_that_are_str_subclasses_are_stored_as_their_string() -> None:
+    # The encoder compares a fields set with the previous instance's before looking at its
+    # members; either way a str subclass member is stored as its string value, and anything
+    # else in a fields set is an EncodeError.
+    class Name(str):
+        pass
+
+    first = Extra(a=1)
+    first.__pydantic_fields_set__ = {Name("a")}
+    second = Extra(a=2)
+    second.__pydantic_fields_set__ = {Name("a")}
+    items = [first, second, Extra(a=3), first]
+    out = _core.decode(stream(items))
+    assert out == items
+    for a, b in zip(items, out, strict=True):
+        assert b.model_fields_set == a.model_fields_set == {"a"}
+        assert all(type(m) is str for m in b.model_fields_set)
+        assert a.model_dump_json(exclude_unset=True) == b.model_dump_json(exclude_unset=True)
+    bad = Extra(a=1)
+    bad.__pydantic_fields_set__ = {"a", 3}  # type: ignore[assignment]
+    with pytest.raises(EncodeError, match="holds a non-str"):
+        stream([Extra(a=1), bad])
+
+
+def test_an_entry_this_process_wrote_is_trusted_but_a_forged_copy_is_validated() -> None:
+    # StreamEncoder.finish remembers its own output as valid (the validation memo, keyed by
+    # BLAKE3 of the exact bytes): a copy differing in any byte is still walked whole up front.
+    class Marked(BaseModel):
+        v: int = 0
+
+    _core.register_model(Marked, "yyyyyyyyyyyyyyyy")
+    data = stream([Marked(v=i) for i in range(3000)], compress_min_bytes=10**9)
+    assert len(data) >= 4096 and data.count(b"yyyyyyyyyyyyyyyy") == 1
+    assert [m.v for m in _core.decode(data)] == list(range(3000))
+    forged = data.replace(b"yyyyyyyyyyyyyyyy", b"tests.NotThere!_")
+    with pytest.raises(DecodeError, match="unknown model class name"):
+        _core.StreamDecoder(forged)  # before any item is taken
+
+
 # --------------------------------------------------------------------------- hypothesis
 
 keys = st.one_of(

@@ -54,6 +54,16 @@ def test_openai_stream_round_trip(ser: Serializer) -> None:
 
 
 @pytest.mark.parametrize("ser", ALL, ids=lambda s: s.name)
+def test_sink_push_returns_its_size_so_far(ser: Serializer) -> None:
+    """The streaming layer takes the size from ``push`` instead of reading ``nbytes`` again."""
+    sink = ser.stream_encoder()
+    sizes = [sink.push(v) for v in JSON_VALUES]
+    assert sizes[-1] == sink.nbytes
+    assert all(isinstance(n, int) and n > 0 for n in sizes)
+    assert sizes == sorted(sizes)
+
+
+@pytest.mark.parametrize("ser", ALL, ids=lambda s: s.name)
 def test_iter_batches_of_values(ser: Serializer) -> None:
     assert flatten(ser.iter_batches(ser.dumps(list(range(10))), batch_size=4)) == list(range(10))
     assert list(ser.iter_batches(ser.dumps({"a": 1}))) == [[{"a": 1}]]

@@ -385,3 +385,35 @@ def test_every_serializer_streams_stores_and_replays(mode: str, serializer: Any)
     assert drive(mode, cache, up) == chunks
     assert up.calls == 1
     assert cache.stats()["stores"] == 1
+
+
+class _SizelessPushSerializer(PickleSerializer):
+    """A third-party-style serializer whose sink's ``push`` returns None (the protocol allows
+    it): the streaming layer reads ``nbytes`` instead."""
+
+    def stream_encoder(self) -> Any:
+        sink = super().stream_encoder()
+
+        class Sink:
+            nbytes = 0
+
+            def push(self, item: Any) -> None:
+                self.nbytes = sink.push(item)
+
+            def finish(self) -> bytes:
+                return sink.finish()
+
+        return Sink()
+
+
+def test_a_sink_whose_push_returns_none_is_sized_by_nbytes(mode: str) -> None:
+    manager = CacheManager(backend=InMemoryBackend(), serializer=_SizelessPushSerializer())
+    cache = StreamingResponseCache(manager, max_entry_bytes=60)
+    up = Upstream([{"delta": "x" * 10} for _ in range(20)])
+    # 20 chunks of ~25 pickled bytes overflow 60 bytes: only nbytes can tell
+    assert len(drive(mode, cache, up)) == 20
+    assert cache.stats()["stores"] == 0
+    small = Upstream([{"delta": "a"}])
+    assert drive(mode, cache, small) == [{"delta": "a"}]
+    assert drive(mode, cache, small) == [{"delta": "a"}]
+    assert small.calls == 1

@@ -75,9 +75,11 @@ class ChunkSink(Protocol):
     """Accumulates a stream's items; ``finish`` returns the encoded sequence.
 
     ``nbytes`` is the encoded size so far: the streaming layer bounds in-flight streams with it.
+    ``push`` may return it (saving the streaming layer a second call per chunk); a sink whose
+    ``push`` returns None has its ``nbytes`` read instead.
     """
 
-    def push(self, item: Any) -> None: ...
+    def push(self, item: Any) -> int | None: ...
 
     def finish(self) -> bytes: ...
 
@@ -193,8 +195,9 @@ class CompactSerializer:
     @staticmethod
     def _iter(decoder: _core.StreamDecoder, batch_size: int) -> Iterator[list[Any]]:
         if decoder.is_sequence:
-            # a small first batch: the first chunk is out before the rest is decoded
-            n = min(batch_size, 16)
+            # the first chunk alone: it is out before anything else is decoded (a hit's time to
+            # first chunk; 16 chunks cost ~45 us more with cold caches at 5,000 OpenAI chunks)
+            n = 1
             while batch := decoder.take(n):
                 yield batch
                 n = batch_size
@@ -219,13 +222,14 @@ class _PickleSink(_PythonSink):
         self._buf.write(_PICKLE_MAGIC + _PICKLE_SEQ)
         self._pickler = pickle.Pickler(self._buf, protocol=protocol)
 
-    def push(self, item: Any) -> None:
+    def push(self, item: Any) -> int:
         self._check()
         try:
             self._pickler.dump(item)
         except Exception as exc:
             raise self._fail(f"cannot pickle {type(item).__qualname__}: {exc}") from exc
         self.nbytes = self._buf.tell()
+        return self.nbytes
 
     def finish(self) -> bytes:
         self._check()
@@ -338,7 +342,7 @@ class _JsonSink(_PythonSink):
         super().__init__()
         self._parts: list[bytes] = []
 
-    def push(self, item: Any) -> None:
+    def push(self, item: Any) -> int:
         self._check()
         try:
             part = _json_dumps(item)
@@ -346,6 +350,7 @@ class _JsonSink(_PythonSink):
             raise self._fail(f"chunk {len(self._parts)}: {exc}") from exc
         self._parts.append(part)
         self.nbytes += len(part) + 1
+        return self.nbytes
 
     def finish(self) -> bytes:
         self._check()

@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{LazyLock, Mutex, RwLock};
+use std::sync::{Arc, LazyLock, Mutex, RwLock};
 
 use num_bigint::BigInt;
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -51,7 +51,8 @@ const DETACH_MIN_BYTES: usize = 32 * 1024;
 #[derive(Default)]
 struct Registry {
     by_name: HashMap<String, Py<PyType>>,
-    by_type: HashMap<usize, String>,
+    /// Type pointer -> (name, the class's slot accessors, see [`resolve_slots`]).
+    by_type: HashMap<usize, (String, Option<ClassSlots>)>,
 }
 
 // Locking: the registry lock is only ever held for map operations and reference-count changes,
@@ -71,6 +72,80 @@ fn registry_read() -> std::sync::RwLockReadGuard<'static, Registry> {
 
 fn type_key(t: &Bound<'_, PyType>) -> usize {
     t.as_ptr() as usize
+}
+
+/// The attributes a model instance is written from, in [`SLOT_NAMES`] order.
+const SLOT_DICT: usize = 0;
+const SLOT_EXTRA: usize = 1;
+const SLOT_FIELDS_SET: usize = 2;
+const SLOT_PRIVATE: usize = 3;
+const SLOT_NAMES: [&str; 4] = [
+    "__dict__",
+    "__pydantic_extra__",
+    "__pydantic_fields_set__",
+    "__pydantic_private__",
+];
+
+/// A data descriptor found on a class's MRO (pydantic's `__slots__` member descriptors, the
+/// `__dict__` getset) with its `tp_descr_get` and `tp_descr_set`: reading or writing the
+/// attribute through them is what `object.__getattribute__` / `object.__setattr__` do once
+/// their type lookup found a data descriptor, minus the lookup (an MRO walk when the type's
+/// attribute cache misses).
+struct SlotAccess {
+    descr: Py<PyAny>,
+    get: pyo3::ffi::descrgetfunc,
+    set: pyo3::ffi::descrsetfunc,
+}
+
+/// A registered class's accessors of [`SLOT_NAMES`], in that order (shared by the encoders and
+/// decoders that meet the class).
+type ClassSlots = Arc<[SlotAccess; 4]>;
+
+/// Resolves [`SLOT_NAMES`] on `ty`'s MRO as `_PyType_Lookup` does (the first class whose
+/// namespace holds the name); `None` unless every one is a data descriptor with a getter.
+fn resolve_slots(ty: &Bound<'_, PyType>) -> Option<ClassSlots> {
+    let py = ty.py();
+    let mro = ty.getattr(intern!(py, "__mro__")).ok()?;
+    let mro = mro.cast_into::<PyTuple>().ok()?;
+    let mut out: Vec<SlotAccess> = Vec::with_capacity(4);
+    for name in SLOT_NAMES {
+        let mut found = None;
+        for cls in mro.iter() {
+            let ns = cls.getattr(intern!(py, "__dict__")).ok()?;
+            if ns.contains(name).ok()? {
+                found = Some(ns.get_item(name).ok()?);
+                break;
+            }
+        }
+        let descr = found?;
+        let dt = descr.get_type();
+        // SAFETY: `dt` is a live type object; PyType_GetSlot (stable ABI, any type on 3.10+)
+        // returns the slot's function pointer or NULL. A non-NULL `tp_descr_get` slot is a
+        // `descrgetfunc` by the C API's contract.
+        let (get, set) = unsafe {
+            (
+                pyo3::ffi::PyType_GetSlot(dt.as_type_ptr(), pyo3::ffi::Py_tp_descr_get),
+                pyo3::ffi::PyType_GetSlot(dt.as_type_ptr(), pyo3::ffi::Py_tp_descr_set),
+            )
+        };
+        if get.is_null() || set.is_null() {
+            return None; // not a data descriptor: the instance dict could shadow it
+        }
+        // SAFETY: see above (`tp_descr_set` is likewise a `descrsetfunc`).
+        let (get, set): (pyo3::ffi::descrgetfunc, pyo3::ffi::descrsetfunc) = unsafe {
+            (
+                std::mem::transmute::<*mut std::ffi::c_void, pyo3::ffi::descrgetfunc>(get),
+                std::mem::transmute::<*mut std::ffi::c_void, pyo3::ffi::descrsetfunc>(set),
+            )
+        };
+        out.push(SlotAccess {
+            descr: descr.unbind(),
+            get,
+            set,
+        });
+    }
+    let slots: [SlotAccess; 4] = out.try_into().ok()?;
+    Some(Arc::new(slots))
 }
 
 /// Registers a pydantic v2 model class under a stable name, written into encoded data and used
@@ -95,6 +170,15 @@ fn register_model(py: Python<'_>, cls: &Bound<'_, PyAny>, name: &str) -> PyResul
         ));
     }
     let key = type_key(cls);
+    if registry_read()
+        .by_type
+        .get(&key)
+        .is_some_and(|(n, _)| n == name)
+    {
+        return Ok(()); // registered already (the common case of repeated registrations)
+    }
+    // Resolved before the lock (it calls into Python); kept only if this registration is new.
+    let slots = resolve_slots(cls);
     let conflict = {
         let mut reg = REGISTRY.write().unwrap_or_else(|e| e.into_inner());
         if let Some(existing) = reg.by_name.get(name) {
@@ -104,13 +188,13 @@ fn register_model(py: Python<'_>, cls: &Bound<'_, PyAny>, name: &str) -> PyResul
             Some(format!(
                 "model name {name:?} is already registered to another class"
             ))
-        } else if let Some(other) = reg.by_type.get(&key) {
+        } else if let Some((other, _)) = reg.by_type.get(&key) {
             Some(format!(
                 "class is already registered under the name {other:?}"
             ))
         } else {
             reg.by_name.insert(name.to_owned(), cls.clone().unbind());
-            reg.by_type.insert(key, name.to_owned());
+            reg.by_type.insert(key, (name.to_owned(), slots));
             REGISTRY_GENERATION.fetch_add(1, Ordering::SeqCst);
             None
         }
@@ -253,23 +337,33 @@ fn is_scalar(v: &Bound<'_, PyAny>) -> bool {
         || v.is_exact_instance_of::<PyBytes>()
 }
 
-/// Whether scalar `v` can be written as "same as previous" `p`: same exact type and value
-/// (floats by bits, so nan and -0.0 are exact).
-fn same_scalar(v: &Bound<'_, PyAny>, p: &Bound<'_, PyAny>) -> bool {
-    if v.is(p) {
+/// Whether scalar `v` can be written as "same as previous" `p`, on borrowed pointers without
+/// reference counting: identity, then the same exact type and value for `str`, `int`, `bytes`
+/// (C-level comparison) and `float` (by bits, so nan and -0.0 are exact). Runs no Python code.
+///
+/// # Safety
+/// Both pointers must be valid objects for the duration of the call.
+unsafe fn same_scalar_ptr(v: *mut pyo3::ffi::PyObject, p: *mut pyo3::ffi::PyObject) -> bool {
+    use pyo3::ffi;
+    if v == p {
         return true;
     }
-    if !v.get_type().is(p.get_type()) {
+    let t = ffi::Py_TYPE(v);
+    if t != ffi::Py_TYPE(p) {
         return false;
     }
-    if let (Ok(a), Ok(b)) = (v.cast_exact::<PyFloat>(), p.cast_exact::<PyFloat>()) {
-        return a.value().to_bits() == b.value().to_bits();
+    if t == std::ptr::addr_of_mut!(ffi::PyFloat_Type) {
+        return ffi::PyFloat_AsDouble(v).to_bits() == ffi::PyFloat_AsDouble(p).to_bits();
     }
-    if v.is_exact_instance_of::<PyString>()
-        || v.is_exact_instance_of::<PyInt>()
-        || v.is_exact_instance_of::<PyBytes>()
+    if t == std::ptr::addr_of_mut!(ffi::PyUnicode_Type)
+        || t == std::ptr::addr_of_mut!(ffi::PyLong_Type)
+        || t == std::ptr::addr_of_mut!(ffi::PyBytes_Type)
     {
-        return scalar_eq(v, p);
+        let r = ffi::PyObject_RichCompareBool(v, p, ffi::Py_EQ);
+        if r < 0 {
+            ffi::PyErr_Clear();
+        }
+        return r == 1;
     }
     false
 }
@@ -310,14 +404,33 @@ struct EncTemplate {
     prev_fs: Option<Py<PySet>>,
 }
 
+/// A registered class met by this encoder.
+struct EncClass {
+    name: String,
+    templates: Vec<usize>,
+    /// The class's slot accessors; `None` when one of them is not a data descriptor (then
+    /// every read is a generic `getattr`).
+    slots: Option<ClassSlots>,
+}
+
+impl EncClass {
+    fn new(name: String, slots: Option<ClassSlots>) -> Self {
+        Self {
+            name,
+            templates: Vec::new(),
+            slots,
+        }
+    }
+}
+
 /// Encoder state shared by `encode` and `StreamEncoder`.
 #[derive(Default)]
 struct Encoder {
     w: Writer,
     table: InternTable,
     templates: Vec<EncTemplate>,
-    /// Registered class (by type pointer; registered classes live forever) -> its templates.
-    by_type: HashMap<usize, (String, Vec<usize>), BuildHasherDefault<FxHasher>>,
+    /// Registered class (by type pointer; registered classes live forever) -> its entry.
+    by_type: HashMap<usize, EncClass, BuildHasherDefault<FxHasher>>,
     /// Scratch fields-set representation (field mask, other names sorted).
     fs_scratch: (Vec<u8>, Vec<String>),
     /// How many model instances enclose the value being encoded.
@@ -457,8 +570,8 @@ impl Encoder {
             return self.nested_model(v, key, depth);
         }
         let registered = registry_read().by_type.get(&key).cloned();
-        if let Some(name) = registered {
-            self.by_type.insert(key, (name, Vec::new()));
+        if let Some((name, slots)) = registered {
+            self.by_type.insert(key, EncClass::new(name, slots));
             return self.nested_model(v, key, depth);
         }
         let name = type_name(v);
@@ -470,8 +583,8 @@ impl Encoder {
                 if let Some(hook) = discovery_hook(v.py()) {
                     if hook.bind(v.py()).call1((&ty,))?.is_truthy()? {
                         let found = registry_read().by_type.get(&key).cloned();
-                        if let Some(name) = found {
-                            self.by_type.insert(key, (name, Vec::new()));
+                        if let Some((name, slots)) = found {
+                            self.by_type.insert(key, EncClass::new(name, slots));
                             return self.nested_model(v, key, depth);
                         }
                     }
@@ -522,15 +635,51 @@ impl Encoder {
         out
     }
 
+    /// Reads slot `i` of model instance `v` through its class's resolved getter, or by a
+    /// generic `getattr` (no getter, or the getter failed: an unset slot).
+    fn slot<'py>(
+        &self,
+        v: &Bound<'py, PyAny>,
+        key: usize,
+        i: usize,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = v.py();
+        if let Some(slots) = &self.by_type[&key].slots {
+            let g = &slots[i];
+            // SAFETY: `g.get` is the `tp_descr_get` of `g.descr`'s type (see `resolve_slots`),
+            // called with that descriptor, a live instance and its type, as the interpreter
+            // calls it; it returns a new reference or NULL with an exception set.
+            let got = unsafe {
+                (g.get)(
+                    g.descr.as_ptr(),
+                    v.as_ptr(),
+                    pyo3::ffi::Py_TYPE(v.as_ptr()).cast(),
+                )
+            };
+            if !got.is_null() {
+                // SAFETY: a new reference (see above).
+                return Ok(unsafe { Bound::from_owned_ptr(py, got) });
+            }
+            drop(PyErr::take(py));
+        }
+        let name = match i {
+            SLOT_DICT => intern!(py, "__dict__"),
+            SLOT_EXTRA => intern!(py, "__pydantic_extra__"),
+            SLOT_FIELDS_SET => intern!(py, "__pydantic_fields_set__"),
+            _ => intern!(py, "__pydantic_private__"),
+        };
+        generic_getattr(v, name)
+    }
+
     fn model(&mut self, v: &Bound<'_, PyAny>, key: usize, depth: usize) -> EncResult {
         let py = v.py();
-        let dict = generic_getattr(v, intern!(py, "__dict__"))?;
+        let dict = self.slot(v, key, SLOT_DICT)?;
         let dict = dict
             .cast_exact::<PyDict>()
             .map_err(|_| EncFail::new("model __dict__ is not a dict"))?;
         let n = dict.len();
         let found = self.by_type[&key]
-            .1
+            .templates
             .iter()
             .copied()
             .find(|&id| keys_are(dict, &self.templates[id].fields));
@@ -550,7 +699,7 @@ impl Encoder {
                     hashes.push(s.hash()?);
                     fields.push(s.clone().unbind());
                 }
-                let name = self.by_type[&key].0.clone();
+                let name = self.by_type[&key].name.clone();
                 self.w.tag(TAG_MODEL_DEF);
                 self.w.string(&mut self.table, &name);
                 self.w.varint(n as u64);
@@ -564,25 +713,25 @@ impl Encoder {
                     hashes,
                     prev_fs: None,
                 });
-                self.by_type.get_mut(&key).expect("class entry").1.push(id);
+                self.by_type
+                    .get_mut(&key)
+                    .expect("class entry")
+                    .templates
+                    .push(id);
                 id
             }
         };
 
-        let extra = generic_getattr(v, intern!(py, "__pydantic_extra__"))?;
-        let fields_set = generic_getattr(v, intern!(py, "__pydantic_fields_set__"))?;
-        let private = generic_getattr(v, intern!(py, "__pydantic_private__"))?;
+        let extra = self.slot(v, key, SLOT_EXTRA)?;
+        let fields_set = self.slot(v, key, SLOT_FIELDS_SET)?;
+        let private = self.slot(v, key, SLOT_PRIVATE)?;
         let fields_set = fields_set.cast_exact::<PySet>().map_err(|_| {
             EncFail::new("__pydantic_fields_set__ is not a set")
                 .at(Seg::Attr("__pydantic_fields_set__".into()))
         })?;
-        for name in fields_set.iter() {
-            if !name.is_exact_instance_of::<PyString>() {
-                return Err(EncFail::new("__pydantic_fields_set__ holds a non-str"));
-            }
-        }
-        // "Same as the previous instance's": set equality with a private copy of it (exact str
-        // members on both sides, so a C-level comparison).
+        // "Same as the previous instance's": set equality with a private copy of it, compared
+        // before any member is looked at (most instances of a stream repeat the previous set).
+        // Members are field names: `str`, a subclass being stored as its string value.
         let snap = self.templates[tid]
             .prev_fs
             .as_ref()
@@ -598,9 +747,21 @@ impl Encoder {
             fs_rep.0.resize(mask_len(n), 0);
             fs_rep.1.clear();
             let t = &self.templates[tid];
+            // the private copy holds exact `str` members only
+            let copy = PySet::empty(py)?;
             for name in fields_set.iter() {
-                let s = name.cast_exact::<PyString>().map_err(PyErr::from)?;
+                let s = name
+                    .cast::<PyString>()
+                    .map_err(|_| EncFail::new("__pydantic_fields_set__ holds a non-str"))?;
+                // A str subclass is its string value (what the decoder rebuilds, and what the
+                // "same" test above compares equal to).
+                let s = if s.is_exact_instance_of::<PyString>() {
+                    s.clone()
+                } else {
+                    PyString::new(py, s.to_str()?)
+                };
                 let h = s.hash()?;
+                copy.add(&s)?;
                 let pos = (0..n).find(|&i| {
                     let f = t.fields[i].bind(py);
                     s.is(f) || (t.hashes[i] == h && scalar_eq(s.as_any(), f.as_any()))
@@ -611,7 +772,7 @@ impl Encoder {
                 }
             }
             fs_rep.1.sort_unstable();
-            fs_copy = Some(copy_set(fields_set)?.unbind());
+            fs_copy = Some(copy.unbind());
         }
         let mut flags = 0u8;
         if same_fs {
@@ -644,25 +805,28 @@ impl Encoder {
         for i in 0..n {
             let (mut kp, mut vp) = (std::ptr::null_mut(), std::ptr::null_mut());
             // SAFETY: `dict` is a live dict; PyDict_Next stays in bounds even if the dict changed
-            // since the last call, and the borrowed key and value are made owned (`Bound`)
-            // before any Python code can run.
-            let (k, val) = unsafe {
+            // since the last call. The borrowed value is compared with `same_scalar_ptr`, which
+            // runs no Python code, and made owned (`Bound`) before anything else can run.
+            let same = unsafe {
                 if pyo3::ffi::PyDict_Next(dict.as_ptr(), &mut pos, &mut kp, &mut vp) == 0 {
                     return Err(EncFail::new("model __dict__ changed size while encoding"));
                 }
-                (
-                    Bound::from_borrowed_ptr(py, kp),
-                    Bound::from_borrowed_ptr(py, vp),
-                )
-            };
-            let same = match &self.templates[tid].prev[i] {
-                Some(p) => same_scalar(&val, p.bind(py)),
-                None => false,
+                match &self.templates[tid].prev[i] {
+                    Some(p) => same_scalar_ptr(vp, p.as_ptr()),
+                    None => false,
+                }
             };
             if same {
                 mask_set(&mut self.w.structure[mask_at..], i);
                 continue;
             }
+            // SAFETY: borrowed references from PyDict_Next, still valid (see above).
+            let (k, val) = unsafe {
+                (
+                    Bound::from_borrowed_ptr(py, kp),
+                    Bound::from_borrowed_ptr(py, vp),
+                )
+            };
             self.value(&val, depth + 1)
                 .map_err(|e| e.at(Seg::Attr(k.to_string())))?;
             self.templates[tid].prev[i] = is_scalar(&val).then(|| val.unbind());
@@ -726,6 +890,26 @@ fn pack<'py>(
     Ok(PyBytes::new(py, &out))
 }
 
+/// Seeds the validation memo with an encoding this process just wrote: the encoder's output
+/// is valid by construction (every tag, count and reference it writes is one the decoder reads,
+/// and every class it names was registered under `generation`), so the first hit of an entry
+/// this process stored is not walked again. Entries written elsewhere are still validated
+/// whole on their first hit here.
+fn remember_valid(py: Python<'_>, generation: u64, data: &[u8]) {
+    if data.len() < codec::MEMO_MIN_BYTES {
+        return;
+    }
+    let key = if data.len() >= DETACH_MIN_BYTES {
+        py.detach(|| codec::memo_key(generation, data))
+    } else {
+        codec::memo_key(generation, data)
+    };
+    VALIDATED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key);
+}
+
 /// Encodes one value into compact bytes (zstd-compressed when the body is at least
 /// `compress_min_bytes` long). Raises `EncodeError` on unsupported input.
 #[pyfunction]
@@ -779,9 +963,10 @@ impl StreamEncoder {
         })
     }
 
-    /// Appends one item. Raises `EncodeError` (with the item number and path) on unsupported
-    /// input, after which the encoder is poisoned.
-    fn push(&self, py: Python<'_>, item: &Bound<'_, PyAny>) -> PyResult<()> {
+    /// Appends one item and returns `nbytes` after it (saves a second call per item). Raises
+    /// `EncodeError` (with the item number and path) on unsupported input, after which the
+    /// encoder is poisoned.
+    fn push(&self, py: Python<'_>, item: &Bound<'_, PyAny>) -> PyResult<usize> {
         let mut st = self
             .state
             .lock_py_attached(py)
@@ -798,7 +983,7 @@ impl StreamEncoder {
         match st.enc.value(item, 0) {
             Ok(()) => {
                 st.count += 1;
-                Ok(())
+                Ok(st.enc.w.len())
             }
             Err(e) => {
                 let msg = e.render(&format!("chunk {n}"));
@@ -827,7 +1012,11 @@ impl StreamEncoder {
             let enc = std::mem::take(&mut st.enc);
             (enc.w, st.count)
         };
-        pack(py, &w, true, count, self.compress_min_bytes, self.level)
+        // Read before packing: every class this encoding names was registered by then.
+        let generation = REGISTRY_GENERATION.load(Ordering::SeqCst);
+        let out = pack(py, &w, true, count, self.compress_min_bytes, self.level)?;
+        remember_valid(py, generation, out.as_bytes());
+        Ok(out)
     }
 
     /// Items pushed so far.
@@ -879,6 +1068,8 @@ fn corrupt(msg: impl Into<String>) -> DErr {
 
 struct DecTemplate {
     cls: Py<PyType>,
+    /// The class's slot accessors (from the registry), or `None`: generic `setattr`.
+    slots: Option<ClassSlots>,
     fields: Vec<Py<PyString>>,
     prev: Vec<Option<Py<PyAny>>>,
     /// Private to the decoder, never handed out: every field in order, holding its previous
@@ -964,6 +1155,21 @@ fn generic_setattr(
     }
 }
 
+/// Sets a slot through its data descriptor's `tp_descr_set`: what `object.__setattr__` does
+/// once its type lookup found that descriptor (see [`SlotAccess`]).
+fn set_slot(obj: &Bound<'_, PyAny>, slot: &SlotAccess, value: &Bound<'_, PyAny>) -> PyResult<()> {
+    // SAFETY: `slot.set` is the `tp_descr_set` of `slot.descr`'s type (see `resolve_slots`),
+    // called with that descriptor, a live instance of a class whose MRO resolves the name to
+    // it, and a live value, as the interpreter calls it; it does not steal references and
+    // returns -1 with an exception set on failure.
+    let rc = unsafe { (slot.set)(slot.descr.as_ptr(), obj.as_ptr(), value.as_ptr()) };
+    if rc < 0 {
+        Err(PyErr::fetch(obj.py()))
+    } else {
+        Ok(())
+    }
+}
+
 impl<'a> Dec<'a, '_> {
     fn string<'py>(&mut self, py: Python<'py>, tag: u8) -> DResult<Option<Bound<'py, PyString>>> {
         Ok(Some(match tag {
@@ -1028,15 +1234,21 @@ impl<'a> Dec<'a, '_> {
             TAG_MODEL_DEF => {
                 let name = self.str_value(py, "model name")?;
                 let name = name.to_str().map_err(|_| CodecError::InvalidUtf8)?;
-                let cls = registry_read()
-                    .by_name
-                    .get(name)
-                    .map(|c| c.clone_ref(py))
-                    .ok_or_else(|| {
-                        corrupt(format!(
-                            "unknown model class name {name:?} (not registered)"
-                        ))
-                    })?;
+                let (cls, slots) = {
+                    let reg = registry_read();
+                    let cls = reg.by_name.get(name).map(|c| c.clone_ref(py));
+                    let slots = cls.as_ref().and_then(|c| {
+                        reg.by_type
+                            .get(&(c.as_ptr() as usize))
+                            .and_then(|(_, s)| s.clone())
+                    });
+                    (cls, slots)
+                };
+                let cls = cls.ok_or_else(|| {
+                    corrupt(format!(
+                        "unknown model class name {name:?} (not registered)"
+                    ))
+                })?;
                 let n = self.s.count("model fields", 1)?;
                 let mut fields = Vec::with_capacity(n);
                 for _ in 0..n {
@@ -1052,6 +1264,7 @@ impl<'a> Dec<'a, '_> {
                 }
                 self.t.templates.push(DecTemplate {
                     cls,
+                    slots,
                     prev: (0..n).map(|_| None).collect(),
                     base: (base.len() == n).then(|| base.unbind()),
                     fields,
@@ -1193,11 +1406,22 @@ impl<'a> Dec<'a, '_> {
         // a consumer keeps every chunk). pydantic only ever adds field names to it; an object
         // that can form a cycle added later would only be invisible to the cycle collector.
         unsafe { pyo3::ffi::PyObject_GC_UnTrack(fields_set.as_ptr().cast()) };
-        let obj = new_instance(self.t.templates[tid].cls.bind(py))?;
-        generic_setattr(&obj, intern!(py, "__dict__"), &dict)?;
-        generic_setattr(&obj, intern!(py, "__pydantic_fields_set__"), &fields_set)?;
-        generic_setattr(&obj, intern!(py, "__pydantic_extra__"), &extra)?;
-        generic_setattr(&obj, intern!(py, "__pydantic_private__"), &private)?;
+        let t = &self.t.templates[tid];
+        let obj = new_instance(t.cls.bind(py))?;
+        match &t.slots {
+            Some(slots) => {
+                set_slot(&obj, &slots[SLOT_DICT], &dict)?;
+                set_slot(&obj, &slots[SLOT_FIELDS_SET], &fields_set)?;
+                set_slot(&obj, &slots[SLOT_EXTRA], &extra)?;
+                set_slot(&obj, &slots[SLOT_PRIVATE], &private)?;
+            }
+            None => {
+                generic_setattr(&obj, intern!(py, "__dict__"), &dict)?;
+                generic_setattr(&obj, intern!(py, "__pydantic_fields_set__"), &fields_set)?;
+                generic_setattr(&obj, intern!(py, "__pydantic_extra__"), &extra)?;
+                generic_setattr(&obj, intern!(py, "__pydantic_private__"), &private)?;
+            }
+        }
         Ok(obj)
     }
 }

@@ -247,8 +247,9 @@ class Flight:
         encoder = self.encoder
         if encoder is not None:
             try:
-                encoder.push(chunk)
-                total = encoder.nbytes
+                total = encoder.push(chunk)
+                if total is None:  # a sink that does not return its size
+                    total = encoder.nbytes
             except Exception as exc:  # a cache failure: the chunk is still delivered
                 self.encoder = None
                 self._cannot_encode(exc)
