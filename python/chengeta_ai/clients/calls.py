@@ -42,6 +42,7 @@ from chengeta_ai.clients.request_key import (
     split_request,
 )
 from chengeta_ai.core.cache_manager import unframe_entry
+from chengeta_ai.core.key_builder import build_key
 from chengeta_ai.errors import CacheMiss, DecodeError
 from chengeta_ai.layers.call_controls import CacheControl, CacheInfo
 from chengeta_ai.layers.streaming_cache import StreamingResponseCache
@@ -461,8 +462,8 @@ class ClientCache:
     def _key(self, req: Request, params: dict[str, Any], control: CacheControl | None) -> str:
         """The key `StreamingResponseCache` gives the call (see its ``_prepare``)."""
         partition = control.namespace if control is not None else None
-        return self.cache.manager.key_builder.build(
-            req.request, req.model_id, params, partition=partition
+        return build_key(
+            self.cache.manager.key_builder, req.request, req.model_id, params, partition
         )
 
     # -- one entry, both modes (see `chengeta_ai.clients.assemble`) ----------------------------
@@ -477,8 +478,12 @@ class ClientCache:
         if twin is None or (control is not None and control.no_cache):
             return None
         partition = control.namespace if control is not None else None
-        return self.cache.manager.key_builder.build(
-            twin, req.model_id, {**params, "stream": True}, partition=partition
+        return build_key(
+            self.cache.manager.key_builder,
+            twin,
+            req.model_id,
+            {**params, "stream": True},
+            partition,
         )
 
     def _from_twin(self, endpoint: str, raw: bytes | None) -> tuple[float | None, list[Any]] | None:

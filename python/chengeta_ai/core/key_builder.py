@@ -184,3 +184,23 @@ class CacheKeyBuilder:
             f"{type(self).__name__}(namespace={self._namespace!r}, "
             f"version={self._version!r}, kind={self._kind!r})"
         )
+
+
+def build_key(
+    builder: Any, messages: Any, model_id: str, params: Any, partition: str | None
+) -> str:
+    """``builder.build(...)`` for one call. ``partition`` (a call's namespace) is passed only
+    when there is one, so a key builder written against the seed's ``build(messages,
+    model_id, params)`` keeps working; asked for a namespace, such a builder is a clear
+    `TypeError` naming the fix."""
+    if partition is None:
+        return str(builder.build(messages, model_id, params))
+    try:
+        return str(builder.build(messages, model_id, params, partition=partition))
+    except TypeError as exc:
+        if "partition" not in str(exc):
+            raise
+        raise TypeError(
+            f"cache_control namespace={partition!r} needs a key builder whose build() takes "
+            f"partition= (as CacheKeyBuilder.build does); {type(builder).__name__}.build does not"
+        ) from exc

@@ -34,6 +34,7 @@ import anyio.lowlevel
 
 from chengeta_ai._core import decode_timing
 from chengeta_ai.core.cache_manager import CacheManager, Entry, check_tags, unframe_entry
+from chengeta_ai.core.key_builder import build_key
 from chengeta_ai.core.stats import CacheStats, Counters, counter_names
 from chengeta_ai.errors import CacheMiss, DecodeError
 from chengeta_ai.layers.call_controls import (
@@ -290,7 +291,7 @@ class StreamingResponseCache:
                     raise TypeError("tags given twice (argument and cache_control)")
                 tags = control.tags
             partition = control.namespace
-        key = self.manager.key_builder.build(messages, model_id, params, partition=partition)
+        key = build_key(self.manager.key_builder, messages, model_id, params, partition)
         tag_tuple = check_tags(tags) if tags is not None else (f"model:{model_id}",)
         return _Call(key, self.manager.resolve_ttl(ttl), tag_tuple, bypass, control)
 
@@ -410,25 +411,29 @@ class StreamingResponseCache:
                     yield from self._replay(key, batches, offsets, call, box, info, t0)
                     return
         settings = self._flight_settings
-        while True:
-            flight, consumer, leads = self._join_or_lead(
-                slot, call, lambda: SyncFlight(settings, slot, call.ttl, call.tags)
-            )
-            assert isinstance(flight, SyncFlight)
-            if consumer is not None:
-                break
-            flight.wait_released()
-        if leads:
-            self._count_lead(call)
-            remote = self.remote_flights
-            # a refresh reads its own upstream: it must not follow a stream another process
-            # started before it (see RedisFlights in the README)
+        remote = self.remote_flights
+
+        def new_flight() -> SyncFlight:
+            # Started before it enters the table (under its lock): a joiner may pull the
+            # upstream as soon as it can see the flight. A refresh reads its own upstream: it
+            # must not follow a stream another process started before it (see RedisFlights).
+            flight = SyncFlight(settings, slot, call.ttl, call.tags)
             flight.start(
                 stream_fn
                 if remote is None or call.no_cache
                 else remote.sync_upstream(flight, stream_fn),
                 messages,
             )
+            return flight
+
+        while True:
+            flight, consumer, leads = self._join_or_lead(slot, call, new_flight)
+            assert isinstance(flight, SyncFlight)
+            if consumer is not None:
+                break
+            flight.wait_released()
+        if leads:
+            self._count_lead(call)
         else:
             self.count("joins")
         info = CacheInfo("refresh" if leads and call.no_cache else "miss" if leads else "join", key)
