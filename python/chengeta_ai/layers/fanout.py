@@ -687,11 +687,24 @@ class SyncFlight(Flight):
         except StopIteration:
             self._finish()
         except BaseException as exc:
-            actions = self.fail(exc)
+            interrupted = isinstance(exc, KeyboardInterrupt) and (
+                threading.current_thread() is threading.main_thread()
+            )
+            if interrupted:
+                # Ctrl-C landed in the thread that was reading for everyone: the upstream is
+                # broken for all, but only this caller was interrupted. The others get a clear
+                # error (as an async read cancelled from outside does); this one its Ctrl-C.
+                error = ChengetaError(f"the upstream read of {self.key} was interrupted (Ctrl-C)")
+                error.__cause__ = exc
+                actions = self.fail(error)
+            else:
+                actions = self.fail(exc)
             try:
                 self._close_upstream()
             finally:
                 self.perform(actions)
+            if interrupted:
+                raise
         return _NOT_TAKEN
 
     def _finish(self) -> None:

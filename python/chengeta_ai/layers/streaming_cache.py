@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -385,8 +386,14 @@ class StreamingResponseCache:
             try:
                 yield from upstream
                 outcome = "bypass"
-            except Exception:
-                outcome = "error"
+            except GeneratorExit:
+                raise
+            except BaseException as exc:  # any upstream failure, as on a miss
+                if not (
+                    isinstance(exc, KeyboardInterrupt)
+                    and threading.current_thread() is threading.main_thread()
+                ):  # not Ctrl-C: this caller did not leave (see SyncFlight._pull_one)
+                    outcome = "error"
                 raise
             finally:
                 # an HTTP stream (openai's Stream) is an iterator, not a generator: close it
@@ -450,8 +457,11 @@ class StreamingResponseCache:
             outcome = flight.state.outcome or "stored"
         except GeneratorExit:
             raise
-        except BaseException:
-            outcome = "error"
+        except BaseException as exc:
+            # a Ctrl-C of this caller (not the flight's error: see SyncFlight._pull_one)
+            # means it left; anything else is the upstream's error
+            interrupted = isinstance(exc, KeyboardInterrupt) and flight.state.error is not exc
+            outcome = "abandoned" if interrupted else "error"
             raise
         finally:
             consume.close()
@@ -490,9 +500,9 @@ class StreamingResponseCache:
     ) -> Iterator[Any]:
         replayed = 0
         outcome = "abandoned"
-        self._first_chunk("hit", t0)  # the first batch is decoded: its first chunk is ready
         try:
             if offsets is None:
+                self._first_chunk("hit", t0)  # the first batch is decoded: its chunk is ready
                 for batch in batches:
                     replayed += len(batch)
                     yield from batch
@@ -510,6 +520,8 @@ class StreamingResponseCache:
                             delay = t0 + offsets[replayed] / speed - _perf()
                             if delay > 0:
                                 sleep(delay)
+                        if not replayed:
+                            self._first_chunk("hit", t0)  # after the recorded wait
                         replayed += 1
                         yield chunk
                     batch.clear()
@@ -572,8 +584,9 @@ class StreamingResponseCache:
                 async for chunk in upstream:
                     yield chunk
                 outcome = "bypass"
-            except Exception:
-                outcome = "error"
+            except BaseException as exc:  # any upstream failure, as on a miss
+                if not isinstance(exc, (GeneratorExit, anyio.get_cancelled_exc_class())):
+                    outcome = "error"
                 raise
             finally:
                 await _aclose_upstream(upstream)
@@ -592,11 +605,11 @@ class StreamingResponseCache:
                     self.count("hits")
                     info = CacheInfo("hit", key, entry.age())
                     self._started(box, info)
-                    self._first_chunk("hit", t0)
                     replayed = 0
                     outcome = "abandoned"
                     try:
                         if offsets is None:
+                            self._first_chunk("hit", t0)
                             for batch in batches:
                                 replayed += len(batch)
                                 for chunk in batch:
@@ -614,6 +627,8 @@ class StreamingResponseCache:
                                         delay = t0 + offsets[replayed] / speed - _perf()
                                         if delay > 0:
                                             await anyio.sleep(delay)
+                                    if not replayed:
+                                        self._first_chunk("hit", t0)  # after the recorded wait
                                     replayed += 1
                                     yield chunk
                                 batch.clear()
