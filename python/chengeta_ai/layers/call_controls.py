@@ -51,7 +51,8 @@ CacheStatus = Literal["hit", "miss", "join", "bypass", "refresh"]
 #: stores it, `RedisFlights`), or why it was not stored: ``error`` (the upstream raised),
 #: ``abandoned`` (this caller left before the end), ``oversized``, ``unserializable``,
 #: ``incomplete``, ``backend_error``, ``interrupted``, ``no_store``, ``superseded`` (a
-#: ``no_cache`` call started a newer stream of the key).
+#: ``no_cache`` call started a newer stream of the key), ``fenced`` (`RedisFlights`: this
+#: process lost the key's lease while producing, so another process may store it).
 CacheOutcome = Literal[
     "stored",
     "replayed",
@@ -66,6 +67,7 @@ CacheOutcome = Literal[
     "interrupted",
     "no_store",
     "superseded",
+    "fenced",
 ]
 
 Replay = Literal["instant", "recorded"]
