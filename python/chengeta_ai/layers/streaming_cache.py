@@ -403,20 +403,6 @@ class StreamingResponseCache:
                 self._ended(box, info, outcome)
             return
         slot = (SYNC_SCOPE, key)
-        if not call.no_cache and slot not in self.flights:
-            raw = self.manager.get_raw(key)
-            if raw is not None:
-                try:
-                    entry, batches, offsets = self._open_entry(raw, call)
-                except DecodeError as exc:
-                    self.count("corrupt_entries")
-                    self.manager.drop_corrupt(key, exc)
-                else:
-                    self.count("hits")
-                    info = CacheInfo("hit", key, entry.age())
-                    self._started(box, info)
-                    yield from self._replay(key, batches, offsets, call, box, info, t0)
-                    return
         settings = self._flight_settings
         remote = self.remote_flights
 
@@ -434,11 +420,30 @@ class StreamingResponseCache:
             return flight
 
         while True:
-            flight, consumer, leads = self._join_or_lead(slot, call, new_flight)
-            assert isinstance(flight, SyncFlight)
-            if consumer is not None:
-                break
-            flight.wait_released()
+            found = None
+            if not call.no_cache and slot not in self.flights:
+                found = self._lookup(key, call)
+            if found is None:
+                joined = self._join_or_lead(slot, call, new_flight)
+                if joined is None:  # only_if_cached found nothing to join
+                    # a flight that stored its stream may have ended since the lookup
+                    if not call.no_cache:
+                        found = self._lookup(key, call)
+                    if found is None:
+                        raise self._cache_miss(call)
+                else:
+                    flight, consumer, leads = joined
+                    assert isinstance(flight, SyncFlight)
+                    if consumer is not None:
+                        break
+                    flight.wait_released()
+                    continue  # the key's flight is gone: its entry may be stored now
+            entry, batches, offsets = found
+            self.count("hits")
+            info = CacheInfo("hit", key, entry.age())
+            self._started(box, info)
+            yield from self._replay(key, batches, offsets, call, box, info, t0)
+            return
         if leads:
             self._count_lead(call)
         else:
@@ -469,10 +474,10 @@ class StreamingResponseCache:
 
     def _join_or_lead(
         self, slot: Slot, call: _Call, make: Callable[[], TableFlight]
-    ) -> tuple[TableFlight, int | None, bool]:
+    ) -> tuple[TableFlight, int | None, bool] | None:
         """One attempt at the flight table for ``call``: join the key's flight or lead a new
         one (a flight, the consumer id or None when it must wait for the flight's release,
-        whether it leads). ``only_if_cached`` never leads: `CacheMiss`."""
+        whether it leads). ``only_if_cached`` never leads: None when it has nothing to join."""
         flight, consumer, leads = self.flights.join_or_lead(
             slot,
             make,
@@ -481,8 +486,35 @@ class StreamingResponseCache:
             may_lead=not call.only_if_cached,
         )
         if flight is None or (consumer is None and call.only_if_cached):
-            raise self._cache_miss(call)
+            return None
         return flight, consumer, leads
+
+    def _lookup(self, key: str, call: _Call) -> tuple[Entry, Iterator[list[Any]], Any] | None:
+        """The stored entry of ``key``, opened and checked (see `_open_entry`), or None; a
+        corrupt entry is counted, dropped and None."""
+        raw = self.manager.get_raw(key)
+        if raw is None:
+            return None
+        try:
+            return self._open_entry(raw, call)
+        except DecodeError as exc:
+            self.count("corrupt_entries")
+            self.manager.drop_corrupt(key, exc)
+            return None
+
+    async def _alookup(
+        self, key: str, call: _Call
+    ) -> tuple[Entry, Iterator[list[Any]], Any] | None:
+        """`_lookup` through the backend's async methods."""
+        raw = await self.manager.aget_raw(key)
+        if raw is None:
+            return None
+        try:
+            return self._open_entry(raw, call)
+        except DecodeError as exc:
+            self.count("corrupt_entries")
+            await self.manager.adrop_corrupt(key, exc)
+            return None
 
     def _count_lead(self, call: _Call) -> None:
         self.count("refreshes" if call.no_cache else "misses")
@@ -593,65 +625,69 @@ class StreamingResponseCache:
                 self._ended(box, info, outcome)
             return
         slot = (current_loop_scope(), key)
-        if not call.no_cache and slot not in self.flights:
-            raw = await self.manager.aget_raw(key)
-            if raw is not None:
-                try:
-                    entry, batches, offsets = self._open_entry(raw, call)
-                except DecodeError as exc:
-                    self.count("corrupt_entries")
-                    await self.manager.adrop_corrupt(key, exc)
-                else:
-                    self.count("hits")
-                    info = CacheInfo("hit", key, entry.age())
-                    self._started(box, info)
-                    replayed = 0
-                    outcome = "abandoned"
-                    try:
-                        if offsets is None:
-                            self._first_chunk("hit", t0)
-                            for batch in batches:
-                                replayed += len(batch)
-                                for chunk in batch:
-                                    yield chunk
-                                batch.clear()  # see _replay
-                                # one batch per turn: the loop is never held for a whole stream
-                                await anyio.lowlevel.checkpoint()
-                        else:
-                            self.count("paced_replays")
-                            n = len(offsets)
-                            speed = call.speed
-                            for batch in batches:
-                                for chunk in batch:
-                                    if replayed < n:
-                                        delay = t0 + offsets[replayed] / speed - _perf()
-                                        if delay > 0:
-                                            await anyio.sleep(delay)
-                                    if not replayed:
-                                        self._first_chunk("hit", t0)  # after the recorded wait
-                                    replayed += 1
-                                    yield chunk
-                                batch.clear()
-                                await anyio.lowlevel.checkpoint()
-                        outcome = "replayed"
-                    except DecodeError as exc:  # see _replay
-                        outcome = "error"
-                        self.count("corrupt_entries")
-                        await self.manager.adrop_corrupt(key, exc)
-                        raise
-                    finally:
-                        self.count("chunks_replayed", replayed)
-                        self._ended(box, info, outcome)
-                    return
         settings = self._flight_settings
         while True:
-            flight, consumer, leads = self._join_or_lead(
-                slot, call, lambda: AsyncFlight(settings, slot, call.ttl, call.tags)
-            )
-            assert isinstance(flight, AsyncFlight)
-            if consumer is not None:
-                break
-            await flight.wait_released()
+            found = None
+            if not call.no_cache and slot not in self.flights:
+                found = await self._alookup(key, call)
+            if found is None:
+                joined = self._join_or_lead(
+                    slot, call, lambda: AsyncFlight(settings, slot, call.ttl, call.tags)
+                )
+                if joined is None:  # see _get_or_stream
+                    if not call.no_cache:
+                        found = await self._alookup(key, call)
+                    if found is None:
+                        raise self._cache_miss(call)
+                else:
+                    flight, consumer, leads = joined
+                    assert isinstance(flight, AsyncFlight)
+                    if consumer is not None:
+                        break
+                    await flight.wait_released()
+                    continue
+            entry, batches, offsets = found
+            self.count("hits")
+            info = CacheInfo("hit", key, entry.age())
+            self._started(box, info)
+            replayed = 0
+            outcome = "abandoned"
+            try:
+                if offsets is None:
+                    self._first_chunk("hit", t0)
+                    for batch in batches:
+                        replayed += len(batch)
+                        for chunk in batch:
+                            yield chunk
+                        batch.clear()  # see _replay
+                        # one batch per turn: the loop is never held for a whole stream
+                        await anyio.lowlevel.checkpoint()
+                else:
+                    self.count("paced_replays")
+                    n = len(offsets)
+                    speed = call.speed
+                    for batch in batches:
+                        for chunk in batch:
+                            if replayed < n:
+                                delay = t0 + offsets[replayed] / speed - _perf()
+                                if delay > 0:
+                                    await anyio.sleep(delay)
+                            if not replayed:
+                                self._first_chunk("hit", t0)  # after the recorded wait
+                            replayed += 1
+                            yield chunk
+                        batch.clear()
+                        await anyio.lowlevel.checkpoint()
+                outcome = "replayed"
+            except DecodeError as exc:  # see _replay
+                outcome = "error"
+                self.count("corrupt_entries")
+                await self.manager.adrop_corrupt(key, exc)
+                raise
+            finally:
+                self.count("chunks_replayed", replayed)
+                self._ended(box, info, outcome)
+            return
         if leads:
             self._count_lead(call)
             remote = self.remote_flights
