@@ -184,6 +184,7 @@ class Flight:
                 self.on_drain()
         if actions & CLOSE_LOG:
             self.log.close()
+            self.settings.table.flight_ended(self)
         if actions & RELEASE:
             self.settings.table.release(self)
         if actions & WAKE:
@@ -380,8 +381,10 @@ class Flight:
         self._stored_chunks = len(chunks)
         return complete, data
 
-    def store_outcome(self, ok: bool, data: bytes) -> int:
-        if ok:
+    def store_outcome(self, ok: bool, data: bytes, superseded: bool = False) -> int:
+        """The write returned ``ok``; ``superseded``: a newer stream of the key was stored
+        meanwhile (the entry is not this one)."""
+        if ok and not superseded:
             self.count("stores")
             self.count("stored_bytes", len(data))
             self.count("stored_chunks", self._stored_chunks)
@@ -389,7 +392,7 @@ class Flight:
             if on_stored is not None:
                 on_stored(len(data))
         # a failed write is counted (not_stored_backend_error) by the transition
-        return self.transition(lambda: self.state.stored(ok))
+        return self.transition(lambda: self.state.stored(ok, superseded))
 
     def give_up_store(self, reason: str) -> int:
         """The end-of-stream step was interrupted or timed out: end without storing."""
@@ -540,11 +543,31 @@ class AsyncFlight(Flight):
             actions = self.transition(lambda: self.state.upstream_ended(complete))
             if actions & STORE:
                 assert data is not None
-                ok = await self.settings.manager.aset_raw(self.key, data, self.ttl, self.tags)
-                actions = self.store_outcome(ok, data)
+                actions = await self._store(data)
         if scope.cancelled_caught:
             actions |= self.give_up_store("backend_error")
         self.perform(actions)
+
+    async def _store(self, data: bytes) -> int:
+        """`SyncFlight._store`, through the backend's async methods."""
+        table = self.settings.table
+        if not table.begin_store(self, (data, self.ttl, self.tags)):
+            return self.give_up_store("superseded")
+        aset_raw = self.settings.manager.aset_raw
+        writing = True
+        try:
+            ok = await aset_raw(self.key, data, self.ttl, self.tags)
+            superseded, rewrite = table.end_store(self)
+            writing = False
+            while rewrite is not None:
+                writing = True
+                await aset_raw(self.key, *rewrite)
+                rewrite = table.end_store(self)[1]
+                writing = False
+        finally:
+            if writing:
+                table.end_store(self, may_rewrite=False)
+        return self.store_outcome(ok, data, superseded)
 
     async def _pump(self, upstream: Any) -> None:
         # Per chunk, only what must happen per chunk: the read, the append, a wake-up if
@@ -714,8 +737,7 @@ class SyncFlight(Flight):
             actions = self.transition(lambda: self.state.upstream_ended(complete))
             if actions & STORE:
                 assert data is not None
-                ok = self.settings.manager.set_raw(self.key, data, self.ttl, self.tags)
-                actions = self.store_outcome(ok, data)
+                actions = self._store(data)
         except BaseException:
             # interrupted while checking or storing (KeyboardInterrupt): the consumers have
             # every chunk; the flight still ends and frees its key
@@ -723,6 +745,27 @@ class SyncFlight(Flight):
             raise
         finally:
             self.perform(actions)
+
+    def _store(self, data: bytes) -> int:
+        """Writes the entry in its turn (`FlightTable.begin_store`); returns the actions."""
+        table = self.settings.table
+        if not table.begin_store(self, (data, self.ttl, self.tags)):
+            return self.give_up_store("superseded")
+        set_raw = self.settings.manager.set_raw
+        writing = True
+        try:
+            ok = set_raw(self.key, data, self.ttl, self.tags)
+            superseded, rewrite = table.end_store(self)
+            writing = False
+            while rewrite is not None:  # overlapping writes: the newest entry lands last
+                writing = True
+                set_raw(self.key, *rewrite)
+                rewrite = table.end_store(self)[1]
+                writing = False
+        finally:
+            if writing:
+                table.end_store(self, may_rewrite=False)
+        return self.store_outcome(ok, data, superseded)
 
     def _pull_if_room(self, consumer: int) -> bool:
         """With the pull lock held: reads the next chunk unless there is one already or the

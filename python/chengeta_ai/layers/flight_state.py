@@ -22,7 +22,8 @@ States::
 
 A flight occupies its key's slot in the table from its creation until an action ``RELEASE``,
 or until a ``no_cache`` call supersedes it (`supersede`: the call leads a newer stream of the key
-and takes the slot; the older stream goes on for its consumers and is not stored). ``storable``
+and takes the slot; the older stream goes on for its consumers and is not stored; the table
+orders stores per key across scopes, so a newer stream of the key always wins). ``storable``
 is orthogonal: the first reason a stream cannot be stored is kept in ``not_stored``.
 
 Per-call controls: ``wants_store`` is False while every caller attached so far asked
@@ -154,7 +155,8 @@ class FlightState:
 
     def supersede(self) -> None:
         """A ``no_cache`` call leads a newer stream of this key and takes the slot: this one
-        goes on for its consumers, joinable by nobody, and is not stored if still running."""
+        goes on for its consumers, joinable by nobody, and is not stored if still running (a
+        finishing one's store is skipped or written over: `FlightTable.begin_store`)."""
         if self.phase is Phase.RUNNING:
             self.keep_from_store("superseded")
         self.in_slot = False
@@ -221,13 +223,16 @@ class FlightState:
         self.keep_from_store("error")
         return self._end(Phase.FAILED)
 
-    def stored(self, ok: bool = True) -> int:
+    def stored(self, ok: bool = True, superseded: bool = False) -> int:
         """The entry was written; ``ok`` False: the write failed (fail-open: the stream ends,
-        not stored, reason ``backend_error``)."""
+        not stored, reason ``backend_error``); ``superseded``: a newer stream of the key was
+        stored over it (reason ``superseded``)."""
         if self.phase is not Phase.FINISHING:
             return 0
         if not ok:
             self.keep_from_store("backend_error")
+        elif superseded:
+            self.keep_from_store("superseded")
         return self._end(Phase.DONE)
 
     def store_aborted(self, reason: str) -> int:

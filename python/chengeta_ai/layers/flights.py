@@ -6,6 +6,12 @@ transition (and the flight goes on for it) or sees its outcome.
 
 Flights are keyed by ``(scope, key)``: the scope is ``"sync"`` for threads, or the running event
 loop (flights never cross loops, because waiting across them would need a thread per waiter).
+
+Stores are ordered per key across every scope (`begin_store`, `end_store`): the newest stream
+wins. A flight never stores once a newer flight of its key began storing or a newer ``no_cache``
+refresh of its key started, in any scope; and a write already under way when a newer one is made
+cannot be recalled, so when two writes of a key overlap, the last to return writes the newest
+entry again. O(1) per flight and per store, nothing per chunk.
 """
 
 from __future__ import annotations
@@ -24,7 +30,14 @@ import sniffio
 from chengeta_ai._core import ChunkLog
 from chengeta_ai.layers.flight_state import FlightState
 
-__all__ = ["SYNC_SCOPE", "FlightTable", "TableFlight", "current_loop_scope", "next_sequence"]
+__all__ = [
+    "SYNC_SCOPE",
+    "FlightTable",
+    "StoreEntry",
+    "TableFlight",
+    "current_loop_scope",
+    "next_sequence",
+]
 
 SYNC_SCOPE = "sync"
 
@@ -33,6 +46,26 @@ SYNC_SCOPE = "sync"
 next_sequence = itertools.count(1).__next__
 
 Slot = tuple[object, str]
+#: What a store writes: ``(framed entry, ttl, tags)``.
+StoreEntry = tuple[bytes, float | None, tuple[str, ...]]
+
+
+class _KeyStores:
+    """The store order of one key, across scopes (see the module docstring)."""
+
+    __slots__ = ("entry", "flights", "newest", "overlapped", "writers")
+
+    def __init__(self) -> None:
+        #: Flights of the key that have not ended, in every scope (the record lives as long).
+        self.flights = 0
+        #: The sequence of the newest refresh started or store begun: older flights never store.
+        self.newest = 0
+        #: Writes of the key under way.
+        self.writers = 0
+        #: What the newest store begun writes, kept while writes are under way.
+        self.entry: StoreEntry | None = None
+        #: Two writes were under way at once: the last to return writes `entry` again.
+        self.overlapped = False
 
 
 class TableFlight(Protocol):
@@ -68,6 +101,8 @@ class FlightTable:
         self._task_group = task_group
         self._own_task_group: anyio.abc.TaskGroup | None = None
         self._asyncio_tasks: set[asyncio.Task[Any]] = set()
+        #: The store order of each key with a flight alive, in any scope.
+        self._stores: dict[str, _KeyStores] = {}
 
     def __len__(self) -> int:
         return len(self._flights)
@@ -122,6 +157,13 @@ class FlightTable:
                 assert consumer is not None
                 flight.state.wants_store = store
                 self._flights[slot] = flight
+                order = self._stores.get(slot[1])
+                if order is None:
+                    order = self._stores[slot[1]] = _KeyStores()
+                order.flights += 1
+                if newer_than is not None:
+                    # a refresh: no older stream of the key stores, in any scope
+                    order.newest = max(order.newest, flight.seq)
                 return flight, consumer, True
         finally:
             if superseded is not None:
@@ -133,6 +175,57 @@ class FlightTable:
             if self._flights.get(flight.slot) is flight:
                 del self._flights[flight.slot]
         flight.on_released()
+
+    def flight_ended(self, flight: TableFlight) -> None:
+        """The flight ended (action ``CLOSE_LOG``): it will not store any more."""
+        key = flight.slot[1]
+        with self.lock:
+            order = self._stores.get(key)
+            if order is not None:
+                order.flights -= 1
+                if order.flights <= 0 and not order.writers:
+                    del self._stores[key]
+
+    def begin_store(self, flight: TableFlight, entry: StoreEntry) -> bool:
+        """The flight is about to write ``entry``: False if a newer flight of its key began
+        storing or a newer refresh of it started (in any scope), and it must not."""
+        key = flight.slot[1]
+        with self.lock:
+            order = self._stores.get(key)
+            if order is None:  # pragma: no cover - a flight is counted from its creation
+                order = self._stores[key] = _KeyStores()
+                order.flights = 1
+            if flight.seq < order.newest:
+                return False
+            order.newest = flight.seq
+            order.entry = entry
+            order.writers += 1
+            if order.writers > 1:
+                order.overlapped = True
+            return True
+
+    def end_store(
+        self, flight: TableFlight, *, may_rewrite: bool = True
+    ) -> tuple[bool, StoreEntry | None]:
+        """The flight's write (begun by `begin_store`) returned: ``(superseded, rewrite)``.
+        ``superseded``: a newer flight of the key began storing meanwhile (or a newer refresh
+        started), so the entry is not this flight's. ``rewrite``: this was the last of
+        overlapping writes; the caller must write this newest entry again (an older write
+        may have landed after it), then call again. ``may_rewrite`` False (interrupted): the
+        next write of the key does it."""
+        with self.lock:
+            order = self._stores[flight.slot[1]]
+            order.writers -= 1
+            superseded = flight.seq < order.newest
+            rewrite = None
+            if not order.writers:
+                if order.overlapped and may_rewrite:
+                    order.overlapped = False
+                    order.writers = 1
+                    rewrite = order.entry
+                elif not order.overlapped:
+                    order.entry = None
+            return superseded, rewrite
 
     # -- where pumps run ----------------------------------------------------------------------
 
