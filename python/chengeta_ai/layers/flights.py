@@ -129,11 +129,13 @@ class FlightTable:
         winding down (being cancelled): wait for its release, then call again. Per-call
         controls: ``store`` False (``no_store``) does not make the flight want storing;
         ``newer_than`` (``no_cache``: the request's sequence number) joins only a flight created
-        after it, and supersedes an older one (`FlightState.supersede`) to lead a new one;
+        after it, and supersedes an older one (`FlightState.supersede`) to lead a new one; with
+        ``store`` False too it supersedes nothing and leads a flight outside the table;
         ``may_lead`` False (``only_if_cached``) returns ``(None, None, False)`` instead of
         leading.
         """
         superseded: TableFlight | None = None
+        private = False
         try:
             with self.lock:
                 flight = self._flights.get(slot)
@@ -141,8 +143,13 @@ class FlightTable:
                     if not flight.state.joinable:
                         return flight, None, False
                     if newer_than is not None and flight.seq < newer_than:
-                        flight.state.supersede()
-                        superseded = flight
+                        if store:
+                            flight.state.supersede()
+                            superseded = flight
+                        else:
+                            # no_cache + no_store stores nothing: superseding would only lose
+                            # the other callers' stream. It reads its own, which nobody joins.
+                            private = True
                     else:
                         consumer = flight.log.attach()
                         if consumer is not None:
@@ -156,12 +163,15 @@ class FlightTable:
                 consumer = flight.log.attach()
                 assert consumer is not None
                 flight.state.wants_store = store
-                self._flights[slot] = flight
+                if private:
+                    flight.state.in_slot = False
+                else:
+                    self._flights[slot] = flight
                 order = self._stores.get(slot[1])
                 if order is None:
                     order = self._stores[slot[1]] = _KeyStores()
                 order.flights += 1
-                if newer_than is not None:
+                if newer_than is not None and store:
                     # a refresh: no older stream of the key stores, in any scope
                     order.newest = max(order.newest, flight.seq)
                 return flight, consumer, True
