@@ -76,6 +76,9 @@ class TableFlight(Protocol):
     log: ChunkLog
     #: `next_sequence()` when the flight was created.
     seq: int
+    #: What the entry is stored with: the first caller that wanted it stored gives them.
+    ttl: float | None
+    tags: tuple[str, ...]
 
     def on_released(self) -> None: ...
 
@@ -120,6 +123,7 @@ class FlightTable:
         make: Callable[[], TableFlight],
         *,
         store: bool = True,
+        store_as: tuple[float | None, tuple[str, ...]] | None = None,
         newer_than: int | None = None,
         may_lead: bool = True,
     ) -> tuple[TableFlight | None, int | None, bool]:
@@ -127,7 +131,9 @@ class FlightTable:
 
         Returns ``(flight, consumer, leads)``; ``consumer`` is None when the slot's flight is
         winding down (being cancelled): wait for its release, then call again. Per-call
-        controls: ``store`` False (``no_store``) does not make the flight want storing;
+        controls: ``store`` False (``no_store``) does not make the flight want storing; a
+        caller that makes a ``no_store`` leader's flight want storing gives it its
+        ``store_as`` (ttl, tags);
         ``newer_than`` (``no_cache``: the request's sequence number) joins only a flight created
         after it, and supersedes an older one (`FlightState.supersede`) to lead a new one; with
         ``store`` False too it supersedes nothing and leads a flight outside the table;
@@ -153,8 +159,10 @@ class FlightTable:
                     else:
                         consumer = flight.log.attach()
                         if consumer is not None:
-                            if store:
+                            if store and not flight.state.wants_store:
                                 flight.state.wants_store = True
+                                if store_as is not None:
+                                    flight.ttl, flight.tags = store_as
                             return flight, consumer, False
                     # the log stopped retaining the stream's start: lead a new one
                 if not may_lead:

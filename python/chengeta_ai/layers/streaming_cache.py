@@ -482,6 +482,7 @@ class StreamingResponseCache:
             slot,
             make,
             store=not call.no_store,
+            store_as=(call.ttl, call.tags),
             newer_than=call.seq if call.no_cache else None,
             may_lead=not call.only_if_cached,
         )
