@@ -137,7 +137,8 @@ class CacheStats(_Snapshot):
     #: Cached clients: whole (``stream=False``) calls answered from their streamed twin's
     #: entry (`chengeta_ai.clients.assemble`).
     cross_mode_hits: int = 0
-    #: Streams in flight in this process now (not a counter).
+    #: Streams in flight in this process now, each reading its upstream (a superseded one
+    #: included), not a counter.
     in_flight: int = 0
     #: The manager's counters.
     manager: ManagerStats = dataclasses.field(default_factory=ManagerStats)

@@ -106,6 +106,9 @@ class FlightTable:
         self._asyncio_tasks: set[asyncio.Task[Any]] = set()
         #: The store order of each key with a flight alive, in any scope.
         self._stores: dict[str, _KeyStores] = {}
+        #: Flights created and not ended: in a slot or not (superseded, private), they hold an
+        #: upstream open (``stats().in_flight``).
+        self.live = 0
 
     def __len__(self) -> int:
         return len(self._flights)
@@ -179,6 +182,7 @@ class FlightTable:
                 if order is None:
                     order = self._stores[slot[1]] = _KeyStores()
                 order.flights += 1
+                self.live += 1
                 if newer_than is not None and store:
                     # a refresh: no older stream of the key stores, in any scope
                     order.newest = max(order.newest, flight.seq)
@@ -198,6 +202,7 @@ class FlightTable:
         """The flight ended (action ``CLOSE_LOG``): it will not store any more."""
         key = flight.slot[1]
         with self.lock:
+            self.live -= 1
             order = self._stores.get(key)
             if order is not None:
                 order.flights -= 1

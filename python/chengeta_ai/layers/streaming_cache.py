@@ -239,7 +239,7 @@ class StreamingResponseCache:
         ``in_flight`` and the manager's (``manager``). Also a read-only mapping:
         ``stats()["hits"]`` works, and an unknown name is a ``KeyError``."""
         return self._counters.snapshot(
-            CacheStats, in_flight=len(self.flights), manager=self.manager.stats()
+            CacheStats, in_flight=self.flights.live, manager=self.manager.stats()
         )
 
     # -- background tasks --------------------------------------------------------------------
