@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator
 from dataclasses import dataclass
+from operator import length_hint
 from types import TracebackType
 from typing import Any, Literal
 
@@ -821,6 +822,8 @@ class SyncFlight(Flight):
         pull_lock = self._pull_lock
         state = self.state
         delivered = 0
+        # the batch being handed out: what it still holds was not (counted once, at the end)
+        handing: Iterator[Any] = iter(())
         acked = False
         try:
             while True:
@@ -866,9 +869,10 @@ class SyncFlight(Flight):
                         return
                 acked = True
                 delivered += len(batch)
-                yield from batch
+                handing = iter(batch)
+                yield from handing
         finally:
-            actions = self.consumer_left(consumer, delivered)
+            actions = self.consumer_left(consumer, delivered - length_hint(handing))
             self.wake()
             self.perform(actions)
 

@@ -26,6 +26,7 @@ from collections.abc import (
     Iterator,
     Mapping,
 )
+from operator import length_hint
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -532,13 +533,16 @@ class StreamingResponseCache:
         t0: float,
     ) -> Iterator[Any]:
         replayed = 0
+        # the batch being handed out: what it still holds was not (counted once, at the end)
+        handing: Iterator[Any] = iter(())
         outcome = "abandoned"
         try:
             if offsets is None:
                 self._first_chunk("hit", t0)  # the first batch is decoded: its chunk is ready
                 for batch in batches:
                     replayed += len(batch)
-                    yield from batch
+                    handing = iter(batch)
+                    yield from handing
                     # let go of the chunks now, not when the next batch has been decoded (the
                     # serializer's generator still refers to this list while it decodes)
                     batch.clear()
@@ -567,7 +571,7 @@ class StreamingResponseCache:
             self.manager.drop_corrupt(key, exc)
             raise
         finally:
-            self.count("chunks_replayed", replayed)
+            self.count("chunks_replayed", replayed - length_hint(handing))
             self._ended(box, info, outcome)
 
     def aget_or_stream(
@@ -652,13 +656,15 @@ class StreamingResponseCache:
             info = CacheInfo("hit", key, entry.age())
             self._started(box, info)
             replayed = 0
+            handing: Iterator[Any] = iter(())  # see _replay
             outcome = "abandoned"
             try:
                 if offsets is None:
                     self._first_chunk("hit", t0)
                     for batch in batches:
                         replayed += len(batch)
-                        for chunk in batch:
+                        handing = iter(batch)
+                        for chunk in handing:
                             yield chunk
                         batch.clear()  # see _replay
                         # one batch per turn: the loop is never held for a whole stream
@@ -686,7 +692,7 @@ class StreamingResponseCache:
                 await self.manager.adrop_corrupt(key, exc)
                 raise
             finally:
-                self.count("chunks_replayed", replayed)
+                self.count("chunks_replayed", replayed - length_hint(handing))
                 self._ended(box, info, outcome)
             return
         if leads:
@@ -708,12 +714,15 @@ class StreamingResponseCache:
         self._started(box, info)
         outcome = "abandoned"
         consume = flight.consume(consumer)
+        # the batch being handed out: the flight counted it whole (see _replay)
+        handing = iter(())
         try:
             async for batch in consume:
                 if t0:
                     self._first_chunk(info.status, t0)
                     t0 = 0.0
-                for chunk in batch:
+                handing = iter(batch)
+                for chunk in handing:
                     yield chunk
             outcome = flight.state.outcome or "stored"
         except GeneratorExit:
@@ -725,4 +734,7 @@ class StreamingResponseCache:
         finally:
             # close the inner generator now (it detaches the consumer), not at garbage collection
             await consume.aclose()
+            undelivered = length_hint(handing)
+            if undelivered:
+                self.count("chunks_delivered", -undelivered)
             self._ended(box, info, outcome)
