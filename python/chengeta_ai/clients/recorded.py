@@ -213,14 +213,13 @@ def recorded_response(
 _NONE: Any = object()
 
 
-class CachedStream(Generic[T]):
-    """A cached client's stream: behaves like the SDK's ``Stream`` on a miss, join or hit.
+class _RecordedStream:
+    """What the sync and async cached streams share: the cache's stream, the recorded HTTP
+    head, and ``.response`` built from it on first use (see `recorded_response`)."""
 
-    ``.response`` is built on first use (see `recorded_response`)."""
+    _is_async = False
 
-    def __init__(
-        self, inner: Iterator[Any], head: HttpHead, lib: ModuleType, elapsed: float
-    ) -> None:
+    def __init__(self, inner: Any, head: HttpHead, lib: ModuleType, elapsed: float) -> None:
         """``inner``: the cache's stream, its head already read (by `ClientCache.call`, which
         raises upstream errors, as the SDK raises them from ``create``)."""
         self._source = inner
@@ -236,7 +235,11 @@ class CachedStream(Generic[T]):
         """The upstream response's recorded head as the SDK's HTTP response class."""
         if self._response is None:
             self._response = recorded_response(
-                self._lib, self._head, elapsed=self._elapsed, close=self.close, is_async=False
+                self._lib,
+                self._head,
+                elapsed=self._elapsed,
+                close=self.close,  # type: ignore[attr-defined]
+                is_async=self._is_async,
             )
             self._response.is_closed = self._closed
         return self._response
@@ -245,6 +248,14 @@ class CachedStream(Generic[T]):
     def cache_info(self) -> Any:
         """What the cache did for this call (None before the cache reports it)."""
         return getattr(self._source, "cache_info", None)
+
+
+class CachedStream(_RecordedStream, Generic[T]):
+    """A cached client's stream: behaves like the SDK's ``Stream`` on a miss, join or hit.
+
+    ``.response`` is built on first use (see `recorded_response`)."""
+
+    _iter: Iterator[Any]
 
     def __iter__(self) -> Iterator[T]:
         return self._iter
@@ -277,35 +288,11 @@ class CachedStream(Generic[T]):
         return f"<CachedStream [{self._head.status_code} {self._head.reason_phrase}]>"
 
 
-class AsyncCachedStream(Generic[T]):
+class AsyncCachedStream(_RecordedStream, Generic[T]):
     """A cached async client's stream: behaves like the SDK's ``AsyncStream``."""
 
-    def __init__(
-        self, inner: AsyncIterator[Any], head: HttpHead, lib: ModuleType, elapsed: float
-    ) -> None:
-        """``inner``: the cache's stream, its head already read (see `CachedStream`)."""
-        self._source = inner
-        self._iter = inner
-        self._head = head
-        self._lib = lib
-        self._elapsed = elapsed
-        self._response: Any = None
-        self._closed = False
-
-    @property
-    def response(self) -> Any:
-        """The upstream response's recorded head as the SDK's HTTP response class."""
-        if self._response is None:
-            self._response = recorded_response(
-                self._lib, self._head, elapsed=self._elapsed, close=self.close, is_async=True
-            )
-            self._response.is_closed = self._closed
-        return self._response
-
-    @property
-    def cache_info(self) -> Any:
-        """What the cache did for this call (None before the cache reports it)."""
-        return getattr(self._source, "cache_info", None)
+    _is_async = True
+    _iter: AsyncIterator[Any]
 
     def __aiter__(self) -> AsyncIterator[T]:
         return self._iter
