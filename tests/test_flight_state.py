@@ -124,6 +124,31 @@ def test_abandon_under_finish_drains_and_stays_joinable() -> None:
     assert state.upstream_ended(complete=True) == STORE
 
 
+@pytest.mark.parametrize("why", ["no_store", "superseded", "oversized", "unserializable"])
+def test_abandon_under_finish_cancels_a_stream_that_will_not_be_stored(why: str) -> None:
+    state = running("finish")
+    if why == "no_store":
+        state.wants_store = False
+    elif why == "superseded":
+        state.supersede()
+    elif why == "oversized":
+        assert state.overflowed() == RELEASE
+    else:
+        assert state.keep_from_store(why)
+    assert state.consumer_left(0) == CANCEL  # nothing to drain for
+    assert state.phase is Phase.CANCELLING and not state.joinable
+    state.upstream_closed()
+    # the first reason is kept; a no_store stream cut short was abandoned (never ended)
+    assert state.outcome == ("abandoned" if why == "no_store" else why)
+
+
+def test_a_publishing_no_store_producer_still_drains_for_other_processes() -> None:
+    state = running("finish")
+    state.wants_store = False
+    state.publishing = True
+    assert state.consumer_left(0) == DRAIN
+
+
 def test_no_abandon_once_the_stream_ended() -> None:
     state = running()
     state.upstream_ended(complete=True)

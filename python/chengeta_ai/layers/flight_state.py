@@ -172,13 +172,20 @@ class FlightState:
 
     def consumer_left(self, remaining: int) -> int:
         """A consumer detached and ``remaining`` are attached: with none left before the end,
-        the flight is abandoned (cancelled or drained by policy)."""
+        the flight is abandoned: drained under ``on_abandon="finish"`` when the stream will be
+        stored, cancelled otherwise (a stream that cannot or need not be stored is not read to
+        its end for nobody)."""
         if remaining or self.phase is not Phase.RUNNING or self.abandoned:
             return 0
         self.abandoned = True
-        # a follower never stores: read to the end for nobody, it would only keep its
-        # producer's upstream going (it stops, whatever its policy)
-        if not self.follower and (self.on_abandon == "finish" or self.publishing):
+        # "finish" reads the rest only for the entry it will store: not for a follower (its
+        # producer stores), a stream nobody attached wants stored (no_store), or one that can
+        # no longer be stored (superseded, oversized, ...). A publishing producer drains for
+        # the other processes reading it (its Redis writer decides when to cancel).
+        if not self.follower and (
+            self.publishing
+            or (self.on_abandon == "finish" and self.wants_store and self.not_stored is None)
+        ):
             return DRAIN
         self.phase = Phase.CANCELLING
         self.keep_from_store("abandoned")

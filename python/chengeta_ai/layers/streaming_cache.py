@@ -140,7 +140,8 @@ class StreamingResponseCache:
             upstream is read no faster than the slowest consumer.
         on_abandon: when the last consumer of an unfinished stream leaves: ``"cancel"``
             (default) closes the upstream and stores nothing; ``"finish"`` reads it to the end
-            in the background and stores it.
+            in the background and stores it (a stream that will not be stored: ``no_store``,
+            superseded by a refresh, oversized, ... is closed as under ``"cancel"``).
         max_entry_bytes: bound on an in-flight stream's retained log and on stored entries;
             defaults to the manager's (16 MiB).
         task_group: an anyio task group to run background pumps in (see ``async with``).
