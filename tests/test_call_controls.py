@@ -222,6 +222,16 @@ def test_cache_control_accepts_a_mapping_and_refuses_unknown_keys() -> None:
         ({"replay": "fast"}, ValueError, "replay"),
         ({"speed": 0}, ValueError, "speed"),
         ({"speed": float("inf")}, ValueError, "speed"),
+        # review: huge ints overflowed float conversion (OverflowError, not a clear error)
+        ({"speed": 10**400}, ValueError, "speed"),
+        ({"ttl": 10**400}, ValueError, "ttl"),
+        ({"ttl": 1e300}, ValueError, "ttl"),  # beyond what a backend can expire
+        # review: a mapping was taken as its keys, silently
+        ({"tags": {"x": 1}}, TypeError, "tags"),
+        # review: control characters and unbounded labels went into keys and logs
+        ({"namespace": "a\nb"}, ValueError, "namespace"),
+        ({"namespace": "a\x00b"}, ValueError, "namespace"),
+        ({"namespace": "t" * 257}, ValueError, "namespace"),
     ],
 )
 def test_bad_controls_raise_at_construction(
@@ -229,6 +239,14 @@ def test_bad_controls_raise_at_construction(
 ) -> None:
     with pytest.raises(error, match=match):
         CacheControl(**kwargs)
+
+
+def test_edge_controls_that_are_fine() -> None:
+    assert CacheControl(namespace="tenant-\u00e9\u4e2d 42").namespace == "tenant-\u00e9\u4e2d 42"
+    assert CacheControl(namespace="t" * 256).namespace == "t" * 256
+    assert CacheControl(ttl=10**9).ttl == 1e9  # about 32 years
+    assert CacheControl(tags={"b"}).tags == ("b",)  # a set of tags is a collection of tags
+    assert CacheControl(speed=10**6).speed == 1e6
 
 
 def test_controls_conflicting_with_arguments_raise_at_the_call() -> None:

@@ -21,10 +21,9 @@ it was not.
 from __future__ import annotations
 
 import logging
-import math
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -131,21 +130,32 @@ def unframe(data: bytes) -> memoryview:
     return unframe_entry(data).payload
 
 
+#: Longest ttl accepted (100 years): every backend can expire it (Redis keeps PX in a signed
+#: 64-bit count of milliseconds from now).
+MAX_TTL = 100 * 365.25 * 86400
+
+
 def check_ttl(ttl: float | None) -> float | None:
     if ttl is None:
         return None
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
         raise TypeError(f"ttl must be a number of seconds or None, got {type(ttl).__name__}")
-    if not math.isfinite(ttl) or ttl <= 0:
-        raise ValueError(f"ttl must be a positive, finite number of seconds or None, got {ttl!r}")
+    if not 0 < ttl <= MAX_TTL:  # NaN fails too; an int too large for a float is compared exactly
+        raise ValueError(
+            f"ttl must be a positive number of seconds up to {MAX_TTL:.0f} (100 years) or None, "
+            f"got {ttl!r:.40}"
+        )
     return float(ttl)
 
 
 def check_tags(tags: Iterable[str] | None) -> tuple[str, ...]:
     if tags is None:
         return ()
-    if isinstance(tags, (str, bytes)):
-        raise TypeError(f"tags must be a list of strings, not a single {type(tags).__name__}")
+    if isinstance(tags, (str, bytes, Mapping)):
+        raise TypeError(
+            f"tags must be a collection of strings, not a {type(tags).__name__} "
+            "(a str or bytes would be taken as its characters, a mapping as its keys)"
+        )
     out = tuple(tags)
     for tag in out:
         if not isinstance(tag, str) or not tag:

@@ -26,7 +26,6 @@ final (``outcome`` set) once the stream ended.
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
@@ -77,6 +76,9 @@ Replay = Literal["instant", "recorded"]
 #: most 100 hours, and a delay is never a number `time.sleep` cannot take.
 MIN_SPEED = 0.01
 MAX_SPEED = 1e6
+
+#: Longest ``namespace`` label accepted, in characters.
+MAX_NAMESPACE = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +136,11 @@ class CacheControl:
                 raise TypeError("CacheControl.namespace must be a non-empty str or None")
             if ":" in self.namespace:
                 raise ValueError(f"CacheControl.namespace must not contain ':': {self.namespace!r}")
+            if len(self.namespace) > MAX_NAMESPACE or not self.namespace.isprintable():
+                raise ValueError(
+                    f"CacheControl.namespace must be at most {MAX_NAMESPACE} printable characters "
+                    f"(it is part of the key and of log lines), got {self.namespace!r:.80}"
+                )
         if self.replay not in get_args(Replay):
             raise ValueError(
                 f"CacheControl.replay must be 'instant' or 'recorded', got {self.replay!r}"
@@ -141,9 +148,10 @@ class CacheControl:
         speed = self.speed
         if isinstance(speed, bool) or not isinstance(speed, (int, float)):
             raise TypeError("CacheControl.speed must be a number")
-        if not math.isfinite(speed) or not MIN_SPEED <= speed <= MAX_SPEED:
+        if not MIN_SPEED <= speed <= MAX_SPEED:  # NaN fails too; a huge int compares exactly
             raise ValueError(
-                f"CacheControl.speed must be between {MIN_SPEED} and {MAX_SPEED:g}, got {speed!r}"
+                f"CacheControl.speed must be between {MIN_SPEED} and {MAX_SPEED:g}, "
+                f"got {speed!r:.40}"
             )
         object.__setattr__(self, "speed", float(speed))
 
