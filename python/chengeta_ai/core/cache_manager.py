@@ -153,7 +153,7 @@ def check_tags(tags: Iterable[str] | None) -> tuple[str, ...]:
         return ()
     if isinstance(tags, (str, bytes, Mapping)):
         raise TypeError(
-            f"tags must be a collection of strings, not a {type(tags).__name__} "
+            f"tags must be a list of strings, not a {type(tags).__name__} "
             "(a str or bytes would be taken as its characters, a mapping as its keys)"
         )
     out = tuple(tags)
