@@ -5,12 +5,16 @@ Keys (``prefix`` defaults to ``"chengeta:"``; one prefix per namespace)::
     {prefix}k:<key>     STRING   the encoded entry, native expiry (SET ... PX ttl)
     {prefix}tag:<tag>   ZSET     member <key>, score = the entry's expiry in unix ms (+inf: none)
 
-Round trips. ``get`` is one ``GET``. ``set`` is one pipelined ``MULTI/EXEC``: the ``SET`` and,
-per tag, ``ZADD``, ``ZREMRANGEBYSCORE`` (drops members whose entries expired more than
-``tag_prune_grace`` seconds ago, so a busy tag never grows without bound) and two ``PEXPIRE``:
-``NX`` gives a new tag set an expiry, ``GT`` extends it, so a tag set always outlives its
-longest-lived member (an entry without TTL gives its tags an expiry of ~100 years, never
-``PERSIST``, so ``NX``/``GT`` stay exact). ``invalidate`` reads the members (one ``ZRANGE``)
+Round trips. ``get`` is one ``GET``. ``set`` is one ``SET`` without tags, else one Lua script
+(``EVALSHA``; atomic and all-or-nothing): it first checks that every tag key is a sorted set or
+absent (a ``MULTI`` is not rolled back: a tag key of another type, left by another program,
+would fail its ``ZADD`` after the ``SET`` ran, storing an entry that is reported not stored and
+that ``invalidate`` cannot reach; the script writes nothing and fails instead), then runs the
+``SET`` and, per tag, ``ZADD``, ``ZREMRANGEBYSCORE`` (drops members whose entries expired more
+than ``tag_prune_grace`` seconds ago, so a busy tag never grows without bound) and two
+``PEXPIRE``: ``NX`` gives a new tag set an expiry, ``GT`` extends it, so a tag set always
+outlives its longest-lived member (an entry without TTL gives its tags an expiry of ~100 years,
+never ``PERSIST``, so ``NX``/``GT`` stay exact). ``invalidate`` reads the members (one ``ZRANGE``)
 and then, per 500 members, ``UNLINK``s the entries and ``ZREM``s exactly those members in one
 ``MULTI``: a key tagged concurrently after the read keeps its registration, so none is lost.
 `stats` counts round trips.
@@ -30,15 +34,15 @@ That errs toward a miss, never toward stale data; chengeta_ai derives tags from 
 also determines the key, so in practice a key's tags never change. ``delete`` leaves harmless
 stale members behind.
 
-Redis Cluster. ``MULTI`` and multi-key commands need every key in one hash slot. With a prefix
-containing a hash tag, e.g. ``prefix="{chengeta}:"``, every key of the namespace hashes to the
-same slot: ``set`` with tags and ``invalidate`` keep working unchanged (and stay atomic), at the
-cost of putting one namespace on one shard (spread load by using several namespaces, each its
-own ``{...}``). The alternative, per-key slots with tag sets on other shards, would make a
+Redis Cluster. ``MULTI``, scripts and multi-key commands need every key in one hash slot. With a
+prefix containing a hash tag, e.g. ``prefix="{chengeta}:"``, every key of the namespace hashes
+to the same slot: ``set`` with tags and ``invalidate`` keep working unchanged (and stay atomic),
+at the cost of putting one namespace on one shard (spread load by using several namespaces, each
+its own ``{...}``). The alternative, per-key slots with tag sets on other shards, would make a
 ``set`` span several nodes (several round trips, no atomicity: a crash between them loses tag
-registrations), which is why it was not chosen. A plain ``"chengeta:"`` prefix is for
-standalone / Sentinel deployments. Pass a ``redis.cluster.RedisCluster`` as ``client`` to use a
-cluster (not tested here: no cluster in CI; the one-slot property of the keys is tested).
+registrations), which is why it was not chosen. A plain ``"chengeta:"`` prefix is for standalone
+/ Sentinel deployments. Pass a ``redis.cluster.RedisCluster`` as ``client`` to use a cluster
+(not tested here: no cluster in CI; the one-slot property of the keys is tested).
 
 Failure. Timeouts are short (``socket_connect_timeout=0.5``, ``socket_timeout=1.0`` seconds)
 and a command is retried once only on a connection error (a pooled socket broken by a server
@@ -55,6 +59,7 @@ anyio worker thread. Values are opaque bytes: nothing here ever unpickles.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 import time
 import weakref
@@ -86,6 +91,33 @@ _FOREVER_MS = 100 * 365 * 24 * 3600 * 1000  # tag-set expiry for entries without
 _INVALIDATE_BATCH = 500
 _SCAN_BATCH = 1000
 _TAG_SET_BATCH = 100  # tag sets read per pipelined round trip by clear_namespace
+
+
+#: ``set`` with tags. KEYS: the entry, then its tag sets; ARGV: value, PX in ms ("" = none),
+#: member, score, prune cutoff, tag-set expiry in ms. Nothing is written unless every tag key
+#: is a sorted set or absent.
+_SET_TAGGED = """
+for i = 2, #KEYS do
+  local kind = redis.call('TYPE', KEYS[i])['ok']
+  if kind ~= 'zset' and kind ~= 'none' then
+    return redis.error_reply('WRONGTYPE tag set ' .. KEYS[i] .. ' holds a ' .. kind
+      .. ', not a sorted set: nothing written')
+  end
+end
+if ARGV[2] == '' then
+  redis.call('SET', KEYS[1], ARGV[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+for i = 2, #KEYS do
+  redis.call('ZADD', KEYS[i], ARGV[4], ARGV[3])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', '(' .. ARGV[5])
+  redis.call('PEXPIRE', KEYS[i], ARGV[6], 'NX')
+  redis.call('PEXPIRE', KEYS[i], ARGV[6], 'GT')
+end
+return 1
+"""
+_SET_TAGGED_SHA = hashlib.sha1(_SET_TAGGED.encode()).hexdigest()
 
 
 def _escape_glob(s: str) -> str:
@@ -196,28 +228,26 @@ class RedisBackend(BaseBackend):
             self._count(errors=1)
             raise BackendError(f"redis at {self.url}: {exc}") from exc
 
-    def _queue_set(
-        self, pipe: Any, key: str, value: bytes, ttl: float | None, tags: Sequence[str]
-    ) -> None:
-        """Queue one entry and its tag registrations on a MULTI pipeline (sync or async)."""
+    def _set_command(
+        self, key: str, value: bytes, ttl: float | None, tags: Sequence[str]
+    ) -> tuple[str, list[Any]]:
+        """The one command that stores an entry: ``("SET", args)`` without tags, else
+        ``("SCRIPT", numkeys + keys + args)`` of `_SET_TAGGED` (sync or async client)."""
         ek = self.entry_key(key)
+        ttl_ms = max(1, int(ttl * 1000)) if ttl is not None and ttl > 0 else None
+        if not tags:
+            return "SET", [ek, value] + ([] if ttl_ms is None else ["PX", ttl_ms])
         now_ms = int(time.time() * 1000)
-        if ttl is not None and ttl > 0:
-            ttl_ms = max(1, int(ttl * 1000))
-            pipe.set(ek, value, px=ttl_ms)
-            score: float = now_ms + ttl_ms
+        if ttl_ms is not None:
+            score = str(now_ms + ttl_ms)
             tag_ms = ttl_ms + int(self.tag_prune_grace * 1000)
         else:
-            pipe.set(ek, value)
-            score = float("inf")
+            score = "+inf"
             tag_ms = _FOREVER_MS
         cutoff = now_ms - int(self.tag_prune_grace * 1000)
-        for tag in dict.fromkeys(tags):
-            tk = self.tag_key(tag)
-            pipe.zadd(tk, {key: score})
-            pipe.zremrangebyscore(tk, "-inf", f"({cutoff}")
-            pipe.pexpire(tk, tag_ms, nx=True)
-            pipe.pexpire(tk, tag_ms, gt=True)
+        tag_keys = [self.tag_key(tag) for tag in dict.fromkeys(tags)]
+        args = [value, "" if ttl_ms is None else ttl_ms, key, score, cutoff, tag_ms]
+        return "SCRIPT", [1 + len(tag_keys), ek, *tag_keys, *args]
 
     def _queue_invalidate(self, pipe: Any, tag_key: str | bytes, members: Sequence[bytes]) -> None:
         pipe.unlink(*(self.entry_key(m.decode()) for m in members))
@@ -272,10 +302,15 @@ class RedisBackend(BaseBackend):
     def set(
         self, key: str, value: bytes, ttl: float | None = None, tags: Sequence[str] = ()
     ) -> None:
+        kind, args = self._set_command(key, value, ttl, tags)
         with self._guard():
-            with self._client.pipeline(transaction=True) as pipe:
-                self._queue_set(pipe, key, value, ttl, tags)
-                pipe.execute()
+            if kind == "SET":
+                self._client.execute_command("SET", *args)
+            else:
+                try:
+                    self._client.evalsha(_SET_TAGGED_SHA, *args)
+                except redis.exceptions.NoScriptError:
+                    self._client.eval(_SET_TAGGED, *args)
         self._count(sets=1)
 
     def delete(self, key: str) -> bool:
@@ -376,10 +411,15 @@ class RedisBackend(BaseBackend):
         client = self._aclient()
         if client is None:
             return await super().aset(key, value, ttl, tags)
+        kind, args = self._set_command(key, value, ttl, tags)
         with self._guard():
-            async with client.pipeline(transaction=True) as pipe:
-                self._queue_set(pipe, key, value, ttl, tags)
-                await pipe.execute()
+            if kind == "SET":
+                await client.execute_command("SET", *args)
+            else:
+                try:
+                    await client.evalsha(_SET_TAGGED_SHA, *args)
+                except redis.exceptions.NoScriptError:
+                    await client.eval(_SET_TAGGED, *args)
         self._count(sets=1)
 
     async def adelete(self, key: str) -> bool:
