@@ -231,12 +231,12 @@ class RedisBackend(BaseBackend):
     def _set_command(
         self, key: str, value: bytes, ttl: float | None, tags: Sequence[str]
     ) -> tuple[str, list[Any]]:
-        """The one command that stores an entry: ``("SET", args)`` without tags, else
+        """The one command that stores an entry: ``("SET", [key, value, px])`` without tags, else
         ``("SCRIPT", numkeys + keys + args)`` of `_SET_TAGGED` (sync or async client)."""
         ek = self.entry_key(key)
         ttl_ms = max(1, int(ttl * 1000)) if ttl is not None and ttl > 0 else None
         if not tags:
-            return "SET", [ek, value] + ([] if ttl_ms is None else ["PX", ttl_ms])
+            return "SET", [ek, value, ttl_ms]
         now_ms = int(time.time() * 1000)
         if ttl_ms is not None:
             score = str(now_ms + ttl_ms)
@@ -305,7 +305,7 @@ class RedisBackend(BaseBackend):
         kind, args = self._set_command(key, value, ttl, tags)
         with self._guard():
             if kind == "SET":
-                self._client.execute_command("SET", *args)
+                self._client.set(args[0], args[1], px=args[2])
             else:
                 try:
                     self._client.evalsha(_SET_TAGGED_SHA, *args)
@@ -414,7 +414,7 @@ class RedisBackend(BaseBackend):
         kind, args = self._set_command(key, value, ttl, tags)
         with self._guard():
             if kind == "SET":
-                await client.execute_command("SET", *args)
+                await client.set(args[0], args[1], px=args[2])
             else:
                 try:
                     await client.evalsha(_SET_TAGGED_SHA, *args)
