@@ -87,6 +87,19 @@ def test_max_bytes(tmp_path: Path) -> None:
     b.close()
 
 
+def test_an_entry_larger_than_max_bytes_evicts_nothing_else(tmp_path: Path) -> None:
+    """Review s4: it was written, then the bound evicted every other entry and itself."""
+    b = SQLiteBackend(tmp_path / "c.db", max_bytes=1000)
+    b.set("small", b"s" * 100, tags=["t"])
+    b.set("big", b"old" * 10, tags=["t"])
+    b.set("big", b"x" * 1001, tags=["t"])  # cannot fit on its own
+    assert b.get("small") == b"s" * 100
+    assert b.get("big") is None  # its older value is gone (it was being replaced)
+    assert b.stats()["evictions"] == 1
+    assert b.invalidate("t") == 1  # only "small" is left under the tag
+    b.close()
+
+
 def _writer(path: str, proc: int, n: int) -> None:
     b = SQLiteBackend(path, timeout=30.0)
     for i in range(n):

@@ -283,6 +283,15 @@ class SQLiteBackend(BaseBackend):
     def set(
         self, key: str, value: bytes, ttl: float | None = None, tags: Sequence[str] = ()
     ) -> None:
+        if self.max_bytes is not None and len(value) > self.max_bytes:
+            # it cannot fit: evicting every other entry first would not make it fit either.
+            # The key's older value goes (it is being replaced), nothing else is touched.
+            with self._write() as conn:
+                conn.execute("DELETE FROM entries WHERE key = ?", (key,))
+                conn.execute("DELETE FROM tags WHERE key = ?", (key,))
+            with self._lock:
+                self._evictions += 1
+            return
         now = time.time()
         expires_at = now + ttl if ttl is not None and ttl > 0 else None
         tags = tuple(dict.fromkeys(tags))

@@ -283,17 +283,32 @@ class CacheManager:
         return self.fit(key, frame(payload))
 
     def fit(self, key: str, data: bytes) -> bytes | None:
-        """``data`` if it is within ``max_entry_bytes``, else None (counted, logged)."""
-        if self.max_entry_bytes is not None and len(data) > self.max_entry_bytes:
+        """``data`` if it is within ``max_entry_bytes`` and within the backend's own bound on
+        its total size (``max_bytes`` of `InMemoryBackend` / `SQLiteBackend`: an entry larger
+        than that can never be read back), else None (counted, logged)."""
+        bound = self.store_bound()
+        if bound is not None and len(data) > bound:
             self.count("oversized_entries")
             logger.info(
-                "chengeta_ai: entry %s not cached: %d bytes > max_entry_bytes=%d",
+                "chengeta_ai: entry %s not cached: %d bytes > %d (max_entry_bytes=%s, the "
+                "backend's max_bytes=%s)",
                 key,
                 len(data),
+                bound,
                 self.max_entry_bytes,
+                getattr(self.backend, "max_bytes", None),
             )
             return None
         return data
+
+    def store_bound(self) -> int | None:
+        """The largest entry a store may write: ``max_entry_bytes``, or less when the backend
+        bounds its total size below it (read at each store: a bound changed later counts)."""
+        bound = self.max_entry_bytes
+        backend_max = getattr(self.backend, "max_bytes", None)
+        if isinstance(backend_max, int) and not isinstance(backend_max, bool):
+            bound = backend_max if bound is None else min(bound, backend_max)
+        return bound
 
     def _decode(self, raw: bytes | None, serializer: Serializer | None) -> Any:
         """The value in a framed entry, `_MISSING`, or the `DecodeError` it raised."""
