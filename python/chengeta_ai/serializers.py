@@ -128,6 +128,37 @@ class Serializer(Protocol):
         ...
 
 
+#: What a manager needs of a serializer (whole values), and what a streaming cache needs.
+_VALUE_METHODS = ("dumps", "loads")
+_STREAM_METHODS = ("dumps", "loads", "stream_encoder", "iter_batches")
+
+
+def check_serializer(serializer: object, *, streams: bool) -> Serializer:
+    """``serializer`` if it has the methods its user calls (``streams``: a streaming cache's,
+    else a manager's); else a `TypeError` at construction saying what to pass (a class instead
+    of an instance, a name, an object missing methods), not an AttributeError at the first
+    miss."""
+    choices = "CompactSerializer() (the default), PickleSerializer() or JsonSerializer()"
+    if isinstance(serializer, type):
+        raise TypeError(
+            f"serializer must be an instance, got the class {serializer.__name__}: "
+            f"pass {serializer.__name__}()"
+        )
+    if isinstance(serializer, (str, bytes)):
+        raise TypeError(
+            f"serializer must be a serializer object, not the name {serializer!r}: pass "
+            f"{choices} (from chengeta_ai.serializers)"
+        )
+    needed = _STREAM_METHODS if streams else _VALUE_METHODS
+    missing = [m for m in needed if not callable(getattr(serializer, m, None))]
+    if missing:
+        raise TypeError(
+            f"serializer {type(serializer).__name__} lacks {', '.join(missing)}: pass {choices} "
+            "or an object implementing chengeta_ai.serializers.Serializer"
+        )
+    return serializer  # type: ignore[return-value]
+
+
 def _batches_of_list(items: list[Any], batch_size: int) -> Iterator[list[Any]]:
     for i in range(0, len(items), batch_size):
         yield items[i : i + batch_size]

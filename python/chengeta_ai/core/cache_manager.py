@@ -39,7 +39,7 @@ from chengeta_ai.core.stats import Counters, ManagerStats, counter_names
 from chengeta_ai.errors import BackendError, DecodeError
 from chengeta_ai.logs import warn
 from chengeta_ai.models import report_unregistered
-from chengeta_ai.serializers import CompactSerializer, Serializer, decode_cap
+from chengeta_ai.serializers import CompactSerializer, Serializer, check_serializer, decode_cap
 
 __all__ = ["DEFAULT_MAX_ENTRY_BYTES", "CacheManager", "Entry", "frame", "unframe", "unframe_entry"]
 
@@ -238,7 +238,11 @@ class CacheManager:
                 f"{type(key_builder).__name__}"
             )
         self.key_builder = key_builder if key_builder is not None else CacheKeyBuilder()
-        self.serializer: Serializer = serializer if serializer is not None else CompactSerializer()
+        self.serializer: Serializer = (
+            CompactSerializer()
+            if serializer is None
+            else check_serializer(serializer, streams=False)
+        )
         self.default_ttl = check_ttl(default_ttl)
         self.max_entry_bytes = max_entry_bytes
         self._counters = Counters(counter_names(ManagerStats))

@@ -66,7 +66,7 @@ from chengeta_ai.layers.flights import (
 )
 from chengeta_ai.layers.upstream import check_sync_stream
 from chengeta_ai.metrics import StreamMetrics, otel_metrics
-from chengeta_ai.serializers import CompactSerializer, Serializer, decode_cap
+from chengeta_ai.serializers import CompactSerializer, Serializer, check_serializer, decode_cap
 
 if TYPE_CHECKING:
     from chengeta_ai.layers.redis_flights import RedisFlights
@@ -192,7 +192,9 @@ class StreamingResponseCache:
         if on_abandon not in ("cancel", "finish"):
             raise ValueError(f"on_abandon must be 'cancel' or 'finish', got {on_abandon!r}")
         self.manager = manager
-        self.serializer: Serializer = serializer if serializer is not None else manager.serializer
+        self.serializer: Serializer = check_serializer(
+            serializer if serializer is not None else manager.serializer, streams=True
+        )
         self.chunk_joiner = chunk_joiner
         self.max_lag = max_lag
         self.slow_consumer: SlowConsumerPolicy = slow_consumer
