@@ -13,6 +13,7 @@ tell a complete entry: for a non-streamed call, exactly one object after it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -113,7 +114,7 @@ def _object_upstream(
 
 
 async def _astream_upstream(
-    create: Callable[..., Any], kwargs: dict[str, Any], endpoint: str
+    create: Callable[..., Any], kwargs: dict[str, Any], endpoint: str, _messages: Any = None
 ) -> AsyncIterator[Any]:
     stream = await create(**kwargs)
     try:
@@ -434,10 +435,11 @@ class ClientCache:
         """Async twin of `_open`."""
         upstream: Callable[[Any], AsyncIterator[Any]]
         if req.stream:
-            create = resource.create
-
-            def upstream(_: Any) -> AsyncIterator[Any]:
-                return _astream_upstream(create, req.sdk_kwargs, endpoint)
+            # an async generator function (through a partial): called on the loop, not in a
+            # worker thread like a plain function (see `fanout._open_upstream`)
+            upstream = functools.partial(
+                _astream_upstream, resource.create, req.sdk_kwargs, endpoint
+            )
         elif control is not None and control.only_if_cached:
             control, upstream = await self._aonly_if_cached(endpoint, req, params, control, answer)
         else:

@@ -126,8 +126,69 @@ def head_fits(first: Any, endpoint: str, *, stream: bool) -> TypeGuard[HttpHead]
     a whole call's entry under a streamed call's key or the reverse, another endpoint's) is a
     corrupt entry: written by a bug, or planted in a shared backend."""
     return (
-        isinstance(first, HttpHead) and first.stream is stream and first.endpoint in (endpoint, "")
+        isinstance(first, HttpHead)
+        and first.stream is stream
+        and first.endpoint in (endpoint, "")
+        and head_is_sound(first)
     )
+
+
+#: HTTP versions a recorded head may name (what httpx / the SDKs report).
+_HTTP_VERSIONS = frozenset({"HTTP/0.9", "HTTP/1.0", "HTTP/1.1", "HTTP/2", "HTTP/3"})
+
+
+def head_is_sound(head: HttpHead) -> bool:
+    """Whether the HTTP response rebuilt from ``head`` can be built: the compact codec rebuilds
+    a stored head without validating it, so a planted or damaged head (a URL that does not
+    parse, headers that are not pairs of strings, a status outside 100-599) is refused here,
+    before anything is handed out, rather than raising in the caller at ``.response`` or in
+    the SDK's helpers (which read ``.response`` on entry). Cheap: a few type checks and one
+    URL parse per hit."""
+    try:
+        fields = head.__dict__
+        status, method, url = fields["status_code"], fields["method"], fields["url"]
+        headers = fields["headers"]
+        if not (
+            type(status) is int
+            and 100 <= status <= 599
+            and type(fields["stream"]) is bool
+            and type(fields["reason_phrase"]) is str
+            and fields["http_version"] in _HTTP_VERSIONS
+            and type(method) is str
+            and method.isascii()
+            and method.isalpha()
+            and type(url) is str
+            and type(headers) is list
+        ):
+            return False
+        for pair in headers:
+            if not (
+                type(pair) is tuple
+                and len(pair) == 2
+                and type(pair[0]) is str
+                and type(pair[1]) is str
+                and pair[0].isascii()
+            ):
+                return False
+        if url:
+            _url_parser()(url)
+    except Exception:
+        return False
+    return True
+
+
+@functools.cache
+def _url_parser() -> Callable[[str], Any]:
+    """The URL parser of the HTTP library the SDKs use (``httpx.URL``; its fork ``httpx2`` parses
+    alike); the standard library's if neither is installed."""
+    for name in ("httpx", "httpx2"):
+        try:
+            return importlib.import_module(name).URL  # type: ignore[no-any-return]
+        except ImportError:
+            continue
+    import urllib.parse
+
+    return urllib.parse.urlsplit
 
 
 # -- `.response`: a real HTTP response of the SDK's HTTP library, rebuilt from the head --------

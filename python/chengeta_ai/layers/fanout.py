@@ -404,6 +404,58 @@ class Flight:
 # async
 
 
+def _known_async(stream_fn: Callable[[Any], Any]) -> bool:
+    """``stream_fn`` is an ``async def`` or an async generator function (also through a
+    `functools.partial`, a bound method, or an object whose ``__call__`` is one): calling it
+    only creates a coroutine or generator, it cannot block."""
+    if inspect.iscoroutinefunction(stream_fn) or inspect.isasyncgenfunction(stream_fn):
+        return True
+    call = getattr(type(stream_fn), "__call__", None)  # noqa: B004 - the class's, not callable()
+    return inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)
+
+
+def _close_quietly(result: Any) -> None:
+    """Closes what a ``stream_fn`` returned after its caller was cancelled (its HTTP response,
+    a coroutine never awaited); never raises."""
+    closer = getattr(result, "close", None)
+    if closer is None:
+        return
+    try:
+        closed = closer()
+        if inspect.iscoroutine(closed):
+            closed.close()
+    except Exception as exc:
+        logger.debug("chengeta_ai: closing an abandoned upstream raised %r", exc)
+
+
+async def _call_in_thread(stream_fn: Callable[[Any], Any], messages: Any) -> Any:
+    """``stream_fn(messages)`` in a worker thread: a sync function may block until the
+    response head (the sync SDKs' ``create(..., stream=True)``), which must not freeze the
+    loop. A caller cancelled meanwhile leaves at once; what the call returns later is closed
+    in its thread (or here, if it returned in the same instant), never leaked."""
+    lock = threading.Lock()
+    abandoned = False
+    returned: list[Any] = []
+
+    def call() -> Any:
+        result = stream_fn(messages)
+        with lock:
+            if not abandoned:
+                returned.append(result)
+                return result
+        _close_quietly(result)
+        return None
+
+    try:
+        return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+    except BaseException:
+        with lock:
+            abandoned = True
+        if returned:
+            _close_quietly(returned[0])
+        raise
+
+
 async def _open_upstream(stream_fn: Callable[[Any], Any], messages: Any) -> Any:
     """Calls ``stream_fn`` and returns the async iterator to read.
 
@@ -412,8 +464,15 @@ async def _open_upstream(stream_fn: Callable[[Any], Any], messages: Any) -> Any:
     inline if it is in memory (a list), else one ``next()`` at a time in a worker thread (an
     ``openai.Stream`` must not block the loop; see `chengeta_ai.layers.upstream`). A response
     object rather than a stream (``stream=True`` forgotten) raises `TypeError`.
+
+    A ``stream_fn`` that is not known to be async (`_known_async`: a plain function or lambda)
+    is called in a worker thread too: it may be the sync SDK's ``create``, which blocks until
+    the response head. An ``async def`` / async generator function is called on the loop.
     """
-    result = stream_fn(messages)
+    if _known_async(stream_fn):
+        result = stream_fn(messages)
+    else:
+        result = await _call_in_thread(stream_fn, messages)
     if inspect.isawaitable(result) and not hasattr(result, "__anext__"):
         result = await result
     reason = not_a_stream(result)
