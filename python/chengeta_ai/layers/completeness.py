@@ -5,9 +5,16 @@ normal end: no error, just fewer chunks. For the SDK types we know, a stream is 
 when it carries its terminal event:
 
 - OpenAI Chat Completions (`ChatCompletionChunk`) and Completions (`Completion`): every choice
-  that appeared has a ``finish_reason``;
-- OpenAI Responses events: the last event is ``response.completed`` (or ``response.incomplete``,
-  the API's own deterministic end for a request cut by ``max_output_tokens``);
+  that appeared has a ``finish_reason``; and a stream whose chunks carry ``usage`` (an explicit
+  ``null`` in every chunk: the request asked ``stream_options={"include_usage": True}``) ends
+  with its usage chunk (``choices=[]``, ``usage`` set), which the API sends after the last
+  ``finish_reason``;
+- the events of the SDK's ``client.chat.completions.stream(...)`` helper
+  (``openai.lib.streaming.chat``): the same rule, over the chunks its ``chunk`` events carry;
+- OpenAI Responses events, also those of ``client.responses.stream(...)``
+  (``openai.lib.streaming.responses``): the last event is ``response.completed`` (or
+  ``response.incomplete``, the API's own deterministic end for a request cut by
+  ``max_output_tokens``);
 - Anthropic Messages events: the last event is ``message_stop``.
 
 An empty stream is never complete. A stream written by a cached client
@@ -44,13 +51,27 @@ def sdk_stream_complete(chunks: Sequence[Any]) -> bool:
     last = chunks[-1]
     module = type(last).__module__
     if module.startswith("openai."):
-        if module.startswith("openai.types.responses"):
+        if module.startswith(("openai.types.responses", "openai.lib.streaming.responses")):
             return getattr(last, "type", None) in _RESPONSES_DONE
+        if module.startswith("openai.lib.streaming.chat"):
+            # the helper's events: its ``chunk`` events carry the API's chunks
+            return _chat_complete([e.chunk for e in chunks if getattr(e, "type", None) == "chunk"])
         if hasattr(last, "choices"):
-            return _every_choice_finished(chunks)
+            return _chat_complete(chunks)
         return True
     if module.startswith("anthropic."):
         return getattr(last, "type", None) == "message_stop"
+    return True
+
+
+def _chat_complete(chunks: Sequence[Any]) -> bool:
+    """A Chat Completions / Completions stream: every choice finished, and the usage chunk
+    last when the chunks say usage was asked for (``usage`` set, to null, in the first)."""
+    if not chunks or not _every_choice_finished(chunks):
+        return False
+    if "usage" in (getattr(chunks[0], "model_fields_set", None) or ()):
+        last = chunks[-1]
+        return not getattr(last, "choices", None) and getattr(last, "usage", None) is not None
     return True
 
 
