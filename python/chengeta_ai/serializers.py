@@ -16,6 +16,7 @@ that would decode to more is a `DecodeError`, raised before anything large is al
 from __future__ import annotations
 
 import io
+import math
 import pickle
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -362,10 +363,25 @@ def _json_reject(value: Any) -> Any:
 
 def _json_dumps(value: Any) -> bytes:
     try:
-        return orjson.dumps(value, default=_json_reject, option=_JSON_OPTS)
+        out = orjson.dumps(value, default=_json_reject, option=_JSON_OPTS)
     except TypeError as exc:  # orjson.JSONEncodeError is a TypeError
         cause = exc.__cause__  # what _json_reject raised, when it was called
         raise EncodeError(str(cause if isinstance(cause, TypeError) else exc)) from exc
+    # orjson writes nan and the infinities as null: a value read back wrong. Looked for only
+    # when the document holds a null (orjson already bounded the depth to 255)
+    if b"null" in out and _has_non_finite(value):
+        raise EncodeError("JSON cannot hold nan or an infinity (orjson would write null)")
+    return out
+
+
+def _has_non_finite(value: Any) -> bool:
+    if type(value) is float or isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_non_finite(v) for v in value)
+    return False
 
 
 class _JsonSink(_PythonSink):

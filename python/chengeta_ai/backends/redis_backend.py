@@ -174,6 +174,14 @@ class RedisBackend(BaseBackend):
                 **self._client_kwargs,
             )
         )
+        for given in (client, async_client):
+            get_encoder = getattr(given, "get_encoder", None)
+            if get_encoder is not None and getattr(get_encoder(), "decode_responses", False):
+                raise ValueError(
+                    "RedisBackend needs clients without decode_responses (entries are bytes; "
+                    "a decoding client fails every read): pass a client made without it, or "
+                    "the URL"
+                )
         self._async_client = async_client
         # One redis.asyncio client per event loop: its connections are bound to the loop.
         self._aclients: weakref.WeakKeyDictionary[

@@ -275,10 +275,15 @@ class SQLiteBackend(BaseBackend):
             return bytes(value)
 
     def _touch(self, conn: sqlite3.Connection, key: str, now: float) -> None:
+        # without waiting: a hit must not wait (up to ``timeout``) for another connection's
+        # write lock just to refresh a recency hint
+        conn.execute("PRAGMA busy_timeout = 0")
         try:
             conn.execute("UPDATE entries SET accessed_at = ? WHERE key = ?", (now, key))
         except sqlite3.OperationalError:
             pass  # busy or read-only: recency is a hint, a hit must not fail over it
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
 
     def set(
         self, key: str, value: bytes, ttl: float | None = None, tags: Sequence[str] = ()

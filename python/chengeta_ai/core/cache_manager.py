@@ -229,8 +229,12 @@ class CacheManager:
         default_ttl: float | None = None,
         max_entry_bytes: int | None = DEFAULT_MAX_ENTRY_BYTES,
     ) -> None:
-        if max_entry_bytes is not None and max_entry_bytes < 1:
-            raise ValueError(f"max_entry_bytes must be positive or None, got {max_entry_bytes!r}")
+        if max_entry_bytes is not None and (
+            type(max_entry_bytes) is not int or max_entry_bytes < 1
+        ):
+            raise ValueError(
+                f"max_entry_bytes must be a positive int or None, got {max_entry_bytes!r}"
+            )
         self.backend: Backend = InMemoryBackend() if backend is None else _check_backend(backend)
         if key_builder is not None and not callable(getattr(key_builder, "build", None)):
             raise TypeError(

@@ -199,6 +199,12 @@ class StreamingResponseCache:
         self.max_lag = max_lag
         self.slow_consumer: SlowConsumerPolicy = slow_consumer
         self.on_abandon: AbandonPolicy = on_abandon
+        if max_entry_bytes is not None and (
+            type(max_entry_bytes) is not int or max_entry_bytes < 1
+        ):
+            raise ValueError(
+                f"max_entry_bytes must be a positive int or None, got {max_entry_bytes!r}"
+            )
         self.max_entry_bytes = (
             max_entry_bytes if max_entry_bytes is not None else manager.max_entry_bytes
         )
