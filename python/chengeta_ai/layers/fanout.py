@@ -437,17 +437,19 @@ async def _call_in_thread(stream_fn: Callable[[Any], Any], messages: Any) -> Any
     abandoned = False
     returned: list[Any] = []
 
-    def call() -> Any:
+    def call() -> list[Any]:
         result = stream_fn(messages)
         with lock:
             if not abandoned:
                 returned.append(result)
-                return result
+                # boxed: trio refuses a worker function that returns a coroutine (a lambda
+                # around the async SDK's create returns one)
+                return returned
         _close_quietly(result)
-        return None
+        return returned
 
     try:
-        return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+        return (await anyio.to_thread.run_sync(call, abandon_on_cancel=True))[0]
     except BaseException:
         with lock:
             abandoned = True
