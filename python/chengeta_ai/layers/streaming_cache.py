@@ -349,7 +349,10 @@ class StreamingResponseCache:
 
     def _cache_miss(self, call: _Call) -> CacheMiss:
         self.count("only_if_cached_misses")
-        return CacheMiss(f"{call.key}: not cached and not in flight (only_if_cached)")
+        return CacheMiss(
+            f"{call.key}: not cached and not in flight in this scope (only_if_cached; a stream "
+            "of the key on another event loop, or in threads for an async call, is not joined)"
+        )
 
     def get_or_stream(
         self,

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 import threading
@@ -94,6 +95,8 @@ def check_sync_stream(result: Any) -> Iterable[Any]:
             if hasattr(result, "__aiter__") or hasattr(result, "__await__")
             else _HINT
         )
+        if inspect.iscoroutine(result):
+            result.close()  # refused: no "never awaited" warning on top of this error
         raise TypeError(
             "get_or_stream needs stream_fn to return an iterable of chunks; got "
             f"{type(result).__name__} ({hint})"
