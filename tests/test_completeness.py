@@ -47,3 +47,27 @@ def test_chat_helper_events_are_complete_only_when_their_chunks_are(usage: bool)
     middle = _helper_events(chunks[:3])
     assert getattr(middle[-1], "type", None) == "content.delta"
     assert not sdk_stream_complete(middle)
+
+
+def test_a_cached_client_head_that_expects_usage_requires_the_usage_chunk() -> None:
+    """Legacy Completions chunks do not announce usage: the cached client's head records that
+    the request asked for it (review s4: a stream cut before its usage chunk was stored)."""
+    from openai.types import Completion
+
+    from chengeta_ai.clients.recorded import HttpHead
+
+    def chunk(finish: str | None, usage: dict[str, int] | None = None) -> Completion:
+        choices = [] if usage else [{"index": 0, "text": "x", "finish_reason": finish}]
+        body: dict[str, Any] = {"id": "c", "object": "text_completion", "created": 1}
+        body.update(model="m", choices=choices)
+        if usage:
+            body["usage"] = usage
+        return Completion.construct(**body)
+
+    usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    body = [chunk(None), chunk("stop")]
+    expects = HttpHead.model_construct(expects_usage=True, endpoint="openai.completions")
+    plain = HttpHead.model_construct(endpoint="openai.completions")
+    assert sdk_stream_complete([plain, *body])
+    assert not sdk_stream_complete([expects, *body])
+    assert sdk_stream_complete([expects, *body, chunk(None, usage)])

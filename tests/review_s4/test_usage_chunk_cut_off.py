@@ -97,3 +97,24 @@ async def test_async_stream_without_its_usage_chunk_is_stored(
     assert cut.cache_info is not None and later.cache_info is not None
     assert cut.cache_info.outcome == "incomplete"
     assert chunks[-1].usage is not None, f"{later.cache_info.status}: served without usage"
+
+
+def test_legacy_completions_without_their_usage_chunk_are_stored(
+    cut_server: LocalOpenAIServer,
+) -> None:
+    """The same rule, the same gap, for legacy Completions (``stream_options`` works there too)."""
+    request: dict[str, Any] = {
+        "model": "gpt-3.5-turbo-instruct",
+        "prompt": "review s4: usage cut off",
+        "stream_options": {"include_usage": True},
+    }
+    with openai.OpenAI(base_url=cut_server.base_url, api_key="sk", max_retries=0) as raw:
+        whole = list(raw.completions.create(**request, stream=True))
+        assert whole[-1].choices == [] and whole[-1].usage is not None
+        cut_server.fail_after, cut_server.fail_mode = len(whole) - 1, "end"
+        cache = StreamingResponseCache(CacheManager())
+        cut = cached(raw, cache).completions.create(**request, stream=True)
+        assert len(list(cut)) == len(whole) - 1
+    assert cut.cache_info is not None
+    # observed on main: 'stored'
+    assert cut.cache_info.outcome == "incomplete"

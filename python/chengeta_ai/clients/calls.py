@@ -27,6 +27,7 @@ from chengeta_ai.clients.recorded import (
     CachedStream,
     HttpHead,
     aclose_quietly,
+    asks_for_usage,
     head_fits,
     head_of,
     http_library,
@@ -98,7 +99,12 @@ def _stream_upstream(
 ) -> Iterator[Any]:
     stream = create(**kwargs)
     try:
-        yield head_of(stream.response, stream=True, endpoint=endpoint)
+        yield head_of(
+            stream.response,
+            stream=True,
+            endpoint=endpoint,
+            expects_usage=asks_for_usage(kwargs),
+        )
         yield from stream
     finally:
         stream.close()
@@ -118,7 +124,12 @@ async def _astream_upstream(
 ) -> AsyncIterator[Any]:
     stream = await create(**kwargs)
     try:
-        yield head_of(stream.response, stream=True, endpoint=endpoint)
+        yield head_of(
+            stream.response,
+            stream=True,
+            endpoint=endpoint,
+            expects_usage=asks_for_usage(kwargs),
+        )
         async for chunk in stream:
             yield chunk
     finally:

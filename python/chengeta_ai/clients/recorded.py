@@ -85,6 +85,9 @@ class HttpHead(BaseModel):
     #: The cached client's endpoint that wrote the entry (``"openai.chat.completions"``, ...);
     #: empty in entries written before it was recorded.
     endpoint: str = ""
+    #: The request asked for a trailing usage chunk (``stream_options={"include_usage":
+    #: True}``): the stream is complete only with it (`chengeta_ai.layers.completeness`).
+    expects_usage: bool = False
 
 
 _registered = False
@@ -100,7 +103,7 @@ def register_head() -> None:
         _registered = True
 
 
-def head_of(response: Any, *, stream: bool, endpoint: str) -> HttpHead:
+def head_of(response: Any, *, stream: bool, endpoint: str, expects_usage: bool = False) -> HttpHead:
     """The head of an HTTP response (``httpx.Response`` or the SDK's raw-response wrapper)."""
     http = getattr(response, "http_response", response)
     request = getattr(http, "request", None)
@@ -117,7 +120,14 @@ def head_of(response: Any, *, stream: bool, endpoint: str) -> HttpHead:
             if name.lower() not in _NOT_RECORDED
         ],
         endpoint=endpoint,
+        expects_usage=expects_usage,
     )
+
+
+def asks_for_usage(kwargs: dict[str, Any]) -> bool:
+    """The request asks for the trailing usage chunk (``stream_options.include_usage``)."""
+    options = kwargs.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
 
 
 def head_fits(first: Any, endpoint: str, *, stream: bool) -> TypeGuard[HttpHead]:
@@ -145,15 +155,15 @@ def head_is_sound(head: HttpHead) -> bool:
     the SDK's helpers (which read ``.response`` on entry). Cheap: a few type checks and one
     URL parse per hit."""
     try:
-        fields = head.__dict__
-        status, method, url = fields["status_code"], fields["method"], fields["url"]
-        headers = fields["headers"]
+        status, method = getattr(head, "status_code", 200), getattr(head, "method", "POST")
+        url, headers = getattr(head, "url", ""), getattr(head, "headers", [])
         if not (
             type(status) is int
             and 100 <= status <= 599
-            and type(fields["stream"]) is bool
-            and type(fields["reason_phrase"]) is str
-            and fields["http_version"] in _HTTP_VERSIONS
+            and type(getattr(head, "stream", True)) is bool
+            and type(getattr(head, "expects_usage", False)) is bool
+            and type(getattr(head, "reason_phrase", "")) is str
+            and getattr(head, "http_version", "HTTP/1.1") in _HTTP_VERSIONS
             and type(method) is str
             and method.isascii()
             and method.isalpha()

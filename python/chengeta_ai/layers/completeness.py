@@ -17,13 +17,14 @@ when it carries its terminal event:
   ``max_output_tokens``);
 - Anthropic Messages events: the last event is ``message_stop``.
 
-An empty stream is never complete. A stream written by a cached client
-(`chengeta_ai.clients`) starts with the HTTP head of its response (an object whose class has
-``chengeta_http_head = True``, recognised by that attribute): the rule applies to the items
-after it, and a head recorded for a non-streamed call (``stream=False``) is complete with
-exactly one object after it. Any other chunk type (strings, dicts, your own classes) is
-complete when its upstream ends without error: pass ``is_complete=`` to
-`StreamingResponseCache` to say otherwise. The SDKs are recognised by module name, never
+An empty stream is never complete. A stream written by a cached client (`chengeta_ai.clients`)
+starts with the HTTP head of its response (an object whose class has ``chengeta_http_head =
+True``, recognised by that attribute): the rule applies to the items after it (and a head that
+records ``expects_usage``, a request with ``stream_options.include_usage``, requires the usage
+chunk last, Completions included), and a head recorded for a non-streamed call
+(``stream=False``) is complete with exactly one object after it. Any other chunk type (strings,
+dicts, your own classes) is complete when its upstream ends without error: pass ``is_complete=``
+to `StreamingResponseCache` to say otherwise. The SDKs are recognised by module name, never
 imported here.
 """
 
@@ -48,6 +49,12 @@ def sdk_stream_complete(chunks: Sequence[Any]) -> bool:
         chunks = chunks[1:]
         if not chunks:
             return False
+        if getattr(first, "expects_usage", False) is True:
+            # the request asked for the usage chunk (the cached client knows the request,
+            # for Completions too, whose chunks do not announce it)
+            last = chunks[-1]
+            if getattr(last, "choices", None) or getattr(last, "usage", None) is None:
+                return False
     last = chunks[-1]
     module = type(last).__module__
     if module.startswith("openai."):
