@@ -163,6 +163,16 @@ def check_tags(tags: Iterable[str] | None) -> tuple[str, ...]:
     return out
 
 
+def check_key(key: object) -> str:
+    """``key`` if it is a non-empty ``str`` (what every backend stores under); else a
+    `TypeError` naming the argument, not an internal error from deeper down."""
+    if type(key) is not str and not isinstance(key, str):
+        raise TypeError(f"key must be a non-empty str, got {type(key).__name__}: {key!r:.60}")
+    if not key:
+        raise TypeError("key must be a non-empty str, got ''")
+    return key
+
+
 _BACKENDS_HINT = (
     "pass a backend instance, e.g. InMemoryBackend(), SQLiteBackend(path) or "
     "RedisBackend(url) (from chengeta_ai), or your own class implementing "
@@ -400,7 +410,7 @@ class CacheManager:
 
     def get(self, key: str, default: Any = None, *, serializer: Serializer | None = None) -> Any:
         """The value under ``key``, or ``default`` on a miss (backend failures are misses)."""
-        value = self._decode(self.get_raw(key), serializer)
+        value = self._decode(self.get_raw(check_key(key)), serializer)
         if isinstance(value, DecodeError):
             self.drop_corrupt(key, value)
             return default
@@ -418,14 +428,15 @@ class CacheManager:
         """Stores ``value``; returns False if it was not stored (unencodable, too large, backend
         failure: each logged and counted)."""
         ttl, tag_tuple = self.resolve_ttl(ttl), check_tags(tags)
-        data = self._encode(key, value, serializer)
+        data = self._encode(check_key(key), value, serializer)
         return data is not None and self.set_raw(key, data, ttl, tag_tuple)
 
     def delete(self, key: str) -> bool:
         """Removes ``key``; True if it existed. Raises `BackendError` if the backend fails."""
-        return self._removal("delete", self.backend.delete, key)
+        return self._removal("delete", self.backend.delete, check_key(key))
 
     def exists(self, key: str) -> bool:
+        check_key(key)
         try:
             return self.backend.exists(key)
         except Exception as exc:
@@ -500,7 +511,7 @@ class CacheManager:
     async def aget(
         self, key: str, default: Any = None, *, serializer: Serializer | None = None
     ) -> Any:
-        value = self._decode(await self.aget_raw(key), serializer)
+        value = self._decode(await self.aget_raw(check_key(key)), serializer)
         if isinstance(value, DecodeError):
             await self.adrop_corrupt(key, value)
             return default
@@ -516,13 +527,14 @@ class CacheManager:
         serializer: Serializer | None = None,
     ) -> bool:
         ttl, tag_tuple = self.resolve_ttl(ttl), check_tags(tags)
-        data = self._encode(key, value, serializer)
+        data = self._encode(check_key(key), value, serializer)
         return data is not None and await self.aset_raw(key, data, ttl, tag_tuple)
 
     async def adelete(self, key: str) -> bool:
-        return await self._aremoval("delete", self.backend.adelete, key)
+        return await self._aremoval("delete", self.backend.adelete, check_key(key))
 
     async def aexists(self, key: str) -> bool:
+        check_key(key)
         try:
             return await self.backend.aexists(key)
         except Exception as exc:
