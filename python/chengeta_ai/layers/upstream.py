@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import sys
 import threading
 from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
@@ -41,9 +42,61 @@ logger = logging.getLogger("chengeta_ai")
 #: bound waits for a reader to be free (every reader progresses as its upstream does).
 UPSTREAM_READER_THREADS = 128
 
-_readers: anyio.lowlevel.RunVar[anyio.CapacityLimiter] = anyio.lowlevel.RunVar(
-    "chengeta_upstream_readers"
-)
+
+class _Readers:
+    """The reader threads of one event loop: ``bound`` holds one token per ``next()`` in a
+    worker thread *until that ``next()`` returns*, even when its caller was cancelled and
+    abandoned the thread (anyio's own limiter gives the token back at the cancel on asyncio,
+    while the thread still blocks: the bound would not hold). ``threads``: the limiter the
+    reads run under (unbounded: ``bound`` is the bound). ``call_soon``: runs a function on the
+    loop from any thread (how an abandoned read gives its token back)."""
+
+    __slots__ = ("bound", "call_soon", "threads")
+
+    def __init__(self) -> None:
+        self.bound = anyio.CapacityLimiter(UPSTREAM_READER_THREADS)
+        self.threads = anyio.CapacityLimiter(math.inf)
+        self.call_soon = _loop_call_soon()
+
+
+def _loop_call_soon() -> Any:
+    """The running loop's thread-safe "call this soon" (asyncio or trio)."""
+    import sniffio
+
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        return trio.lowlevel.current_trio_token().run_sync_soon
+    import asyncio
+
+    return asyncio.get_running_loop().call_soon_threadsafe
+
+
+class _ReadGate:
+    """Who gives a read's token back: the loop when the read returns to it, the worker thread
+    when its caller abandoned it (decided once, under a lock)."""
+
+    __slots__ = ("abandoned", "done", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.done = False
+        self.abandoned = False
+
+    def finish(self) -> bool:
+        """The thread's ``next()`` returned: True if the thread must give the token back."""
+        with self.lock:
+            self.done = True
+            return self.abandoned
+
+    def abandon(self) -> bool:
+        """The caller left before the read returned: True if the thread will give it back."""
+        with self.lock:
+            self.abandoned = not self.done
+            return self.abandoned
+
+
+_readers: anyio.lowlevel.RunVar[_Readers] = anyio.lowlevel.RunVar("chengeta_upstream_readers")
 
 #: Sync iterables whose ``next()`` never does I/O: read on the event loop.
 _IN_MEMORY: frozenset[type] = frozenset(
@@ -158,11 +211,35 @@ class ThreadedIterator:
         return self
 
     async def __anext__(self) -> Any:
-        limiter = _readers.get(None)
-        if limiter is None:
-            limiter = anyio.CapacityLimiter(UPSTREAM_READER_THREADS)
-            _readers.set(limiter)
-        item = await anyio.to_thread.run_sync(self._read, abandon_on_cancel=True, limiter=limiter)
+        readers = _readers.get(None)
+        if readers is None:
+            readers = _Readers()
+            _readers.set(readers)
+        bound = readers.bound
+        borrower = object()
+        await bound.acquire_on_behalf_of(borrower)
+        gate = _ReadGate()
+        call_soon = readers.call_soon
+
+        def read() -> Any:
+            try:
+                return self._read()
+            finally:
+                if gate.finish():  # abandoned: give the token back on the loop
+                    try:
+                        call_soon(bound.release_on_behalf_of, borrower)
+                    except Exception:  # the loop is gone, and its limiter with it
+                        pass
+
+        try:
+            item = await anyio.to_thread.run_sync(
+                read, abandon_on_cancel=True, limiter=readers.threads
+            )
+        except BaseException:
+            if not gate.abandon():
+                bound.release_on_behalf_of(borrower)
+            raise
+        bound.release_on_behalf_of(borrower)
         if item is _END:
             raise StopAsyncIteration
         return item
