@@ -26,11 +26,14 @@ from chengeta_ai.clients.recorded import (
     AsyncCachedStream,
     CachedStream,
     HttpHead,
+    achecked_items,
     aclose_quietly,
     asks_for_usage,
+    checked_items,
     head_fits,
     head_of,
     http_library,
+    item_fits,
     own_copy,
     recorded_response,
     register_head,
@@ -88,6 +91,10 @@ def _never_called(_: Any) -> Iterator[Any]:
 
 def _anever_called(_: Any) -> AsyncIterator[Any]:
     raise AssertionError("only_if_cached: the upstream is never called")
+
+
+#: What `next` returns for a hit with no item after its head (an entry never stored whole).
+_NO_ITEM: Any = object()
 
 
 def _cannot_hash(exc: TypeError) -> bool:
@@ -262,10 +269,24 @@ class ClientCache:
             first = next(inner, None)
             if head_fits(first, endpoint, stream=req.stream):
                 if req.stream:
-                    return CachedStream(inner, first, self.http, _perf() - t0)
-                obj = whole_object(first, list(inner))
-                if obj is not None:
-                    return self._whole(obj, inner.cache_info, answer)
+                    info = inner.cache_info
+                    if info is None or info.status != "hit":
+                        return CachedStream(inner, first, self.http, _perf() - t0)
+                    # a hit's items were written by someone: the first is checked before the
+                    # stream is handed out, the others as they go (`checked_items`)
+                    peeked = next(inner, _NO_ITEM)
+                    if peeked is not _NO_ITEM and item_fits(endpoint, True, peeked):
+                        key = info.key
+
+                        def wrong(exc: DecodeError, key: str = key) -> None:
+                            self.cache.manager.drop_corrupt(key, exc)
+
+                        items = checked_items(peeked, inner, endpoint, wrong)
+                        return CachedStream(inner, first, self.http, _perf() - t0, items)
+                else:
+                    obj = whole_object(first, list(inner), endpoint)
+                    if obj is not None:
+                        return self._whole(obj, inner.cache_info, answer)
             inner.close()
             drop = self._wrong_entry(endpoint, req.stream, inner.cache_info)
             if drop is not None:
@@ -420,11 +441,23 @@ class ClientCache:
                 first = await anext(inner, None)
                 if head_fits(first, endpoint, stream=req.stream):
                     if req.stream:
-                        return AsyncCachedStream(inner, first, self.http, _perf() - t0)
-                    rest = [item async for item in inner]
-                    obj = whole_object(first, rest)
-                    if obj is not None:
-                        return self._whole(obj, inner.cache_info, answer)
+                        info = inner.cache_info
+                        if info is None or info.status != "hit":
+                            return AsyncCachedStream(inner, first, self.http, _perf() - t0)
+                        peeked = await anext(inner, _NO_ITEM)  # see `call`
+                        if peeked is not _NO_ITEM and item_fits(endpoint, True, peeked):
+                            key = info.key
+
+                            def awrong(exc: DecodeError, key: str = key) -> Any:
+                                return self.cache.manager.adrop_corrupt(key, exc)
+
+                            items = achecked_items(peeked, inner, endpoint, awrong)
+                            return AsyncCachedStream(inner, first, self.http, _perf() - t0, items)
+                    else:
+                        rest = [item async for item in inner]
+                        obj = whole_object(first, rest, endpoint)
+                        if obj is not None:
+                            return self._whole(obj, inner.cache_info, answer)
             except BaseException:
                 await aclose_quietly(inner)
                 raise

@@ -44,16 +44,20 @@ from typing import Any, ClassVar, Generic, TypeGuard, TypeVar
 import anyio
 from pydantic import BaseModel
 
+from chengeta_ai.errors import DecodeError
 from chengeta_ai.layers.call_controls import CacheInfo
 
 __all__ = [
     "AsyncCachedStream",
     "CachedStream",
     "HttpHead",
+    "achecked_items",
     "cache_info_of",
+    "checked_items",
     "head_fits",
     "head_of",
     "http_library",
+    "item_fits",
     "own_copy",
     "recorded_response",
     "register_head",
@@ -290,11 +294,14 @@ class _RecordedStream:
 
     _is_async = False
 
-    def __init__(self, inner: Any, head: HttpHead, lib: ModuleType, elapsed: float) -> None:
+    def __init__(
+        self, inner: Any, head: HttpHead, lib: ModuleType, elapsed: float, items: Any = None
+    ) -> None:
         """``inner``: the cache's stream, its head already read (by `ClientCache.call`, which
-        raises upstream errors, as the SDK raises them from ``create``)."""
+        raises upstream errors, as the SDK raises them from ``create``); ``items``: what to
+        iterate instead of ``inner`` (a hit's items, checked as they go: `checked_items`)."""
         self._source = inner
-        self._iter = inner
+        self._iter = inner if items is None else items
         self._head = head
         self._lib = lib
         self._elapsed = elapsed
@@ -405,11 +412,101 @@ async def aclose_quietly(it: Any) -> None:
             await closer()
 
 
-def whole_object(head: HttpHead, rest: list[Any]) -> Any | None:
-    """The object of a whole call's entry (the items after its head: exactly one), or None."""
-    if len(rest) != 1 or head.stream:
+def whole_object(head: HttpHead, rest: list[Any], endpoint: str) -> Any | None:
+    """The object of a whole call's entry (the items after its head: exactly one, of the
+    endpoint's result class: `item_fits`), or None."""
+    if len(rest) != 1 or head.stream or not item_fits(endpoint, False, rest[0]):
         return None
     return rest[0]
+
+
+# -- what an entry's items may be, per endpoint -------------------------------------------------
+
+#: ``(endpoint, stream)`` -> (module prefix, class names; None: any class of the prefix): the
+#: class of each item after the head, or one of its bases. An entry holding anything else
+#: (another SDK's objects, another endpoint's, planted or written by a bug) is not served.
+_ITEM_KINDS: dict[tuple[str, bool], tuple[str, frozenset[str] | None]] = {
+    ("openai.chat.completions", True): ("openai.", frozenset({"ChatCompletionChunk"})),
+    ("openai.chat.completions", False): ("openai.", frozenset({"ChatCompletion"})),
+    ("openai.completions", True): ("openai.", frozenset({"Completion"})),
+    ("openai.completions", False): ("openai.", frozenset({"Completion"})),
+    ("openai.responses", True): ("openai.types.responses.", None),
+    ("openai.responses", False): ("openai.", frozenset({"Response"})),
+    ("anthropic.messages", True): (
+        "anthropic.",
+        frozenset(
+            {
+                "RawMessageStartEvent",
+                "RawMessageDeltaEvent",
+                "RawMessageStopEvent",
+                "RawContentBlockStartEvent",
+                "RawContentBlockDeltaEvent",
+                "RawContentBlockStopEvent",
+            }
+        ),
+    ),
+    ("anthropic.messages", False): ("anthropic.", frozenset({"Message"})),
+}
+
+#: Verdicts of `item_fits` by (endpoint, stream, class); bounded (classes are few).
+_item_verdicts: dict[tuple[str, bool, type], bool] = {}
+
+
+def item_fits(endpoint: str, stream: bool, item: Any) -> bool:
+    """Whether ``item`` may follow the head of an ``endpoint`` entry (see `_ITEM_KINDS`); an
+    endpoint without a rule takes anything."""
+    cls = type(item)
+    verdict = _item_verdicts.get((endpoint, stream, cls))
+    if verdict is None:
+        spec = _ITEM_KINDS.get((endpoint, stream))
+        if spec is None:
+            verdict = True
+        else:
+            prefix, names = spec
+            verdict = any(
+                base.__module__.startswith(prefix) and (names is None or base.__name__ in names)
+                for base in cls.__mro__
+            )
+        if len(_item_verdicts) < 1024:
+            _item_verdicts[(endpoint, stream, cls)] = verdict
+    return verdict
+
+
+def wrong_item(endpoint: str, item: Any) -> DecodeError:
+    return DecodeError(
+        f"an item of class {type(item).__module__}.{type(item).__qualname__} in a streamed "
+        f"{endpoint} entry (planted, or written by a bug): the entry is dropped"
+    )
+
+
+def checked_items(
+    first: Any, rest: Iterator[Any], endpoint: str, wrong: Callable[[DecodeError], None]
+) -> Iterator[Any]:
+    """A hit's items: ``first`` (checked by the caller before the stream was handed out), then
+    ``rest``, each checked (`item_fits`); one that does not fit reports to ``wrong`` (the entry
+    is dropped) and raises `DecodeError` (a clear error, never an object of the wrong kind)."""
+    yield first
+    for item in rest:
+        if not item_fits(endpoint, True, item):
+            error = wrong_item(endpoint, item)
+            wrong(error)
+            raise error
+        yield item
+
+
+async def achecked_items(
+    first: Any, rest: AsyncIterator[Any], endpoint: str, wrong: Callable[[DecodeError], Any]
+) -> AsyncIterator[Any]:
+    """Async twin of `checked_items` (``wrong`` may return an awaitable)."""
+    yield first
+    async for item in rest:
+        if not item_fits(endpoint, True, item):
+            error = wrong_item(endpoint, item)
+            result = wrong(error)
+            if result is not None:
+                await result
+            raise error
+        yield item
 
 
 def own_copy(obj: T) -> T:
