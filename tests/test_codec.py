@@ -196,11 +196,16 @@ def test_decoded_chunks_are_light_on_the_collector() -> None:
     assert "refusal" in out[3].choices[0].delta.model_fields_set
     assert "refusal" not in out[4].choices[0].delta.model_fields_set
     assert out[4] == chunks[4] and out[3] != chunks[3]
-    gc.collect()
-    before = len(gc.get_objects())
-    kept = _core.decode(stream(chunks))
-    per_chunk = (len(gc.get_objects()) - before - 1) / len(kept)
-    assert per_chunk <= 6
+    # the fewest over a few tries: another thread (a worker left by an earlier test of the
+    # suite) may create a tracked object in between (seen: 6.02 once in a full run)
+    per_chunk = []
+    for _ in range(3):
+        gc.collect()
+        before = len(gc.get_objects())
+        kept = _core.decode(stream(chunks))
+        per_chunk.append((len(gc.get_objects()) - before - 1) / len(kept))
+        del kept
+    assert min(per_chunk) <= 6
 
 
 def test_extras_private_and_fields_set() -> None:
