@@ -1,18 +1,26 @@
-"""`split_request`'s fast path (`split_plain_kwargs`, in the extension) splits every call it
-takes exactly as the Python slow path does, and leaves every other call to it."""
+"""What a cached client's call is keyed by, made fast: `split_request`'s fast path
+(`split_plain_kwargs`, in the extension) splits every call it takes exactly as the Python slow
+path does, and leaves every other call to it; `ClientIdentity` (the client's identity, made
+again only when what it is made of changed) always equals `client_identity`."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from chengeta_ai._core import Request, split_plain_kwargs
-from chengeta_ai.clients.request_key import _split_slow, split_request
+from chengeta_ai.clients.request_key import (
+    ClientIdentity,
+    _split_slow,
+    client_identity,
+    split_request,
+)
 
 scalars = st.one_of(
     st.none(),
@@ -104,3 +112,42 @@ def test_a_request_is_immutable() -> None:
     req = split_request({"model": "m"})
     with pytest.raises(AttributeError):
         req.stream = True  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("isolate", [True, False])
+def test_client_identity_follows_every_change_to_the_client(isolate: bool) -> None:
+    with openai.OpenAI(base_url="http://127.0.0.1:1/v1", api_key="sk-a", max_retries=0) as c:
+        identity = ClientIdentity(c, isolate_api_keys=isolate)
+        seen = []
+
+        def check() -> None:
+            got = identity()
+            assert got == client_identity(c, isolate_api_keys=isolate)
+            seen.append(got)
+
+        check()
+        assert identity() is seen[0]  # unchanged: the same dict, not made again
+        c.api_key = "sk-b"
+        check()
+        c.base_url = "http://127.0.0.1:2/v1"  # type: ignore[assignment]
+        check()
+        c.organization = "org-x"
+        check()
+        c.project = "proj-y"
+        check()
+        c._custom_headers["anthropic-beta"] = "x"  # changed in place
+        check()
+        c._custom_query["api-version"] = "1"
+        check()
+        distinct = {tuple(sorted(map(str, d.items()))) for d in seen}
+        # without isolation the key, organization and project are not part of the identity
+        assert len(distinct) == (7 if isolate else 4)
+
+
+def test_client_identity_of_an_anthropic_client_follows_its_token() -> None:
+    with anthropic.Anthropic(base_url="http://127.0.0.1:1", api_key="sk-a", max_retries=0) as c:
+        identity = ClientIdentity(c, isolate_api_keys=True)
+        first = identity()
+        c.auth_token = "token"
+        assert identity() != first
+        assert identity() == client_identity(c, isolate_api_keys=True)

@@ -36,7 +36,7 @@ from pydantic import BaseModel
 
 from chengeta_ai._core import Request, hash_request, split_plain_kwargs
 
-__all__ = ["Request", "check_isolatable", "client_identity", "split_request"]
+__all__ = ["ClientIdentity", "Request", "check_isolatable", "client_identity", "split_request"]
 
 #: Call arguments that never change the response.
 TRANSPORT_ARGS = frozenset({"timeout"})
@@ -167,3 +167,50 @@ def client_identity(client: Any, *, isolate_api_keys: bool) -> dict[str, Any]:
             if isinstance(value, str) and value:
                 identity[name] = value
     return identity
+
+
+class ClientIdentity:
+    """`client_identity` of one client, for every call: made again only when one of the
+    attributes it is made of changed (compared by value; the client's header and query dicts
+    are kept as copies), so that a key, URL or header changed on the client after wrapping
+    counts from the next call on, without reading the URL through the SDK's property (an
+    import per read in openai), rendering it and hashing the credentials at every call
+    (several microseconds: more than the key of a 2 KB request).
+
+    The attributes are read from the instance's ``__dict__`` (no exception for a missing one,
+    no property); a client without ``_base_url`` there is read through ``base_url`` at every
+    call. The returned dict is shared by the calls: read it, never change it."""
+
+    __slots__ = ("_client", "_get", "_isolate_api_keys", "_memo")
+
+    def __init__(self, client: Any, *, isolate_api_keys: bool) -> None:
+        self._client = client
+        self._get = getattr(client, "__dict__", {}).get
+        self._isolate_api_keys = isolate_api_keys
+        # (the attributes read, the identity made of them): one attribute, replaced whole, so
+        # that a thread never pairs one call's attributes with another call's identity.
+        self._memo: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+
+    def __call__(self) -> dict[str, Any]:
+        get = self._get
+        # What `client_identity` reads. The SDKs keep the base URL in ``_base_url``
+        # (``base_url`` is a property over it, and its setter writes it).
+        base_url = get("_base_url")
+        sources = (
+            self._client.base_url if base_url is None else base_url,
+            get("_custom_headers"),
+            get("_custom_query"),
+            get("api_key"),
+            get("auth_token"),
+            get("_azure_ad_token"),
+            get("organization"),
+            get("project"),
+        )
+        memo = self._memo
+        # Tuple equality tries `is` first: the unchanged attributes cost no comparison.
+        if memo is not None and sources == memo[0]:
+            return memo[1]
+        identity = client_identity(self._client, isolate_api_keys=self._isolate_api_keys)
+        kept = tuple(dict(value) if isinstance(value, Mapping) else value for value in sources)
+        self._memo = (kept, identity)
+        return identity
