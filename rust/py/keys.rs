@@ -519,8 +519,37 @@ impl<'py> Walker<'py> {
     /// # Safety
     /// `key` and `value` must be live objects (the GIL is held by `self.py`), kept alive by
     /// their container until the slot is popped or pinned (see [`Walker`]).
-    #[inline]
+    #[inline(always)]
     unsafe fn push_entry(&mut self, key: *mut ffi::PyObject, value: *mut ffi::PyObject) -> bool {
+        // The usual key, inline: a str met before in this walk (`"role"`, `"type"`, ...).
+        // SAFETY: a live object (the caller's contract).
+        if unsafe { self.held(key) }.is_exact_instance_of::<PyString>() {
+            if let Some(hit) = self.strs.get(key) {
+                let entry = Entry {
+                    key,
+                    value,
+                    utf8: hit.utf8 as *const u8,
+                    utf8_len: hit.len,
+                    short: hit.encoding,
+                };
+                self.entries.push(entry);
+                return true;
+            }
+        }
+        // SAFETY: the caller's contract.
+        unsafe { self.push_entry_new_key(key, value) }
+    }
+
+    /// [`Walker::push_entry`] of a key that is not a str met before in this walk.
+    ///
+    /// # Safety
+    /// As [`Walker::push_entry`].
+    #[inline(never)]
+    unsafe fn push_entry_new_key(
+        &mut self,
+        key: *mut ffi::PyObject,
+        value: *mut ffi::PyObject,
+    ) -> bool {
         // SAFETY: a live object (the caller's contract).
         let key_ref = unsafe { self.held(key) };
         if !key_ref.is_exact_instance_of::<PyString>() {
@@ -532,17 +561,6 @@ impl<'py> Walker<'py> {
                 short: [0; 16],
             });
             return false;
-        }
-        if let Some(hit) = self.strs.get(key) {
-            let entry = Entry {
-                key,
-                value,
-                utf8: hit.utf8 as *const u8,
-                utf8_len: hit.len,
-                short: hit.encoding,
-            };
-            self.entries.push(entry);
-            return true;
         }
         // SAFETY: a live str (checked above); alive while the slot is.
         let utf8 = unsafe { utf8_of_ptr(self.py, key) };
@@ -625,7 +643,19 @@ impl<'py> Walker<'py> {
     }
 
     /// Pops the entries from `start` on, giving back the references of pinned ones.
+    #[inline(always)]
     fn release_entries(&mut self, start: usize) {
+        if self.owned <= start {
+            // The usual case, inline: nothing pinned from `start` on, nothing to give back.
+            self.entries.truncate(start);
+        } else {
+            self.release_pinned_entries(start);
+        }
+    }
+
+    /// [`Walker::release_entries`] when some of the entries popped are pinned.
+    #[inline(never)]
+    fn release_pinned_entries(&mut self, start: usize) {
         let pinned_end = self.owned.max(start);
         self.owned = self.owned.min(start);
         // Every slot below `start` is pinned too when any above is (`owned` bounds a prefix),
