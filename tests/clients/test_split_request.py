@@ -151,3 +151,23 @@ def test_client_identity_of_an_anthropic_client_follows_its_token() -> None:
         c.auth_token = "token"
         assert identity() != first
         assert identity() == client_identity(c, isolate_api_keys=True)
+
+
+def test_client_identity_reads_computed_attributes_at_every_call() -> None:
+    # An SDK (or a subclass) whose key is a property over another attribute: the identity must
+    # follow it, not the instance dict (where `api_key` is absent).
+    class KeyedElsewhere(openai.OpenAI):
+        @property  # type: ignore[override]
+        def api_key(self) -> str:
+            return str(self.__dict__["_the_key"])
+
+        @api_key.setter
+        def api_key(self, value: str) -> None:
+            self.__dict__["_the_key"] = value
+
+    with KeyedElsewhere(base_url="http://127.0.0.1:1/v1", api_key="sk-a", max_retries=0) as c:
+        identity = ClientIdentity(c, isolate_api_keys=True)
+        first = identity()
+        c.__dict__["_the_key"] = "sk-b"
+        assert identity() != first
+        assert identity() == client_identity(c, isolate_api_keys=True)

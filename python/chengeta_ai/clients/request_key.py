@@ -29,6 +29,7 @@ fields.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -169,6 +170,26 @@ def client_identity(client: Any, *, isolate_api_keys: bool) -> dict[str, Any]:
     return identity
 
 
+#: What `client_identity` reads besides the base URL.
+_IDENTITY_SOURCES = (
+    "_custom_headers",
+    "_custom_query",
+    "api_key",
+    "auth_token",
+    "_azure_ad_token",
+    "organization",
+    "project",
+)
+
+
+def _is_computed(cls: type, name: str) -> bool:
+    """Whether ``name`` on instances of ``cls`` is computed at every read (a data descriptor:
+    a property; not a plain or ``cached_property`` attribute, which lives in the instance
+    dict once read)."""
+    attr = inspect.getattr_static(cls, name, None)
+    return hasattr(type(attr), "__get__") and hasattr(type(attr), "__set__")
+
+
 class ClientIdentity:
     """`client_identity` of one client, for every call: made again only when one of the
     attributes it is made of changed (compared by value; the client's header and query dicts
@@ -177,15 +198,25 @@ class ClientIdentity:
     import per read in openai), rendering it and hashing the credentials at every call
     (several microseconds: more than the key of a 2 KB request).
 
-    The attributes are read from the instance's ``__dict__`` (no exception for a missing one,
-    no property); a client without ``_base_url`` there is read through ``base_url`` at every
-    call. The returned dict is shared by the calls: read it, never change it."""
+    The attributes are read from the instance's ``__dict__`` (no exception for a missing one);
+    those the client's class computes (a property, such as ``base_url``) through ``getattr``,
+    except the base URL, read from ``_base_url`` when the instance has it (the SDKs'
+    ``base_url`` property returns it and its setter writes it). The returned dict is shared
+    by the calls: read it, never change it."""
 
-    __slots__ = ("_client", "_get", "_isolate_api_keys", "_memo")
+    __slots__ = ("_client", "_computed", "_get", "_isolate_api_keys", "_memo")
 
     def __init__(self, client: Any, *, isolate_api_keys: bool) -> None:
+        attrs = getattr(client, "__dict__", {})
         self._client = client
-        self._get = getattr(client, "__dict__", {}).get
+        self._get = attrs.get
+        #: Read through `getattr` at every call: what the class computes at every read (a
+        #: data descriptor, such as a property) rather than keeps in the instance dict.
+        self._computed = tuple(
+            name
+            for name in ("base_url", *_IDENTITY_SOURCES)
+            if (name != "base_url" or "_base_url" not in attrs) and _is_computed(type(client), name)
+        )
         self._isolate_api_keys = isolate_api_keys
         # (the attributes read, the identity made of them): one attribute, replaced whole, so
         # that a thread never pairs one call's attributes with another call's identity.
@@ -193,11 +224,8 @@ class ClientIdentity:
 
     def __call__(self) -> dict[str, Any]:
         get = self._get
-        # What `client_identity` reads. The SDKs keep the base URL in ``_base_url``
-        # (``base_url`` is a property over it, and its setter writes it).
-        base_url = get("_base_url")
-        sources = (
-            self._client.base_url if base_url is None else base_url,
+        sources: tuple[Any, ...] = (
+            get("_base_url"),
             get("_custom_headers"),
             get("_custom_query"),
             get("api_key"),
@@ -206,6 +234,9 @@ class ClientIdentity:
             get("organization"),
             get("project"),
         )
+        if self._computed:
+            client = self._client
+            sources += tuple(getattr(client, name, None) for name in self._computed)
         memo = self._memo
         # Tuple equality tries `is` first: the unchanged attributes cost no comparison.
         if memo is not None and sources == memo[0]:
