@@ -9,9 +9,10 @@ bench``); smoke: ``pytest benches --benchmark-disable`` (every path once, sizes 
   a new prompt each round (key, upstream, encode, store, all on the caller's path); ``hit`` = the
   cached client replaying the entry (no HTTP at all). Per chunk: the round's time over the
   number of chunks, medians over rounds, rounds interleaved.
-- Key building for a 2 KB and a 100 KB Responses API request: the cached client's split of the
-  arguments plus `CacheKeyBuilder.build`, against ``sha256(json.dumps(kwargs, sort_keys=True))``
-  of the same keyword arguments (targets: >= 5x and >= 10x).
+- Key building for a 2 KB and a 100 KB Responses API request: what the cached client does per
+  call to key it (the client's identity, the split of the arguments, the params, then
+  `CacheKeyBuilder.build`), against ``sha256(json.dumps(kwargs, sort_keys=True))`` of the same
+  keyword arguments (targets: >= 5x and >= 10x).
 - A whole call's object for each caller of a live call (the miss and its joiners share the one
   the upstream produced; each gets its own, `chengeta_ai.clients.recorded.own_copy`): a deep
   ``model_copy`` per caller, against decoding a compact copy per caller (plus encoding it once),
@@ -41,7 +42,7 @@ import pytest
 
 from chengeta_ai import CacheManager, cached
 from chengeta_ai.clients.recorded import own_copy, register_head
-from chengeta_ai.clients.request_key import client_identity, split_request
+from chengeta_ai.clients.request_key import ClientIdentity, split_request
 from chengeta_ai.core.key_builder import CacheKeyBuilder
 from chengeta_ai.demo.server import LocalOpenAIServer
 from chengeta_ai.layers.streaming_cache import StreamingResponseCache
@@ -184,11 +185,11 @@ def test_key_building(size: int, smoke: bool, summary: Callable[..., None]) -> N
     kwargs = _responses_request(size)
     builder = CacheKeyBuilder()
     client = openai.OpenAI(base_url="http://127.0.0.1:1/v1", api_key="k")
-    identity = client_identity(client, isolate_api_keys=True)
+    identity = ClientIdentity(client, isolate_api_keys=True)
 
-    def ours() -> str:
+    def ours() -> str:  # as `ClientCache.call` and `StreamingResponseCache` key a call
         req = split_request(kwargs)
-        params = {"endpoint": "openai.responses", "stream": req.stream, **identity}
+        params = {"endpoint": "openai.responses", "stream": req.stream, **identity()}
         return builder.build(req.request, req.model_id, params)
 
     def baseline() -> bytes:

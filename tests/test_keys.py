@@ -854,6 +854,30 @@ def test_builder_key_shape_and_repr() -> None:
         builder.kind = "x"  # type: ignore[misc]
 
 
+labels = st.text(min_size=1, max_size=6).filter(lambda t: ":" not in t)
+
+
+@given(
+    labels | st.just("a\udc80"),
+    st.integers(0, 3) | st.text(max_size=3),
+    labels,
+    values,
+    values,
+    st.none() | values,
+)
+def test_build_is_the_documented_tuple_hashed(
+    namespace: str, version: int | str, kind: str, model_id: Any, messages: Any, params: Any
+) -> None:
+    # `build`'s common call is made whole in the extension (`KeyDeriver`): the same key as the
+    # documented tuple hashed by `hash_request`, for any labels (lone surrogates included).
+    builder = CacheKeyBuilder(namespace, version=version, kind=kind)
+    params_hashed = {} if params is None else params
+    request = (KEY_FORMAT, namespace, str(version), kind, model_id, messages, params_hashed)
+    expected = f"{namespace}:{kind}:{hash_request(request).hex()}"
+    assert builder.build(messages, model_id, params) == expected
+    assert builder.build(messages, model_id, params, kind=kind) == expected
+
+
 def test_builder_digest_is_the_documented_tuple() -> None:
     builder = CacheKeyBuilder()
     expected = hash_request((KEY_FORMAT, "chengeta", "1", "stream", "m", MESSAGES, {"t": 1}))

@@ -11,6 +11,8 @@ __all__ = [
     "ConsumerLagged",
     "DecodeError",
     "EncodeError",
+    "KeyDeriver",
+    "Request",
     "StreamDecoder",
     "StreamEncoder",
     "UpstreamLost",
@@ -22,6 +24,7 @@ __all__ = [
     "register_model",
     "registered_models",
     "set_discovery_hook",
+    "split_plain_kwargs",
 ]
 
 # -- errors (re-exported by chengeta_ai.errors) -----------------------------------------------
@@ -37,6 +40,31 @@ class CacheMiss(ChengetaError, LookupError): ...
 # -- request hashing
 
 def hash_request(obj: object, /, *, names: tuple[str, ...] | None = None) -> bytes: ...
+
+@typing.final
+class Request:
+    def __new__(
+        cls,
+        request: dict[str, typing.Any],
+        sdk_kwargs: dict[str, typing.Any],
+        stream: bool,
+        model_id: str,
+    ) -> Request: ...
+    @property
+    def request(self) -> dict[str, typing.Any]: ...
+    @property
+    def sdk_kwargs(self) -> dict[str, typing.Any]: ...
+    @property
+    def stream(self) -> bool: ...
+    @property
+    def model_id(self) -> str: ...
+
+@typing.final
+class KeyDeriver:
+    def __new__(cls, key_format: str, namespace: str, version: str, kind: str) -> KeyDeriver: ...
+    def key(self, model_id: object, messages: object, params: object | None) -> str: ...
+
+def split_plain_kwargs(kwargs: dict[str, typing.Any]) -> Request | None: ...
 
 # -- compact codec
 

@@ -519,8 +519,37 @@ impl<'py> Walker<'py> {
     /// # Safety
     /// `key` and `value` must be live objects (the GIL is held by `self.py`), kept alive by
     /// their container until the slot is popped or pinned (see [`Walker`]).
-    #[inline]
+    #[inline(always)]
     unsafe fn push_entry(&mut self, key: *mut ffi::PyObject, value: *mut ffi::PyObject) -> bool {
+        // The usual key, inline: a str met before in this walk (`"role"`, `"type"`, ...).
+        // SAFETY: a live object (the caller's contract).
+        if unsafe { self.held(key) }.is_exact_instance_of::<PyString>() {
+            if let Some(hit) = self.strs.get(key) {
+                let entry = Entry {
+                    key,
+                    value,
+                    utf8: hit.utf8 as *const u8,
+                    utf8_len: hit.len,
+                    short: hit.encoding,
+                };
+                self.entries.push(entry);
+                return true;
+            }
+        }
+        // SAFETY: the caller's contract.
+        unsafe { self.push_entry_new_key(key, value) }
+    }
+
+    /// [`Walker::push_entry`] of a key that is not a str met before in this walk.
+    ///
+    /// # Safety
+    /// As [`Walker::push_entry`].
+    #[inline(never)]
+    unsafe fn push_entry_new_key(
+        &mut self,
+        key: *mut ffi::PyObject,
+        value: *mut ffi::PyObject,
+    ) -> bool {
         // SAFETY: a live object (the caller's contract).
         let key_ref = unsafe { self.held(key) };
         if !key_ref.is_exact_instance_of::<PyString>() {
@@ -532,17 +561,6 @@ impl<'py> Walker<'py> {
                 short: [0; 16],
             });
             return false;
-        }
-        if let Some(hit) = self.strs.get(key) {
-            let entry = Entry {
-                key,
-                value,
-                utf8: hit.utf8 as *const u8,
-                utf8_len: hit.len,
-                short: hit.encoding,
-            };
-            self.entries.push(entry);
-            return true;
         }
         // SAFETY: a live str (checked above); alive while the slot is.
         let utf8 = unsafe { utf8_of_ptr(self.py, key) };
@@ -625,7 +643,19 @@ impl<'py> Walker<'py> {
     }
 
     /// Pops the entries from `start` on, giving back the references of pinned ones.
+    #[inline(always)]
     fn release_entries(&mut self, start: usize) {
+        if self.owned <= start {
+            // The usual case, inline: nothing pinned from `start` on, nothing to give back.
+            self.entries.truncate(start);
+        } else {
+            self.release_pinned_entries(start);
+        }
+    }
+
+    /// [`Walker::release_entries`] when some of the entries popped are pinned.
+    #[inline(never)]
+    fn release_pinned_entries(&mut self, start: usize) {
         let pinned_end = self.owned.max(start);
         self.owned = self.owned.min(start);
         // Every slot below `start` is pinned too when any above is (`owned` bounds a prefix),
@@ -1266,8 +1296,214 @@ fn check_names<'a, 'py>(
     Ok((items, names))
 }
 
+/// The names of the items a [`KeyDeriver`] hashes after its fixed header, for error messages.
+const DERIVED_NAMES: [&str; 3] = ["model_id", "messages", "params"];
+
+/// The key derivation of one `CacheKeyBuilder` (its namespace, version and default kind), for
+/// its common call: [`KeyDeriver::key`] is
+/// `f"{namespace}:{kind}:{hash_request((key_format, namespace, version, kind, model_id,
+/// messages, {} if params is None else params)).hex()}"`, the same digest, without building
+/// the tuple, the digest's bytes or the hex string in Python. The tuple's first four items
+/// are encoded once, here.
+#[pyclass(frozen, module = "chengeta_ai._core")]
+pub struct KeyDeriver {
+    /// The encoding of the tuple's header (7 items) and its first four items.
+    header: Vec<u8>,
+    /// `"{namespace}:{kind}:"`.
+    prefix: Py<PyString>,
+    /// `prefix` as UTF-8 (None if it holds lone surrogates: then the key is made by
+    /// concatenating Python strs).
+    prefix_utf8: Option<String>,
+}
+
+#[pymethods]
+impl KeyDeriver {
+    #[new]
+    fn new(
+        key_format: &Bound<'_, PyString>,
+        namespace: &Bound<'_, PyString>,
+        version: &Bound<'_, PyString>,
+        kind: &Bound<'_, PyString>,
+    ) -> PyResult<Self> {
+        let mut header = Vec::new();
+        header.list_header(7);
+        for item in [key_format, namespace, version, kind] {
+            let mut utf8 = Vec::new();
+            write_str_bytes(&mut utf8, item)?;
+            header.str_utf8(&utf8);
+        }
+        let colon = pyo3::intern!(namespace.py(), ":");
+        let prefix = namespace.add(colon)?.add(kind)?.add(colon)?;
+        let prefix = prefix.cast_into::<PyString>()?;
+        Ok(KeyDeriver {
+            header,
+            prefix_utf8: prefix.to_str().ok().map(str::to_owned),
+            prefix: prefix.unbind(),
+        })
+    }
+
+    /// The key of `(model_id, messages, params)`: the prefix and the hex digest (see the
+    /// class). Raises as `hash_request` does, naming `model_id`, `messages` or `params`.
+    fn key<'py>(
+        &self,
+        py: Python<'py>,
+        model_id: &Bound<'py, PyAny>,
+        messages: &Bound<'py, PyAny>,
+        params: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyString>> {
+        let mut scratch = SCRATCH.take().unwrap_or_default();
+        let mut hasher = scratch.hasher.take().unwrap_or_default();
+        hasher.put(&self.header);
+        let mut walker = Walker::new(py, &mut scratch);
+        let mut walked = Ok(());
+        for (i, item) in [Some(model_id), Some(messages), params]
+            .into_iter()
+            .enumerate()
+        {
+            walked = match item {
+                Some(item) => walker.walk(&mut *hasher, item, 1),
+                None => {
+                    hasher.dict_header(0); // `{}`
+                    Ok(())
+                }
+            };
+            if walked.is_err() {
+                walked = walked.map_err(|e| e.within(|| Segment::Name(DERIVED_NAMES[i].into())));
+                break;
+            }
+        }
+        walker.into_scratch(&mut scratch);
+        let digest = hasher.finalize_reset();
+        scratch.hasher = Some(hasher);
+        SCRATCH.set(Some(scratch));
+        walked?;
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let prefix = self.prefix_utf8.as_deref().unwrap_or_default();
+        let mut key = String::with_capacity(prefix.len() + 64);
+        key.push_str(prefix);
+        for byte in digest {
+            key.push(char::from(HEX[usize::from(byte >> 4)]));
+            key.push(char::from(HEX[usize::from(byte & 15)]));
+        }
+        let key = PyString::new(py, &key);
+        if self.prefix_utf8.is_some() {
+            return Ok(key);
+        }
+        Ok(self.prefix.bind(py).add(key)?.cast_into::<PyString>()?)
+    }
+}
+
+/// One SDK call's keyword arguments, split for the cache: `request` is what is hashed (every
+/// response-shaping argument, without `stream`), `sdk_kwargs` what the SDK is given, `stream`
+/// whether the call streams, `model_id` its `model` (`"default"` without one).
+///
+/// Built by [`split_plain_kwargs`] for the common call, or by the Python slow path
+/// (`chengeta_ai.clients.request_key.split_request`).
+#[pyclass(frozen, module = "chengeta_ai._core")]
+pub struct Request {
+    /// The hashed arguments.
+    #[pyo3(get)]
+    request: Py<PyDict>,
+    /// The arguments given to the SDK.
+    #[pyo3(get)]
+    sdk_kwargs: Py<PyDict>,
+    /// Whether the call streams (`bool(stream)`).
+    #[pyo3(get)]
+    stream: bool,
+    /// The `model` argument, or `"default"`.
+    #[pyo3(get)]
+    model_id: Py<PyString>,
+}
+
+#[pymethods]
+impl Request {
+    #[new]
+    fn new(
+        request: Py<PyDict>,
+        sdk_kwargs: Py<PyDict>,
+        stream: bool,
+        model_id: Py<PyString>,
+    ) -> Self {
+        Request {
+            request,
+            sdk_kwargs,
+            stream,
+            model_id,
+        }
+    }
+}
+
+/// Arguments that `split_request`'s slow path looks at whatever their value.
+const SPECIAL_ARGS: [&[u8]; 4] = [b"timeout", b"extra_headers", b"extra_query", b"extra_body"];
+
+/// `split_request`'s fast path, for the common call: every argument a value of one of the
+/// exact types `str`, `int`, `float`, `bool`, `None`, `dict`, `list`, `tuple`, `bytes`, and
+/// none of `timeout`, `extra_headers`, `extra_query`, `extra_body` (the arguments looked at by
+/// name). Then the hashed request is a copy of `kwargs` without `stream`, and `kwargs` is
+/// what the SDK is given. Returns None for any other call (the caller takes the slow path).
+///
+/// Runs no Python code: the checks are on exact types and the copy, the `stream` lookup and
+/// its truth value are those of built-in types.
+#[pyfunction]
+pub fn split_plain_kwargs<'py>(
+    py: Python<'py>,
+    kwargs: &Bound<'py, PyDict>,
+) -> PyResult<Option<Request>> {
+    let mut pos: ffi::Py_ssize_t = 0;
+    let (mut key, mut value) = (std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: PyDict_Next over a live dict with the GIL held; the borrowed references it hands
+    // out are used only inside the loop, in which no Python code runs (reading a str's UTF-8
+    // and comparing type pointers run none).
+    unsafe {
+        while ffi::PyDict_Next(kwargs.as_ptr(), &mut pos, &mut key, &mut value) != 0 {
+            let value = Borrowed::from_ptr(py, value);
+            let plain = value.is_exact_instance_of::<PyString>()
+                || value.is_exact_instance_of::<PyDict>()
+                || value.is_exact_instance_of::<PyList>()
+                || value.is_exact_instance_of::<PyInt>()
+                || value.is_exact_instance_of::<PyFloat>()
+                || value.is_exact_instance_of::<PyBool>()
+                || value.is_none()
+                || value.is_exact_instance_of::<PyTuple>()
+                || value.is_exact_instance_of::<PyBytes>();
+            if !plain || !Borrowed::from_ptr(py, key).is_exact_instance_of::<PyString>() {
+                return Ok(None);
+            }
+            match utf8_of_ptr(py, key) {
+                Some(name) if !SPECIAL_ARGS.contains(&name) => {}
+                _ => return Ok(None),
+            }
+        }
+    }
+    let request = kwargs.copy()?;
+    let stream_key = pyo3::intern!(py, "stream");
+    let stream = match request.get_item(stream_key)? {
+        Some(flag) => {
+            request.del_item(stream_key)?;
+            flag.is_truthy()?
+        }
+        None => false,
+    };
+    let model_id = match request.get_item(pyo3::intern!(py, "model"))? {
+        Some(model) if model.is_exact_instance_of::<PyString>() && !model.is_empty()? => {
+            // SAFETY: the exact type was checked just above.
+            unsafe { model.cast_into_unchecked::<PyString>() }.unbind()
+        }
+        _ => pyo3::intern!(py, "default").clone().unbind(),
+    };
+    Ok(Some(Request {
+        request: request.unbind(),
+        sdk_kwargs: kwargs.clone().unbind(),
+        stream,
+        model_id,
+    }))
+}
+
 /// Adds `hash_request` to `chengeta_ai._core`.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(hash_request, m)?)?;
+    m.add_function(wrap_pyfunction!(split_plain_kwargs, m)?)?;
+    m.add_class::<Request>()?;
+    m.add_class::<KeyDeriver>()?;
     Ok(())
 }

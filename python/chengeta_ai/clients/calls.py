@@ -41,9 +41,9 @@ from chengeta_ai.clients.recorded import (
     whole_object,
 )
 from chengeta_ai.clients.request_key import (
+    ClientIdentity,
     Request,
     check_isolatable,
-    client_identity,
     split_request,
 )
 from chengeta_ai.core.cache_manager import unframe_entry
@@ -240,6 +240,7 @@ class ClientCache:
         #: The HTTP library of the SDK client (``httpx`` or ``httpx2``): its ``Response``.
         self.http = http_library(client)
         self._warned: set[str] = set()
+        self._identity = ClientIdentity(client, isolate_api_keys=isolate_api_keys)
 
     def call(self, endpoint: str, resource: Any, kwargs: dict[str, Any], cache_control: Any) -> Any:
         """``resource.create(**kwargs)`` through the cache: the SDK's result kind (a stream
@@ -251,8 +252,7 @@ class ClientCache:
         tried again (see `_tries`)."""
         req = split_request(kwargs)
         control = CacheControl.coerce(cache_control)
-        identity = client_identity(self.client, isolate_api_keys=self.isolate_api_keys)
-        params = {"endpoint": endpoint, "stream": req.stream, **identity}
+        params = {"endpoint": endpoint, "stream": req.stream, **self._identity()}
         if self.is_async:
             return self._acall(endpoint, resource, req, params, control)
         t0 = _perf()

@@ -29,14 +29,15 @@ fields.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel
 
-from chengeta_ai._core import hash_request
+from chengeta_ai._core import Request, hash_request, split_plain_kwargs
 
-__all__ = ["Request", "check_isolatable", "client_identity", "split_request"]
+__all__ = ["ClientIdentity", "Request", "check_isolatable", "client_identity", "split_request"]
 
 #: Call arguments that never change the response.
 TRANSPORT_ARGS = frozenset({"timeout"})
@@ -66,20 +67,6 @@ def _is_sentinel(value: object) -> bool:
     return type(value).__name__ in _SENTINELS
 
 
-class Request:
-    """One call, split: what is hashed, what the SDK is given."""
-
-    __slots__ = ("model_id", "request", "sdk_kwargs", "stream")
-
-    def __init__(
-        self, request: dict[str, Any], sdk_kwargs: dict[str, Any], stream: bool, model_id: str
-    ) -> None:
-        self.request = request
-        self.sdk_kwargs = sdk_kwargs
-        self.stream = stream
-        self.model_id = model_id
-
-
 def _headers(value: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, header in (value or {}).items():
@@ -91,15 +78,20 @@ def _headers(value: Any) -> dict[str, Any]:
 
 
 def split_request(kwargs: dict[str, Any]) -> Request:
-    """Splits a call's keyword arguments into the hashed request and the SDK's arguments.
+    """Splits a call's keyword arguments into the hashed request and the SDK's arguments
+    (a `Request`: ``request``, ``sdk_kwargs``, ``stream``, ``model_id``).
 
     ``kwargs`` (the call's own ``**kwargs`` dict) becomes the SDK's arguments (one-shot
-    iterables in it replaced by lists)."""
+    iterables in it replaced by lists). The common call (every argument a JSON-like value of an
+    exact built-in type, none looked at by name) is split in one call into the extension
+    (`split_plain_kwargs`); any other takes `_split_slow`, which gives the same result for the
+    calls both take."""
+    return split_plain_kwargs(kwargs) or _split_slow(kwargs)
+
+
+def _split_slow(kwargs: dict[str, Any]) -> Request:
     request = dict(kwargs)
-    # The common call (every argument a JSON-like value, none looked at by name) is checked in
-    # two C loops and needs no Python loop at all.
-    if not (_SPECIAL.isdisjoint(kwargs) and _PLAIN.issuperset(map(type, kwargs.values()))):
-        _drop_and_read(kwargs, request)
+    _drop_and_read(kwargs, request)
     stream = bool(request.pop("stream", False))
     model = request.get("model")
     model_id = model if isinstance(model, str) and model else "default"
@@ -176,3 +168,80 @@ def client_identity(client: Any, *, isolate_api_keys: bool) -> dict[str, Any]:
             if isinstance(value, str) and value:
                 identity[name] = value
     return identity
+
+
+#: What `client_identity` reads besides the base URL.
+_IDENTITY_SOURCES = (
+    "_custom_headers",
+    "_custom_query",
+    "api_key",
+    "auth_token",
+    "_azure_ad_token",
+    "organization",
+    "project",
+)
+
+
+def _is_computed(cls: type, name: str) -> bool:
+    """Whether ``name`` on instances of ``cls`` is computed at every read (a data descriptor:
+    a property; not a plain or ``cached_property`` attribute, which lives in the instance
+    dict once read)."""
+    attr = inspect.getattr_static(cls, name, None)
+    return hasattr(type(attr), "__get__") and hasattr(type(attr), "__set__")
+
+
+class ClientIdentity:
+    """`client_identity` of one client, for every call: made again only when one of the
+    attributes it is made of changed (compared by value; the client's header and query dicts
+    are kept as copies), so that a key, URL or header changed on the client after wrapping
+    counts from the next call on, without reading the URL through the SDK's property (an
+    import per read in openai), rendering it and hashing the credentials at every call
+    (several microseconds: more than the key of a 2 KB request).
+
+    The attributes are read from the instance's ``__dict__`` (no exception for a missing one);
+    those the client's class computes (a property, such as ``base_url``) through ``getattr``,
+    except the base URL, read from ``_base_url`` when the instance has it (the SDKs'
+    ``base_url`` property returns it and its setter writes it). The returned dict is shared
+    by the calls: read it, never change it."""
+
+    __slots__ = ("_client", "_computed", "_get", "_isolate_api_keys", "_memo")
+
+    def __init__(self, client: Any, *, isolate_api_keys: bool) -> None:
+        attrs = getattr(client, "__dict__", {})
+        self._client = client
+        self._get = attrs.get
+        #: Read through `getattr` at every call: what the class computes at every read (a
+        #: data descriptor, such as a property) rather than keeps in the instance dict.
+        self._computed = tuple(
+            name
+            for name in ("base_url", *_IDENTITY_SOURCES)
+            if (name != "base_url" or "_base_url" not in attrs) and _is_computed(type(client), name)
+        )
+        self._isolate_api_keys = isolate_api_keys
+        # (the attributes read, the identity made of them): one attribute, replaced whole, so
+        # that a thread never pairs one call's attributes with another call's identity.
+        self._memo: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+
+    def __call__(self) -> dict[str, Any]:
+        get = self._get
+        sources: tuple[Any, ...] = (
+            get("_base_url"),
+            get("_custom_headers"),
+            get("_custom_query"),
+            get("api_key"),
+            get("auth_token"),
+            get("_azure_ad_token"),
+            get("organization"),
+            get("project"),
+        )
+        if self._computed:
+            client = self._client
+            sources += tuple(getattr(client, name, None) for name in self._computed)
+        memo = self._memo
+        # Tuple equality tries `is` first: the unchanged attributes cost no comparison.
+        if memo is not None and sources == memo[0]:
+            return memo[1]
+        identity = client_identity(self._client, isolate_api_keys=self._isolate_api_keys)
+        kept = tuple(dict(value) if isinstance(value, Mapping) else value for value in sources)
+        self._memo = (kept, identity)
+        return identity
