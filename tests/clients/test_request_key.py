@@ -330,3 +330,23 @@ def test_openai_and_anthropic_never_share(server: LocalOpenAIServer, text: str) 
     list(oai.chat.completions.create(model="m", messages=messages, stream=True))
     list(claude.messages.create(model="m", max_tokens=9, messages=messages, stream=True))
     assert server.request_count - before == 2
+
+
+def test_a_header_removed_with_omit_is_keyed_apart_from_absent_and_sent() -> None:
+    """Review s4: ``extra_headers={"anthropic-beta": omit}`` removes the client's default beta
+    header from the request: it must not share a key with the call that sends it."""
+    import anthropic
+
+    from chengeta_ai.clients.request_key import split_request
+
+    def request(**extra: Any) -> Any:
+        kwargs: dict[str, Any] = {"model": "m", "messages": [], "max_tokens": 5, **extra}
+        return split_request(kwargs).request
+
+    plain = request()
+    omitted = request(extra_headers={"anthropic-beta": anthropic.omit})
+    not_given = request(extra_headers={"anthropic-beta": anthropic.NOT_GIVEN})
+    sent = request(extra_headers={"anthropic-beta": "b1"})
+    assert omitted != plain and omitted != sent
+    assert not_given == plain  # "not given" sends nothing
+    assert request(extra_headers={"x-stainless-helper": anthropic.omit}) == plain  # transport

@@ -17,7 +17,8 @@ A cached client's call is looked up through `StreamingResponseCache.get_or_strea
 Transport only, so not in the key: ``timeout``; the ``extra_headers`` ``x-stainless-*`` (the
 SDKs' own bookkeeping, e.g. which helper made the call), ``idempotency-key``, ``user-agent``,
 ``traceparent``, ``tracestate``, ``baggage``, ``x-client-request-id``, ``accept-encoding``,
-``connection``, ``keep-alive``; headers given as the SDK's "omit" sentinel. Every other
+``connection``, ``keep-alive``; headers given as the SDK's "not given" sentinel (a header
+given as ``omit`` removes the client's default of that name: keyed as removed). Every other
 header is part of the request (``anthropic-beta`` changes the response). Client-level
 ``max_retries`` and ``timeout`` never reach a call's arguments.
 
@@ -67,11 +68,22 @@ def _is_sentinel(value: object) -> bool:
     return type(value).__name__ in _SENTINELS
 
 
+#: How a header removed with the SDK's ``omit`` is keyed: not a value a header can have (a
+#: str), so the call that removes a default header and the one that sends it never share a key.
+_OMITTED = ("omitted",)
+
+
 def _headers(value: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, header in (value or {}).items():
         lower = str(name).lower()
-        if lower in TRANSPORT_HEADERS or lower.startswith("x-stainless-") or _is_sentinel(header):
+        if lower in TRANSPORT_HEADERS or lower.startswith("x-stainless-"):
+            continue
+        if _is_sentinel(header):
+            # "not given" sends nothing; ``omit`` removes the client's default header of
+            # that name from this request: a different request when the default exists
+            if type(header).__name__ == "Omit":
+                out[lower] = _OMITTED
             continue
         out[lower] = header
     return out
