@@ -486,11 +486,14 @@ def checked_items(
     ``rest``, each checked (`item_fits`); one that does not fit reports to ``wrong`` (the entry
     is dropped) and raises `DecodeError` (a clear error, never an object of the wrong kind)."""
     yield first
+    fitting = {type(first)}  # classes seen to fit: one set lookup per item
     for item in rest:
-        if not item_fits(endpoint, True, item):
-            error = wrong_item(endpoint, item)
-            wrong(error)
-            raise error
+        if type(item) not in fitting:
+            if not item_fits(endpoint, True, item):
+                error = wrong_item(endpoint, item)
+                wrong(error)
+                raise error
+            fitting.add(type(item))
         yield item
 
 
@@ -499,13 +502,16 @@ async def achecked_items(
 ) -> AsyncIterator[Any]:
     """Async twin of `checked_items` (``wrong`` may return an awaitable)."""
     yield first
+    fitting = {type(first)}
     async for item in rest:
-        if not item_fits(endpoint, True, item):
-            error = wrong_item(endpoint, item)
-            result = wrong(error)
-            if result is not None:
-                await result
-            raise error
+        if type(item) not in fitting:
+            if not item_fits(endpoint, True, item):
+                error = wrong_item(endpoint, item)
+                result = wrong(error)
+                if result is not None:
+                    await result
+                raise error
+            fitting.add(type(item))
         yield item
 
 
