@@ -62,6 +62,7 @@ import asyncio
 import hashlib
 import threading
 import time
+import urllib.parse
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -120,6 +121,19 @@ return 1
 _SET_TAGGED_SHA = hashlib.sha1(_SET_TAGGED.encode()).hexdigest()
 
 
+def _redact(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.rpartition("@")
+        user = parts.username or ""
+        return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+    except ValueError:
+        return "<unparsable url>"
+
+
 def _escape_glob(s: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in s)
 
@@ -154,6 +168,8 @@ class RedisBackend(BaseBackend):
         tag_prune_grace: float = 60.0,
     ) -> None:
         self.url = url
+        #: ``url`` without its password, for logs, errors, ``repr`` and ``stats``.
+        self.safe_url = _redact(url)
         self.prefix = prefix
         self.down_backoff = down_backoff
         self.tag_prune_grace = tag_prune_grace
@@ -197,7 +213,7 @@ class RedisBackend(BaseBackend):
         )
 
     def __repr__(self) -> str:
-        return f"RedisBackend({self.url!r}, prefix={self.prefix!r})"
+        return f"RedisBackend({self.safe_url!r}, prefix={self.prefix!r})"
 
     # -- keys --------------------------------------------------------------------------------
 
@@ -223,7 +239,7 @@ class RedisBackend(BaseBackend):
             raise BackendError(f"{self!r} is closed")
         if time.monotonic() < self._down_until:
             self._count(short_circuited=1, errors=1)
-            raise BackendError(f"redis at {self.url} unavailable (backing off)")
+            raise BackendError(f"redis at {self.safe_url} unavailable (backing off)")
         self._count(round_trips=round_trips)
         try:
             yield
@@ -231,10 +247,10 @@ class RedisBackend(BaseBackend):
             with self._lock:
                 self._counts["errors"] += 1
                 self._down_until = time.monotonic() + self.down_backoff
-            raise BackendError(f"redis at {self.url}: {exc}") from exc
+            raise BackendError(f"redis at {self.safe_url}: {exc}") from exc
         except redis.RedisError as exc:
             self._count(errors=1)
-            raise BackendError(f"redis at {self.url}: {exc}") from exc
+            raise BackendError(f"redis at {self.safe_url}: {exc}") from exc
 
     def _set_command(
         self, key: str, value: bytes, ttl: float | None, tags: Sequence[str]
@@ -279,13 +295,17 @@ class RedisBackend(BaseBackend):
         return entries, tag_sets
 
     def _aclient(self) -> redis.asyncio.Redis | None:
-        """The asyncio client for the running loop, or None when not on asyncio (trio)."""
+        """The asyncio client for the running loop, or None: not on asyncio (trio), or a sync
+        ``client`` was given without an ``async_client`` (the async twins then run the given
+        client in a worker thread: a client built from ``url`` could be another server)."""
+        if self._async_client is not None:
+            return self._async_client
+        if not self._owns_client:
+            return None
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return None
-        if self._async_client is not None:
-            return self._async_client
         with self._lock:
             client = self._aclients.get(loop)
             if client is None:
@@ -397,7 +417,7 @@ class RedisBackend(BaseBackend):
         ``hits``, ``sets``, ``invalidations``, ``errors``, ``short_circuited`` (calls refused
         without I/O while the server was down). Entry counts would need a SCAN: not reported."""
         with self._lock:
-            out: dict[str, Any] = {"backend": "redis", "url": self.url, "prefix": self.prefix}
+            out: dict[str, Any] = {"backend": "redis", "url": self.safe_url, "prefix": self.prefix}
             out.update(self._counts)
             out["down"] = time.monotonic() < self._down_until
         return out

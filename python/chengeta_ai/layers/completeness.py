@@ -7,8 +7,8 @@ when it carries its terminal event:
 - OpenAI Chat Completions (`ChatCompletionChunk`) and Completions (`Completion`): every choice
   that appeared has a ``finish_reason``; and a stream whose chunks carry ``usage`` (an explicit
   ``null`` in every chunk: the request asked ``stream_options={"include_usage": True}``) ends
-  with its usage chunk (``choices=[]``, ``usage`` set), which the API sends after the last
-  ``finish_reason``;
+  with its usage: the API sends it alone after the last ``finish_reason`` (``choices=[]``),
+  some compatible providers on the ``finish_reason`` chunk itself;
 - the events of the SDK's ``client.chat.completions.stream(...)`` helper
   (``openai.lib.streaming.chat``): the same rule, over the chunks its ``chunk`` events carry;
 - OpenAI Responses events, also those of ``client.responses.stream(...)``
@@ -52,8 +52,7 @@ def sdk_stream_complete(chunks: Sequence[Any]) -> bool:
         if getattr(first, "expects_usage", False) is True:
             # the request asked for the usage chunk (the cached client knows the request,
             # for Completions too, whose chunks do not announce it)
-            last = chunks[-1]
-            if getattr(last, "choices", None) or getattr(last, "usage", None) is None:
+            if getattr(chunks[-1], "usage", None) is None:
                 return False
     last = chunks[-1]
     module = type(last).__module__
@@ -77,8 +76,9 @@ def _chat_complete(chunks: Sequence[Any]) -> bool:
     if not chunks or not _every_choice_finished(chunks):
         return False
     if "usage" in (getattr(chunks[0], "model_fields_set", None) or ()):
-        last = chunks[-1]
-        return not getattr(last, "choices", None) and getattr(last, "usage", None) is not None
+        # the usage arrives last: alone (OpenAI: ``choices=[]``) or on the finish_reason
+        # chunk (some compatible providers)
+        return getattr(chunks[-1], "usage", None) is not None
     return True
 
 

@@ -19,6 +19,7 @@ Both share `Flight`: the log, the encoder, the store decision, the consumer's ne
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
 import logging
 import threading
@@ -49,7 +50,12 @@ from chengeta_ai.layers.flight_state import (
     Phase,
 )
 from chengeta_ai.layers.flights import FlightTable, Slot, next_sequence
-from chengeta_ai.layers.upstream import aiter_sync, check_sync_stream, not_a_stream
+from chengeta_ai.layers.upstream import (
+    aiter_sync,
+    call_in_reader_thread,
+    check_sync_stream,
+    not_a_stream,
+)
 from chengeta_ai.logs import warn
 from chengeta_ai.models import report_unregistered
 from chengeta_ai.serializers import ChunkSink, Serializer
@@ -429,33 +435,11 @@ def _close_quietly(result: Any) -> None:
 
 
 async def _call_in_thread(stream_fn: Callable[[Any], Any], messages: Any) -> Any:
-    """``stream_fn(messages)`` in a worker thread: a sync function may block until the
-    response head (the sync SDKs' ``create(..., stream=True)``), which must not freeze the
-    loop. A caller cancelled meanwhile leaves at once; what the call returns later is closed
-    in its thread (or here, if it returned in the same instant), never leaked."""
-    lock = threading.Lock()
-    abandoned = False
-    returned: list[Any] = []
-
-    def call() -> list[Any]:
-        result = stream_fn(messages)
-        with lock:
-            if not abandoned:
-                returned.append(result)
-                # boxed: trio refuses a worker function that returns a coroutine (a lambda
-                # around the async SDK's create returns one)
-                return returned
-        _close_quietly(result)
-        return returned
-
-    try:
-        return (await anyio.to_thread.run_sync(call, abandon_on_cancel=True))[0]
-    except BaseException:
-        with lock:
-            abandoned = True
-        if returned:
-            _close_quietly(returned[0])
-        raise
+    """``stream_fn(messages)`` in a worker thread, within the upstream readers' bound (see
+    `call_in_reader_thread`): a sync function may block until the response head (the sync
+    SDKs' ``create(..., stream=True)``), which must not freeze the loop. A caller cancelled
+    meanwhile leaves at once; what the call returns later is closed, never leaked."""
+    return await call_in_reader_thread(functools.partial(stream_fn, messages), _close_quietly)
 
 
 async def _open_upstream(stream_fn: Callable[[Any], Any], messages: Any) -> Any:

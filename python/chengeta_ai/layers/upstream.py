@@ -18,7 +18,7 @@ import logging
 import math
 import sys
 import threading
-from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import anyio
@@ -29,6 +29,7 @@ __all__ = [
     "UPSTREAM_READER_THREADS",
     "ThreadedIterator",
     "aiter_sync",
+    "call_in_reader_thread",
     "check_sync_stream",
     "in_memory",
     "not_a_stream",
@@ -176,6 +177,52 @@ async def _aiter_in_memory(iterable: Iterable[Any]) -> AsyncGenerator[Any, None]
 
 
 _END = object()
+_NOTHING: Any = object()
+
+
+async def call_in_reader_thread(
+    fn: Callable[[], Any], discard: Callable[[Any], None] | None = None
+) -> Any:
+    """``fn()`` in a worker thread, within the upstream readers' bound of this event loop
+    (`UPSTREAM_READER_THREADS`): its token is held until ``fn`` returns, also when the caller
+    is cancelled and abandons the thread (anyio's own limiter gives it back at the cancel on
+    asyncio while the thread still blocks). What ``fn`` returns to a caller that is gone is
+    passed to ``discard`` (e.g. closing an HTTP stream), never leaked."""
+    readers = _readers.get(None)
+    if readers is None:
+        readers = _Readers()
+        _readers.set(readers)
+    bound, call_soon = readers.bound, readers.call_soon
+    borrower = object()
+    await bound.acquire_on_behalf_of(borrower)
+    gate = _ReadGate()
+    returned: list[Any] = []
+
+    def run() -> list[Any]:
+        result = _NOTHING
+        try:
+            result = fn()
+            returned.append(result)
+            return returned  # boxed: trio refuses a worker function returning a coroutine
+        finally:
+            if gate.finish():  # abandoned by its caller: the thread cleans up
+                if discard is not None and result is not _NOTHING:
+                    discard(result)
+                try:
+                    call_soon(bound.release_on_behalf_of, borrower)
+                except Exception:  # the loop is gone, and its limiter with it
+                    pass
+
+    try:
+        boxed = await anyio.to_thread.run_sync(run, abandon_on_cancel=True, limiter=readers.threads)
+    except BaseException:
+        if not gate.abandon():  # the thread had returned: its result never reached us
+            bound.release_on_behalf_of(borrower)
+            if discard is not None and returned:
+                discard(returned[0])
+        raise
+    bound.release_on_behalf_of(borrower)
+    return boxed[0]
 
 
 class ThreadedIterator:
@@ -211,35 +258,7 @@ class ThreadedIterator:
         return self
 
     async def __anext__(self) -> Any:
-        readers = _readers.get(None)
-        if readers is None:
-            readers = _Readers()
-            _readers.set(readers)
-        bound = readers.bound
-        borrower = object()
-        await bound.acquire_on_behalf_of(borrower)
-        gate = _ReadGate()
-        call_soon = readers.call_soon
-
-        def read() -> Any:
-            try:
-                return self._read()
-            finally:
-                if gate.finish():  # abandoned: give the token back on the loop
-                    try:
-                        call_soon(bound.release_on_behalf_of, borrower)
-                    except Exception:  # the loop is gone, and its limiter with it
-                        pass
-
-        try:
-            item = await anyio.to_thread.run_sync(
-                read, abandon_on_cancel=True, limiter=readers.threads
-            )
-        except BaseException:
-            if not gate.abandon():
-                bound.release_on_behalf_of(borrower)
-            raise
-        bound.release_on_behalf_of(borrower)
+        item = await call_in_reader_thread(self._read)
         if item is _END:
             raise StopAsyncIteration
         return item
