@@ -50,3 +50,39 @@ def test_a_user_without_scripting_can_still_cache(no_scripting_url: str) -> None
         assert list(again) == ["a", "b"], cache.stats()
     finally:
         backend.close()
+
+
+# -- added with the fix: the fallback (WATCH/TYPE/MULTI) is all or nothing too -----------------
+
+
+def test_without_scripting_a_wrong_typed_tag_key_stores_nothing(no_scripting_url: str) -> None:
+    from chengeta_ai.backends.base import scoped_tag
+
+    prefix = f"nolua-{uuid.uuid4().hex[:8]}:"
+    backend = RedisBackend(no_scripting_url, prefix=prefix)
+    raw = redis.Redis.from_url(no_scripting_url)
+    raw.set(backend.tag_key(scoped_tag("chengeta", "model:gpt-4o")), b"not a sorted set")
+    cache = StreamingResponseCache(CacheManager(backend=backend))
+    messages = [{"role": "user", "content": "hardened redis, wrong tag"}]
+    try:
+        first = cache.get_or_stream(messages, lambda m: ["a", "b"], model_id="gpt-4o")
+        assert list(first) == ["a", "b"]
+        assert first.cache_info is not None and first.cache_info.outcome == "backend_error"
+        again = cache.get_or_stream(messages, lambda m: ["live"], model_id="gpt-4o")
+        assert list(again) == ["live"]  # nothing was written
+    finally:
+        backend.close()
+        raw.close()
+
+
+@pytest.mark.anyio
+async def test_async_a_user_without_scripting_can_still_cache(no_scripting_url: str) -> None:
+    backend = RedisBackend(no_scripting_url, prefix=f"nolua-{uuid.uuid4().hex[:8]}:")
+    cache = StreamingResponseCache(CacheManager(backend=backend))
+    messages = [{"role": "user", "content": "hardened redis, async"}]
+    try:
+        first = [c async for c in cache.aget_or_stream(messages, lambda m: ["a"], model_id="m")]
+        again = [c async for c in cache.aget_or_stream(messages, lambda m: ["x"], model_id="m")]
+    finally:
+        await backend.aclose()
+    assert first == again == ["a"]

@@ -14,7 +14,10 @@ that ``invalidate`` cannot reach; the script writes nothing and fails instead), 
 than ``tag_prune_grace`` seconds ago, so a busy tag never grows without bound) and two
 ``PEXPIRE``: ``NX`` gives a new tag set an expiry, ``GT`` extends it, so a tag set always
 outlives its longest-lived member (an entry without TTL gives its tags an expiry of ~100 years,
-never ``PERSIST``, so ``NX``/``GT`` stay exact). ``invalidate`` reads the members (one ``ZRANGE``)
+never ``PERSIST``, so ``NX``/``GT`` stay exact). A server or user that refuses scripts (an ACL
+without ``@scripting``, scripting turned off) gets the same all-or-nothing store without one:
+``WATCH`` the tag sets, check their types, then one ``MULTI`` (a few more round trips; chosen
+once per backend, at the first refusal). ``invalidate`` reads the members (one ``ZRANGE``)
 and then, per 500 members, ``UNLINK``s the entries and ``ZREM``s exactly those members in one
 ``MULTI``: a key tagged concurrently after the read keeps its registration, so none is lost.
 `stats` counts round trips.
@@ -121,6 +124,45 @@ return 1
 _SET_TAGGED_SHA = hashlib.sha1(_SET_TAGGED.encode()).hexdigest()
 
 
+_WATCH_TRIES = 5
+
+
+def _scripting_refused(exc: redis.ResponseError) -> bool:
+    """The server or the user's ACL refuses scripts (not an error of the script itself)."""
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return True
+    text = str(exc)
+    return any(
+        word in text for word in ("NOPERM", "no permissions", "unknown command", "disabled")
+    )
+
+
+def _split_script_args(args: list[Any]) -> tuple[list[Any], list[Any]]:
+    """`_SET_TAGGED`'s ``numkeys, *keys, *argv`` as ``(keys, argv)``."""
+    n = args[0]
+    return list(args[1 : 1 + n]), list(args[1 + n :])
+
+
+def _check_tag_kind(tag_key: str, kind: Any) -> None:
+    if kind not in (b"zset", b"none", "zset", "none"):
+        raise redis.ResponseError(
+            f"WRONGTYPE tag set {tag_key} holds a {kind!r}, not a sorted set: nothing written"
+        )
+
+
+def _queue_tagged(
+    pipe: Any, keys: list[Any], value: Any, px: Any, member: Any, score: Any, cutoff: Any,
+    tag_ms: Any,
+) -> None:  # fmt: skip
+    """`_SET_TAGGED`'s writes, queued on a ``MULTI`` pipeline (sync or async)."""
+    pipe.set(keys[0], value, px=px or None)
+    for tag_key in keys[1:]:
+        pipe.zadd(tag_key, {member: score})
+        pipe.zremrangebyscore(tag_key, "-inf", f"({cutoff}")
+        pipe.pexpire(tag_key, tag_ms, nx=True)
+        pipe.pexpire(tag_key, tag_ms, gt=True)
+
+
 def _redact(url: str) -> str:
     """``url`` with its password (if any) replaced by ``***``."""
     try:
@@ -207,6 +249,8 @@ class RedisBackend(BaseBackend):
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._closed = False
+        #: False once the server refused the store script (ACL, scripting off): WATCH/MULTI.
+        self._scripting = True
         self._counts = dict.fromkeys(
             ("round_trips", "errors", "short_circuited", "gets", "hits", "sets", "invalidations"),
             0,
@@ -334,12 +378,39 @@ class RedisBackend(BaseBackend):
         with self._guard():
             if kind == "SET":
                 self._client.set(args[0], args[1], px=args[2])
-            else:
+            elif self._scripting:
                 try:
                     self._client.evalsha(_SET_TAGGED_SHA, *args)
                 except redis.exceptions.NoScriptError:
                     self._client.eval(_SET_TAGGED, *args)
+                except redis.ResponseError as exc:
+                    if not _scripting_refused(exc):
+                        raise
+                    self._scripting = False
+                    self._set_watched(args)
+            else:
+                self._set_watched(args)
         self._count(sets=1)
+
+    def _set_watched(self, args: list[Any]) -> None:
+        """`_SET_TAGGED` without scripting (a user whose ACL leaves out ``@scripting``, a
+        server with scripting off): ``WATCH`` the tag sets, check their types, then one
+        ``MULTI``; all or nothing as well (``EXEC`` aborts if a tag set changed meanwhile;
+        retried). A few more round trips per store."""
+        keys, (value, px, member, score, cutoff, tag_ms) = _split_script_args(args)
+        with self._client.pipeline(transaction=True) as pipe:
+            for _ in range(_WATCH_TRIES):
+                try:
+                    pipe.watch(*keys[1:])  # type: ignore[no-untyped-call]
+                    for tag_key in keys[1:]:
+                        _check_tag_kind(tag_key, pipe.type(tag_key))
+                    pipe.multi()
+                    _queue_tagged(pipe, keys, value, px, member, score, cutoff, tag_ms)
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue
+        raise redis.ResponseError("tag sets kept changing during the store: not stored")
 
     def delete(self, key: str) -> bool:
         with self._guard():
@@ -443,12 +514,36 @@ class RedisBackend(BaseBackend):
         with self._guard():
             if kind == "SET":
                 await client.set(args[0], args[1], px=args[2])
-            else:
+            elif self._scripting:
                 try:
                     await client.evalsha(_SET_TAGGED_SHA, *args)
                 except redis.exceptions.NoScriptError:
                     await client.eval(_SET_TAGGED, *args)
+                except redis.ResponseError as exc:
+                    if not _scripting_refused(exc):
+                        raise
+                    self._scripting = False
+                    await self._aset_watched(client, args)
+            else:
+                await self._aset_watched(client, args)
         self._count(sets=1)
+
+    async def _aset_watched(self, client: redis.asyncio.Redis, args: list[Any]) -> None:
+        """Async twin of `_set_watched`."""
+        keys, (value, px, member, score, cutoff, tag_ms) = _split_script_args(args)
+        async with client.pipeline(transaction=True) as pipe:
+            for _ in range(_WATCH_TRIES):
+                try:
+                    await pipe.watch(*keys[1:])
+                    for tag_key in keys[1:]:
+                        _check_tag_kind(tag_key, await pipe.type(tag_key))
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    _queue_tagged(pipe, keys, value, px, member, score, cutoff, tag_ms)
+                    await pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue
+        raise redis.ResponseError("tag sets kept changing during the store: not stored")
 
     async def adelete(self, key: str) -> bool:
         client = self._aclient()
