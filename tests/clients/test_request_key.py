@@ -350,3 +350,32 @@ def test_a_header_removed_with_omit_is_keyed_apart_from_absent_and_sent() -> Non
     assert omitted != plain and omitted != sent
     assert not_given == plain  # "not given" sends nothing
     assert request(extra_headers={"x-stainless-helper": anthropic.omit}) == plain  # transport
+
+
+def test_an_omit_that_changes_nothing_is_not_keyed() -> None:
+    """An ``omit`` matters only for a header the client sends by default: the anthropic
+    helpers pass its client-level params as omit on every call (the SDK keeps the client's
+    value anyway), and they must share entries with ``create(stream=True)``."""
+    import anthropic
+
+    from chengeta_ai.clients.request_key import settle_omitted_headers, split_request
+
+    def settled(client: Any, **extra: Any) -> Any:
+        kwargs: dict[str, Any] = {"model": "m", "messages": [], "max_tokens": 5, **extra}
+        request = split_request(kwargs).request
+        settle_omitted_headers(request, client)
+        return request
+
+    plain_client = anthropic.Anthropic(api_key="k", base_url="http://127.0.0.1:9")
+    beta_client = anthropic.Anthropic(
+        api_key="k", base_url="http://127.0.0.1:9", default_headers={"anthropic-beta": "b1"}
+    )
+    plain = settled(plain_client)
+    helper_like = {"anthropic-workspace-id": anthropic.omit, "x-stainless-helper": "stream"}
+    assert settled(plain_client, extra_headers=helper_like) == plain
+    assert settled(beta_client, extra_headers=helper_like) == settled(beta_client)
+    # removing a default the client does send is a different request
+    omit_beta = {"anthropic-beta": anthropic.omit}
+    assert settled(beta_client, extra_headers=omit_beta) != settled(beta_client)
+    # removing one it does not send changes nothing
+    assert settled(plain_client, extra_headers=omit_beta) == plain

@@ -132,9 +132,7 @@ def _scripting_refused(exc: redis.ResponseError) -> bool:
     if isinstance(exc, redis.exceptions.NoPermissionError):
         return True
     text = str(exc)
-    return any(
-        word in text for word in ("NOPERM", "no permissions", "unknown command", "disabled")
-    )
+    return any(word in text for word in ("NOPERM", "no permissions", "unknown command", "disabled"))
 
 
 def _split_script_args(args: list[Any]) -> tuple[list[Any], list[Any]]:

@@ -44,6 +44,7 @@ from chengeta_ai.clients.request_key import (
     ClientIdentity,
     Request,
     check_isolatable,
+    settle_omitted_headers,
     split_request,
 )
 from chengeta_ai.core.cache_manager import unframe_entry
@@ -95,6 +96,10 @@ def _anever_called(_: Any) -> AsyncIterator[Any]:
 
 #: What `next` returns for a hit with no item after its head (an entry never stored whole).
 _NO_ITEM: Any = object()
+
+
+def _paced(control: CacheControl | None) -> bool:
+    return control is not None and control.replay == "recorded"
 
 
 def _cannot_hash(exc: TypeError) -> bool:
@@ -251,6 +256,7 @@ class ClientCache:
         or endpoint is corrupt: logged, counted (``corrupt_entries``), dropped, and the call
         tried again (see `_tries`)."""
         req = split_request(kwargs)
+        settle_omitted_headers(req.request, self.client)
         control = CacheControl.coerce(cache_control)
         params = {"endpoint": endpoint, "stream": req.stream, **self._identity()}
         if self.is_async:
@@ -274,13 +280,16 @@ class ClientCache:
                         return CachedStream(inner, first, self.http, _perf() - t0)
                     # a hit's items were written by someone: the first is checked before the
                     # stream is handed out, the others as they go (`checked_items`)
+                    key = info.key
+
+                    def wrong(exc: DecodeError, key: str = key) -> None:
+                        self.cache.manager.drop_corrupt(key, exc)
+
+                    if _paced(tried):  # its first item waits its recorded time: not here
+                        items = checked_items(None, inner, endpoint, wrong, has_first=False)
+                        return CachedStream(inner, first, self.http, _perf() - t0, items)
                     peeked = next(inner, _NO_ITEM)
                     if peeked is not _NO_ITEM and item_fits(endpoint, True, peeked):
-                        key = info.key
-
-                        def wrong(exc: DecodeError, key: str = key) -> None:
-                            self.cache.manager.drop_corrupt(key, exc)
-
                         items = checked_items(peeked, inner, endpoint, wrong)
                         return CachedStream(inner, first, self.http, _perf() - t0, items)
                 else:
@@ -444,15 +453,19 @@ class ClientCache:
                         info = inner.cache_info
                         if info is None or info.status != "hit":
                             return AsyncCachedStream(inner, first, self.http, _perf() - t0)
+                        key = info.key
+
+                        def awrong(exc: DecodeError, key: str = key) -> Any:
+                            return self.cache.manager.adrop_corrupt(key, exc)
+
+                        elapsed = _perf() - t0
+                        if _paced(tried):  # see `call`
+                            items = achecked_items(None, inner, endpoint, awrong, has_first=False)
+                            return AsyncCachedStream(inner, first, self.http, elapsed, items)
                         peeked = await anext(inner, _NO_ITEM)  # see `call`
                         if peeked is not _NO_ITEM and item_fits(endpoint, True, peeked):
-                            key = info.key
-
-                            def awrong(exc: DecodeError, key: str = key) -> Any:
-                                return self.cache.manager.adrop_corrupt(key, exc)
-
                             items = achecked_items(peeked, inner, endpoint, awrong)
-                            return AsyncCachedStream(inner, first, self.http, _perf() - t0, items)
+                            return AsyncCachedStream(inner, first, self.http, elapsed, items)
                     else:
                         rest = [item async for item in inner]
                         obj = whole_object(first, rest, endpoint)

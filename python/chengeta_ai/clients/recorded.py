@@ -480,13 +480,21 @@ def wrong_item(endpoint: str, item: Any) -> DecodeError:
 
 
 def checked_items(
-    first: Any, rest: Iterator[Any], endpoint: str, wrong: Callable[[DecodeError], None]
+    first: Any,
+    rest: Iterator[Any],
+    endpoint: str,
+    wrong: Callable[[DecodeError], None],
+    *,
+    has_first: bool = True,
 ) -> Iterator[Any]:
     """A hit's items: ``first`` (checked by the caller before the stream was handed out), then
     ``rest``, each checked (`item_fits`); one that does not fit reports to ``wrong`` (the entry
-    is dropped) and raises `DecodeError` (a clear error, never an object of the wrong kind)."""
-    yield first
-    fitting = {type(first)}  # classes seen to fit: one set lookup per item
+    is dropped) and raises `DecodeError` (a clear error, never an object of the wrong kind).
+    ``has_first`` False: there is no ``first``, every item of ``rest`` is checked."""
+    fitting: set[type] = set()  # classes seen to fit: one set lookup per item
+    if has_first:
+        yield first
+        fitting.add(type(first))
     for item in rest:
         if type(item) not in fitting:
             if not item_fits(endpoint, True, item):
@@ -498,11 +506,18 @@ def checked_items(
 
 
 async def achecked_items(
-    first: Any, rest: AsyncIterator[Any], endpoint: str, wrong: Callable[[DecodeError], Any]
+    first: Any,
+    rest: AsyncIterator[Any],
+    endpoint: str,
+    wrong: Callable[[DecodeError], Any],
+    *,
+    has_first: bool = True,
 ) -> AsyncIterator[Any]:
     """Async twin of `checked_items` (``wrong`` may return an awaitable)."""
-    yield first
-    fitting = {type(first)}
+    fitting: set[type] = set()
+    if has_first:
+        yield first
+        fitting.add(type(first))
     async for item in rest:
         if type(item) not in fitting:
             if not item_fits(endpoint, True, item):

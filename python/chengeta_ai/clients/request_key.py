@@ -89,6 +89,36 @@ def _headers(value: Any) -> dict[str, Any]:
     return out
 
 
+#: Headers the SDK keeps from the client even when a call gives them as ``omit`` (anthropic's
+#: client-level header params: its helpers pass them so on every call).
+_OMIT_KEEPS = frozenset({"anthropic-workspace-id", "anthropic-user-profile-id"})
+
+
+def settle_omitted_headers(request: dict[str, Any], client: Any) -> None:
+    """Keeps in the key only the ``omit`` headers that change the request: those removing a
+    header the client sends by default (its ``default_headers``, the SDK's own and the
+    ``default_headers=`` given). An ``omit`` of a header the client does not send, or of one
+    the SDK keeps anyway, changes nothing and is dropped, so such a call (the SDKs' helpers
+    pass some) shares its entry with the same call without it. Only looked at when the
+    request holds an ``omit`` header."""
+    headers = request.get("extra_headers")
+    if not headers or not any(value is _OMITTED for value in headers.values()):
+        return
+    try:
+        defaults = {str(name).lower() for name in client.default_headers}
+    except Exception:
+        defaults = {str(name).lower() for name in getattr(client, "_custom_headers", None) or {}}
+    kept = {
+        name: value
+        for name, value in headers.items()
+        if value is not _OMITTED or (name in defaults and name not in _OMIT_KEEPS)
+    }
+    if kept:
+        request["extra_headers"] = kept
+    else:
+        del request["extra_headers"]
+
+
 def split_request(kwargs: dict[str, Any]) -> Request:
     """Splits a call's keyword arguments into the hashed request and the SDK's arguments
     (a `Request`: ``request``, ``sdk_kwargs``, ``stream``, ``model_id``).
