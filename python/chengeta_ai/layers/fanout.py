@@ -33,10 +33,10 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from chengeta_ai._core import ChunkLog
+from chengeta_ai._core import ChunkLog, StreamEncoder
 from chengeta_ai.core.cache_manager import CacheManager, frame
 from chengeta_ai.core.stats import Counters
-from chengeta_ai.errors import ChengetaError, ConsumerLagged
+from chengeta_ai.errors import ChengetaError, ConsumerLagged, EncodeError
 from chengeta_ai.layers.flight_state import (
     CANCEL,
     CLOSE_LOG,
@@ -70,6 +70,9 @@ ENTRY_IN_THREAD_ABOVE = 1000
 STORE_TIMEOUT = 10.0
 #: Size accounted for a chunk the serializer could not encode.
 UNENCODED_CHUNK_BYTES = 256
+# `ChunkLog.record`'s bits: the push exceeded the byte budget; the consumer took the chunk;
+# the core encoder failed on it; the producer has no headroom left.
+_OVERFLOWED, _TAKEN, _UNENCODED, _NO_HEADROOM = 1, 2, 4, 8
 #: Reasons a stream is not stored that are counted as ``not_stored_<reason>`` and logged
 #: (an upstream error and an abandoned stream have counters of their own) ...
 _RUNNING = Phase.RUNNING  # looked up once per pulled chunk
@@ -126,8 +129,12 @@ class Flight:
         self.encoder: ChunkSink | None = (
             copy.stream_encoder() if copy is not None else settings.serializer.stream_encoder()
         )
+        #: The encoder when it is the core's: `ChunkLog.record` runs it (one call per chunk).
+        #: None for a sink written in Python, which `append` pushes to first.
+        self._core_encoder = self.encoder if isinstance(self.encoder, StreamEncoder) else None
         #: encoder.nbytes after the last push (one read of it per chunk, not two)
         self._encoded_bytes = self.encoder.nbytes
+        self._record = self.log.record
         self._error_tb: TracebackType | None = None
         self._stored_chunks = 0
         #: Called (without the lock) once the flight has ended, after its store: the Redis
@@ -242,49 +249,63 @@ class Flight:
 
     # -- per chunk ----------------------------------------------------------------------------
 
-    def append(self, chunk: Any, taker: int | None = None) -> bool:
+    def append(self, chunk: Any, taker: int | None = None) -> int:
         """Encodes (for the store) and appends one upstream chunk to the log. With ``taker``
-        (a consumer that has read everything before it), hands it the chunk as a read would;
-        returns True if it took it."""
+        (a consumer that has read everything before it), hands it the chunk as a read would.
+        Returns `ChunkLog.record`'s bits: `TAKEN` if the taker took it, `NO_HEADROOM` if the
+        producer must now wait for a slow consumer."""
+        if self._core_encoder is not None or self.encoder is None:
+            # the common case: encode, append and take in one call into the core
+            bits: int = self._record(chunk, self._core_encoder, UNENCODED_CHUNK_BYTES, taker)
+        else:
+            bits = self._record(chunk, None, self._push_in_python(chunk), taker)
+        if bits & (_OVERFLOWED | _UNENCODED):
+            self._after_record(bits)
+        return bits
+
+    def _push_in_python(self, chunk: Any) -> int:
+        """Pushes ``chunk`` to an encoder written in Python; returns the bytes it added."""
         encoder = self.encoder
-        if encoder is not None:
-            try:
-                total = encoder.push(chunk)
-                if total is None:  # a sink that does not return its size
-                    total = encoder.nbytes
-            except Exception as exc:  # a cache failure: the chunk is still delivered
-                self.encoder = None
-                self._cannot_encode(exc)
-                nbytes = UNENCODED_CHUNK_BYTES
-            else:
-                nbytes = total - self._encoded_bytes
-                self._encoded_bytes = total
-        else:
-            nbytes = UNENCODED_CHUNK_BYTES
-        if taker is None:
-            overflowed = self.log.push(chunk, nbytes)
-            taken = False
-        else:
-            bits = self.log.push_taking(chunk, nbytes, taker)
-            overflowed = bool(bits & 1)
-            taken = bits > 1
-        if overflowed:
+        assert encoder is not None
+        try:
+            total = encoder.push(chunk)
+            if total is None:  # a sink that does not return its size
+                total = encoder.nbytes
+        except Exception as exc:  # a cache failure: the chunk is still delivered
+            self.encoder = None
+            self._cannot_encode(exc)
+            return UNENCODED_CHUNK_BYTES
+        nbytes = total - self._encoded_bytes
+        self._encoded_bytes = total
+        return nbytes
+
+    def _after_record(self, bits: int) -> None:
+        """The rare outcomes of a `ChunkLog.record`: the core encoder failed on the chunk (it
+        was appended all the same), or the log outgrew its byte budget."""
+        if bits & _UNENCODED:
+            encoder = self._core_encoder
+            assert encoder is not None
+            self.encoder = self._core_encoder = None
+            # the chunk counted in the message is the one that failed (it is in the log now)
+            self._cannot_encode(EncodeError(encoder.error or "cannot encode"), self.log.end - 1)
+        if bits & _OVERFLOWED:
             self.perform(
                 self.transition(
                     self.state.overflowed,
                     f"stream exceeded max_entry_bytes={self.settings.max_entry_bytes}",
                 )
             )
-        return taken
 
-    def _cannot_encode(self, exc: Exception) -> None:
+    def _cannot_encode(self, exc: Exception, index: int | None = None) -> None:
+        """Chunk ``index`` (default: the next one) cannot be encoded: the stream is not stored
+        (with a `chunk_joiner`, the joiner gets live objects instead of a pristine copy)."""
         if self.settings.copy_serializer is not None:
             # the joiner gets the live objects instead of a pristine copy
             logger.debug("chengeta_ai: no pristine copy of %s for the joiner: %s", self.key, exc)
             return
         self.transition(
             lambda: self.state.keep_from_store("unserializable"),
-            f"chunk {self.log.end} cannot be encoded: {exc}",
+            f"chunk {self.log.end if index is None else index} cannot be encoded: {exc}",
             # an unregistered class is reported once per class, with the fix
             quiet=report_unregistered(str(exc)),
         )
@@ -576,7 +597,6 @@ class AsyncFlight(Flight):
         # only when the slowest holding consumer is max_lag behind.)
         read = upstream.__anext__
         append = self.append
-        headroom = self.log.headroom
         since_checkpoint = 0
         while True:
             try:
@@ -588,11 +608,12 @@ class AsyncFlight(Flight):
                     # otherwise hold up to CHECKPOINT_EVERY chunks back until it is stored
                     await anyio.lowlevel.checkpoint()
                 return
-            append(chunk)
+            bits = append(chunk)
             if self._data is not None:
                 self._wake_data()
             since_checkpoint += 1
-            if (headroom() == 0 and await self._hold()) or since_checkpoint >= CHECKPOINT_EVERY:
+            # no task ran since the append: its headroom bit is current
+            if (bits & _NO_HEADROOM and await self._hold()) or since_checkpoint >= CHECKPOINT_EVERY:
                 if since_checkpoint >= CHECKPOINT_EVERY:
                     await anyio.lowlevel.checkpoint()
                 since_checkpoint = 0
@@ -706,7 +727,7 @@ class SyncFlight(Flight):
                 self._source = result
                 self._upstream = iter(result)
             chunk = next(self._upstream)
-            if self.append(chunk, taker):
+            if self.append(chunk, taker) & _TAKEN:
                 return chunk
         except StopIteration:
             self._finish()
