@@ -841,6 +841,8 @@ class SyncFlight(Flight):
         ready_to_pull = log.ready_to_pull
         pull_one = self._pull_one
         pull_lock = self._pull_lock
+        # positional, bound once: `acquire(blocking=False)` parses a keyword on every chunk
+        try_pull, end_pull = pull_lock.acquire, pull_lock.release
         state = self.state
         delivered = 0
         # the batch being handed out: what it still holds was not (counted once, at the end)
@@ -848,14 +850,14 @@ class SyncFlight(Flight):
         acked = False
         try:
             while True:
-                if pull_lock.acquire(blocking=False):
+                if try_pull(False):
                     try:
                         if state.phase is _RUNNING and ready_to_pull(consumer):
                             chunk = pull_one(consumer)
                         else:
                             chunk = _NOT_TAKEN
                     finally:
-                        pull_lock.release()
+                        end_pull()
                     if chunk is not _NOT_TAKEN:
                         if self._waiters:
                             self.wake()
