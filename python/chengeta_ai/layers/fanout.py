@@ -121,6 +121,8 @@ class Flight:
         #: Orders this flight after the requests made before it (see `FlightTable.join_or_lead`).
         self.seq = next_sequence()
         self.state = FlightState(settings.on_abandon)
+        #: See `TableFlight.solo`.
+        self.solo = True
         self.log = ChunkLog(settings.max_lag, settings.max_entry_bytes)
         # The stored bytes are encoded as each chunk arrives, before any consumer sees it, so
         # a consumer that edits its chunk objects never changes what is stored. With a joiner,
@@ -597,6 +599,7 @@ class AsyncFlight(Flight):
         # only when the slowest holding consumer is max_lag behind.)
         read = upstream.__anext__
         append = self.append
+        record = self._record
         since_checkpoint = 0
         while True:
             try:
@@ -608,7 +611,14 @@ class AsyncFlight(Flight):
                     # otherwise hold up to CHECKPOINT_EVERY chunks back until it is stored
                     await anyio.lowlevel.checkpoint()
                 return
-            bits = append(chunk)
+            # `append`, inlined for the core encoder (one Python call less per chunk)
+            encoder = self._core_encoder
+            if encoder is not None:
+                bits = record(chunk, encoder, UNENCODED_CHUNK_BYTES)
+                if bits & (_OVERFLOWED | _UNENCODED):
+                    self._after_record(bits)
+            else:
+                bits = append(chunk)
             if self._data is not None:
                 self._wake_data()
             since_checkpoint += 1
@@ -859,7 +869,14 @@ class SyncFlight(Flight):
             while True:
                 if try_pull(False):
                     try:
-                        if state.phase is _RUNNING and ready_to_pull(consumer):
+                        # Solo (nobody ever joined), this consumer took every chunk it pulled
+                        # (`ChunkLog.record`): it has read everything, nobody else is held
+                        # back, and the log is open while the phase is RUNNING. (The log
+                        # counts the chunk in hand as unacknowledged until the next take: the
+                        # only consumer it could hold back is this one.) A caller that joins
+                        # after this check joins after this pull, as one that joins between
+                        # `ready_to_pull` and the append does.
+                        if state.phase is _RUNNING and (self.solo or ready_to_pull(consumer)):
                             chunk = pull_one(consumer)
                         else:
                             chunk = _NOT_TAKEN
