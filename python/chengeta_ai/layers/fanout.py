@@ -731,12 +731,13 @@ class SyncFlight(Flight):
         consumer and no stored entry silently misses the chunk in between.
         """
         try:
-            if self._upstream is None:
+            upstream = self._upstream
+            if upstream is None:
                 assert self._stream_fn is not None
                 result = check_sync_stream(self._stream_fn(self._messages))
                 self._source = result
-                self._upstream = iter(result)
-            chunk = next(self._upstream)
+                upstream = self._upstream = iter(result)
+            chunk = next(upstream)
             # `append`, inlined for the core encoder (one Python call less per chunk)
             if self._core_encoder is not None:
                 bits = self._record(chunk, self._core_encoder, UNENCODED_CHUNK_BYTES, taker)
@@ -746,28 +747,34 @@ class SyncFlight(Flight):
                 bits = self.append(chunk, taker)
             if bits & _TAKEN:
                 return chunk
-        except StopIteration:
-            self._finish()
         except BaseException as exc:
-            interrupted = isinstance(exc, KeyboardInterrupt) and (
-                threading.current_thread() is threading.main_thread()
-            )
-            if interrupted:
-                # Ctrl-C landed in the thread that was reading for everyone: the upstream is
-                # broken for all, but only this caller was interrupted. The others get a clear
-                # error (as an async read cancelled from outside does); this one its Ctrl-C.
-                error = ChengetaError(f"the upstream read of {self.key} was interrupted (Ctrl-C)")
-                error.__cause__ = exc
-                actions = self.fail(error)
-            else:
-                actions = self.fail(exc)
-            try:
-                self._close_upstream()
-            finally:
-                self.perform(actions)
-            if interrupted:
-                raise
+            self._pull_failed(exc)
         return _NOT_TAKEN
+
+    def _pull_failed(self, exc: BaseException) -> None:
+        """`_pull_one`'s read or append raised ``exc``: the end of the stream (`StopIteration`:
+        check and store it) or a failure of the flight. Re-raises a Ctrl-C of this thread."""
+        if isinstance(exc, StopIteration):
+            self._finish()
+            return
+        interrupted = isinstance(exc, KeyboardInterrupt) and (
+            threading.current_thread() is threading.main_thread()
+        )
+        if interrupted:
+            # Ctrl-C landed in the thread that was reading for everyone: the upstream is
+            # broken for all, but only this caller was interrupted. The others get a clear
+            # error (as an async read cancelled from outside does); this one its Ctrl-C.
+            error = ChengetaError(f"the upstream read of {self.key} was interrupted (Ctrl-C)")
+            error.__cause__ = exc
+            actions = self.fail(error)
+        else:
+            actions = self.fail(exc)
+        try:
+            self._close_upstream()
+        finally:
+            self.perform(actions)
+        if interrupted:
+            raise exc
 
     def _finish(self) -> None:
         actions = 0
@@ -876,10 +883,28 @@ class SyncFlight(Flight):
                         # only consumer it could hold back is this one.) A caller that joins
                         # after this check joins after this pull, as one that joins between
                         # `ready_to_pull` and the append does.
-                        if state.phase is _RUNNING and (self.solo or ready_to_pull(consumer)):
+                        if state.phase is not _RUNNING or not (
+                            self.solo or ready_to_pull(consumer)
+                        ):
+                            chunk = _NOT_TAKEN
+                        elif self._upstream is None or self._core_encoder is None:
                             chunk = pull_one(consumer)
                         else:
-                            chunk = _NOT_TAKEN
+                            # `_pull_one`'s read-and-append step, inlined for the common case
+                            # (an open upstream, the core encoder): one Python call less per
+                            # chunk. Whatever interrupts it fails the flight, as there.
+                            try:
+                                chunk = next(self._upstream)
+                                bits = self._record(
+                                    chunk, self._core_encoder, UNENCODED_CHUNK_BYTES, consumer
+                                )
+                                if bits & (_OVERFLOWED | _UNENCODED):
+                                    self._after_record(bits)
+                                if not bits & _TAKEN:
+                                    chunk = _NOT_TAKEN
+                            except BaseException as exc:
+                                self._pull_failed(exc)
+                                chunk = _NOT_TAKEN
                     finally:
                         end_pull()
                     if chunk is not _NOT_TAKEN:
