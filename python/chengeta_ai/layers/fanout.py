@@ -594,9 +594,10 @@ class AsyncFlight(Flight):
         return self.store_outcome(ok, data, superseded)
 
     async def _pump(self, upstream: Any) -> None:
-        # Per chunk, only what must happen per chunk: the read, the append, a wake-up if
-        # somebody waits, one look at the headroom. (No coroutine per chunk: `_hold` is awaited
-        # only when the slowest holding consumer is max_lag behind.)
+        # Per chunk, only what must happen per chunk: the read, one call into the log (encode,
+        # append; its bits say whether headroom is left), a wake-up if somebody waits. (No
+        # coroutine per chunk: `_hold` is awaited only when the slowest holding consumer is
+        # max_lag behind.)
         read = upstream.__anext__
         append = self.append
         record = self._record
@@ -857,8 +858,9 @@ class SyncFlight(Flight):
 
     def consume(self, consumer: int) -> Generator[Any, None, None]:
         # The loop a lone caller's miss runs once per chunk. A consumer that has read
-        # everything pulls the next chunk itself and keeps it in hand (`ChunkLog.push_taking`):
-        # per chunk, the upstream read, the encoder, and two calls into the log. Otherwise it
+        # everything pulls the next chunk itself and keeps it in hand: per chunk, the upstream
+        # read and one call into the log that encodes, appends and hands it over
+        # (`ChunkLog.record`), plus a readiness check unless the flight is solo. Otherwise it
         # reads what the log has for it (`next_batch`, inlined), or pulls, or waits.
         log = self.log
         read = log.read
