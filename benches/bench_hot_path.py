@@ -202,7 +202,12 @@ def cashews_stream(items: list[Any]) -> Callable[[str], AsyncIterator[Any]]:
     from cashews import Cache
 
     cache = Cache()
-    cache.setup("mem://", size=1_000_000)  # the default (1,000 keys) evicts a long stream
+    # size: the default (1,000 keys) evicts a long stream. check_interval=0: no sweeper task.
+    # Its default one walks every key once a second (milliseconds for a 5,000-chunk stream),
+    # one per cache left alive, and lands inside whichever round yields to the loop next: ours
+    # (the list reference never yields), which inflated our asyncio figures several times over.
+    # Expiry is still honoured on read.
+    cache.setup("mem://", size=1_000_000, check_interval=0)
 
     @cache.iterator(ttl="1h", key="hot:{key}")
     async def stream(key: str) -> AsyncIterator[Any]:

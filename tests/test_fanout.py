@@ -582,3 +582,35 @@ async def test_abandoned_plain_iterable_upstream_is_closed() -> None:
         while not closed:
             await anyio.sleep(0.001)
     assert cache.stats()["abandoned_cancelled"] == 1
+
+
+def test_chunk_log_record_encodes_appends_and_hands_over() -> None:
+    """`ChunkLog.record`, a flight's whole per-chunk step: the bytes accounted are the ones
+    the encoder added; the bits say taken / no headroom / encoder failed (the chunk is
+    appended all the same, accounted as ``nbytes``, and the encoder says why)."""
+    from chengeta_ai._core import ChunkLog, StreamEncoder
+
+    log = ChunkLog(2, None)
+    enc = StreamEncoder()
+    leader = log.attach()
+    assert leader is not None
+    before = enc.nbytes
+    assert log.record("hello", enc, 999, leader) == 2  # taken, headroom left
+    assert log.retained_bytes == enc.nbytes - before
+    assert enc.count == 1
+    joiner = log.attach()
+    assert joiner is not None
+    # the joiner has read nothing: the leader takes the chunk, and the producer is now
+    # max_lag (2) ahead of the joiner
+    assert log.record("world", enc, 999, leader) == 2 | 8
+    assert log.read(joiner, 10) == ["hello", "world"]
+    # not encoded: accounted as given; nobody takes it; the joiner's read acknowledges only
+    # its previous batch, so there is still no headroom
+    assert log.record(3, None, 7, None) == 8
+    retained = log.retained_bytes
+    bad = object()
+    assert log.record(bad, enc, 256, leader) == 4 | 8  # the leader had not read 3: not taken
+    assert log.retained_bytes == retained + 256
+    assert enc.error is not None and "unsupported type 'object'" in enc.error
+    assert log.read(leader, 10) == [3, bad]
+    assert log.end == 4

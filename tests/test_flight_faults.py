@@ -165,16 +165,17 @@ def test_interrupt_between_reading_and_logging_a_chunk_fails_every_consumer() ->
     assert next(b) == 0  # b joins and reads it from the log
     # the interrupt lands once chunk 1 has left the upstream, before the log has it
     flight = next(iter(cache.flights.values()))
-    original = flight.append
+    # (`_record` is the log's per-chunk step, `ChunkLog.record`, which `append` calls)
+    original = flight._record
     calls = {"n": 0}
 
-    def interrupted_append(chunk: Any, taker: int | None = None) -> bool:
+    def interrupted_record(chunk: Any, *args: Any) -> int:
         calls["n"] += 1
         if chunk == 1:
             raise KeyboardInterrupt
-        return original(chunk, taker)
+        return original(chunk, *args)
 
-    flight.append = interrupted_append  # type: ignore[method-assign]
+    flight._record = interrupted_record
     with pytest.raises(KeyboardInterrupt):
         next(a)
     rest: list[Any] = []

@@ -278,6 +278,8 @@ def test_unserializable_chunk_is_delivered_and_not_cached(
     assert up.calls == 2
     assert cache.stats()["not_stored_unserializable"] == 2
     assert "Opaque" in caplog.text
+    # the warning names the chunk that failed (the one appended with it, not the next)
+    assert "chunk 1 cannot be encoded: chunk 1: unsupported type 'Opaque'" in caplog.text
 
 
 @pytest.mark.parametrize("garbage", [b"", b"\x00" * 10, b"\xc6\x01\x00\x00\x00\x00junk"])

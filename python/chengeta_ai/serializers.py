@@ -177,6 +177,10 @@ def _cap(max_decoded_bytes: int | None) -> int:
     return cap
 
 
+#: `models.register_known_models` has returned (it is idempotent; this spares the import).
+_known_models_ready = False
+
+
 class CompactSerializer:
     """The compact Rust codec (default).
 
@@ -196,9 +200,13 @@ class CompactSerializer:
 
     @staticmethod
     def _ready() -> None:
+        global _known_models_ready
+        if _known_models_ready:  # every miss creates an encoder: no import statement per call
+            return
         from chengeta_ai import models
 
         models.register_known_models()
+        _known_models_ready = True
 
     def dumps(self, value: Any) -> bytes:
         self._ready()

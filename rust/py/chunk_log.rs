@@ -10,8 +10,15 @@ use pyo3::types::{PyDict, PyList};
 use pyo3::types::PyBytes;
 
 use crate::chunk_log::{ChunkLog as Log, LogError};
+use crate::py::codec::StreamEncoder;
 use crate::py::errors::ConsumerLagged;
 use crate::timing::{PaceRecorder, DEFAULT_UNIT_US};
+
+/// `record`'s result bits.
+const RECORD_OVERFLOWED: u8 = 1;
+const RECORD_TAKEN: u8 = 2;
+const RECORD_UNENCODED: u8 = 4;
+const RECORD_NO_HEADROOM: u8 = 8;
 
 /// Bound on the recorded timing of a log without a byte budget (16 MiB of deltas).
 const UNBOUNDED_TIMING_BYTES: usize = 16 << 20;
@@ -115,6 +122,53 @@ impl ChunkLog {
             .record(u64::try_from(elapsed).unwrap_or(u64::MAX));
         let (overflowed, taken) = inner.log.push_taking(item, nbytes, consumer);
         u8::from(overflowed) | (u8::from(taken) << 1)
+    }
+
+    /// A flight's whole per-chunk step in one call: encodes `item` with `encoder` (for the
+    /// store; `None`: not encoded), appends it accounted as the bytes the encoding added (or
+    /// `nbytes` when not encoded), and hands it to `consumer` as `push_taking` does. Returns a
+    /// bit set: 1 = the push exceeded the byte budget, 2 = `consumer` took the chunk, 4 = the
+    /// encoder failed on it (it is poisoned: its `error` says why; the chunk is appended all
+    /// the same, accounted as `nbytes`), 8 = no headroom is left after the push.
+    #[pyo3(signature = (item, encoder, nbytes, consumer = None))]
+    fn record(
+        &self,
+        py: Python<'_>,
+        item: Bound<'_, PyAny>,
+        encoder: Option<&Bound<'_, StreamEncoder>>,
+        nbytes: u64,
+        consumer: Option<u64>,
+    ) -> u8 {
+        let mut bits = 0;
+        // The encoder runs before the log is locked: it calls into Python (attribute reads on
+        // models), and the log's lock is never held across such a call.
+        let nbytes = match encoder.map(|e| e.get().push_item(py, &item)) {
+            Some(Ok((_, added))) => added as u64,
+            Some(Err(_)) => {
+                bits |= RECORD_UNENCODED;
+                nbytes
+            }
+            None => nbytes,
+        };
+        let mut inner = self.lock();
+        let elapsed = inner.start.elapsed().as_nanos();
+        inner
+            .pace
+            .record(u64::try_from(elapsed).unwrap_or(u64::MAX));
+        let (overflowed, taken) = match consumer {
+            Some(id) => inner.log.push_taking(item.unbind(), nbytes, id),
+            None => (inner.log.push(item.unbind(), nbytes), false),
+        };
+        if overflowed {
+            bits |= RECORD_OVERFLOWED;
+        }
+        if taken {
+            bits |= RECORD_TAKEN;
+        }
+        if inner.log.headroom() == 0 {
+            bits |= RECORD_NO_HEADROOM;
+        }
+        bits
     }
 
     /// True when `consumer` may read the next upstream chunk itself: the stream is open, the

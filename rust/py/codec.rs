@@ -967,30 +967,23 @@ impl StreamEncoder {
     /// `EncodeError` (with the item number and path) on unsupported input, after which the
     /// encoder is poisoned.
     fn push(&self, py: Python<'_>, item: &Bound<'_, PyAny>) -> PyResult<usize> {
-        let mut st = self
+        self.push_item(py, item)
+            .map(|(total, _)| total)
+            .map_err(EncodeError::new_err)
+    }
+
+    /// Why the encoder cannot take items any more: the message of the `EncodeError` that
+    /// poisoned it, or that it was finished; None while it can.
+    #[getter]
+    fn error(&self, py: Python<'_>) -> Option<String> {
+        let st = self
             .state
             .lock_py_attached(py)
             .unwrap_or_else(|e| e.into_inner());
-        if st.finished {
-            return Err(EncodeError::new_err("StreamEncoder already finished"));
-        }
-        if let Some(msg) = &st.poisoned {
-            return Err(EncodeError::new_err(format!(
-                "StreamEncoder poisoned by: {msg}"
-            )));
-        }
-        let n = st.count;
-        match st.enc.value(item, 0) {
-            Ok(()) => {
-                st.count += 1;
-                Ok(st.enc.w.len())
-            }
-            Err(e) => {
-                let msg = e.render(&format!("chunk {n}"));
-                st.poisoned = Some(msg.clone());
-                Err(EncodeError::new_err(msg))
-            }
-        }
+        st.poisoned.clone().or_else(|| {
+            st.finished
+                .then(|| "StreamEncoder already finished".to_owned())
+        })
     }
 
     /// The encoded sequence. The encoder cannot be used afterwards.
@@ -1037,6 +1030,42 @@ impl StreamEncoder {
             .enc
             .w
             .len()
+    }
+}
+
+impl StreamEncoder {
+    /// `push` for Rust callers (`ChunkLog.record`): encodes one item and returns `(nbytes after
+    /// it, bytes it added)`, or the message `push` raises (the encoder is poisoned by then,
+    /// unless it was finished or poisoned before).
+    pub(crate) fn push_item(
+        &self,
+        py: Python<'_>,
+        item: &Bound<'_, PyAny>,
+    ) -> Result<(usize, usize), String> {
+        let mut st = self
+            .state
+            .lock_py_attached(py)
+            .unwrap_or_else(|e| e.into_inner());
+        if st.finished {
+            return Err("StreamEncoder already finished".to_owned());
+        }
+        if let Some(msg) = &st.poisoned {
+            return Err(format!("StreamEncoder poisoned by: {msg}"));
+        }
+        let n = st.count;
+        let before = st.enc.w.len();
+        match st.enc.value(item, 0) {
+            Ok(()) => {
+                st.count += 1;
+                let total = st.enc.w.len();
+                Ok((total, total - before))
+            }
+            Err(e) => {
+                let msg = e.render(&format!("chunk {n}"));
+                st.poisoned = Some(msg.clone());
+                Err(msg)
+            }
+        }
     }
 }
 

@@ -34,10 +34,10 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from chengeta_ai._core import ChunkLog
+from chengeta_ai._core import ChunkLog, StreamEncoder
 from chengeta_ai.core.cache_manager import CacheManager, frame
 from chengeta_ai.core.stats import Counters
-from chengeta_ai.errors import ChengetaError, ConsumerLagged
+from chengeta_ai.errors import ChengetaError, ConsumerLagged, EncodeError
 from chengeta_ai.layers.flight_state import (
     CANCEL,
     CLOSE_LOG,
@@ -76,6 +76,9 @@ ENTRY_IN_THREAD_ABOVE = 1000
 STORE_TIMEOUT = 10.0
 #: Size accounted for a chunk the serializer could not encode.
 UNENCODED_CHUNK_BYTES = 256
+# `ChunkLog.record`'s bits: the push exceeded the byte budget; the consumer took the chunk;
+# the core encoder failed on it; the producer has no headroom left.
+_OVERFLOWED, _TAKEN, _UNENCODED, _NO_HEADROOM = 1, 2, 4, 8
 #: Reasons a stream is not stored that are counted as ``not_stored_<reason>`` and logged
 #: (an upstream error and an abandoned stream have counters of their own) ...
 _RUNNING = Phase.RUNNING  # looked up once per pulled chunk
@@ -124,6 +127,8 @@ class Flight:
         #: Orders this flight after the requests made before it (see `FlightTable.join_or_lead`).
         self.seq = next_sequence()
         self.state = FlightState(settings.on_abandon)
+        #: See `TableFlight.solo`.
+        self.solo = True
         self.log = ChunkLog(settings.max_lag, settings.max_entry_bytes)
         # The stored bytes are encoded as each chunk arrives, before any consumer sees it, so
         # a consumer that edits its chunk objects never changes what is stored. With a joiner,
@@ -132,8 +137,12 @@ class Flight:
         self.encoder: ChunkSink | None = (
             copy.stream_encoder() if copy is not None else settings.serializer.stream_encoder()
         )
+        #: The encoder when it is the core's: `ChunkLog.record` runs it (one call per chunk).
+        #: None for a sink written in Python, which `append` pushes to first.
+        self._core_encoder = self.encoder if isinstance(self.encoder, StreamEncoder) else None
         #: encoder.nbytes after the last push (one read of it per chunk, not two)
         self._encoded_bytes = self.encoder.nbytes
+        self._record = self.log.record
         self._error_tb: TracebackType | None = None
         self._stored_chunks = 0
         #: Called (without the lock) once the flight has ended, after its store: the Redis
@@ -248,49 +257,63 @@ class Flight:
 
     # -- per chunk ----------------------------------------------------------------------------
 
-    def append(self, chunk: Any, taker: int | None = None) -> bool:
+    def append(self, chunk: Any, taker: int | None = None) -> int:
         """Encodes (for the store) and appends one upstream chunk to the log. With ``taker``
-        (a consumer that has read everything before it), hands it the chunk as a read would;
-        returns True if it took it."""
+        (a consumer that has read everything before it), hands it the chunk as a read would.
+        Returns `ChunkLog.record`'s bits: `TAKEN` if the taker took it, `NO_HEADROOM` if the
+        producer must now wait for a slow consumer."""
+        if self._core_encoder is not None or self.encoder is None:
+            # the common case: encode, append and take in one call into the core
+            bits: int = self._record(chunk, self._core_encoder, UNENCODED_CHUNK_BYTES, taker)
+        else:
+            bits = self._record(chunk, None, self._push_in_python(chunk), taker)
+        if bits & (_OVERFLOWED | _UNENCODED):
+            self._after_record(bits)
+        return bits
+
+    def _push_in_python(self, chunk: Any) -> int:
+        """Pushes ``chunk`` to an encoder written in Python; returns the bytes it added."""
         encoder = self.encoder
-        if encoder is not None:
-            try:
-                total = encoder.push(chunk)
-                if total is None:  # a sink that does not return its size
-                    total = encoder.nbytes
-            except Exception as exc:  # a cache failure: the chunk is still delivered
-                self.encoder = None
-                self._cannot_encode(exc)
-                nbytes = UNENCODED_CHUNK_BYTES
-            else:
-                nbytes = total - self._encoded_bytes
-                self._encoded_bytes = total
-        else:
-            nbytes = UNENCODED_CHUNK_BYTES
-        if taker is None:
-            overflowed = self.log.push(chunk, nbytes)
-            taken = False
-        else:
-            bits = self.log.push_taking(chunk, nbytes, taker)
-            overflowed = bool(bits & 1)
-            taken = bits > 1
-        if overflowed:
+        assert encoder is not None
+        try:
+            total = encoder.push(chunk)
+            if total is None:  # a sink that does not return its size
+                total = encoder.nbytes
+        except Exception as exc:  # a cache failure: the chunk is still delivered
+            self.encoder = None
+            self._cannot_encode(exc)
+            return UNENCODED_CHUNK_BYTES
+        nbytes = total - self._encoded_bytes
+        self._encoded_bytes = total
+        return nbytes
+
+    def _after_record(self, bits: int) -> None:
+        """The rare outcomes of a `ChunkLog.record`: the core encoder failed on the chunk (it
+        was appended all the same), or the log outgrew its byte budget."""
+        if bits & _UNENCODED:
+            encoder = self._core_encoder
+            assert encoder is not None
+            self.encoder = self._core_encoder = None
+            # the chunk counted in the message is the one that failed (it is in the log now)
+            self._cannot_encode(EncodeError(encoder.error or "cannot encode"), self.log.end - 1)
+        if bits & _OVERFLOWED:
             self.perform(
                 self.transition(
                     self.state.overflowed,
                     f"stream exceeded max_entry_bytes={self.settings.max_entry_bytes}",
                 )
             )
-        return taken
 
-    def _cannot_encode(self, exc: Exception) -> None:
+    def _cannot_encode(self, exc: Exception, index: int | None = None) -> None:
+        """Chunk ``index`` (default: the next one) cannot be encoded: the stream is not stored
+        (with a `chunk_joiner`, the joiner gets live objects instead of a pristine copy)."""
         if self.settings.copy_serializer is not None:
             # the joiner gets the live objects instead of a pristine copy
             logger.debug("chengeta_ai: no pristine copy of %s for the joiner: %s", self.key, exc)
             return
         self.transition(
             lambda: self.state.keep_from_store("unserializable"),
-            f"chunk {self.log.end} cannot be encoded: {exc}",
+            f"chunk {self.log.end if index is None else index} cannot be encoded: {exc}",
             # an unregistered class is reported once per class, with the fix
             quiet=report_unregistered(str(exc)),
         )
@@ -616,12 +639,13 @@ class AsyncFlight(Flight):
         return self.store_outcome(ok, data, superseded)
 
     async def _pump(self, upstream: Any) -> None:
-        # Per chunk, only what must happen per chunk: the read, the append, a wake-up if
-        # somebody waits, one look at the headroom. (No coroutine per chunk: `_hold` is awaited
-        # only when the slowest holding consumer is max_lag behind.)
+        # Per chunk, only what must happen per chunk: the read, one call into the log (encode,
+        # append; its bits say whether headroom is left), a wake-up if somebody waits. (No
+        # coroutine per chunk: `_hold` is awaited only when the slowest holding consumer is
+        # max_lag behind.)
         read = upstream.__anext__
         append = self.append
-        headroom = self.log.headroom
+        record = self._record
         since_checkpoint = 0
         while True:
             try:
@@ -633,11 +657,19 @@ class AsyncFlight(Flight):
                     # otherwise hold up to CHECKPOINT_EVERY chunks back until it is stored
                     await anyio.lowlevel.checkpoint()
                 return
-            append(chunk)
+            # `append`, inlined for the core encoder (one Python call less per chunk)
+            encoder = self._core_encoder
+            if encoder is not None:
+                bits = record(chunk, encoder, UNENCODED_CHUNK_BYTES)
+                if bits & (_OVERFLOWED | _UNENCODED):
+                    self._after_record(bits)
+            else:
+                bits = append(chunk)
             if self._data is not None:
                 self._wake_data()
             since_checkpoint += 1
-            if (headroom() == 0 and await self._hold()) or since_checkpoint >= CHECKPOINT_EVERY:
+            # no task ran since the append: its headroom bit is current
+            if (bits & _NO_HEADROOM and await self._hold()) or since_checkpoint >= CHECKPOINT_EVERY:
                 if since_checkpoint >= CHECKPOINT_EVERY:
                     await anyio.lowlevel.checkpoint()
                 since_checkpoint = 0
@@ -745,36 +777,50 @@ class SyncFlight(Flight):
         consumer and no stored entry silently misses the chunk in between.
         """
         try:
-            if self._upstream is None:
+            upstream = self._upstream
+            if upstream is None:
                 assert self._stream_fn is not None
                 result = check_sync_stream(self._stream_fn(self._messages))
                 self._source = result
-                self._upstream = iter(result)
-            chunk = next(self._upstream)
-            if self.append(chunk, taker):
-                return chunk
-        except StopIteration:
-            self._finish()
-        except BaseException as exc:
-            interrupted = isinstance(exc, KeyboardInterrupt) and (
-                threading.current_thread() is threading.main_thread()
-            )
-            if interrupted:
-                # Ctrl-C landed in the thread that was reading for everyone: the upstream is
-                # broken for all, but only this caller was interrupted. The others get a clear
-                # error (as an async read cancelled from outside does); this one its Ctrl-C.
-                error = ChengetaError(f"the upstream read of {self.key} was interrupted (Ctrl-C)")
-                error.__cause__ = exc
-                actions = self.fail(error)
+                upstream = self._upstream = iter(result)
+            chunk = next(upstream)
+            # `append`, inlined for the core encoder (one Python call less per chunk)
+            if self._core_encoder is not None:
+                bits = self._record(chunk, self._core_encoder, UNENCODED_CHUNK_BYTES, taker)
+                if bits & (_OVERFLOWED | _UNENCODED):
+                    self._after_record(bits)
             else:
-                actions = self.fail(exc)
-            try:
-                self._close_upstream()
-            finally:
-                self.perform(actions)
-            if interrupted:
-                raise
+                bits = self.append(chunk, taker)
+            if bits & _TAKEN:
+                return chunk
+        except BaseException as exc:
+            self._pull_failed(exc)
         return _NOT_TAKEN
+
+    def _pull_failed(self, exc: BaseException) -> None:
+        """`_pull_one`'s read or append raised ``exc``: the end of the stream (`StopIteration`:
+        check and store it) or a failure of the flight. Re-raises a Ctrl-C of this thread."""
+        if isinstance(exc, StopIteration):
+            self._finish()
+            return
+        interrupted = isinstance(exc, KeyboardInterrupt) and (
+            threading.current_thread() is threading.main_thread()
+        )
+        if interrupted:
+            # Ctrl-C landed in the thread that was reading for everyone: the upstream is
+            # broken for all, but only this caller was interrupted. The others get a clear
+            # error (as an async read cancelled from outside does); this one its Ctrl-C.
+            error = ChengetaError(f"the upstream read of {self.key} was interrupted (Ctrl-C)")
+            error.__cause__ = exc
+            actions = self.fail(error)
+        else:
+            actions = self.fail(exc)
+        try:
+            self._close_upstream()
+        finally:
+            self.perform(actions)
+        if interrupted:
+            raise exc
 
     def _finish(self) -> None:
         actions = 0
@@ -857,14 +903,17 @@ class SyncFlight(Flight):
 
     def consume(self, consumer: int) -> Generator[Any, None, None]:
         # The loop a lone caller's miss runs once per chunk. A consumer that has read
-        # everything pulls the next chunk itself and keeps it in hand (`ChunkLog.push_taking`):
-        # per chunk, the upstream read, the encoder, and two calls into the log. Otherwise it
+        # everything pulls the next chunk itself and keeps it in hand: per chunk, the upstream
+        # read and one call into the log that encodes, appends and hands it over
+        # (`ChunkLog.record`), plus a readiness check unless the flight is solo. Otherwise it
         # reads what the log has for it (`next_batch`, inlined), or pulls, or waits.
         log = self.log
         read = log.read
         ready_to_pull = log.ready_to_pull
         pull_one = self._pull_one
         pull_lock = self._pull_lock
+        # positional, bound once: `acquire(blocking=False)` parses a keyword on every chunk
+        try_pull, end_pull = pull_lock.acquire, pull_lock.release
         state = self.state
         delivered = 0
         # the batch being handed out: what it still holds was not (counted once, at the end)
@@ -872,14 +921,39 @@ class SyncFlight(Flight):
         acked = False
         try:
             while True:
-                if pull_lock.acquire(blocking=False):
+                if try_pull(False):
                     try:
-                        if state.phase is _RUNNING and ready_to_pull(consumer):
+                        # Solo (nobody ever joined), this consumer took every chunk it pulled
+                        # (`ChunkLog.record`): it has read everything, nobody else is held
+                        # back, and the log is open while the phase is RUNNING. (The log
+                        # counts the chunk in hand as unacknowledged until the next take: the
+                        # only consumer it could hold back is this one.) A caller that joins
+                        # after this check joins after this pull, as one that joins between
+                        # `ready_to_pull` and the append does.
+                        if state.phase is not _RUNNING or not (
+                            self.solo or ready_to_pull(consumer)
+                        ):
+                            chunk = _NOT_TAKEN
+                        elif self._upstream is None or self._core_encoder is None:
                             chunk = pull_one(consumer)
                         else:
-                            chunk = _NOT_TAKEN
+                            # `_pull_one`'s read-and-append step, inlined for the common case
+                            # (an open upstream, the core encoder): one Python call less per
+                            # chunk. Whatever interrupts it fails the flight, as there.
+                            try:
+                                chunk = next(self._upstream)
+                                bits = self._record(
+                                    chunk, self._core_encoder, UNENCODED_CHUNK_BYTES, consumer
+                                )
+                                if bits & (_OVERFLOWED | _UNENCODED):
+                                    self._after_record(bits)
+                                if not bits & _TAKEN:
+                                    chunk = _NOT_TAKEN
+                            except BaseException as exc:
+                                self._pull_failed(exc)
+                                chunk = _NOT_TAKEN
                     finally:
-                        pull_lock.release()
+                        end_pull()
                     if chunk is not _NOT_TAKEN:
                         if self._waiters:
                             self.wake()

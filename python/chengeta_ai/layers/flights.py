@@ -79,6 +79,10 @@ class TableFlight(Protocol):
     #: What the entry is stored with: the first caller that wanted it stored gives them.
     ttl: float | None
     tags: tuple[str, ...]
+    #: No caller has joined the flight (its leader is its only consumer): cleared, under the
+    #: table lock, by the first join. The sync driver's leader then skips a readiness check
+    #: per chunk (`SyncFlight.consume`).
+    solo: bool
 
     def on_released(self) -> None: ...
 
@@ -162,6 +166,7 @@ class FlightTable:
                     else:
                         consumer = flight.log.attach()
                         if consumer is not None:
+                            flight.solo = False
                             if store and not flight.state.wants_store:
                                 flight.state.wants_store = True
                                 if store_as is not None:
