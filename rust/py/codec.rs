@@ -1427,7 +1427,7 @@ impl<'a> Dec<'a, '_> {
 }
 
 struct DecState {
-    body: Vec<u8>,
+    body: Arc<Vec<u8>>,
     s_pos: usize,
     s_end: usize,
     l_pos: usize,
@@ -1512,46 +1512,163 @@ fn is_registered(name: &str) -> bool {
     registry_read().by_name.contains_key(name)
 }
 
+/// A decompressed and validated body: what every decoder of the same stored bytes starts from.
+struct Opened {
+    header: codec::Header,
+    body: Arc<Vec<u8>>,
+    layout: codec::BodyLayout,
+    /// Registry generation the body validated under.
+    generation: u64,
+}
+
 /// Opens, decompresses and validates an encoding (pure Rust: safe without the GIL). An entry
 /// of at least [`codec::MEMO_MIN_BYTES`] whose exact bytes validated before under the same
 /// registry generation (BLAKE3 key, see [`codec::memo_key`]) is not walked again.
-fn open_validated(
-    data: &[u8],
-    max_decoded: u64,
-) -> Result<(codec::Header, Vec<u8>, codec::BodyLayout), CodecError> {
-    let (h, body) = codec::open_with(data, max_decoded, codec::zstd_decompress)?;
-    let layout = codec::split_body(&body, h.count)?;
-    if data.len() < codec::MEMO_MIN_BYTES {
-        codec::validate(&body, &layout, h.count, is_registered)?;
-        return Ok((h, body, layout));
-    }
+fn open_validated(data: &[u8], max_decoded: u64) -> Result<Opened, CodecError> {
     // The generation is read before validating. Registrations only ever add classes, so a
     // verdict reached while one raced with the walk stays true under the later registry too.
-    let key = codec::memo_key(REGISTRY_GENERATION.load(Ordering::SeqCst), data);
+    let generation = REGISTRY_GENERATION.load(Ordering::SeqCst);
+    let (header, body) = codec::open_with(data, max_decoded, codec::zstd_decompress)?;
+    let layout = codec::split_body(&body, header.count)?;
+    let opened = |body| Opened {
+        header,
+        body: Arc::new(body),
+        layout: layout.clone(),
+        generation,
+    };
+    if data.len() < codec::MEMO_MIN_BYTES {
+        codec::validate(&body, &layout, header.count, is_registered)?;
+        return Ok(opened(body));
+    }
+    let key = codec::memo_key(generation, data);
     let known = VALIDATED
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .contains(&key);
     if !known {
-        codec::validate(&body, &layout, h.count, is_registered)?;
+        codec::validate(&body, &layout, header.count, is_registered)?;
         VALIDATED
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(key);
     }
-    Ok((h, body, layout))
+    Ok(opened(body))
 }
 
-fn open_decoder(py: Python<'_>, data: &[u8], max_decoded: Option<u64>) -> PyResult<StreamDecoder> {
+/// Most stored `bytes` objects [`IdentityMemo`] keeps opened.
+pub const IDENTITY_MEMO_ENTRIES: usize = 256;
+/// Most bytes [`IdentityMemo`] keeps alive (stored bytes + decompressed bodies); a larger entry
+/// is never remembered.
+pub const IDENTITY_MEMO_BYTES: usize = 32 << 20;
+
+struct Remembered {
+    /// The stored bytes, held (never read): while remembered, no other object can have its
+    /// address, and a `bytes` object never changes, so its check and decompression stay true.
+    _data: Py<PyBytes>,
+    opened: Arc<Opened>,
+    cost: usize,
+}
+
+/// Opened bodies by the identity of the stored `bytes` object (and the payload's offset in it)
+/// that a caller vouches will be handed back again (an in-process backend returns the object it
+/// stores): its next decoder skips the hash, the decompression and the walk. Bounded by
+/// [`IDENTITY_MEMO_ENTRIES`] and [`IDENTITY_MEMO_BYTES`]; the oldest is forgotten first.
+#[derive(Default)]
+struct IdentityMemo {
+    map: HashMap<(usize, usize), Remembered, BuildHasherDefault<FxHasher>>,
+    order: std::collections::VecDeque<(usize, usize)>,
+    bytes: usize,
+}
+
+impl IdentityMemo {
+    /// Inserts, returning what had to be forgotten (dropped by the caller after the lock).
+    fn insert(&mut self, key: (usize, usize), r: Remembered) -> Vec<Remembered> {
+        let mut gone = Vec::new();
+        if r.cost > IDENTITY_MEMO_BYTES {
+            gone.push(r);
+            return gone;
+        }
+        self.bytes += r.cost;
+        if let Some(old) = self.map.insert(key, r) {
+            self.bytes -= old.cost;
+            gone.push(old);
+        } else {
+            self.order.push_back(key);
+        }
+        while self.map.len() > IDENTITY_MEMO_ENTRIES || self.bytes > IDENTITY_MEMO_BYTES {
+            let Some(k) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(old) = self.map.remove(&k) {
+                self.bytes -= old.cost;
+                gone.push(old);
+            }
+        }
+        gone
+    }
+}
+
+// Locking: held only for a map lookup, insertion or eviction (reference counts change under
+// it, but evicted objects are dropped after it is released), never across a call into Python.
+static OPENED: LazyLock<Mutex<IdentityMemo>> = LazyLock::new(Default::default);
+
+fn opened_memo() -> std::sync::MutexGuard<'static, IdentityMemo> {
+    OPENED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn open_decoder(
+    py: Python<'_>,
+    data: &Bound<'_, PyAny>,
+    offset: usize,
+    max_decoded: Option<u64>,
+    remember: bool,
+) -> PyResult<StreamDecoder> {
     let max_decoded = max_decoded.unwrap_or(codec::DEFAULT_MAX_DECODED_BYTES);
-    // One detach covers decompression and validation; small entries keep the GIL (re-taking
-    // it can cost a switch interval when other threads are busy).
-    let opened = if data.len() >= DETACH_MIN_BYTES / 4 {
-        py.detach(|| open_validated(data, max_decoded))
-    } else {
-        open_validated(data, max_decoded)
+    let backed: PyBackedBytes = data.extract()?;
+    if offset > backed.len() {
+        return Err(PyValueError::new_err(format!(
+            "offset {offset} is beyond the {} bytes of data",
+            backed.len()
+        )));
+    }
+    let payload = &backed[offset..];
+    // Only an exact `bytes` object is immutable (a bytearray could change under its address).
+    let key = (remember && data.is_exact_instance_of::<PyBytes>())
+        .then(|| (data.as_ptr() as usize, offset));
+    let known = key.and_then(|k| {
+        let memo = opened_memo();
+        let r = memo.map.get(&k)?;
+        let o = &r.opened;
+        // Valid under this registry, and within this caller's cap as a fresh open would be.
+        let fits = o.header.body_len
+            <= codec::body_limit(payload.len(), o.header.compressed, max_decoded);
+        (o.generation == REGISTRY_GENERATION.load(Ordering::SeqCst) && fits)
+            .then(|| Arc::clone(o))
+    });
+    let opened = match known {
+        Some(o) => o,
+        None => {
+            // One detach covers decompression and validation; small entries keep the GIL
+            // (re-taking it can cost a switch interval when other threads are busy).
+            let opened = if payload.len() >= DETACH_MIN_BYTES / 4 {
+                py.detach(|| open_validated(payload, max_decoded))
+            } else {
+                open_validated(payload, max_decoded)
+            };
+            let opened = Arc::new(opened.map_err(|e| DecodeError::new_err(e.to_string()))?);
+            if let (Some(k), true) = (key, payload.len() >= codec::MEMO_MIN_BYTES) {
+                let r = Remembered {
+                    _data: data.cast::<PyBytes>()?.clone().unbind(),
+                    opened: Arc::clone(&opened),
+                    cost: backed.len() + opened.body.len(),
+                };
+                let gone = opened_memo().insert(k, r);
+                drop(gone);
+            }
+            opened
+        }
     };
-    let (h, body, layout) = opened.map_err(|e| DecodeError::new_err(e.to_string()))?;
+    let layout = &opened.layout;
     Ok(StreamDecoder {
         state: Mutex::new(DecState {
             s_pos: layout.structure.start,
@@ -1559,25 +1676,31 @@ fn open_decoder(py: Python<'_>, data: &[u8], max_decoded: Option<u64>) -> PyResu
             l_pos: layout.lengths.start,
             l_end: layout.lengths.end,
             d_pos: layout.data,
-            remaining: h.count,
-            body,
+            remaining: opened.header.count,
+            body: Arc::clone(&opened.body),
             tables: DecTables {
                 strings: DecodeTable::new(),
                 templates: Vec::new(),
             },
             error: None,
         }),
-        sequence: h.sequence,
-        count: h.count,
+        sequence: opened.header.sequence,
+        count: opened.header.count,
     })
 }
 
 #[pymethods]
 impl StreamDecoder {
     #[new]
-    #[pyo3(signature = (data, *, max_decoded_bytes = None))]
-    fn new(py: Python<'_>, data: PyBackedBytes, max_decoded_bytes: Option<u64>) -> PyResult<Self> {
-        open_decoder(py, &data, max_decoded_bytes)
+    #[pyo3(signature = (data, *, offset = 0, max_decoded_bytes = None, remember = false))]
+    fn new(
+        py: Python<'_>,
+        data: &Bound<'_, PyAny>,
+        offset: usize,
+        max_decoded_bytes: Option<u64>,
+        remember: bool,
+    ) -> PyResult<Self> {
+        open_decoder(py, data, offset, max_decoded_bytes, remember)
     }
 
     /// True for `StreamEncoder` output, False for `encode()` output.
@@ -1631,10 +1754,10 @@ impl StreamDecoder {
 #[pyo3(signature = (data, *, max_decoded_bytes = None))]
 fn decode<'py>(
     py: Python<'py>,
-    data: PyBackedBytes,
+    data: &Bound<'py, PyAny>,
     max_decoded_bytes: Option<u64>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let dec = open_decoder(py, &data, max_decoded_bytes)?;
+    let dec = open_decoder(py, data, 0, max_decoded_bytes, false)?;
     let mut st = dec.state.into_inner().unwrap_or_else(|e| e.into_inner());
     let mut items = st.take(py, usize::MAX)?;
     if dec.sequence {

@@ -201,6 +201,10 @@ class StreamingResponseCache:
         )
         #: What one stored entry may decode to (planted or damaged bytes are refused).
         self._decode_cap = decode_cap(self.max_entry_bytes)
+        #: The backend hands back the very ``bytes`` object it stored (in-process): a hit
+        #: remembers the checked, opened entry by that object's identity, so the next hit of
+        #: it skips the checksum, the decompression and the validation.
+        self._remember_opened = bool(getattr(manager.backend, "returns_stored_bytes", False))
         #: In-flight streams by (sync or event loop, key), and where their pumps run.
         self.flights = FlightTable(task_group)
         #: Shares in-flight streams across processes, or None (in-process only).
@@ -302,17 +306,28 @@ class StreamingResponseCache:
         corrupt: the frame's checksum, the timing a paced replay will use, and (compact codec)
         the whole entry's structure, counts and class names, within the decode cap, are checked
         before anything is yielded."""
-        entry = unframe_entry(raw)
+        remember = self._remember_opened
+        entry = unframe_entry(raw, remember=remember)
         offsets = None
         if call.paced and entry.timing is not None:
             offsets = decode_timing(bytes(entry.timing), max_total_seconds=MAX_RECORDED_SECONDS)
-        return entry, self._replay_batches(entry.payload), offsets
+        return entry, self._replay_batches(raw, entry, remember), offsets
 
-    def _replay_batches(self, payload: Any, batch: int = REPLAY_BATCH) -> Iterator[list[Any]]:
+    def _replay_batches(
+        self, raw: bytes, entry: Entry, remember: bool, batch: int = REPLAY_BATCH
+    ) -> Iterator[list[Any]]:
         """Batches of a stored entry's payload (see `_open_entry`)."""
-        batches = self.serializer.iter_batches(
-            bytes(payload), batch, max_decoded_bytes=self._decode_cap
-        )
+        serializer = self.serializer
+        if isinstance(serializer, CompactSerializer) and type(raw) is bytes:
+            # the payload where it lies in the stored bytes: no copy, and an entry the
+            # backend hands back again is opened once (see `_remember_opened`)
+            batches = serializer.iter_batches_at(
+                raw, entry.start, batch, max_decoded_bytes=self._decode_cap, remember=remember
+            )
+        else:
+            batches = serializer.iter_batches(
+                bytes(entry.payload), batch, max_decoded_bytes=self._decode_cap
+            )
         first = next(batches, [])
 
         def chained() -> Iterator[list[Any]]:
