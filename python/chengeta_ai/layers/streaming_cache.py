@@ -26,6 +26,7 @@ from collections.abc import (
     Iterator,
     Mapping,
 )
+from itertools import chain
 from operator import length_hint
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -122,6 +123,26 @@ class _Call:
         self.speed = control.speed if control is not None else 1.0
         #: Orders this request before the flights created after it (``no_cache``).
         self.seq = next_sequence()
+
+
+class _Handed:
+    """A replay's progress: chunks in the batches begun, and the batch being handed out (what
+    it still holds was not handed out: counted once, at the end)."""
+
+    __slots__ = ("handing", "replayed")
+
+    def __init__(self) -> None:
+        self.replayed = 0
+        self.handing: Iterator[Any] = iter(())
+
+    def track(self, batches: Iterator[list[Any]]) -> Iterator[Iterator[Any]]:
+        """Each batch's iterator, noted; a batch is emptied once handed out (its chunks are
+        let go now, not when the next batch has been decoded)."""
+        for batch in batches:
+            self.replayed += len(batch)
+            self.handing = handing = iter(batch)
+            yield handing
+            batch.clear()
 
 
 class StreamingResponseCache:
@@ -458,7 +479,25 @@ class StreamingResponseCache:
             self.count("hits")
             info = CacheInfo("hit", key, entry.age())
             self._started(box, info)
-            yield from self._replay(key, batches, offsets, call, box, info, t0)
+            if offsets is not None:
+                yield from self._replay(key, batches, offsets, call, box, info, t0)
+                return
+            # Chained in C (`chain.from_iterable` over each batch's iterator): a caller's
+            # `next()` resumes this frame only, not a replay generator's as well.
+            handed = _Handed()
+            outcome = "abandoned"
+            try:
+                self._first_chunk("hit", t0)  # the first batch is decoded: its chunk is ready
+                yield from chain.from_iterable(handed.track(batches))
+                outcome = "replayed"
+            except DecodeError as exc:  # see _replay
+                outcome = "error"
+                self.count("corrupt_entries")
+                self.manager.drop_corrupt(key, exc)
+                raise
+            finally:
+                self.count("chunks_replayed", handed.replayed - length_hint(handed.handing))
+                self._ended(box, info, outcome)
             return
         if leads:
             self._count_lead(call)
@@ -541,42 +580,33 @@ class StreamingResponseCache:
         self,
         key: str,
         batches: Iterator[list[Any]],
-        offsets: list[float] | None,
+        offsets: list[float],
         call: _Call,
         box: InfoBox,
         info: CacheInfo,
         t0: float,
     ) -> Iterator[Any]:
+        """A paced hit (``replay="recorded"``); `_get_or_stream` chains an unpaced one itself."""
         replayed = 0
         # the batch being handed out: what it still holds was not (counted once, at the end)
         handing: Iterator[Any] = iter(())
         outcome = "abandoned"
         try:
-            if offsets is None:
-                self._first_chunk("hit", t0)  # the first batch is decoded: its chunk is ready
-                for batch in batches:
-                    replayed += len(batch)
-                    handing = iter(batch)
-                    yield from handing
-                    # let go of the chunks now, not when the next batch has been decoded (the
-                    # serializer's generator still refers to this list while it decodes)
-                    batch.clear()
-            else:
-                self.count("paced_replays")
-                n = len(offsets)
-                speed = call.speed
-                sleep = time.sleep
-                for batch in batches:
-                    for chunk in batch:
-                        if replayed < n:
-                            delay = t0 + offsets[replayed] / speed - _perf()
-                            if delay > 0:
-                                sleep(delay)
-                        if not replayed:
-                            self._first_chunk("hit", t0)  # after the recorded wait
-                        replayed += 1
-                        yield chunk
-                    batch.clear()
+            self.count("paced_replays")
+            n = len(offsets)
+            speed = call.speed
+            sleep = time.sleep
+            for batch in batches:
+                for chunk in batch:
+                    if replayed < n:
+                        delay = t0 + offsets[replayed] / speed - _perf()
+                        if delay > 0:
+                            sleep(delay)
+                    if not replayed:
+                        self._first_chunk("hit", t0)  # after the recorded wait
+                    replayed += 1
+                    yield chunk
+                batch.clear()
             outcome = "replayed"
         except DecodeError as exc:
             # past the checked head of the entry (e.g. a model class this process never
