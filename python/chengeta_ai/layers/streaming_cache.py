@@ -674,13 +674,19 @@ class StreamingResponseCache:
                 await _aclose_upstream(upstream)
                 self._ended(box, info, outcome)
             return
-        slot = (current_loop_scope(), key)
+        # (this event loop, key), found out once a flight may be in the table or is needed:
+        # `current_loop_scope` asks sniffio, a cost every hit would pay for nothing
+        scoped: Slot | None = None
         settings = self._flight_settings
         while True:
             found = None
-            if not call.no_cache and slot not in self.flights:
-                found = await self._alookup(key, call)
+            if not call.no_cache:
+                if scoped is None and len(self.flights):
+                    scoped = (current_loop_scope(), key)
+                if scoped is None or scoped not in self.flights:
+                    found = await self._alookup(key, call)
             if found is None:
+                slot = scoped = scoped or (current_loop_scope(), key)
                 joined = self._join_or_lead(
                     slot, call, lambda: AsyncFlight(settings, slot, call.ttl, call.tags)
                 )
