@@ -26,6 +26,7 @@ from collections.abc import (
     Iterator,
     Mapping,
 )
+from functools import partial
 from itertools import chain
 from operator import length_hint
 from types import TracebackType
@@ -686,9 +687,9 @@ class StreamingResponseCache:
                 if scoped is None or scoped not in self.flights:
                     found = await self._alookup(key, call)
             if found is None:
-                slot = scoped = scoped or (current_loop_scope(), key)
+                scoped = scoped or (current_loop_scope(), key)
                 joined = self._join_or_lead(
-                    slot, call, lambda: AsyncFlight(settings, slot, call.ttl, call.tags)
+                    scoped, call, partial(AsyncFlight, settings, scoped, call.ttl, call.tags)
                 )
                 if joined is None:  # see _get_or_stream
                     if not call.no_cache:
