@@ -543,6 +543,11 @@ impl<T> DecodeTable<T> {
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
     }
+
+    /// The entries, in order.
+    pub fn into_items(self) -> Vec<T> {
+        self.items
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -89,7 +89,14 @@ class StreamEncoder:
 
 @typing.final
 class StreamDecoder:
-    def __new__(cls, data: bytes, *, max_decoded_bytes: int | None = None) -> StreamDecoder: ...
+    def __new__(
+        cls,
+        data: bytes,
+        *,
+        offset: int = 0,
+        max_decoded_bytes: int | None = None,
+        remember: bool = False,
+    ) -> StreamDecoder: ...
     @property
     def is_sequence(self) -> bool: ...
     @property

@@ -139,6 +139,11 @@ def _anthropic_known() -> list[Any]:
     return [RawMessageStreamEvent, Message, MessageStreamEvent, ParsedMessageStreamEvent]
 
 
+def known_models_registered() -> bool:
+    """Whether `register_known_models` has run to its end in this process."""
+    return _known_done
+
+
 def register_known_models() -> None:
     """Register the SDK response classes chengeta_ai caches out of the box.
 

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from chengeta_ai import _core
+from chengeta_ai import _core, models
 from chengeta_ai.errors import DecodeError, EncodeError
 
 __all__ = [
@@ -230,6 +230,30 @@ class CompactSerializer:
         _check_batch_size(batch_size)
         self._ready()
         decoder = _core.StreamDecoder(data, max_decoded_bytes=_cap(max_decoded_bytes))
+        return self._iter(decoder, batch_size)
+
+    def iter_batches_at(
+        self,
+        data: bytes,
+        offset: int,
+        batch_size: int = 256,
+        *,
+        max_decoded_bytes: int | None = None,
+        remember: bool = False,
+    ) -> Iterator[list[Any]]:
+        """`iter_batches` of ``data[offset:]``, without copying it. ``remember=True``: the
+        caller will be handed this same ``bytes`` object again (an in-process backend returns
+        the object it stores), so its decompressed, validated body is kept by the object's
+        identity (bounded: 256 objects, 32 MiB) and the next decoder of it starts there."""
+        if batch_size < 1:
+            _check_batch_size(batch_size)
+        if not models.known_models_registered():
+            self._ready()
+        if max_decoded_bytes is None or max_decoded_bytes < 0:
+            max_decoded_bytes = _cap(max_decoded_bytes)
+        decoder = _core.StreamDecoder(
+            data, offset=offset, max_decoded_bytes=max_decoded_bytes, remember=remember
+        )
         return self._iter(decoder, batch_size)
 
     @staticmethod

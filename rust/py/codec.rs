@@ -1097,6 +1097,7 @@ fn corrupt(msg: impl Into<String>) -> DErr {
 
 struct DecTemplate {
     cls: Py<PyType>,
+    maker: Maker,
     /// The class's slot accessors (from the registry), or `None`: generic `setattr`.
     slots: Option<ClassSlots>,
     fields: Vec<Py<PyString>>,
@@ -1133,29 +1134,70 @@ fn copy_dict<'py>(dict: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyDict>> {
     }
 }
 
-/// `cls.__new__(cls)`, called through the type's `tp_new` slot as `cls()` would (no Python
-/// attribute lookup, no argument tuple built per call).
-fn new_instance<'py>(cls: &Bound<'py, PyType>) -> PyResult<Bound<'py, PyAny>> {
-    let py = cls.py();
+/// How instances of a decoded class are made: what `cls.__new__(cls)` does (`model_construct`'s
+/// first step), resolved once per template.
+#[derive(Clone, Copy)]
+enum Maker {
+    /// The class's `tp_alloc`, when its `__new__` is `object.__new__` and it is not abstract:
+    /// `object.__new__(cls)` is then `tp_alloc(cls, 0)` plus the check for abstract methods
+    /// and an empty instance `__dict__` (on 3.11/3.12) that the decoder replaces at once (with
+    /// a dict built from it first); `tp_alloc` alone leaves the instance with no dict, a state
+    /// CPython supports (it is what `PyType_GenericNew` makes), until `__dict__` is set.
+    Alloc(pyo3::ffi::allocfunc),
+    /// The class's `tp_new` (a `__new__` of its own, or abstract): called as `cls()` would.
+    New(pyo3::ffi::newfunc),
+}
+
+fn instance_maker(cls: &Bound<'_, PyType>) -> PyResult<Maker> {
+    use pyo3::ffi;
     let tp = cls.as_type_ptr();
-    let args = PyTuple::empty(py);
-    // SAFETY: `tp` points to a live type object (owned by `cls`). `PyType_GetSlot` (stable
-    // ABI, so the abi3 wheel can use it; any type on 3.10+) returns its `tp_new` slot, a
-    // `newfunc` or NULL; it is called with that type, an empty argument tuple and no keywords,
-    // which is what `object.__new__(cls)` does, and returns a new reference or NULL with an
-    // exception set.
+    // SAFETY: `tp` and `PyBaseObject_Type` are live type objects. `PyType_GetSlot` (stable ABI,
+    // any type on 3.10+) returns a slot's function pointer or NULL; `tp_new` slots are
+    // `newfunc`s and `tp_alloc` slots `allocfunc`s by the C API's contract. `PyType_GetFlags`
+    // reads the type's flags.
     unsafe {
-        let slot = pyo3::ffi::PyType_GetSlot(tp, pyo3::ffi::Py_tp_new);
-        if slot.is_null() {
+        let new = ffi::PyType_GetSlot(tp, ffi::Py_tp_new);
+        if new.is_null() {
             return Err(PyTypeError::new_err("model class cannot be instantiated"));
         }
-        let new: pyo3::ffi::newfunc = std::mem::transmute(slot);
-        Bound::from_owned_ptr_or_err(py, new(tp, args.as_ptr(), std::ptr::null_mut()))
+        let object_new = ffi::PyType_GetSlot(
+            std::ptr::addr_of_mut!(ffi::PyBaseObject_Type),
+            ffi::Py_tp_new,
+        );
+        let alloc = ffi::PyType_GetSlot(tp, ffi::Py_tp_alloc);
+        let abstract_ = ffi::PyType_GetFlags(tp) & ffi::Py_TPFLAGS_IS_ABSTRACT != 0;
+        Ok(if new == object_new && !alloc.is_null() && !abstract_ {
+            Maker::Alloc(std::mem::transmute::<*mut std::ffi::c_void, ffi::allocfunc>(alloc))
+        } else {
+            Maker::New(std::mem::transmute::<*mut std::ffi::c_void, ffi::newfunc>(
+                new,
+            ))
+        })
+    }
+}
+
+/// A new instance of `cls`, made by `maker` (from [`instance_maker`] for this `cls`).
+fn new_instance<'py>(cls: &Bound<'py, PyType>, maker: Maker) -> PyResult<Bound<'py, PyAny>> {
+    let py = cls.py();
+    let tp = cls.as_type_ptr();
+    // SAFETY: `tp` points to a live type object (owned by `cls`) and `maker` holds one of its
+    // own slots. `tp_alloc(tp, 0)` returns a new, zeroed instance (tracked by the collector for
+    // a GC type, as `object.__new__` returns it) or NULL with an exception; `tp_new` is called
+    // with that type, an empty argument tuple and no keywords, which is what `cls.__new__(cls)`
+    // does, and returns a new reference or NULL with an exception set.
+    unsafe {
+        let obj = match maker {
+            Maker::Alloc(alloc) => alloc(tp, 0),
+            Maker::New(new) => new(tp, PyTuple::empty(py).as_ptr(), std::ptr::null_mut()),
+        };
+        Bound::from_owned_ptr_or_err(py, obj)
     }
 }
 
 struct DecTables {
     strings: DecodeTable<Py<PyString>>,
+    /// Strings defined so far, when they come from a shared table ([`Opened::strings`]).
+    shared_len: usize,
     templates: Vec<DecTemplate>,
 }
 
@@ -1163,6 +1205,9 @@ struct Dec<'a, 't> {
     s: Reader<'a>,
     d: PayloadReader<'a>,
     t: &'t mut DecTables,
+    /// The whole intern table of this body, from a decoder that read it to the end: a new
+    /// string is taken from it (its payload skipped), not built again.
+    shared: Option<&'a [Py<PyString>]>,
 }
 
 /// Sets an attribute with `object.__setattr__` semantics (bypassing the model's own
@@ -1204,13 +1249,30 @@ impl<'a> Dec<'a, '_> {
         Ok(Some(match tag {
             TAG_STR_REF => {
                 let i = self.s.varint("string reference")?;
-                self.t.strings.get(i)?.bind(py).clone()
+                match self.shared {
+                    Some(shared) => usize::try_from(i)
+                        .ok()
+                        .filter(|&i| i < self.t.shared_len)
+                        .map(|i| shared[i].bind(py).clone())
+                        .ok_or(CodecError::BadReference("string reference", i))?,
+                    None => self.t.strings.get(i)?.bind(py).clone(),
+                }
             }
-            TAG_STR_NEW => {
-                let s = PyString::new(py, self.d.str("string")?);
-                self.t.strings.push(s.clone().unbind())?;
-                s
-            }
+            TAG_STR_NEW => match self.shared {
+                Some(shared) => {
+                    self.d.len_prefixed("string")?;
+                    let s = shared
+                        .get(self.t.shared_len)
+                        .ok_or_else(|| corrupt("intern table overflow"))?;
+                    self.t.shared_len += 1;
+                    s.bind(py).clone()
+                }
+                None => {
+                    let s = PyString::new(py, self.d.str("string")?);
+                    self.t.strings.push(s.clone().unbind())?;
+                    s
+                }
+            },
             TAG_STR_RAW => PyString::new(py, self.d.str("string")?),
             TAG_STR_SURROGATES => {
                 let b = PyBytes::new(py, self.d.len_prefixed("string")?);
@@ -1291,7 +1353,9 @@ impl<'a> Dec<'a, '_> {
                 for f in &fields {
                     base.set_item(f.bind(py), py.None())?;
                 }
+                let maker = instance_maker(cls.bind(py))?;
                 self.t.templates.push(DecTemplate {
+                    maker,
                     cls,
                     slots,
                     prev: (0..n).map(|_| None).collect(),
@@ -1436,7 +1500,7 @@ impl<'a> Dec<'a, '_> {
         // that can form a cycle added later would only be invisible to the cycle collector.
         unsafe { pyo3::ffi::PyObject_GC_UnTrack(fields_set.as_ptr().cast()) };
         let t = &self.t.templates[tid];
-        let obj = new_instance(t.cls.bind(py))?;
+        let obj = new_instance(t.cls.bind(py), t.maker)?;
         match &t.slots {
             Some(slots) => {
                 set_slot(&obj, &slots[SLOT_DICT], &dict)?;
@@ -1456,7 +1520,9 @@ impl<'a> Dec<'a, '_> {
 }
 
 struct DecState {
-    body: Vec<u8>,
+    opened: Arc<Opened>,
+    /// Strings come from `opened.strings` (set when this decoder began).
+    shared: bool,
     s_pos: usize,
     s_end: usize,
     l_pos: usize,
@@ -1477,13 +1543,19 @@ impl DecState {
         if k == 0 {
             return Ok(out);
         }
+        let body = &self.opened.body[..];
         let mut dec = Dec {
-            s: Reader::at(&self.body[..self.s_end], self.s_pos),
+            s: Reader::at(&body[..self.s_end], self.s_pos),
             d: PayloadReader {
-                lengths: Reader::at(&self.body[..self.l_end], self.l_pos),
-                data: Reader::at(&self.body, self.d_pos),
+                lengths: Reader::at(&body[..self.l_end], self.l_pos),
+                data: Reader::at(body, self.d_pos),
             },
             t: &mut self.tables,
+            shared: if self.shared {
+                self.opened.strings.get().map(Vec::as_slice)
+            } else {
+                None
+            },
         };
         let mut result: DResult<()> = Ok(());
         for _ in 0..k {
@@ -1507,6 +1579,22 @@ impl DecState {
         self.remaining -= out.len() as u64;
         if result.is_ok() && self.remaining == 0 && s_left + d_left != 0 {
             result = Err(CodecError::TrailingBytes(s_left + d_left).into());
+        }
+        if result.is_ok() && self.remaining == 0 && !self.shared {
+            if let Some(&key) = self.opened.memo_key.get() {
+                // Read to the end without an error: the table is this body's whole table,
+                // which every later decoder of this remembered body can share (the first to
+                // finish gives it; the memo counts its size).
+                let strings = std::mem::take(&mut self.tables.strings).into_items();
+                let size = strings
+                    .iter()
+                    .map(|s| STR_OVERHEAD + 4 * s.bind(py).len().unwrap_or(0))
+                    .sum();
+                if self.opened.strings.set(strings).is_ok() {
+                    let gone = opened_memo().grow(key, &self.opened, size);
+                    drop(gone);
+                }
+            }
         }
         match result {
             Ok(()) => Ok(out),
@@ -1541,46 +1629,198 @@ fn is_registered(name: &str) -> bool {
     registry_read().by_name.contains_key(name)
 }
 
+/// A decompressed and validated body: what every decoder of the same stored bytes starts from.
+struct Opened {
+    header: codec::Header,
+    body: Vec<u8>,
+    /// The body's intern table as Python strings, from the first decoder that read it to the
+    /// end (strings are immutable: handing the same objects to every replay is invisible).
+    strings: std::sync::OnceLock<Vec<Py<PyString>>>,
+    /// Its key in [`IdentityMemo`], once remembered there (only then is `strings` set).
+    memo_key: std::sync::OnceLock<(usize, usize)>,
+    layout: codec::BodyLayout,
+    /// Registry generation the body validated under.
+    generation: u64,
+}
+
 /// Opens, decompresses and validates an encoding (pure Rust: safe without the GIL). An entry
 /// of at least [`codec::MEMO_MIN_BYTES`] whose exact bytes validated before under the same
 /// registry generation (BLAKE3 key, see [`codec::memo_key`]) is not walked again.
-fn open_validated(
-    data: &[u8],
-    max_decoded: u64,
-) -> Result<(codec::Header, Vec<u8>, codec::BodyLayout), CodecError> {
-    let (h, body) = codec::open_with(data, max_decoded, codec::zstd_decompress)?;
-    let layout = codec::split_body(&body, h.count)?;
-    if data.len() < codec::MEMO_MIN_BYTES {
-        codec::validate(&body, &layout, h.count, is_registered)?;
-        return Ok((h, body, layout));
-    }
+fn open_validated(data: &[u8], max_decoded: u64) -> Result<Opened, CodecError> {
     // The generation is read before validating. Registrations only ever add classes, so a
     // verdict reached while one raced with the walk stays true under the later registry too.
-    let key = codec::memo_key(REGISTRY_GENERATION.load(Ordering::SeqCst), data);
+    let generation = REGISTRY_GENERATION.load(Ordering::SeqCst);
+    let (header, body) = codec::open_with(data, max_decoded, codec::zstd_decompress)?;
+    let layout = codec::split_body(&body, header.count)?;
+    let opened = |body| Opened {
+        header,
+        body,
+        strings: std::sync::OnceLock::new(),
+        memo_key: std::sync::OnceLock::new(),
+        layout: layout.clone(),
+        generation,
+    };
+    if data.len() < codec::MEMO_MIN_BYTES {
+        codec::validate(&body, &layout, header.count, is_registered)?;
+        return Ok(opened(body));
+    }
+    let key = codec::memo_key(generation, data);
     let known = VALIDATED
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .contains(&key);
     if !known {
-        codec::validate(&body, &layout, h.count, is_registered)?;
+        codec::validate(&body, &layout, header.count, is_registered)?;
         VALIDATED
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(key);
     }
-    Ok((h, body, layout))
+    Ok(opened(body))
 }
 
-fn open_decoder(py: Python<'_>, data: &[u8], max_decoded: Option<u64>) -> PyResult<StreamDecoder> {
+/// Most stored `bytes` objects [`IdentityMemo`] keeps opened.
+pub const IDENTITY_MEMO_ENTRIES: usize = 256;
+/// Most bytes [`IdentityMemo`] keeps alive (stored bytes + decompressed bodies); a larger entry
+/// is never remembered.
+pub const IDENTITY_MEMO_BYTES: usize = 32 << 20;
+
+struct Remembered {
+    /// The stored bytes, held (never read): while remembered, no other object can have its
+    /// address, and a `bytes` object never changes, so its check and decompression stay true.
+    _data: Py<PyBytes>,
+    opened: Arc<Opened>,
+    cost: usize,
+}
+
+/// Opened bodies by the identity of the stored `bytes` object (and the payload's offset in it)
+/// that a caller vouches will be handed back again (an in-process backend returns the object it
+/// stores): its next decoder skips the hash, the decompression and the walk. Bounded by
+/// [`IDENTITY_MEMO_ENTRIES`] and [`IDENTITY_MEMO_BYTES`]; the oldest is forgotten first.
+#[derive(Default)]
+struct IdentityMemo {
+    map: HashMap<(usize, usize), Remembered, BuildHasherDefault<FxHasher>>,
+    order: std::collections::VecDeque<(usize, usize)>,
+    bytes: usize,
+}
+
+impl IdentityMemo {
+    /// Inserts, returning what had to be forgotten (dropped by the caller after the lock).
+    fn insert(&mut self, key: (usize, usize), r: Remembered) -> Vec<Remembered> {
+        let mut gone = Vec::new();
+        if r.cost > IDENTITY_MEMO_BYTES {
+            gone.push(r);
+            return gone;
+        }
+        self.bytes += r.cost;
+        if let Some(old) = self.map.insert(key, r) {
+            self.bytes -= old.cost;
+            gone.push(old);
+        } else {
+            self.order.push_back(key);
+        }
+        while self.map.len() > IDENTITY_MEMO_ENTRIES || self.bytes > IDENTITY_MEMO_BYTES {
+            let Some(k) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(old) = self.map.remove(&k) {
+                self.bytes -= old.cost;
+                gone.push(old);
+            }
+        }
+        gone
+    }
+
+    /// Counts `extra` more bytes for `key` if it still holds `opened` (its shared strings),
+    /// forgetting the oldest entries (this one included) beyond the bounds.
+    fn grow(&mut self, key: (usize, usize), opened: &Arc<Opened>, extra: usize) -> Vec<Remembered> {
+        match self.map.get_mut(&key) {
+            Some(r) if Arc::ptr_eq(&r.opened, opened) => {
+                r.cost += extra;
+                self.bytes += extra;
+            }
+            _ => return Vec::new(),
+        }
+        let mut gone = Vec::new();
+        while self.bytes > IDENTITY_MEMO_BYTES {
+            let Some(k) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(old) = self.map.remove(&k) {
+                self.bytes -= old.cost;
+                gone.push(old);
+            }
+        }
+        gone
+    }
+}
+
+/// What a shared string is counted as besides 4 bytes per character (CPython's `str` header
+/// with its hash and, for non-ASCII text, a UTF-8 copy; an estimate that errs high).
+const STR_OVERHEAD: usize = 80;
+
+// Locking: held only for a map lookup, insertion or eviction (reference counts change under
+// it, but evicted objects are dropped after it is released), never across a call into Python.
+static OPENED: LazyLock<Mutex<IdentityMemo>> = LazyLock::new(Default::default);
+
+fn opened_memo() -> std::sync::MutexGuard<'static, IdentityMemo> {
+    OPENED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn open_decoder(
+    py: Python<'_>,
+    data: &Bound<'_, PyAny>,
+    offset: usize,
+    max_decoded: Option<u64>,
+    remember: bool,
+) -> PyResult<StreamDecoder> {
     let max_decoded = max_decoded.unwrap_or(codec::DEFAULT_MAX_DECODED_BYTES);
-    // One detach covers decompression and validation; small entries keep the GIL (re-taking
-    // it can cost a switch interval when other threads are busy).
-    let opened = if data.len() >= DETACH_MIN_BYTES / 4 {
-        py.detach(|| open_validated(data, max_decoded))
-    } else {
-        open_validated(data, max_decoded)
+    let backed: PyBackedBytes = data.extract()?;
+    if offset > backed.len() {
+        return Err(PyValueError::new_err(format!(
+            "offset {offset} is beyond the {} bytes of data",
+            backed.len()
+        )));
+    }
+    let payload = &backed[offset..];
+    // Only an exact `bytes` object is immutable (a bytearray could change under its address).
+    let key = (remember && data.is_exact_instance_of::<PyBytes>())
+        .then(|| (data.as_ptr() as usize, offset));
+    let known = key.and_then(|k| {
+        let memo = opened_memo();
+        let r = memo.map.get(&k)?;
+        let o = &r.opened;
+        // Valid under this registry, and within this caller's cap as a fresh open would be.
+        let fits =
+            o.header.body_len <= codec::body_limit(payload.len(), o.header.compressed, max_decoded);
+        (o.generation == REGISTRY_GENERATION.load(Ordering::SeqCst) && fits).then(|| Arc::clone(o))
+    });
+    let opened = match known {
+        Some(o) => o,
+        None => {
+            // One detach covers decompression and validation; small entries keep the GIL
+            // (re-taking it can cost a switch interval when other threads are busy).
+            let opened = if payload.len() >= DETACH_MIN_BYTES / 4 {
+                py.detach(|| open_validated(payload, max_decoded))
+            } else {
+                open_validated(payload, max_decoded)
+            };
+            let opened = Arc::new(opened.map_err(|e| DecodeError::new_err(e.to_string()))?);
+            if let (Some(k), true) = (key, payload.len() >= codec::MEMO_MIN_BYTES) {
+                let _ = opened.memo_key.set(k);
+                let r = Remembered {
+                    _data: data.cast::<PyBytes>()?.clone().unbind(),
+                    opened: Arc::clone(&opened),
+                    cost: backed.len() + opened.body.len(),
+                };
+                let gone = opened_memo().insert(k, r);
+                drop(gone);
+            }
+            opened
+        }
     };
-    let (h, body, layout) = opened.map_err(|e| DecodeError::new_err(e.to_string()))?;
+    let layout = opened.layout.clone();
+    let (sequence, count) = (opened.header.sequence, opened.header.count);
     Ok(StreamDecoder {
         state: Mutex::new(DecState {
             s_pos: layout.structure.start,
@@ -1588,25 +1828,33 @@ fn open_decoder(py: Python<'_>, data: &[u8], max_decoded: Option<u64>) -> PyResu
             l_pos: layout.lengths.start,
             l_end: layout.lengths.end,
             d_pos: layout.data,
-            remaining: h.count,
-            body,
+            remaining: opened.header.count,
+            shared: opened.strings.get().is_some(),
             tables: DecTables {
                 strings: DecodeTable::new(),
+                shared_len: 0,
                 templates: Vec::new(),
             },
             error: None,
+            opened,
         }),
-        sequence: h.sequence,
-        count: h.count,
+        sequence,
+        count,
     })
 }
 
 #[pymethods]
 impl StreamDecoder {
     #[new]
-    #[pyo3(signature = (data, *, max_decoded_bytes = None))]
-    fn new(py: Python<'_>, data: PyBackedBytes, max_decoded_bytes: Option<u64>) -> PyResult<Self> {
-        open_decoder(py, &data, max_decoded_bytes)
+    #[pyo3(signature = (data, *, offset = 0, max_decoded_bytes = None, remember = false))]
+    fn new(
+        py: Python<'_>,
+        data: &Bound<'_, PyAny>,
+        offset: usize,
+        max_decoded_bytes: Option<u64>,
+        remember: bool,
+    ) -> PyResult<Self> {
+        open_decoder(py, data, offset, max_decoded_bytes, remember)
     }
 
     /// True for `StreamEncoder` output, False for `encode()` output.
@@ -1660,10 +1908,10 @@ impl StreamDecoder {
 #[pyo3(signature = (data, *, max_decoded_bytes = None))]
 fn decode<'py>(
     py: Python<'py>,
-    data: PyBackedBytes,
+    data: &Bound<'py, PyAny>,
     max_decoded_bytes: Option<u64>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let dec = open_decoder(py, &data, max_decoded_bytes)?;
+    let dec = open_decoder(py, data, 0, max_decoded_bytes, false)?;
     let mut st = dec.state.into_inner().unwrap_or_else(|e| e.into_inner());
     let mut items = st.take(py, usize::MAX)?;
     if dec.sequence {

@@ -37,6 +37,10 @@ class InMemoryBackend(BaseBackend):
     no operation blocks.
     """
 
+    #: `get` returns the very ``bytes`` object `set` stored (never a copy): a reader may
+    #: remember what it checked about that object by its identity.
+    returns_stored_bytes = True
+
     def __init__(self, max_entries: int | None = 10_000, max_bytes: int | None = 256 * 2**20):
         if max_entries is not None and max_entries < 1:
             raise ValueError(f"max_entries must be a positive int or None, got {max_entries!r}")

@@ -21,6 +21,7 @@ it was not.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -83,6 +84,8 @@ class Entry:
     written_at: float | None = None
     #: The recorded timing section (see `chengeta_ai._core.decode_timing`), or None.
     timing: memoryview | None = None
+    #: Where the payload starts in the framed bytes (``payload`` is ``data[start:]``).
+    start: int = _FRAME_HEADER
 
     def age(self) -> float | None:
         """Seconds since the entry was written (never negative), or None if unknown."""
@@ -102,9 +105,53 @@ def frame(payload: bytes, *, written_at: float | None = None, timing: bytes | No
     return _FRAME_MAGIC_V2 + zlib.crc32(body).to_bytes(4, "little") + body
 
 
-def unframe_entry(data: bytes) -> Entry:
+#: Framed ``bytes`` objects whose frame checked (`unframe_entry` with ``remember``), by id: the
+#: object itself (held, so no other object can take its id while it is here) and its `Entry`.
+#: Insertion order; the oldest goes first beyond `_UNFRAMED_MAX` objects or `_UNFRAMED_BYTES`.
+_UNFRAMED: dict[int, tuple[bytes, Entry]] = {}
+_UNFRAMED_MAX = 256
+_UNFRAMED_BYTES = 32 * 2**20
+_unframed_bytes = 0
+_unframed_lock = threading.Lock()
+#: Entries smaller than this are checked every time (the checksum costs less than a lookup).
+_REMEMBER_MIN = 4096
+
+
+def unframe_entry(data: bytes, *, remember: bool = False) -> Entry:
     """The parts of a framed entry (v1 or v2); `DecodeError` if the frame, its checksum or its
-    header is wrong. The timing section is only located here (decoded on demand)."""
+    header is wrong. The timing section is only located here (decoded on demand).
+
+    ``remember=True``: the caller will be handed this same ``bytes`` object again (an
+    in-process backend returns the object it stores); the checked entry is kept by the
+    object's identity (bounded: 256 objects, 32 MiB), and the next call with it skips the
+    checksum. A ``bytes`` object never changes, so its verdict cannot go stale."""
+    if remember:
+        known = _UNFRAMED.get(id(data))
+        if known is not None and known[0] is data:
+            return known[1]
+    entry = _unframe(data)
+    if remember and type(data) is bytes and len(data) >= _REMEMBER_MIN:
+        _remember(data, entry)
+    return entry
+
+
+def _remember(data: bytes, entry: Entry) -> None:
+    global _unframed_bytes
+    size = len(data)
+    if size > _UNFRAMED_BYTES:
+        return
+    with _unframed_lock:
+        old = _UNFRAMED.pop(id(data), None)
+        if old is not None:
+            _unframed_bytes -= len(old[0])
+        _UNFRAMED[id(data)] = (data, entry)
+        _unframed_bytes += size
+        while len(_UNFRAMED) > _UNFRAMED_MAX or _unframed_bytes > _UNFRAMED_BYTES:
+            gone = _UNFRAMED.pop(next(iter(_UNFRAMED)))
+            _unframed_bytes -= len(gone[0])
+
+
+def _unframe(data: bytes) -> Entry:
     if len(data) < _FRAME_HEADER:
         raise DecodeError("not a chengeta_ai entry (bad magic)")
     magic = data[:2]
@@ -121,7 +168,8 @@ def unframe_entry(data: bytes) -> Entry:
     meta = body[pos : pos + meta_len]
     written_ms, tpos = _read_varint(meta, 0, "written_at")
     timing = meta[tpos:] if tpos < len(meta) else None
-    return Entry(body[pos + meta_len :], written_ms / 1000.0, timing)
+    start = pos + meta_len
+    return Entry(body[start:], written_ms / 1000.0, timing, _FRAME_HEADER + start)
 
 
 def unframe(data: bytes) -> memoryview:

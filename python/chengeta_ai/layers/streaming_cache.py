@@ -26,6 +26,8 @@ from collections.abc import (
     Iterator,
     Mapping,
 )
+from functools import partial
+from itertools import chain
 from operator import length_hint
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -124,6 +126,26 @@ class _Call:
         self.seq = next_sequence()
 
 
+class _Handed:
+    """A replay's progress: chunks in the batches begun, and the batch being handed out (what
+    it still holds was not handed out: counted once, at the end)."""
+
+    __slots__ = ("handing", "replayed")
+
+    def __init__(self) -> None:
+        self.replayed = 0
+        self.handing: Iterator[Any] = iter(())
+
+    def track(self, batches: Iterator[list[Any]]) -> Iterator[Iterator[Any]]:
+        """Each batch's iterator, noted; a batch is emptied once handed out (its chunks are
+        let go now, not when the next batch has been decoded)."""
+        for batch in batches:
+            self.replayed += len(batch)
+            self.handing = handing = iter(batch)
+            yield handing
+            batch.clear()
+
+
 class StreamingResponseCache:
     """Caches streamed responses through a `CacheManager`.
 
@@ -210,6 +232,10 @@ class StreamingResponseCache:
         )
         #: What one stored entry may decode to (planted or damaged bytes are refused).
         self._decode_cap = decode_cap(self.max_entry_bytes)
+        #: The backend hands back the very ``bytes`` object it stored (in-process): a hit
+        #: remembers the checked, opened entry by that object's identity, so the next hit of
+        #: it skips the checksum, the decompression and the validation.
+        self._remember_opened = bool(getattr(manager.backend, "returns_stored_bytes", False))
         #: In-flight streams by (sync or event loop, key), and where their pumps run.
         self.flights = FlightTable(task_group)
         #: Shares in-flight streams across processes, or None (in-process only).
@@ -311,17 +337,28 @@ class StreamingResponseCache:
         corrupt: the frame's checksum, the timing a paced replay will use, and (compact codec)
         the whole entry's structure, counts and class names, within the decode cap, are checked
         before anything is yielded."""
-        entry = unframe_entry(raw)
+        remember = self._remember_opened
+        entry = unframe_entry(raw, remember=remember)
         offsets = None
         if call.paced and entry.timing is not None:
             offsets = decode_timing(bytes(entry.timing), max_total_seconds=MAX_RECORDED_SECONDS)
-        return entry, self._replay_batches(entry.payload), offsets
+        return entry, self._replay_batches(raw, entry, remember), offsets
 
-    def _replay_batches(self, payload: Any, batch: int = REPLAY_BATCH) -> Iterator[list[Any]]:
+    def _replay_batches(
+        self, raw: bytes, entry: Entry, remember: bool, batch: int = REPLAY_BATCH
+    ) -> Iterator[list[Any]]:
         """Batches of a stored entry's payload (see `_open_entry`)."""
-        batches = self.serializer.iter_batches(
-            bytes(payload), batch, max_decoded_bytes=self._decode_cap
-        )
+        serializer = self.serializer
+        if isinstance(serializer, CompactSerializer) and type(raw) is bytes:
+            # the payload where it lies in the stored bytes: no copy, and an entry the
+            # backend hands back again is opened once (see `_remember_opened`)
+            batches = serializer.iter_batches_at(
+                raw, entry.start, batch, max_decoded_bytes=self._decode_cap, remember=remember
+            )
+        else:
+            batches = serializer.iter_batches(
+                bytes(entry.payload), batch, max_decoded_bytes=self._decode_cap
+            )
         first = next(batches, [])
 
         def chained() -> Iterator[list[Any]]:
@@ -455,7 +492,25 @@ class StreamingResponseCache:
             self.count("hits")
             info = CacheInfo("hit", key, entry.age())
             self._started(box, info)
-            yield from self._replay(key, batches, offsets, call, box, info, t0)
+            if offsets is not None:
+                yield from self._replay(key, batches, offsets, call, box, info, t0)
+                return
+            # Chained in C (`chain.from_iterable` over each batch's iterator): a caller's
+            # `next()` resumes this frame only, not a replay generator's as well.
+            handed = _Handed()
+            outcome = "abandoned"
+            try:
+                self._first_chunk("hit", t0)  # the first batch is decoded: its chunk is ready
+                yield from chain.from_iterable(handed.track(batches))
+                outcome = "replayed"
+            except DecodeError as exc:  # see _replay
+                outcome = "error"
+                self.count("corrupt_entries")
+                self.manager.drop_corrupt(key, exc)
+                raise
+            finally:
+                self.count("chunks_replayed", handed.replayed - length_hint(handed.handing))
+                self._ended(box, info, outcome)
             return
         if leads:
             self._count_lead(call)
@@ -538,42 +593,33 @@ class StreamingResponseCache:
         self,
         key: str,
         batches: Iterator[list[Any]],
-        offsets: list[float] | None,
+        offsets: list[float],
         call: _Call,
         box: InfoBox,
         info: CacheInfo,
         t0: float,
     ) -> Iterator[Any]:
+        """A paced hit (``replay="recorded"``); `_get_or_stream` chains an unpaced one itself."""
         replayed = 0
         # the batch being handed out: what it still holds was not (counted once, at the end)
         handing: Iterator[Any] = iter(())
         outcome = "abandoned"
         try:
-            if offsets is None:
-                self._first_chunk("hit", t0)  # the first batch is decoded: its chunk is ready
-                for batch in batches:
-                    replayed += len(batch)
-                    handing = iter(batch)
-                    yield from handing
-                    # let go of the chunks now, not when the next batch has been decoded (the
-                    # serializer's generator still refers to this list while it decodes)
-                    batch.clear()
-            else:
-                self.count("paced_replays")
-                n = len(offsets)
-                speed = call.speed
-                sleep = time.sleep
-                for batch in batches:
-                    for chunk in batch:
-                        if replayed < n:
-                            delay = t0 + offsets[replayed] / speed - _perf()
-                            if delay > 0:
-                                sleep(delay)
-                        if not replayed:
-                            self._first_chunk("hit", t0)  # after the recorded wait
-                        replayed += 1
-                        yield chunk
-                    batch.clear()
+            self.count("paced_replays")
+            n = len(offsets)
+            speed = call.speed
+            sleep = time.sleep
+            for batch in batches:
+                for chunk in batch:
+                    if replayed < n:
+                        delay = t0 + offsets[replayed] / speed - _perf()
+                        if delay > 0:
+                            sleep(delay)
+                    if not replayed:
+                        self._first_chunk("hit", t0)  # after the recorded wait
+                    replayed += 1
+                    yield chunk
+                batch.clear()
             outcome = "replayed"
         except DecodeError as exc:
             # past the checked head of the entry (e.g. a model class this process never
@@ -641,15 +687,21 @@ class StreamingResponseCache:
                 await _aclose_upstream(upstream)
                 self._ended(box, info, outcome)
             return
-        slot = (current_loop_scope(), key)
+        # (this event loop, key), found out once a flight may be in the table or is needed:
+        # `current_loop_scope` asks sniffio, a cost every hit would pay for nothing
+        scoped: Slot | None = None
         settings = self._flight_settings
         while True:
             found = None
-            if not call.no_cache and slot not in self.flights:
-                found = await self._alookup(key, call)
+            if not call.no_cache:
+                if scoped is None and len(self.flights):
+                    scoped = (current_loop_scope(), key)
+                if scoped is None or scoped not in self.flights:
+                    found = await self._alookup(key, call)
             if found is None:
+                scoped = scoped or (current_loop_scope(), key)
                 joined = self._join_or_lead(
-                    slot, call, lambda: AsyncFlight(settings, slot, call.ttl, call.tags)
+                    scoped, call, partial(AsyncFlight, settings, scoped, call.ttl, call.tags)
                 )
                 if joined is None:  # see _get_or_stream
                     if not call.no_cache:
