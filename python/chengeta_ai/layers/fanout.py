@@ -303,6 +303,10 @@ class Flight:
                     f"stream exceeded max_entry_bytes={self.settings.max_entry_bytes}",
                 )
             )
+        # a flight draining for its entry (on_abandon="finish") with nobody attached has
+        # nothing left to read for
+        log = self.log
+        self.perform(self.transition(lambda: self.state.unstorable_now(log.consumers)))
 
     def _cannot_encode(self, exc: Exception, index: int | None = None) -> None:
         """Chunk ``index`` (default: the next one) cannot be encoded: the stream is not stored
@@ -663,6 +667,9 @@ class AsyncFlight(Flight):
                 bits = record(chunk, encoder, UNENCODED_CHUNK_BYTES)
                 if bits & (_OVERFLOWED | _UNENCODED):
                     self._after_record(bits)
+                    # cancelled by it (a drain with nothing left to read for): stop now, not
+                    # at the next checkpoint an upstream that never suspends may not reach
+                    await anyio.lowlevel.checkpoint_if_cancelled()
             else:
                 bits = append(chunk)
             if self._data is not None:
