@@ -149,6 +149,29 @@ def test_a_publishing_no_store_producer_still_drains_for_other_processes() -> No
     assert state.consumer_left(0) == DRAIN
 
 
+def test_a_drain_that_becomes_unstorable_is_cancelled() -> None:
+    state = running("finish")
+    assert state.consumer_left(0) == DRAIN
+    assert state.unstorable_now(0) == 0  # still storable: drains on
+    state.overflowed()
+    assert state.unstorable_now(1) == 0  # somebody rejoined: reads on for them
+    assert state.unstorable_now(0) == CANCEL
+    assert state.phase is Phase.CANCELLING
+    assert state.upstream_closed() == CLOSE_LOG | WAKE  # the slot went at the overflow
+    assert state.outcome == "oversized"
+
+
+def test_unstorable_while_attended_or_publishing_changes_nothing() -> None:
+    attended = running("finish")
+    attended.keep_from_store("unserializable")
+    assert attended.unstorable_now(0) == 0  # never abandoned
+    publishing = running("finish")
+    publishing.publishing = True
+    assert publishing.consumer_left(0) == DRAIN
+    publishing.keep_from_store("oversized")
+    assert publishing.unstorable_now(0) == 0  # other processes may read it
+
+
 def test_no_abandon_once_the_stream_ended() -> None:
     state = running()
     state.upstream_ended(complete=True)

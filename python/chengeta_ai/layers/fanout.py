@@ -303,6 +303,10 @@ class Flight:
                     f"stream exceeded max_entry_bytes={self.settings.max_entry_bytes}",
                 )
             )
+        # a flight draining for its entry (on_abandon="finish") with nobody attached has
+        # nothing left to read for
+        log = self.log
+        self.perform(self.transition(lambda: self.state.unstorable_now(log.consumers)))
 
     def _cannot_encode(self, exc: Exception, index: int | None = None) -> None:
         """Chunk ``index`` (default: the next one) cannot be encoded: the stream is not stored
@@ -663,6 +667,9 @@ class AsyncFlight(Flight):
                 bits = record(chunk, encoder, UNENCODED_CHUNK_BYTES)
                 if bits & (_OVERFLOWED | _UNENCODED):
                     self._after_record(bits)
+                    # cancelled by it (a drain with nothing left to read for): stop now, not
+                    # at the next checkpoint an upstream that never suspends may not reach
+                    await anyio.lowlevel.checkpoint_if_cancelled()
             else:
                 bits = append(chunk)
             if self._data is not None:
@@ -730,7 +737,12 @@ class SyncFlight(Flight):
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self._pull_lock = threading.Lock()
+        # Reentrant, and owned: Ctrl-C (a KeyboardInterrupt raised where CPython runs signal
+        # handlers) can land between a non-blocking acquire() returning True and the try that
+        # releases it. The consumer leaving then closes the upstream under this same lock
+        # (`cancel_upstream`, on this thread: reentrant, so no deadlock), and `consume`'s
+        # finally gives back the hold it leaked (`_is_owned`), so no other thread waits forever.
+        self._pull_lock = threading.RLock()
         self._cond = threading.Condition(threading.Lock())
         self._waiters = 0
         self._upstream: Iterator[Any] | None = None
@@ -882,11 +894,19 @@ class SyncFlight(Flight):
                 # is seen here, one signalled after it wakes the wait
                 if log.closed or (consumer is not None and log.available(consumer)):
                     return
-                if not self._pull_lock.locked() and log.headroom() > 0:
+                if self._pull_free() and log.headroom() > 0:
                     return
                 self._cond.wait()
             finally:
                 self._waiters -= 1
+
+    def _pull_free(self) -> bool:
+        """Nobody holds the pull lock (an RLock has no ``locked()`` before Python 3.14)."""
+        lock = self._pull_lock
+        if lock.acquire(False):
+            lock.release()
+            return True
+        return False
 
     def _close_upstream(self) -> None:
         """Closes the iterator and the object it came from (an SDK stream holding a socket)."""
@@ -991,9 +1011,15 @@ class SyncFlight(Flight):
                 handing = iter(batch)
                 yield from handing
         finally:
-            actions = self.consumer_left(consumer, delivered - length_hint(handing))
-            self.wake()
-            self.perform(actions)
+            try:
+                actions = self.consumer_left(consumer, delivered - length_hint(handing))
+                self.wake()
+                self.perform(actions)
+            finally:
+                # a hold leaked by a Ctrl-C between acquire() and its try (see __init__):
+                # at most one, as the loop leaves at the first interruption
+                if pull_lock._is_owned():  # type: ignore[attr-defined]
+                    pull_lock.release()
 
     def _drain(self) -> None:
         """Reads the rest of an abandoned stream (on_abandon="finish"), honouring any consumer

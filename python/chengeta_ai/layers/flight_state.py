@@ -191,6 +191,23 @@ class FlightState:
         self.keep_from_store("abandoned")
         return CANCEL
 
+    def unstorable_now(self, remaining: int) -> int:
+        """The stream just became unstorable (oversized, unserializable) while it runs: an
+        abandoned flight that was draining for its entry (``on_abandon="finish"``) and that
+        ``remaining`` consumers did not rejoin is cancelled now (nothing left to read it for;
+        a publishing producer drains for the other processes, as in `consumer_left`)."""
+        if (
+            not self.abandoned
+            or remaining
+            or self.phase is not Phase.RUNNING
+            or self.not_stored is None
+            or self.publishing
+            or self.follower
+        ):
+            return 0
+        self.phase = Phase.CANCELLING
+        return CANCEL
+
     def abandoned_everywhere(self, remaining: int) -> int:
         """A publishing flight found no consumer left in any process (its writer wrote the
         cancel record), or stopped publishing (``publishing`` was cleared): under "cancel", an

@@ -146,6 +146,10 @@ class _Handed:
             batch.clear()
 
 
+def _min_bound(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
 class StreamingResponseCache:
     """Caches streamed responses through a `CacheManager`.
 
@@ -255,7 +259,9 @@ class StreamingResponseCache:
             chunk_joiner=chunk_joiner,
             is_complete=is_complete if is_complete is not None else sdk_stream_complete,
             max_lag=max_lag,
-            max_entry_bytes=self.max_entry_bytes,
+            # the log retains no more than a store could write: a stream beyond the backend's
+            # own max_bytes is known unstorable at once (and an abandoned one stops draining)
+            max_entry_bytes=_min_bound(self.max_entry_bytes, manager.store_bound()),
             slow_consumer=slow_consumer,
             on_abandon=on_abandon,
             counters=self._counters,
