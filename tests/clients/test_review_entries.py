@@ -297,7 +297,9 @@ class _UndeletableBackend(InMemoryBackend):
 async def test_a_wrong_entry_that_cannot_be_deleted_is_replaced(
     server: LocalOpenAIServer, text: str
 ) -> None:
-    """The call is tried again as a refresh (``no_cache``), whose store replaces the entry."""
+    """The cache refuses the entry before it counts a hit (its head does not fit): the call
+    is a miss whose store replaces the entry (before that refusal moved into the cache, the
+    call was tried again as a ``no_cache`` refresh)."""
     cache = StreamingResponseCache(CacheManager(backend=_UndeletableBackend()))
     request = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}]}
     async with openai.AsyncOpenAI(base_url=server.base_url, api_key="sk", max_retries=0) as raw:
@@ -309,9 +311,9 @@ async def test_a_wrong_entry_that_cannot_be_deleted_is_replaced(
         assert stream.cache_info is not None
         planted.swap(stream.cache_info.key, into_whole=False)
         async with await client.chat.completions.create(**request, stream=True) as second:
-            assert second.cache_info is not None and second.cache_info.status == "refresh"
+            assert second.cache_info is not None and second.cache_info.status == "miss"
             assert [type(c) for c in [c async for c in second]] == [type(c) for c in chunks]
-        assert cache.stats()["corrupt_entries"] == 2  # the first try's hit, and the second's
+        assert cache.stats()["corrupt_entries"] == 1  # refused once, replaced by the miss
         async with await client.chat.completions.create(**request, stream=True) as third:
             assert third.cache_info is not None and third.cache_info.status == "hit"
             assert [type(c) for c in [c async for c in third]] == [type(c) for c in chunks]

@@ -98,6 +98,11 @@ def _anever_called(_: Any) -> AsyncIterator[Any]:
 _NO_ITEM: Any = object()
 
 
+def _accepts(endpoint: str, stream: bool, first: Any) -> bool:
+    """A stored entry may serve the call: its head fits (checked before the hit counts)."""
+    return head_fits(first, endpoint, stream=stream)
+
+
 def _paced(control: CacheControl | None) -> bool:
     return control is not None and control.replay == "recorded"
 
@@ -332,8 +337,14 @@ class ClientCache:
                         return iter(found[1])
                 return _object_upstream(raw_create, req.sdk_kwargs, endpoint)
 
-        return self.cache.get_or_stream(
-            req.request, upstream, req.model_id, params, cache_control=control
+        return self.cache.client_stream(
+            req.request,
+            upstream,
+            req.model_id,
+            params,
+            control,
+            accept=functools.partial(_accepts, endpoint, req.stream),
+            is_async=False,
         )
 
     def _whole(self, obj: Any, info: CacheInfo | None, answer: _TwinAnswer) -> Any:
@@ -388,7 +399,8 @@ class ClientCache:
         can answer it, the call goes on without ``only_if_cached``, with the twin's assembled
         object as its upstream (no upstream call either way)."""
         found = None
-        if self.cache.manager.get_raw(self._key(req, params, control)) is None:
+        own = self.cache.manager.get_raw(self._key(req, params, control))
+        if own is None or not self._serves(own, endpoint):
             twin_key = self._twin_key(endpoint, req, params, control)
             if twin_key is not None:
                 found = self._from_twin(endpoint, self.cache.manager.get_raw(twin_key))
@@ -412,7 +424,8 @@ class ClientCache:
     ) -> tuple[CacheControl, Callable[[Any], AsyncIterator[Any]]]:
         """Async twin of `_only_if_cached`."""
         found = None
-        if await self.cache.manager.aget_raw(self._key(req, params, control)) is None:
+        own = await self.cache.manager.aget_raw(self._key(req, params, control))
+        if own is None or not self._serves(own, endpoint):
             twin_key = self._twin_key(endpoint, req, params, control)
             if twin_key is not None:
                 found = self._from_twin(endpoint, await self.cache.manager.aget_raw(twin_key))
@@ -514,8 +527,14 @@ class ClientCache:
                 async for item in _aobject_upstream(raw_create, req.sdk_kwargs, endpoint):
                     yield item
 
-        return self.cache.aget_or_stream(
-            req.request, upstream, req.model_id, params, cache_control=control
+        return self.cache.client_stream(
+            req.request,
+            upstream,
+            req.model_id,
+            params,
+            control,
+            accept=functools.partial(_accepts, endpoint, req.stream),
+            is_async=True,
         )
 
     def _key(self, req: Request, params: dict[str, Any], control: CacheControl | None) -> str:
@@ -544,6 +563,19 @@ class ClientCache:
             {**params, "stream": True},
             partition,
         )
+
+    def _serves(self, raw: bytes, endpoint: str) -> bool:
+        """Whether a whole call's stored entry can answer it (its head fits: the cache refuses
+        one that does not, so an ``only_if_cached`` call looks for its streamed twin then)."""
+        try:
+            entry = unframe_entry(raw)
+            batches = self.cache.serializer.iter_batches(
+                bytes(entry.payload), 1, max_decoded_bytes=decode_cap(self.cache.max_entry_bytes)
+            )
+            first = next(batches, [])
+        except Exception:
+            return False
+        return bool(first) and head_fits(first[0], endpoint, stream=False)
 
     def _from_twin(self, endpoint: str, raw: bytes | None) -> tuple[float | None, list[Any]] | None:
         """``(the twin's age, [head, object])`` assembled from a streamed twin's stored entry,

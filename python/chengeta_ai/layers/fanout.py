@@ -145,6 +145,8 @@ class Flight:
         self._record = self.log.record
         self._error_tb: TracebackType | None = None
         self._stored_chunks = 0
+        #: Items before the chunks (a cached client's HTTP head): not counted as chunks.
+        self.head_items = 0
         #: Called (without the lock) once the flight has ended, after its store: the Redis
         #: producer writes the stream's final record here (`redis_flights`).
         self.on_end: Callable[[Flight], None] | None = None
@@ -355,7 +357,7 @@ class Flight:
 
     def consumer_left(self, consumer: int, delivered: int) -> int:
         """Detaches a consumer; returns the actions (abandoning the flight if it was the last)."""
-        self.count("chunks_delivered", delivered)
+        self.count("chunks_delivered", delivered - min(delivered, self.head_items))
         log = self.log
         log.detach(consumer)
         # the count is read under the lock joiners attach under: a caller that joined just now
@@ -412,7 +414,7 @@ class Flight:
         data = settings.manager.fit(self.key, frame(payload, written_at=time.time(), timing=timing))
         if data is None:
             self.transition(lambda: self.state.keep_from_store("oversized"))
-        self._stored_chunks = len(chunks)
+        self._stored_chunks = len(chunks) - min(len(chunks), self.head_items)
         return complete, data
 
     def store_outcome(self, ok: bool, data: bytes, superseded: bool = False) -> int:

@@ -93,7 +93,9 @@ class _Call:
     """One call's resolved arguments and controls."""
 
     __slots__ = (
+        "accept",
         "bypass",
+        "head",
         "key",
         "no_cache",
         "no_store",
@@ -124,6 +126,11 @@ class _Call:
         self.speed = control.speed if control is not None else 1.0
         #: Orders this request before the flights created after it (``no_cache``).
         self.seq = next_sequence()
+        #: Items before the chunks (a cached client's HTTP head: 1), not counted as chunks.
+        self.head = 0
+        #: Whether a stored entry may serve this call, given its first item (None: any);
+        #: asked before the hit is counted: a refused entry is corrupt (see `client_stream`).
+        self.accept: Callable[[Any], bool] | None = None
 
 
 class _Handed:
@@ -148,6 +155,12 @@ class _Handed:
 
 def _min_bound(a: int | None, b: int | None) -> int | None:
     return b if a is None else a if b is None else min(a, b)
+
+
+def _async_flight(settings: Any, scoped: Any, call: _Call) -> AsyncFlight:
+    flight = AsyncFlight(settings, scoped, call.ttl, call.tags)
+    flight.head_items = call.head
+    return flight
 
 
 class StreamingResponseCache:
@@ -348,10 +361,15 @@ class StreamingResponseCache:
         offsets = None
         if call.paced and entry.timing is not None:
             offsets = decode_timing(bytes(entry.timing), max_total_seconds=MAX_RECORDED_SECONDS)
-        return entry, self._replay_batches(raw, entry, remember), offsets
+        return entry, self._replay_batches(raw, entry, remember, call.accept), offsets
 
     def _replay_batches(
-        self, raw: bytes, entry: Entry, remember: bool, batch: int = REPLAY_BATCH
+        self,
+        raw: bytes,
+        entry: Entry,
+        remember: bool,
+        accept: Callable[[Any], bool] | None = None,
+        batch: int = REPLAY_BATCH,
     ) -> Iterator[list[Any]]:
         """Batches of a stored entry's payload (see `_open_entry`)."""
         serializer = self.serializer
@@ -366,6 +384,11 @@ class StreamingResponseCache:
                 bytes(entry.payload), batch, max_decoded_bytes=self._decode_cap
             )
         first = next(batches, [])
+        if accept is not None and not (first and accept(first[0])):
+            raise DecodeError(
+                "not an entry this call can serve (another kind or endpoint, or empty): "
+                "not served, the call goes on without it"
+            )
 
         def chained() -> Iterator[list[Any]]:
             yield first
@@ -396,6 +419,32 @@ class StreamingResponseCache:
             f"{call.key}: not cached and not in flight in this scope (only_if_cached; a stream "
             "of the key on another event loop, or in threads for an async call, is not joined)"
         )
+
+    def client_stream(
+        self,
+        messages: Any,
+        stream_fn: Callable[[Any], Any],
+        model_id: str,
+        params: dict[str, Any],
+        cache_control: CacheControl | None,
+        *,
+        accept: Callable[[Any], bool],
+        is_async: bool,
+    ) -> CacheStream | AsyncCacheStream:
+        """`get_or_stream` / `aget_or_stream` for a cached SDK client (`chengeta_ai.clients`):
+        its streams start with the HTTP head, which is not a chunk (not counted in
+        ``stored_chunks``, ``chunks_delivered``, ``chunks_replayed``), and ``accept(head)``
+        says whether a stored entry may serve the call, asked before the hit is counted: a
+        refused entry is a corrupt entry (dropped, counted) and the call goes on as a miss."""
+        call = self._prepare(
+            messages, stream_fn, model_id, params, None, None, False, cache_control
+        )
+        call.head = 1
+        call.accept = accept
+        box = InfoBox()
+        if is_async:
+            return AsyncCacheStream(self._aget_or_stream(call, messages, stream_fn, box), box)
+        return CacheStream(self._get_or_stream(call, messages, stream_fn, box), box)
 
     def get_or_stream(
         self,
@@ -467,6 +516,7 @@ class StreamingResponseCache:
             # upstream as soon as it can see the flight. A refresh reads its own upstream: it
             # must not follow a stream another process started before it (see RedisFlights).
             flight = SyncFlight(settings, slot, call.ttl, call.tags)
+            flight.head_items = call.head
             flight.start(
                 stream_fn
                 if remote is None or call.no_cache
@@ -515,7 +565,8 @@ class StreamingResponseCache:
                 self.manager.drop_corrupt(key, exc)
                 raise
             finally:
-                self.count("chunks_replayed", handed.replayed - length_hint(handed.handing))
+                replayed = handed.replayed - length_hint(handed.handing)
+                self.count("chunks_replayed", replayed - min(replayed, call.head))
                 self._ended(box, info, outcome)
             return
         if leads:
@@ -635,7 +686,8 @@ class StreamingResponseCache:
             self.manager.drop_corrupt(key, exc)
             raise
         finally:
-            self.count("chunks_replayed", replayed - length_hint(handing))
+            replayed -= length_hint(handing)
+            self.count("chunks_replayed", replayed - min(replayed, call.head))
             self._ended(box, info, outcome)
 
     def aget_or_stream(
@@ -706,9 +758,8 @@ class StreamingResponseCache:
                     found = await self._alookup(key, call)
             if found is None:
                 scoped = scoped or (current_loop_scope(), key)
-                joined = self._join_or_lead(
-                    scoped, call, partial(AsyncFlight, settings, scoped, call.ttl, call.tags)
-                )
+                make = partial(_async_flight, settings, scoped, call)
+                joined = self._join_or_lead(scoped, call, make)
                 if joined is None:  # see _get_or_stream
                     if not call.no_cache:
                         found = await self._alookup(key, call)
@@ -762,7 +813,8 @@ class StreamingResponseCache:
                 await self.manager.adrop_corrupt(key, exc)
                 raise
             finally:
-                self.count("chunks_replayed", replayed - length_hint(handing))
+                replayed -= length_hint(handing)
+                self.count("chunks_replayed", replayed - min(replayed, call.head))
                 self._ended(box, info, outcome)
             return
         if leads:
