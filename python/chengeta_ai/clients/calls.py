@@ -337,6 +337,20 @@ class ClientCache:
                         return iter(found[1])
                 return _object_upstream(raw_create, req.sdk_kwargs, endpoint)
 
+        return self._cached_stream(endpoint, req, params, control, upstream, is_async=False)
+
+    def _cached_stream(
+        self,
+        endpoint: str,
+        req: Request,
+        params: dict[str, Any],
+        control: CacheControl | None,
+        upstream: Callable[[Any], Any],
+        *,
+        is_async: bool,
+    ) -> Any:
+        """The cache's stream of one try (sync or async): the entry's head is checked by the
+        cache before it counts a hit (`StreamingResponseCache.client_stream`)."""
         return self.cache.client_stream(
             req.request,
             upstream,
@@ -344,7 +358,7 @@ class ClientCache:
             params,
             control,
             accept=functools.partial(_accepts, endpoint, req.stream),
-            is_async=False,
+            is_async=is_async,
         )
 
     def _whole(self, obj: Any, info: CacheInfo | None, answer: _TwinAnswer) -> Any:
@@ -527,15 +541,7 @@ class ClientCache:
                 async for item in _aobject_upstream(raw_create, req.sdk_kwargs, endpoint):
                     yield item
 
-        return self.cache.client_stream(
-            req.request,
-            upstream,
-            req.model_id,
-            params,
-            control,
-            accept=functools.partial(_accepts, endpoint, req.stream),
-            is_async=True,
-        )
+        return self._cached_stream(endpoint, req, params, control, upstream, is_async=True)
 
     def _key(self, req: Request, params: dict[str, Any], control: CacheControl | None) -> str:
         """The key `StreamingResponseCache` gives the call (see its ``_prepare``)."""
