@@ -23,10 +23,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from chengeta_ai.backends.base import (
     Backend,
@@ -256,6 +257,23 @@ def _check_backend(backend: object) -> Backend:
     return backend  # type: ignore[return-value]
 
 
+#: The entry a rewrite puts back: ``(framed bytes, ttl, caller's tags)``; empty bytes: removed.
+RewriteEntry = tuple[bytes, float | None, tuple[str, ...]]
+
+
+class RemovalListener(Protocol):
+    """What learns of removals before they run (a streaming cache's `FlightTable`): streams of
+    the removed keys or tags in flight must not be stored after the removal."""
+
+    def begin_removal(self, matches: Callable[[str, tuple[str, ...]], bool]) -> list[str]: ...
+
+    def end_removal(
+        self, racing: list[str], rewrite: Callable[[str, RewriteEntry], None]
+    ) -> None: ...
+
+    def end_rewrite(self, key: str, *, may_rewrite: bool = True) -> RewriteEntry | None: ...
+
+
 class CacheManager:
     """Gets and sets cached values on a backend, with keys, serialization and fail-open rules.
 
@@ -309,6 +327,8 @@ class CacheManager:
         self.max_entry_bytes = max_entry_bytes
         self._counters = Counters(counter_names(ManagerStats))
         self._warned_unscoped = False
+        #: The flight tables of the streaming caches over this manager: told of removals.
+        self._removal_listeners: weakref.WeakSet[RemovalListener] = weakref.WeakSet()
 
     def __repr__(self) -> str:
         return (
@@ -440,6 +460,53 @@ class CacheManager:
         self.count("sets")
         return True
 
+    def rewrite_raw(self, key: str, entry: RewriteEntry) -> None:
+        """Writes ``entry`` again as the last of overlapping writes of ``key`` (see
+        `chengeta_ai.layers.flights`); an empty entry removes the key. Fails open."""
+        if entry[0]:
+            self.set_raw(key, *entry)
+            return
+        try:
+            self.backend.delete(key)
+        except Exception as exc:
+            self.backend_failed("delete", key, exc)
+
+    async def arewrite_raw(self, key: str, entry: RewriteEntry) -> None:
+        if entry[0]:
+            await self.aset_raw(key, *entry)
+            return
+        try:
+            await self.backend.adelete(key)
+        except Exception as exc:
+            self.backend_failed("delete", key, exc)
+
+    def watch_removals(self, listener: RemovalListener) -> None:
+        """``listener`` (a streaming cache's flight table) is told of every removal through
+        this manager before it runs (held weakly)."""
+        self._removal_listeners.add(listener)
+
+    def _begin_removal(
+        self, matches: Callable[[str, tuple[str, ...]], bool]
+    ) -> list[tuple[RemovalListener, list[str]]]:
+        return [(table, table.begin_removal(matches)) for table in list(self._removal_listeners)]
+
+    def _end_removal(self, racing: list[tuple[RemovalListener, list[str]]]) -> None:
+        for table, keys in racing:
+            if keys:
+                table.end_removal(keys, self.rewrite_raw)
+
+    async def _aend_removal(self, racing: list[tuple[RemovalListener, list[str]]]) -> None:
+        for table, keys in racing:
+            for key in keys:
+                again = table.end_rewrite(key)
+                while again is not None:
+                    try:
+                        await self.arewrite_raw(key, again)
+                    except BaseException:
+                        table.end_rewrite(key, may_rewrite=False)
+                        raise
+                    again = table.end_rewrite(key)
+
     def drop_corrupt(self, key: str, exc: BaseException) -> None:
         self.corrupt(key, exc)
         try:
@@ -481,7 +548,8 @@ class CacheManager:
 
     def delete(self, key: str) -> bool:
         """Removes ``key``; True if it existed. Raises `BackendError` if the backend fails."""
-        return self._removal("delete", self.backend.delete, check_key(key))
+        check_key(key)
+        return self._removal("delete", self.backend.delete, key, lambda k, _tags: k == key)
 
     def exists(self, key: str) -> bool:
         check_key(key)
@@ -495,12 +563,14 @@ class CacheManager:
         """Removes every entry of this namespace carrying ``tag``; returns how many. Raises
         `BackendError`."""
         check_tags([tag])
-        return self._removal("invalidate", self._invalidate_namespace, tag)
+        return self._removal(
+            "invalidate", self._invalidate_namespace, tag, lambda _key, tags: tag in tags
+        )
 
     def clear(self) -> None:
         """Removes every entry of this namespace (see the class doc); other namespaces' stay.
         Raises `BackendError` if the backend fails or cannot clear one namespace only."""
-        self._removal("clear", self._clear_namespace, self.key_builder.namespace)
+        self._removal("clear", self._clear_namespace, self.key_builder.namespace, _every_entry)
 
     def _invalidate_namespace(self, tag: str) -> int:
         namespace = self.key_builder.namespace
@@ -544,7 +614,15 @@ class CacheManager:
     def close(self) -> None:
         self.backend.close()
 
-    def _removal(self, op: str, fn: Callable[[str], _T], arg: str) -> _T:
+    def _removal(
+        self,
+        op: str,
+        fn: Callable[[str], _T],
+        arg: str,
+        matches: Callable[[str, tuple[str, ...]], bool],
+    ) -> _T:
+        """Runs a removal: streams in flight that it covers are not stored after it."""
+        racing = self._begin_removal(matches)
         try:
             return fn(arg)
         except BackendError:
@@ -553,6 +631,8 @@ class CacheManager:
         except Exception as exc:
             self.count("backend_errors")
             raise BackendError(f"backend {op} failed for {arg}: {exc!r}") from exc
+        finally:
+            self._end_removal(racing)
 
     # -- public API: async twins ------------------------------------------------------------
 
@@ -579,7 +659,8 @@ class CacheManager:
         return data is not None and await self.aset_raw(key, data, ttl, tag_tuple)
 
     async def adelete(self, key: str) -> bool:
-        return await self._aremoval("delete", self.backend.adelete, check_key(key))
+        check_key(key)
+        return await self._aremoval("delete", self.backend.adelete, key, lambda k, _t: k == key)
 
     async def aexists(self, key: str) -> bool:
         check_key(key)
@@ -591,10 +672,14 @@ class CacheManager:
 
     async def ainvalidate(self, tag: str) -> int:
         check_tags([tag])
-        return await self._aremoval("invalidate", self._ainvalidate_namespace, tag)
+        return await self._aremoval(
+            "invalidate", self._ainvalidate_namespace, tag, lambda _key, tags: tag in tags
+        )
 
     async def aclear(self) -> None:
-        await self._aremoval("clear", self._aclear_namespace, self.key_builder.namespace)
+        await self._aremoval(
+            "clear", self._aclear_namespace, self.key_builder.namespace, _every_entry
+        )
 
     async def _ainvalidate_namespace(self, tag: str) -> int:
         namespace = self.key_builder.namespace
@@ -620,7 +705,14 @@ class CacheManager:
     async def aclose(self) -> None:
         await self.backend.aclose()
 
-    async def _aremoval(self, op: str, fn: Callable[[str], Awaitable[_T]], arg: str) -> _T:
+    async def _aremoval(
+        self,
+        op: str,
+        fn: Callable[[str], Awaitable[_T]],
+        arg: str,
+        matches: Callable[[str, tuple[str, ...]], bool],
+    ) -> _T:
+        racing = self._begin_removal(matches)
         try:
             return await fn(arg)
         except BackendError:
@@ -629,6 +721,8 @@ class CacheManager:
         except Exception as exc:
             self.count("backend_errors")
             raise BackendError(f"backend {op} failed for {arg}: {exc!r}") from exc
+        finally:
+            await self._aend_removal(racing)
 
     def stats(self) -> ManagerStats:
         """A typed snapshot of this manager's counters plus ``backend``: the backend's own
@@ -638,3 +732,8 @@ class CacheManager:
         except Exception as exc:
             backend = {"error": repr(exc)}
         return self._counters.snapshot(ManagerStats, backend=backend)
+
+
+def _every_entry(_key: str, _tags: tuple[str, ...]) -> bool:
+    """`CacheManager.clear` removes every entry of its namespace."""
+    return True

@@ -116,6 +116,9 @@ class CacheStats(_Snapshot):
     not_stored_no_store: int = 0
     #: Streams not stored: a ``no_cache`` call started a newer stream of the key meanwhile.
     not_stored_superseded: int = 0
+    #: Streams not stored: ``delete``/``invalidate``/``clear`` removed their key or tags while
+    #: they streamed (a stream begun before a removal is not stored after it).
+    not_stored_invalidated: int = 0
     #: Streams whose last consumer left early and that were cancelled.
     abandoned_cancelled: int = 0
     #: Streams whose last consumer left early and that were read to the end (policy).

@@ -50,8 +50,10 @@ CacheStatus = Literal["hit", "miss", "join", "bypass", "refresh"]
 #: stores it, `RedisFlights`), or why it was not stored: ``error`` (the upstream raised),
 #: ``abandoned`` (this caller left before the end), ``oversized``, ``unserializable``,
 #: ``incomplete``, ``backend_error``, ``interrupted``, ``no_store``, ``superseded`` (a
-#: ``no_cache`` call started a newer stream of the key), ``fenced`` (`RedisFlights`: this
-#: process lost the key's lease while producing, so another process may store it).
+#: ``no_cache`` call started a newer stream of the key), ``invalidated`` (``delete``,
+#: ``invalidate`` or ``clear`` removed the key or its tags while it streamed), ``fenced``
+#: (`RedisFlights`: this process lost the key's lease while producing, so another process may
+#: store it).
 CacheOutcome = Literal[
     "stored",
     "replayed",
@@ -66,6 +68,7 @@ CacheOutcome = Literal[
     "interrupted",
     "no_store",
     "superseded",
+    "invalidated",
     "fenced",
 ]
 

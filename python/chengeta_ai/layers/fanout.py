@@ -89,7 +89,7 @@ _LOGGED_REASONS = frozenset(
     {"unserializable", "oversized", "incomplete", "backend_error", "interrupted"}
 )
 #: ... and those counted without a warning: what a call asked for, not a failure.
-_COUNTED_REASONS = _LOGGED_REASONS | {"no_store", "superseded"}
+_COUNTED_REASONS = _LOGGED_REASONS | {"no_store", "superseded", "invalidated"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +214,10 @@ class Flight:
         """A ``no_cache`` call took this flight's key (`FlightTable.join_or_lead`)."""
         if self.state.not_stored == "superseded":
             self.count("not_stored_superseded")
+
+    def on_invalidated(self) -> None:
+        """A removal of this flight's key or tags started (`FlightTable.begin_removal`)."""
+        self.count("not_stored_invalidated")
 
     def cancel_upstream(self) -> None:
         raise NotImplementedError
@@ -417,10 +421,10 @@ class Flight:
         self._stored_chunks = len(chunks) - min(len(chunks), self.head_items)
         return complete, data
 
-    def store_outcome(self, ok: bool, data: bytes, superseded: bool = False) -> int:
+    def store_outcome(self, ok: bool, data: bytes, superseded: str | None = None) -> int:
         """The write returned ``ok``; ``superseded``: a newer stream of the key was stored
         meanwhile (the entry is not this one)."""
-        if ok and not superseded:
+        if ok and superseded is None:
             self.count("stores")
             self.count("stored_bytes", len(data))
             self.count("stored_chunks", self._stored_chunks)
@@ -626,22 +630,23 @@ class AsyncFlight(Flight):
     async def _store(self, data: bytes) -> int:
         """`SyncFlight._store`, through the backend's async methods."""
         table = self.settings.table
-        if not table.begin_store(self, (data, self.ttl, self.tags)):
-            return self.give_up_store("superseded")
-        aset_raw = self.settings.manager.aset_raw
+        refused = table.begin_store(self, (data, self.ttl, self.tags))
+        if refused is not None:
+            return self.give_up_store(refused)
+        manager = self.settings.manager
         writing = True
         try:
-            ok = await aset_raw(self.key, data, self.ttl, self.tags)
+            ok = await manager.aset_raw(self.key, data, self.ttl, self.tags)
             superseded, rewrite = table.end_store(self)
             writing = False
-            while rewrite is not None:
+            while rewrite is not None:  # overlapping writes: the newest entry lands last
                 writing = True
-                await aset_raw(self.key, *rewrite)
-                rewrite = table.end_store(self)[1]
+                await manager.arewrite_raw(self.key, rewrite)
+                rewrite = table.end_rewrite(self.key)
                 writing = False
         finally:
             if writing:
-                table.end_store(self, may_rewrite=False)
+                table.end_rewrite(self.key, may_rewrite=False)
         return self.store_outcome(ok, data, superseded)
 
     async def _pump(self, upstream: Any) -> None:
@@ -855,22 +860,23 @@ class SyncFlight(Flight):
     def _store(self, data: bytes) -> int:
         """Writes the entry in its turn (`FlightTable.begin_store`); returns the actions."""
         table = self.settings.table
-        if not table.begin_store(self, (data, self.ttl, self.tags)):
-            return self.give_up_store("superseded")
-        set_raw = self.settings.manager.set_raw
+        refused = table.begin_store(self, (data, self.ttl, self.tags))
+        if refused is not None:
+            return self.give_up_store(refused)
+        manager = self.settings.manager
         writing = True
         try:
-            ok = set_raw(self.key, data, self.ttl, self.tags)
+            ok = manager.set_raw(self.key, data, self.ttl, self.tags)
             superseded, rewrite = table.end_store(self)
             writing = False
             while rewrite is not None:  # overlapping writes: the newest entry lands last
                 writing = True
-                set_raw(self.key, *rewrite)
-                rewrite = table.end_store(self)[1]
+                manager.rewrite_raw(self.key, rewrite)
+                rewrite = table.end_rewrite(self.key)
                 writing = False
         finally:
             if writing:
-                table.end_store(self, may_rewrite=False)
+                table.end_rewrite(self.key, may_rewrite=False)
         return self.store_outcome(ok, data, superseded)
 
     def _pull_if_room(self, consumer: int) -> bool:

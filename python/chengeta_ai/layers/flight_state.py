@@ -23,7 +23,8 @@ States::
 A flight occupies its key's slot in the table from its creation until an action ``RELEASE``,
 or until a ``no_cache`` call supersedes it (`supersede`: the call leads a newer stream of the key
 and takes the slot; the older stream goes on for its consumers and is not stored; the table
-orders stores per key across scopes, so a newer stream of the key always wins). ``storable``
+orders stores per key across scopes, so a newer stream of the key always wins), or a removal of
+its key or tags invalidates it (`invalidate`: the same, reason ``invalidated``). ``storable``
 is orthogonal: the first reason a stream cannot be stored is kept in ``not_stored``.
 
 Per-call controls: ``wants_store`` is False while every caller attached so far asked
@@ -161,6 +162,16 @@ class FlightState:
             self.keep_from_store("superseded")
         self.in_slot = False
 
+    def invalidate(self) -> bool:
+        """A removal of this flight's key or tags started (`FlightTable.begin_removal`): the
+        stream goes on for its consumers, joinable by nobody, and is not stored (a finishing
+        one's store is refused or undone by the table). True if this is the first reason it
+        is not stored (the caller counts it)."""
+        self.in_slot = False
+        if self.phase is Phase.RUNNING:
+            return self.keep_from_store("invalidated")
+        return False
+
     def overflowed(self) -> int:
         """The log stopped retaining the whole stream: it is no longer stored and new callers
         of the key lead their own upstream instead of joining one they cannot replay."""
@@ -247,16 +258,17 @@ class FlightState:
         self.keep_from_store("error")
         return self._end(Phase.FAILED)
 
-    def stored(self, ok: bool = True, superseded: bool = False) -> int:
+    def stored(self, ok: bool = True, superseded: str | None = None) -> int:
         """The entry was written; ``ok`` False: the write failed (fail-open: the stream ends,
-        not stored, reason ``backend_error``); ``superseded``: a newer stream of the key was
-        stored over it (reason ``superseded``)."""
+        not stored, reason ``backend_error``); ``superseded``: why the entry written is not
+        the key's any more (``superseded``: a newer stream of the key was stored over it;
+        ``invalidated``: a removal of the key started during the write)."""
         if self.phase is not Phase.FINISHING:
             return 0
         if not ok:
             self.keep_from_store("backend_error")
-        elif superseded:
-            self.keep_from_store("superseded")
+        elif superseded is not None:
+            self.keep_from_store(superseded)
         return self._end(Phase.DONE)
 
     def store_aborted(self, reason: str) -> int:

@@ -12,6 +12,14 @@ wins. A flight never stores once a newer flight of its key began storing or a ne
 refresh of its key started, in any scope; and a write already under way when a newer one is made
 cannot be recalled, so when two writes of a key overlap, the last to return writes the newest
 entry again. O(1) per flight and per store, nothing per chunk.
+
+Removals through the manager (`CacheManager.delete`, ``invalidate``, ``clear``) take part in the
+same order (`begin_removal`, `end_removal`): a stream of a removed key or tag that is in flight
+when the removal starts is not stored after it (reason ``invalidated``; its callers still get
+every chunk) and is joined by nobody (later callers lead a fresh stream); a write of such a
+stream already under way counts as one of the key's overlapping writes, so whichever returns
+last makes the key removed (or holds the entry of a newer stream, begun after the removal).
+O(live flights) per removal, nothing per store or chunk.
 """
 
 from __future__ import annotations
@@ -46,14 +54,18 @@ SYNC_SCOPE = "sync"
 next_sequence = itertools.count(1).__next__
 
 Slot = tuple[object, str]
-#: What a store writes: ``(framed entry, ttl, tags)``.
+#: What a store writes: ``(framed entry, ttl, tags)``; `REMOVED` for a removal.
 StoreEntry = tuple[bytes, float | None, tuple[str, ...]]
+#: The "entry" a removal writes: the last of overlapping writes removes the key again.
+REMOVED: StoreEntry = (b"", None, ())
+#: Whether a removal covers the entry of a key stored with these (caller's) tags.
+RemovalMatch = Callable[[str, tuple[str, ...]], bool]
 
 
 class _KeyStores:
     """The store order of one key, across scopes (see the module docstring)."""
 
-    __slots__ = ("entry", "flights", "newest", "overlapped", "writers")
+    __slots__ = ("entry", "flights", "newest", "overlapped", "removed", "writers")
 
     def __init__(self) -> None:
         #: Flights of the key that have not ended, in every scope (the record lives as long).
@@ -66,6 +78,8 @@ class _KeyStores:
         self.entry: StoreEntry | None = None
         #: Two writes were under way at once: the last to return writes `entry` again.
         self.overlapped = False
+        #: `newest` is a removal's (flights older than it were invalidated, not superseded).
+        self.removed = False
 
 
 class TableFlight(Protocol):
@@ -87,6 +101,8 @@ class TableFlight(Protocol):
     def on_released(self) -> None: ...
 
     def on_superseded(self) -> None: ...
+
+    def on_invalidated(self) -> None: ...
 
 
 def current_loop_scope() -> object:
@@ -191,6 +207,7 @@ class FlightTable:
                 if newer_than is not None and store:
                     # a refresh: no older stream of the key stores, in any scope
                     order.newest = max(order.newest, flight.seq)
+                    order.removed = False
                 return flight, consumer, True
         finally:
             if superseded is not None:
@@ -214,9 +231,11 @@ class FlightTable:
                 if order.flights <= 0 and not order.writers:
                     del self._stores[key]
 
-    def begin_store(self, flight: TableFlight, entry: StoreEntry) -> bool:
-        """The flight is about to write ``entry``: False if a newer flight of its key began
-        storing or a newer refresh of it started (in any scope), and it must not."""
+    def begin_store(self, flight: TableFlight, entry: StoreEntry) -> str | None:
+        """The flight is about to write ``entry``: None if it may, else why it must not:
+        ``"superseded"`` (a newer flight of its key began storing or a newer refresh of it
+        started, in any scope) or ``"invalidated"`` (a removal of its key or tags started
+        after the flight)."""
         key = flight.slot[1]
         with self.lock:
             order = self._stores.get(key)
@@ -224,36 +243,104 @@ class FlightTable:
                 order = self._stores[key] = _KeyStores()
                 order.flights = 1
             if flight.seq < order.newest:
-                return False
+                return "invalidated" if order.removed else "superseded"
             order.newest = flight.seq
+            order.removed = False
             order.entry = entry
             order.writers += 1
             if order.writers > 1:
                 order.overlapped = True
-            return True
+            return None
 
     def end_store(
         self, flight: TableFlight, *, may_rewrite: bool = True
-    ) -> tuple[bool, StoreEntry | None]:
+    ) -> tuple[str | None, StoreEntry | None]:
         """The flight's write (begun by `begin_store`) returned: ``(superseded, rewrite)``.
-        ``superseded``: a newer flight of the key began storing meanwhile (or a newer refresh
-        started), so the entry is not this flight's. ``rewrite``: this was the last of
-        overlapping writes; the caller must write this newest entry again (an older write
-        may have landed after it), then call again. ``may_rewrite`` False (interrupted): the
-        next write of the key does it."""
+        ``superseded``: None if the entry written is still the key's newest, else
+        ``"superseded"`` (a newer flight of the key began storing meanwhile, or a newer
+        refresh started) or ``"invalidated"`` (a removal of the key started meanwhile).
+        ``rewrite``: this was the last of overlapping writes; the caller must write this
+        newest entry again (`REMOVED`: remove the key), since an older write may have landed
+        after it, then call again. ``may_rewrite`` False (interrupted): the next write of the
+        key does it."""
         with self.lock:
             order = self._stores[flight.slot[1]]
-            order.writers -= 1
-            superseded = flight.seq < order.newest
-            rewrite = None
-            if not order.writers:
-                if order.overlapped and may_rewrite:
-                    order.overlapped = False
-                    order.writers = 1
-                    rewrite = order.entry
-                elif not order.overlapped:
-                    order.entry = None
-            return superseded, rewrite
+            superseded = None
+            if flight.seq < order.newest:
+                superseded = "invalidated" if order.removed else "superseded"
+            return superseded, self._end_write(flight.slot[1], order, may_rewrite)
+
+    def _end_write(self, key: str, order: _KeyStores, may_rewrite: bool) -> StoreEntry | None:
+        """One write of ``key`` returned (lock held): what the caller must write again."""
+        order.writers -= 1
+        rewrite = None
+        if not order.writers:
+            if order.overlapped and may_rewrite:
+                order.overlapped = False
+                order.writers = 1
+                rewrite = order.entry
+            elif not order.overlapped:
+                order.entry = None
+                if order.flights <= 0:
+                    del self._stores[key]
+        return rewrite
+
+    def end_rewrite(self, key: str, *, may_rewrite: bool = True) -> StoreEntry | None:
+        """A write `end_store`, `end_removal` or this returned as ``rewrite`` is done: what
+        must be written next, if another write overlapped it."""
+        with self.lock:
+            return self._end_write(key, self._stores[key], may_rewrite)
+
+    # -- removals (CacheManager.delete / invalidate / clear) ----------------------------------
+
+    def begin_removal(self, matches: RemovalMatch) -> list[str]:
+        """A removal of the entries ``matches`` covers is about to start: flights of those
+        keys (by key and caller's tags) are invalidated: not stored, joined by nobody (see the
+        module docstring). Returns the keys with a write under way: the removal is one of
+        their writers until `end_removal`."""
+        seq = next_sequence()
+        invalidated: list[TableFlight] = []
+        racing: list[str] = []
+        with self.lock:
+            for slot, flight in list(self._flights.items()):
+                if flight.state.joinable and matches(slot[1], flight.tags):
+                    del self._flights[slot]
+                    if flight.state.invalidate():
+                        invalidated.append(flight)
+                    self._invalidate_key(slot[1], seq)
+            for key, order in self._stores.items():
+                if order.newest < seq and order.writers and order.entry is not None:
+                    if order.entry is REMOVED or matches(key, order.entry[2]):
+                        self._invalidate_key(key, seq)
+                if order.newest == seq and order.writers:
+                    order.writers += 1
+                    order.overlapped = True
+                    order.entry = REMOVED
+                    racing.append(key)
+        for flight in invalidated:
+            flight.on_invalidated()
+        return racing
+
+    def _invalidate_key(self, key: str, seq: int) -> None:
+        order = self._stores.get(key)
+        if order is not None and order.newest < seq:
+            order.newest = seq
+            order.removed = True
+
+    def end_removal(self, racing: list[str], rewrite: Callable[[str, StoreEntry], None]) -> None:
+        """The removal `begin_removal` announced returned: for each key whose writes it
+        overlapped, the last write to return makes the key's newest state land last;
+        ``rewrite(key, entry)`` writes it (`REMOVED`: removes the key)."""
+        for key in racing:
+            with self.lock:
+                again = self._end_write(key, self._stores[key], True)
+            while again is not None:
+                try:
+                    rewrite(key, again)
+                except BaseException:
+                    self.end_rewrite(key, may_rewrite=False)
+                    raise
+                again = self.end_rewrite(key)
 
     # -- where pumps run ----------------------------------------------------------------------
 

@@ -255,6 +255,7 @@ class StreamingResponseCache:
         self._remember_opened = bool(getattr(manager.backend, "returns_stored_bytes", False))
         #: In-flight streams by (sync or event loop, key), and where their pumps run.
         self.flights = FlightTable(task_group)
+        manager.watch_removals(self.flights)
         #: Shares in-flight streams across processes, or None (in-process only).
         self.remote_flights = flights
         self._counters = Counters(counter_names(CacheStats))
