@@ -196,7 +196,8 @@ def test_a_write_under_way_when_the_removal_runs_is_undone(removal: str) -> None
     assert backend.writing.wait(10)  # the entry is being written
     remover = threading.Thread(target=lambda: REMOVALS[removal](cache))
     remover.start()
-    remover.join(0.2)  # the removal ran (the memory backend does not wait for the write)
+    remover.join(0.2)
+    assert remover.is_alive()  # the removal waits for the write it raced to undo itself
     backend.release.set()
     reader.join(10)
     remover.join(10)
@@ -300,10 +301,20 @@ async def test_async_a_write_under_way_when_the_removal_runs_is_undone(removal: 
     async def reader() -> None:
         result.extend([c async for c in cache.aget_or_stream(["q"], old, model_id=MODEL)])
 
+    returned = anyio.Event()
+
+    async def remove() -> None:
+        await _aremove(removal, cache)
+        returned.set()
+
     async with anyio.create_task_group() as tg:
         tg.start_soon(reader)
         await backend.writing.wait()
-        await _aremove(removal, cache)  # returns while the write is still under way
+        tg.start_soon(remove)
+        while not cache.flights._stores[_key(cache, ["q"])].removed:
+            await anyio.sleep(0.001)
+        await anyio.sleep(0.05)
+        assert not returned.is_set()  # the removal waits for the write it raced to undo itself
         backend.release.set()
     assert result == ["old", "answer"]
     assert cache.manager.backend.get(_key(cache, ["q"])) is None

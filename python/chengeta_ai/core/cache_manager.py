@@ -267,11 +267,14 @@ class RemovalListener(Protocol):
 
     def begin_removal(self, matches: Callable[[str, tuple[str, ...]], bool]) -> list[str]: ...
 
-    def end_removal(
-        self, racing: list[str], rewrite: Callable[[str, RewriteEntry], None]
-    ) -> None: ...
+    def writes_under_way(self, racing: list[str]) -> bool: ...
 
-    def end_rewrite(self, key: str, *, may_rewrite: bool = True) -> RewriteEntry | None: ...
+    def wait_writes(self, racing: list[str], timeout: float) -> bool: ...
+
+
+#: How long a removal waits for the writes it raced to undo themselves before it returns (a
+#: write that takes longer still undoes itself when it returns).
+REMOVAL_WAIT = 10.0
 
 
 class CacheManager:
@@ -329,6 +332,7 @@ class CacheManager:
         self._warned_unscoped = False
         #: The flight tables of the streaming caches over this manager: told of removals.
         self._removal_listeners: weakref.WeakSet[RemovalListener] = weakref.WeakSet()
+        self._listeners_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return (
@@ -483,29 +487,60 @@ class CacheManager:
     def watch_removals(self, listener: RemovalListener) -> None:
         """``listener`` (a streaming cache's flight table) is told of every removal through
         this manager before it runs (held weakly)."""
-        self._removal_listeners.add(listener)
+        with self._listeners_lock:
+            self._removal_listeners.add(listener)
 
     def _begin_removal(
-        self, matches: Callable[[str, tuple[str, ...]], bool]
-    ) -> list[tuple[RemovalListener, list[str]]]:
-        return [(table, table.begin_removal(matches)) for table in list(self._removal_listeners)]
-
-    def _end_removal(self, racing: list[tuple[RemovalListener, list[str]]]) -> None:
-        for table, keys in racing:
+        self,
+        matches: Callable[[str, tuple[str, ...]], bool],
+        racing: list[tuple[RemovalListener, list[str]]],
+    ) -> None:
+        """Tells every listener of a removal about to run; the keys whose writes it raced are
+        appended to ``racing`` (see `_wait_racing`)."""
+        with self._listeners_lock:
+            listeners = list(self._removal_listeners)
+        for table in listeners:
+            keys = table.begin_removal(matches)
             if keys:
-                table.end_removal(keys, self.rewrite_raw)
+                racing.append((table, keys))
 
-    async def _aend_removal(self, racing: list[tuple[RemovalListener, list[str]]]) -> None:
+    def _wait_racing(self, racing: list[tuple[RemovalListener, list[str]]]) -> None:
+        """Waits (at most `REMOVAL_WAIT`) for the writes the removal raced to undo themselves,
+        so that nothing it covers can be read once it returned. Not on an event loop's thread,
+        where those writes may be waiting for this very thread (they still undo themselves)."""
+        if not racing or _on_event_loop():
+            return
+        deadline = time.monotonic() + REMOVAL_WAIT
         for table, keys in racing:
-            for key in keys:
-                again = table.end_rewrite(key)
-                while again is not None:
-                    try:
-                        await self.arewrite_raw(key, again)
-                    except BaseException:
-                        table.end_rewrite(key, may_rewrite=False)
-                        raise
-                    again = table.end_rewrite(key)
+            if not table.wait_writes(keys, max(0.0, deadline - time.monotonic())):
+                warn(
+                    "chengeta_ai: a removal returns while %d write(s) it raced are still under "
+                    "way; each removes its entry again when it returns",
+                    len(keys),
+                    cause="removal_wait",
+                )
+                return
+
+    async def _await_racing(self, racing: list[tuple[RemovalListener, list[str]]]) -> None:
+        """`_wait_racing` for the async removals: polls (the writes may run on this loop, in
+        threads or on other loops), with a growing pause."""
+        if not racing:
+            return
+        import anyio
+
+        deadline = time.monotonic() + REMOVAL_WAIT
+        pause = 0.0005
+        for table, keys in racing:
+            while table.writes_under_way(keys):
+                if time.monotonic() >= deadline:
+                    warn(
+                        "chengeta_ai: a removal returns while write(s) it raced are still "
+                        "under way; each removes its entry again when it returns",
+                        cause="removal_wait",
+                    )
+                    return
+                await anyio.sleep(pause)
+                pause = min(pause * 2, 0.05)
 
     def drop_corrupt(self, key: str, exc: BaseException) -> None:
         self.corrupt(key, exc)
@@ -622,17 +657,18 @@ class CacheManager:
         matches: Callable[[str, tuple[str, ...]], bool],
     ) -> _T:
         """Runs a removal: streams in flight that it covers are not stored after it."""
-        racing = self._begin_removal(matches)
+        racing: list[tuple[RemovalListener, list[str]]] = []
+        self._begin_removal(matches, racing)
         try:
-            return fn(arg)
+            result = fn(arg)
         except BackendError:
             self.count("backend_errors")
             raise
         except Exception as exc:
             self.count("backend_errors")
             raise BackendError(f"backend {op} failed for {arg}: {exc!r}") from exc
-        finally:
-            self._end_removal(racing)
+        self._wait_racing(racing)
+        return result
 
     # -- public API: async twins ------------------------------------------------------------
 
@@ -712,17 +748,18 @@ class CacheManager:
         arg: str,
         matches: Callable[[str, tuple[str, ...]], bool],
     ) -> _T:
-        racing = self._begin_removal(matches)
+        racing: list[tuple[RemovalListener, list[str]]] = []
+        self._begin_removal(matches, racing)
         try:
-            return await fn(arg)
+            result = await fn(arg)
         except BackendError:
             self.count("backend_errors")
             raise
         except Exception as exc:
             self.count("backend_errors")
             raise BackendError(f"backend {op} failed for {arg}: {exc!r}") from exc
-        finally:
-            await self._aend_removal(racing)
+        await self._await_racing(racing)
+        return result
 
     def stats(self) -> ManagerStats:
         """A typed snapshot of this manager's counters plus ``backend``: the backend's own
@@ -736,4 +773,22 @@ class CacheManager:
 
 def _every_entry(_key: str, _tags: tuple[str, ...]) -> bool:
     """`CacheManager.clear` removes every entry of its namespace."""
+    return True
+
+
+def _on_event_loop() -> bool:
+    """Whether this thread runs an asyncio or trio event loop (a sync removal called from
+    async code: waiting here would hold up the writes it waits for)."""
+    import asyncio
+    import sys
+
+    if asyncio._get_running_loop() is not None:
+        return True
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return False
+    try:
+        trio.lowlevel.current_trio_token()  # per thread: raises outside trio.run's thread
+    except RuntimeError:
+        return False
     return True

@@ -14,12 +14,13 @@ cannot be recalled, so when two writes of a key overlap, the last to return writ
 entry again. O(1) per flight and per store, nothing per chunk.
 
 Removals through the manager (`CacheManager.delete`, ``invalidate``, ``clear``) take part in the
-same order (`begin_removal`, `end_removal`): a stream of a removed key or tag that is in flight
-when the removal starts is not stored after it (reason ``invalidated``; its callers still get
-every chunk) and is joined by nobody (later callers lead a fresh stream); a write of such a
-stream already under way counts as one of the key's overlapping writes, so whichever returns
-last makes the key removed (or holds the entry of a newer stream, begun after the removal).
-O(live flights) per removal, nothing per store or chunk.
+same order (`begin_removal`): a stream of a removed key or tag that is in flight when the
+removal starts is not stored after it (reason ``invalidated``; its callers still get every
+chunk) and is joined by nobody (later callers lead a fresh stream). A write of such a stream
+already under way cannot be recalled: the removal marks the key so that the last write of it to
+return removes it again (or writes the entry of a newer stream, begun after the removal), and
+the removal waits for that (`wait_writes`, bounded) before it returns. O(live flights) per
+removal, nothing per store or chunk.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import asyncio
 import contextvars
 import itertools
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -78,8 +80,9 @@ class _KeyStores:
         self.entry: StoreEntry | None = None
         #: Two writes were under way at once: the last to return writes `entry` again.
         self.overlapped = False
-        #: `newest` is a removal's (flights older than it were invalidated, not superseded).
-        self.removed = False
+        #: The sequence of the newest removal of the key: flights older than it were
+        #: invalidated (their outcome), not superseded.
+        self.removed = 0
 
 
 class TableFlight(Protocol):
@@ -126,6 +129,9 @@ class FlightTable:
         self._asyncio_tasks: set[asyncio.Task[Any]] = set()
         #: The store order of each key with a flight alive, in any scope.
         self._stores: dict[str, _KeyStores] = {}
+        #: Signalled when a write ends while a removal waits for the writes it raced.
+        self._writes_done = threading.Condition(self.lock)
+        self._removals_waiting = 0
         #: Flights created and not ended: in a slot or not (superseded, private), they hold an
         #: upstream open (``stats().in_flight``).
         self.live = 0
@@ -207,7 +213,6 @@ class FlightTable:
                 if newer_than is not None and store:
                     # a refresh: no older stream of the key stores, in any scope
                     order.newest = max(order.newest, flight.seq)
-                    order.removed = False
                 return flight, consumer, True
         finally:
             if superseded is not None:
@@ -243,9 +248,8 @@ class FlightTable:
                 order = self._stores[key] = _KeyStores()
                 order.flights = 1
             if flight.seq < order.newest:
-                return "invalidated" if order.removed else "superseded"
+                return "invalidated" if flight.seq < order.removed else "superseded"
             order.newest = flight.seq
-            order.removed = False
             order.entry = entry
             order.writers += 1
             if order.writers > 1:
@@ -259,16 +263,17 @@ class FlightTable:
         ``superseded``: None if the entry written is still the key's newest, else
         ``"superseded"`` (a newer flight of the key began storing meanwhile, or a newer
         refresh started) or ``"invalidated"`` (a removal of the key started meanwhile).
-        ``rewrite``: this was the last of overlapping writes; the caller must write this
-        newest entry again (`REMOVED`: remove the key), since an older write may have landed
-        after it, then call again. ``may_rewrite`` False (interrupted): the next write of the
-        key does it."""
+        ``rewrite``: this was the last of overlapping writes (or of writes a removal raced);
+        the caller must write this newest entry again (`REMOVED`: remove the key), since an
+        older write may have landed after it, then call `end_rewrite`. ``may_rewrite`` False
+        (interrupted): the next write of the key does it."""
+        key = flight.slot[1]
         with self.lock:
-            order = self._stores[flight.slot[1]]
+            order = self._stores[key]
             superseded = None
             if flight.seq < order.newest:
-                superseded = "invalidated" if order.removed else "superseded"
-            return superseded, self._end_write(flight.slot[1], order, may_rewrite)
+                superseded = "invalidated" if flight.seq < order.removed else "superseded"
+            return superseded, self._end_write(key, order, may_rewrite)
 
     def _end_write(self, key: str, order: _KeyStores, may_rewrite: bool) -> StoreEntry | None:
         """One write of ``key`` returned (lock held): what the caller must write again."""
@@ -283,11 +288,13 @@ class FlightTable:
                 order.entry = None
                 if order.flights <= 0:
                     del self._stores[key]
+            if self._removals_waiting:
+                self._writes_done.notify_all()
         return rewrite
 
     def end_rewrite(self, key: str, *, may_rewrite: bool = True) -> StoreEntry | None:
-        """A write `end_store`, `end_removal` or this returned as ``rewrite`` is done: what
-        must be written next, if another write overlapped it."""
+        """A write `end_store` or this returned as ``rewrite`` is done: what must be written
+        next, if another write overlapped it."""
         with self.lock:
             return self._end_write(key, self._stores[key], may_rewrite)
 
@@ -296,8 +303,10 @@ class FlightTable:
     def begin_removal(self, matches: RemovalMatch) -> list[str]:
         """A removal of the entries ``matches`` covers is about to start: flights of those
         keys (by key and caller's tags) are invalidated: not stored, joined by nobody (see the
-        module docstring). Returns the keys with a write under way: the removal is one of
-        their writers until `end_removal`."""
+        module docstring). Returns the keys with a write under way that the removal raced:
+        the last of those writes to return removes the key again (`REMOVED`), and
+        `wait_writes` waits for that. The removal holds nothing: interrupted anywhere, it
+        leaves the table consistent."""
         seq = next_sequence()
         invalidated: list[TableFlight] = []
         racing: list[str] = []
@@ -309,11 +318,13 @@ class FlightTable:
                         invalidated.append(flight)
                     self._invalidate_key(slot[1], seq)
             for key, order in self._stores.items():
-                if order.newest < seq and order.writers and order.entry is not None:
-                    if order.entry is REMOVED or matches(key, order.entry[2]):
+                # a write under way (of a flight out of its slot: superseded, or invalidated by
+                # an earlier removal whose undo is still pending, which there is nothing to add to)
+                entry = order.entry
+                if order.newest < seq and order.writers and entry is not None:
+                    if entry is not REMOVED and matches(key, entry[2]):
                         self._invalidate_key(key, seq)
                 if order.newest == seq and order.writers:
-                    order.writers += 1
                     order.overlapped = True
                     order.entry = REMOVED
                     racing.append(key)
@@ -324,23 +335,33 @@ class FlightTable:
     def _invalidate_key(self, key: str, seq: int) -> None:
         order = self._stores.get(key)
         if order is not None and order.newest < seq:
-            order.newest = seq
-            order.removed = True
+            order.newest = order.removed = seq
 
-    def end_removal(self, racing: list[str], rewrite: Callable[[str, StoreEntry], None]) -> None:
-        """The removal `begin_removal` announced returned: for each key whose writes it
-        overlapped, the last write to return makes the key's newest state land last;
-        ``rewrite(key, entry)`` writes it (`REMOVED`: removes the key)."""
-        for key in racing:
-            with self.lock:
-                again = self._end_write(key, self._stores[key], True)
-            while again is not None:
-                try:
-                    rewrite(key, again)
-                except BaseException:
-                    self.end_rewrite(key, may_rewrite=False)
-                    raise
-                again = self.end_rewrite(key)
+    def writes_under_way(self, racing: list[str]) -> bool:
+        """Whether a write of one of the keys `begin_removal` returned is still under way
+        (its undo included)."""
+        with self.lock:
+            return any(self._writing(key) for key in racing)
+
+    def _writing(self, key: str) -> bool:
+        order = self._stores.get(key)
+        return order is not None and order.writers > 0
+
+    def wait_writes(self, racing: list[str], timeout: float) -> bool:
+        """Blocks until no write of the ``racing`` keys is under way (the last one has undone
+        itself), at most ``timeout`` seconds; True if none is left."""
+        deadline = time.monotonic() + timeout
+        with self._writes_done:
+            self._removals_waiting += 1
+            try:
+                while any(self._writing(key) for key in racing):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._writes_done.wait(left)
+                return True
+            finally:
+                self._removals_waiting -= 1
 
     # -- where pumps run ----------------------------------------------------------------------
 
