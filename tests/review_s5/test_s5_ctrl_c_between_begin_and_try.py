@@ -16,8 +16,8 @@ rewrite raises.
 from __future__ import annotations
 
 import sys
-import time
 import threading
+import time
 from types import FrameType
 from typing import Any
 
