@@ -261,6 +261,25 @@ def _check_backend(backend: object) -> Backend:
 RewriteEntry = tuple[bytes, float | None, tuple[str, ...]]
 
 
+#: Guards every listener set (`weakref.WeakSet` is not safe to iterate while another thread adds).
+_LISTENERS_LOCK = threading.Lock()
+#: backend object -> namespace -> the flight tables of the streaming caches over them.
+_LISTENERS: weakref.WeakKeyDictionary[Any, dict[str, weakref.WeakSet[Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _removal_listeners_of(backend: Any, namespace: str) -> weakref.WeakSet[Any]:
+    """The listener set shared by every manager of ``backend`` (this very object) and
+    ``namespace``: a removal through any of them reaches the streams in flight of all."""
+    with _LISTENERS_LOCK:
+        try:
+            by_namespace = _LISTENERS.setdefault(backend, {})
+        except TypeError:  # a backend that cannot be weakly referenced or hashed: its own
+            return weakref.WeakSet()
+        return by_namespace.setdefault(namespace, weakref.WeakSet())
+
+
 class RemovalListener(Protocol):
     """What learns of removals before they run (a streaming cache's `FlightTable`): streams of
     the removed keys or tags in flight must not be stored after the removal."""
@@ -330,9 +349,11 @@ class CacheManager:
         self.max_entry_bytes = max_entry_bytes
         self._counters = Counters(counter_names(ManagerStats))
         self._warned_unscoped = False
-        #: The flight tables of the streaming caches over this manager: told of removals.
-        self._removal_listeners: weakref.WeakSet[RemovalListener] = weakref.WeakSet()
-        self._listeners_lock = threading.Lock()
+        #: The flight tables of the streaming caches over this manager's backend object and
+        #: namespace (any manager of them): told of removals (`_removal_listeners_of`).
+        self._removal_listeners = _removal_listeners_of(
+            self.backend, getattr(self.key_builder, "namespace", "")
+        )
 
     def __repr__(self) -> str:
         return (
@@ -487,7 +508,7 @@ class CacheManager:
     def watch_removals(self, listener: RemovalListener) -> None:
         """``listener`` (a streaming cache's flight table) is told of every removal through
         this manager before it runs (held weakly)."""
-        with self._listeners_lock:
+        with _LISTENERS_LOCK:
             self._removal_listeners.add(listener)
 
     def _begin_removal(
@@ -497,7 +518,7 @@ class CacheManager:
     ) -> None:
         """Tells every listener of a removal about to run; the keys whose writes it raced are
         appended to ``racing`` (see `_wait_racing`)."""
-        with self._listeners_lock:
+        with _LISTENERS_LOCK:
             listeners = list(self._removal_listeners)
         for table in listeners:
             keys = table.begin_removal(matches)

@@ -18,6 +18,8 @@ Both share `Flight`: the log, the encoder, the store decision, the consumer's ne
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -216,8 +218,18 @@ class Flight:
             self.count("not_stored_superseded")
 
     def on_invalidated(self) -> None:
-        """A removal of this flight's key or tags started (`FlightTable.begin_removal`)."""
+        """A removal of this flight's key or tags started (`FlightTable.begin_removal`, in
+        whichever thread removes): a flight draining for its entry (``on_abandon="finish"``)
+        with nobody attached has nothing left to read for, and is cancelled."""
         self.count("not_stored_invalidated")
+        log = self.log
+        actions = self.transition(lambda: self.state.unstorable_now(log.consumers))
+        if actions:
+            self.perform_elsewhere(actions)
+
+    def perform_elsewhere(self, actions: int) -> None:
+        """`perform`, from a thread that is not this flight's driver."""
+        raise NotImplementedError
 
     def cancel_upstream(self) -> None:
         raise NotImplementedError
@@ -561,6 +573,28 @@ class AsyncFlight(Flight):
         # the pump closes the upstream on its way out, then reports upstream_closed()
         self._scope.cancel()
 
+    def perform_elsewhere(self, actions: int) -> None:
+        """On the flight's event loop: at once if this thread runs it, else handed to it."""
+        loop = self.slot[0]
+        if isinstance(loop, asyncio.AbstractEventLoop):
+            if asyncio._get_running_loop() is loop:
+                self.perform(actions)
+            else:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nothing runs
+                    loop.call_soon_threadsafe(self.perform, actions)
+            return
+        import trio
+
+        try:
+            here = trio.lowlevel.current_trio_token() is loop
+        except RuntimeError:
+            here = False
+        if here:
+            self.perform(actions)
+        else:
+            with contextlib.suppress(trio.RunFinishedError):
+                loop.run_sync_soon(self.perform, actions)  # type: ignore[attr-defined]
+
     def drain(self) -> None:
         self._wake_space()  # nobody holds the pump back any more
 
@@ -779,6 +813,12 @@ class SyncFlight(Flight):
                 self._close_upstream()
         finally:
             self.perform(self.transition(self.state.upstream_closed))
+
+    def perform_elsewhere(self, actions: int) -> None:
+        """In a thread of its own: closing the upstream waits for a read in progress."""
+        threading.Thread(
+            target=self.perform, args=(actions,), name="chengeta-cancel", daemon=True
+        ).start()
 
     def drain(self) -> None:
         ctx = contextvars.copy_context()
