@@ -112,13 +112,22 @@ __all__ = ["RedisFlights"]
 
 logger = logging.getLogger("chengeta_ai")
 
-# a lease without a TTL (planted, or PERSISTed) is nobody's: taken over, never followed
+# KEYS: lease, gen; ARGV: lease_ms, nonce, log_ttl_ms, removal epoch (`RedisFlights.epoch`).
+# A token is "<gen>.<nonce>:<epoch>" (the namespace's removal epoch when its stream began; none
+# in tokens of earlier versions: 0). A lease without a TTL (planted, or PERSISTed) is nobody's:
+# taken over, never followed. A lease of a stream begun before a removal of the namespace
+# (its epoch is older than the caller's) is never followed: a stored end's ("=<token>") is
+# taken over; a live producer's is left to it (2: the caller reads the upstream locally).
 _ACQUIRE = """
 local cur = redis.call('GET', KEYS[1])
-if cur and redis.call('PTTL', KEYS[1]) >= 0 then return {0, cur} end
+if cur and redis.call('PTTL', KEYS[1]) >= 0 then
+  local e = tonumber(string.match(cur, ':(%d+)$')) or 0
+  if e >= tonumber(ARGV[4]) then return {0, cur} end
+  if string.sub(cur, 1, 1) ~= '=' then return {2, cur} end
+end
 local g = redis.call('INCR', KEYS[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-local tok = tostring(g) .. '.' .. ARGV[2]
+local tok = tostring(g) .. '.' .. ARGV[2] .. ':' .. ARGV[4]
 redis.call('SET', KEYS[1], tok, 'PX', ARGV[1])
 return {1, tok}
 """
@@ -359,18 +368,55 @@ class RedisFlights:
 
     # -- sync Redis operations (called directly, or in a worker thread) ---------------------------
 
-    def elect(self, key: str) -> tuple[bool, str]:
-        """``(leads, token)``: this caller produces ``token``'s log, or follows it."""
+    def epoch_key(self, namespace: str) -> str:
+        """The namespace's removal epoch: a counter every removal through a cache with these
+        flights increments (`removal_listener`)."""
+        return f"{self.prefix}fl:removals:{namespace}"
+
+    def epoch(self, namespace: str) -> int:
+        """The namespace's removal epoch now (0: no removal yet)."""
+        raw = self.client.get(self.epoch_key(namespace))
+        try:
+            return int(raw or 0)
+        except ValueError as exc:
+            raise _Corrupt(f"a removal epoch that is not a number: {raw[:64]!r}") from exc
+
+    def bump_epoch(self, namespace: str) -> None:
+        """A removal in ``namespace`` is about to run: streams begun before it, in any
+        process, are followed by nobody and stored by nobody from now on. Fail-open: if Redis
+        fails, the removal still runs here and the other processes are not told (logged)."""
+        try:
+            self.client.incr(self.epoch_key(namespace))
+        except _REDIS_ERRORS as exc:
+            warn(
+                "chengeta_ai: redis flights could not announce a removal in namespace %r "
+                "(%r): streams in flight in other processes may still be stored",
+                namespace,
+                exc,
+                cause="removal_epoch",
+            )
+
+    def removal_listener(self, namespace: str) -> _FleetRemovals:
+        """What a `StreamingResponseCache` over these flights registers with its manager."""
+        return _FleetRemovals(self, namespace)
+
+    def elect(self, key: str, epoch: int = 0) -> tuple[str, str]:
+        """``(role, token)``: ``"lead"`` (this caller produces ``token``'s log), ``"follow"``
+        (it follows it) or ``"local"`` (the key's producer began before a removal that
+        ``epoch`` counts: the caller reads the upstream itself)."""
         nonce = os.urandom(8).hex()
         won, token = self._acquire(
             keys=[self.lease_key(key), self.base(key) + ":gen"],
-            args=[int(self.lease * 1000), nonce, int(self.log_ttl * 1000)],
+            args=[int(self.lease * 1000), nonce, int(self.log_ttl * 1000), epoch],
         )
         try:
             token = token.decode() if isinstance(token, bytes) else str(token)
         except UnicodeDecodeError as exc:
             raise _Corrupt(f"a lease that is not UTF-8: {token[:64]!r}") from exc
-        return bool(won), token.removeprefix("=")
+        role = {0: "follow", 1: "lead", 2: "local"}.get(int(won))
+        if role is None:  # pragma: no cover - the script returns only these
+            raise _Corrupt(f"unexpected election result {won!r}")
+        return role, token.removeprefix("=")
 
     def append(
         self, key: str, token: str, batch: bytes | None, lease: float, cancel_if_alone: bool
@@ -427,11 +473,14 @@ class RedisFlights:
             flight.count("redis_fallbacks")
             return "local", ""
         try:
-            leads, token = self.elect(flight.key)
+            role, token = self.elect(flight.key, self.epoch(_namespace(flight)))
         except _STEP_ASIDE as exc:
             self._failed(flight, "election", exc)
             return "local", ""
-        return ("lead" if leads else "follow"), token
+        if role == "local":  # the key's producer began before a removal: not followed
+            flight.count("redis_fallbacks")
+            return "local", ""
+        return role, token
 
     def _become(self, flight: Flight, role: str, first: bool) -> None:
         follower = role == "follow"
@@ -938,6 +987,17 @@ class _Producer:
                 self.cond.wait(0.05)
         if self.status == "fenced":
             self.flight.transition(lambda: self.flight.state.keep_from_store("fenced"))
+            return
+        # a removal of the namespace ran (in any process) since this stream began: not stored,
+        # and no "=<token>" lease (`on_end`) for callers that missed the store
+        began = _token_epoch(self.token)
+        try:
+            removed = self.rf.epoch(_namespace(self.flight)) > began
+        except _STEP_ASIDE as exc:  # Redis failed: stores as a local flight would
+            logger.debug("chengeta_ai: removal epoch of %s unread: %r", self.key, exc)
+            removed = False
+        if removed:
+            self.flight.transition(lambda: self.flight.state.keep_from_store("invalidated"))
 
     # the writer thread
 
@@ -1018,6 +1078,38 @@ class _Producer:
             self.status = status
             self.encoder = None
             self.cond.notify_all()
+
+
+class _FleetRemovals:
+    """Registered with a cache's manager (`CacheManager.watch_removals`): a removal first
+    increments the namespace's removal epoch in Redis (`RedisFlights.bump_epoch`), so that no
+    process follows or stores a stream begun before it. (The local streams are the flight
+    table's business; this holds no write to wait for.) One Redis round trip per removal, from
+    the removing thread (also from an async removal: bounded by the client's timeouts)."""
+
+    def __init__(self, rf: RedisFlights, namespace: str) -> None:
+        self.rf = rf
+        self.namespace = namespace
+
+    def begin_removal(self, matches: Callable[[str, tuple[str, ...]], bool]) -> list[str]:
+        self.rf.bump_epoch(self.namespace)
+        return []
+
+    def writes_under_way(self, racing: list[str]) -> bool:
+        return False
+
+    def wait_writes(self, racing: list[str], timeout: float) -> bool:
+        return True
+
+
+def _namespace(flight: Flight) -> str:
+    return str(getattr(flight.settings.manager.key_builder, "namespace", ""))
+
+
+def _token_epoch(token: str) -> int:
+    """The removal epoch a producer's token was elected under (0 for earlier versions')."""
+    _, sep, tail = token.rpartition(":")
+    return int(tail) if sep and tail.isdigit() else 0
 
 
 #: Every RedisFlights of this process, for `_write_final_records_at_exit`.

@@ -258,6 +258,14 @@ class StreamingResponseCache:
         manager.watch_removals(self.flights)
         #: Shares in-flight streams across processes, or None (in-process only).
         self.remote_flights = flights
+        #: Tells every process of the removals made here (kept while this cache lives: the
+        #: manager holds its listeners weakly).
+        self._fleet_removals = None
+        if flights is not None:
+            self._fleet_removals = flights.removal_listener(
+                getattr(manager.key_builder, "namespace", "")
+            )
+            manager.watch_removals(self._fleet_removals)
         self._counters = Counters(counter_names(CacheStats))
         #: OpenTelemetry instruments, or None.
         self._metrics: StreamMetrics | None = (
