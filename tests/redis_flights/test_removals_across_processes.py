@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import redis
-from redis_fixture import RedisServer
 from tests.redis_flights.test_processes import (  # the worker harness
     Worker,
     client,  # noqa: F401 - fixture
@@ -30,6 +29,7 @@ from chengeta_ai import (
     RedisFlights,
     StreamingResponseCache,
 )
+from redis_fixture import RedisServer
 
 PROMPT = [{"role": "user", "content": "p"}]
 
@@ -50,7 +50,9 @@ def here(flights_redis: RedisServer, prefix: str) -> Iterator[StreamingResponseC
 
 REMOVALS = {
     "invalidate": lambda cache: cache.manager.invalidate("model:default"),
-    "delete": lambda cache: cache.manager.delete(cache.manager.key_builder.build(PROMPT, "default")),
+    "delete": lambda cache: cache.manager.delete(
+        cache.manager.key_builder.build(PROMPT, "default")
+    ),
     "clear": lambda cache: cache.manager.clear(),
 }
 
