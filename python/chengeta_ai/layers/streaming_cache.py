@@ -66,6 +66,7 @@ from chengeta_ai.layers.flights import (
     current_loop_scope,
     next_sequence,
 )
+from chengeta_ai.layers.pacing import Pacer
 from chengeta_ai.layers.upstream import check_sync_stream
 from chengeta_ai.metrics import StreamMetrics, otel_metrics
 from chengeta_ai.serializers import CompactSerializer, Serializer, check_serializer, decode_cap
@@ -258,6 +259,8 @@ class StreamingResponseCache:
         #: Shares in-flight streams across processes, or None (in-process only).
         self.remote_flights = flights
         self._counters = Counters(counter_names(CacheStats))
+        #: The async paced replays running now, and how they wait (see `pacing`).
+        self._pacer = Pacer()
         #: OpenTelemetry instruments, or None.
         self._metrics: StreamMetrics | None = (
             None if meter_provider is False else otel_metrics(meter_provider)
@@ -779,6 +782,7 @@ class StreamingResponseCache:
             replayed = 0
             handing: Iterator[Any] = iter(())  # see _replay
             outcome = "abandoned"
+            paced = False
             try:
                 if offsets is None:
                     self._first_chunk("hit", t0)
@@ -792,14 +796,15 @@ class StreamingResponseCache:
                         await anyio.lowlevel.checkpoint()
                 else:
                     self.count("paced_replays")
+                    pacer = self._pacer
+                    pacer.enter()
+                    paced = True
                     n = len(offsets)
                     speed = call.speed
                     for batch in batches:
                         for chunk in batch:
                             if replayed < n:
-                                delay = t0 + offsets[replayed] / speed - _perf()
-                                if delay > 0:
-                                    await anyio.sleep(delay)
+                                await pacer.wait_until(t0 + offsets[replayed] / speed)
                             if not replayed:
                                 self._first_chunk("hit", t0)  # after the recorded wait
                             replayed += 1
@@ -813,6 +818,8 @@ class StreamingResponseCache:
                 await self.manager.adrop_corrupt(key, exc)
                 raise
             finally:
+                if paced:
+                    self._pacer.leave()
                 replayed -= length_hint(handing)
                 self.count("chunks_replayed", replayed - min(replayed, call.head))
                 self._ended(box, info, outcome)
