@@ -68,14 +68,12 @@ def test_approach_aims_before_the_deadline_then_yields() -> None:
 
 
 @pytest.mark.parametrize("crowded", [False, True], ids=["few", "crowded"])
-def test_paced_chunks_are_never_handed_over_early(
-    backend: str, crowded: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_paced_chunks_are_never_handed_over_early(backend: str, crowded: bool) -> None:
     """Closing in (a few replays) or one sleep per chunk (more than PRECISE_MAX): each chunk
     comes at or after its recorded time, at speed 1 and 2."""
-    if crowded:
-        monkeypatch.setattr(pacing, "PRECISE_MAX", 0)
     cache = new_cache()
+    if crowded:
+        cache._pacer.limit = 0
     offsets = recorded(cache, 0.004, backend)
 
     async def main(speed: float) -> list[float]:
@@ -111,8 +109,8 @@ def test_a_crowded_loop_sleeps_and_never_yield_spins(
         await real()
 
     monkeypatch.setattr(pacing, "checkpoint", counted)
-    monkeypatch.setattr(pacing, "PRECISE_MAX", 2)
     cache = new_cache()
+    cache._pacer.limit = 2
     recorded(cache, 0.003, backend)
     seen: list[int] = []
 

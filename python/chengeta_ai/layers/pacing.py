@@ -55,12 +55,14 @@ class Pacer:
     """How many async paced replays of a cache run now (thread-safe: a cache may serve
     several event loops), and how they wait for a chunk's deadline."""
 
-    __slots__ = ("_lock", "active")
+    __slots__ = ("_lock", "active", "limit")
 
     def __init__(self) -> None:
         # only entering and leaving take the lock; `active` is read unlocked (an int)
         self._lock = threading.Lock()
         self.active = 0
+        #: `PRECISE_MAX`, as of this pacer's making.
+        self.limit = PRECISE_MAX
 
     def enter(self) -> None:
         with self._lock:
@@ -75,7 +77,7 @@ class Pacer:
         `approach`'s steps while at most `PRECISE_MAX` replays run (asked at each step), else
         by one sleep."""
         while (left := deadline - _perf()) > 0:
-            if self.active > PRECISE_MAX:
+            if self.active > self.limit:
                 await anyio.sleep(left)
             elif nap := approach(left):
                 await anyio.sleep(nap)
