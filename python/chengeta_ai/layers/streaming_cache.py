@@ -546,6 +546,7 @@ class StreamingResponseCache:
             entry, batches, offsets = found
             self.count("hits")
             info = CacheInfo("hit", key, entry.age())
+            del found, entry  # see _aget_or_stream
             self._started(box, info)
             if offsets is not None:
                 yield from self._replay(key, batches, offsets, call, box, info, t0)
