@@ -95,20 +95,20 @@ def test_paced_chunks_are_never_handed_over_early(backend: str, crowded: bool) -
     assert cache._pacer.active == 0
 
 
-def test_a_crowded_loop_sleeps_and_never_yield_spins(
+def test_a_crowded_cache_sleeps_on_the_loop_only(
     backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Above PRECISE_MAX replays, a replay waits in one sleep per chunk: the loop is never kept
-    polling (the checkpoint that closes in is never taken)."""
-    spins = 0
-    real = anyio.lowlevel.checkpoint
+    """Above the pacer's limit, a replay waits in one sleep per chunk on the loop: no worker
+    thread closes in."""
+    finals = 0
+    real = pacing._sleep_until
 
-    async def counted() -> None:
-        nonlocal spins
-        spins += 1
-        await real()
+    def counted(deadline: float) -> None:
+        nonlocal finals
+        finals += 1
+        real(deadline)
 
-    monkeypatch.setattr(pacing, "checkpoint", counted)
+    monkeypatch.setattr(pacing, "_sleep_until", counted)
     cache = new_cache()
     cache._pacer.limit = 2
     recorded(cache, 0.003, backend)
@@ -128,7 +128,7 @@ def test_a_crowded_loop_sleeps_and_never_yield_spins(
             gate.set()
 
     anyio.run(main, backend=backend)
-    assert spins == 0
+    assert finals == 0
     assert len(seen) == 3 * len(CHUNKS) and seen[0] == 3
     assert cache._pacer.active == 0
 
@@ -173,10 +173,25 @@ def test_the_pacer_counts_running_replays_and_forgets_ended_ones(backend: str) -
     assert cache.stats().paced_replays == 4
 
 
-def test_a_replay_closing_in_lets_other_tasks_run(backend: str) -> None:
-    """Closing in yields to the loop at each turn: a task counting turns meanwhile advances."""
+def test_closing_in_sleeps_the_last_millisecond_in_a_thread(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lone replay's last step towards a chunk's time is slept in a worker thread (the loop's
+    own timers are whole milliseconds), and the loop turns meanwhile."""
+    import threading
+
+    threads: set[int] = set()
+    real = pacing._sleep_until
+
+    def noted(deadline: float) -> None:
+        threads.add(threading.get_ident())
+        real(deadline)
+
+    monkeypatch.setattr(pacing, "_sleep_until", noted)
+    # every wait straight to the thread (not only its last millisecond): each of them is seen
+    monkeypatch.setattr(pacing, "approach", lambda left: 0.0)
     cache = new_cache()
-    recorded(cache, 0.005, backend)
+    recorded(cache, 0.02, backend)
     turns = 0
     done = False
 
@@ -184,20 +199,32 @@ def test_a_replay_closing_in_lets_other_tasks_run(backend: str) -> None:
         nonlocal turns
         while not done:
             turns += 1
-            await anyio.lowlevel.checkpoint()
+            await anyio.sleep(0.0005)
 
     async def main() -> Any:
         nonlocal done
         async with anyio.create_task_group() as tg:
             tg.start_soon(ticker)
-            got = [
-                c
-                async for c in cache.aget_or_stream(
-                    M, Upstream(["x"]).asyncgen, cache_control=PACED
-                )
-            ]
+            stream = cache.aget_or_stream(M, Upstream(["x"]).asyncgen, cache_control=PACED)
+            got = [c async for c in stream]
             done = True
         return got
 
     assert anyio.run(main, backend=backend) == CHUNKS
+    assert threads and threading.get_ident() not in threads
     assert turns > len(CHUNKS)
+
+
+def test_a_cancelled_final_wait_returns_at_once(backend: str) -> None:
+    """Cancelled while a worker thread sleeps its last millisecond, a replay ends without
+    waiting for the thread, and the pacer lets it go."""
+    cache = new_cache()
+    recorded(cache, 0.02, backend)
+
+    async def main() -> None:
+        with anyio.move_on_after(0.03):
+            async for _ in cache.aget_or_stream(M, Upstream(["x"]).asyncgen, cache_control=PACED):
+                pass
+        assert cache._pacer.active == 0
+
+    anyio.run(main, backend=backend)

@@ -7,16 +7,20 @@ rounds the seconds up to the millisecond before epoll rounds again, which for so
 a millisecond (9 ms waits 10). A sleep straight to a deadline wakes anywhere in the 1-2 ms after
 it, and two chunks in a row can be handed over with their recorded gap off by more than 1 ms.
 
-`Pacer.wait_until` aims before the deadline and closes in (see `approach`): it sleeps to 2 ms
-before it, then to 1 ms before it, then, below the loop's timer granularity, yields to the loop
-one turn at a time (every other task runs at each turn) until the deadline has passed. A chunk
-is never handed over early, and is late by about one turn of the loop.
+`Pacer.wait_until` aims before the deadline and closes in (see `approach`): it sleeps on the
+loop to 2 ms before it, then to 1 ms before it; what is left, below the loop's timer granularity,
+a worker thread sleeps with `time.sleep` (``anyio.to_thread``), and its return wakes the loop at
+once. A chunk is never handed over early, and is late by a thread's wake-up (~0.1 ms). The loop
+itself never polls: it sleeps in epoll all along. (A yield-spin, one checkpoint per loop turn
+for the last millisecond, was as precise on a quiet machine but kept a core busy and, under
+load, lost the core for a whole scheduler tick more often: measured in
+benches/bench_call_controls.py.)
 
-The last step keeps the loop polling instead of sleeping in epoll, for up to ~1 ms a chunk, so
-it is bounded by the number of replays: a cache's async paced replays close in only while at
-most `PRECISE_MAX` of them run at once (a demo, a test, a few users); beyond that each chunk
-sleeps straight to its deadline (0-2 ms late), and a thousand paced replays cost the loop what a
-thousand sleeping tasks do.
+The thread hop costs a few tens of microseconds a chunk and a worker thread from anyio's default
+limiter while it sleeps (under 1 ms), so it is bounded by the number of replays: a cache's async
+paced replays close in only while at most `PRECISE_MAX` of them run at once (a demo, a test, a
+few users); beyond that each chunk sleeps straight to its deadline on the loop (0-2 ms late),
+and a thousand paced replays cost the loop what a thousand sleeping tasks do.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import threading
 import time
 
 import anyio
-from anyio.lowlevel import checkpoint
+import anyio.to_thread
 
 __all__ = ["GRANULARITY", "PRECISE_MAX", "Pacer", "approach"]
 
@@ -35,15 +39,16 @@ GRANULARITY = 0.001
 #: round-up (up to 2 ms late) still wakes before the deadline.
 COARSE_AHEAD = 0.002
 #: Most async paced replays of one cache that close in on their deadlines at once (above it
-#: they sleep straight to each deadline).
+#: they sleep straight to each deadline on the loop).
 PRECISE_MAX = 8
 
 _perf = time.perf_counter
 
 
 def approach(left: float) -> float:
-    """How long to sleep with ``left`` seconds (> 0) to go before a deadline, aiming before it;
-    0.0: yield one turn of the loop instead (what is left is below the timer granularity)."""
+    """How long to sleep on the loop with ``left`` seconds (> 0) to go before a deadline, aiming
+    before it; 0.0: what is left is below the loop's timer granularity (a worker thread sleeps
+    it)."""
     if left > COARSE_AHEAD + GRANULARITY:
         return left - COARSE_AHEAD
     if left > GRANULARITY:
@@ -82,4 +87,13 @@ class Pacer:
             elif nap := approach(left):
                 await anyio.sleep(nap)
             else:
-                await checkpoint()
+                # abandoned on cancellation: the thread's sleep (under 1 ms) ends by itself
+                await anyio.to_thread.run_sync(_sleep_until, deadline, abandon_on_cancel=True)
+
+
+def _sleep_until(deadline: float) -> None:
+    """In a worker thread: sleeps until ``deadline`` (`time.perf_counter`) with the OS's fine
+    timer."""
+    left = deadline - _perf()
+    if left > 0:
+        time.sleep(left)
