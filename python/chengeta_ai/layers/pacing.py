@@ -10,10 +10,11 @@ it, and two chunks in a row can be handed over with their recorded gap off by mo
 `Pacer.wait_until` aims before the deadline and closes in (see `approach`): it sleeps on the
 loop to 2 ms before it, then to 1 ms before it; what is left, below the loop's timer granularity,
 a worker thread sleeps with `time.sleep` (``anyio.to_thread``), and its return wakes the loop at
-once. A chunk is never handed over early, and is late by a thread's wake-up (~0.1 ms). The loop
-itself never polls: it sleeps in epoll all along. (A yield-spin, one checkpoint per loop turn
-for the last millisecond, was as precise on a quiet machine but kept a core busy and, under
-load, lost the core for a whole scheduler tick more often: measured in
+once. A chunk is never handed over early, and is late by the thread's and the loop's wake-ups
+(a p99 gap error of 0.2-0.9 ms in most runs on a loaded 2-core machine). The loop itself never
+polls: it sleeps in epoll all along. (A yield-spin, one checkpoint per loop turn for the last
+millisecond, measured about as precise in interleaved runs, p99 0.2-2.7 ms against the thread's
+0.3-5.3 ms, but keeps the loop polling and used 3-5 % of a core against 2-3 %: see
 benches/bench_call_controls.py.)
 
 The thread hop costs a few tens of microseconds a chunk and a worker thread from anyio's default
@@ -79,8 +80,8 @@ class Pacer:
 
     async def wait_until(self, deadline: float) -> None:
         """Returns once `time.perf_counter()` has passed ``deadline`` (at once if it has): by
-        `approach`'s steps while at most `PRECISE_MAX` replays run (asked at each step), else
-        by one sleep."""
+        `approach`'s steps while at most `limit` replays run (asked at each step), else by one
+        sleep on the loop."""
         while (left := deadline - _perf()) > 0:
             if self.active > self.limit:
                 await anyio.sleep(left)
