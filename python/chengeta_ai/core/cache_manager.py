@@ -263,32 +263,41 @@ RewriteEntry = tuple[bytes, float | None, tuple[str, ...]]
 
 #: Guards every listener set (`weakref.WeakSet` is not safe to iterate while another thread adds).
 _LISTENERS_LOCK = threading.Lock()
-#: backend object -> namespace -> the flight tables of the streaming caches over them.
-_LISTENERS: weakref.WeakKeyDictionary[Any, dict[str, weakref.WeakSet[Any]]] = (
-    weakref.WeakKeyDictionary()
-)
+#: id(backend object) -> (namespace -> the flight tables of the streaming caches over them).
+#: Keyed by identity (a backend need not be hashable or weakly referenceable); an entry whose
+#: sets are all empty is pruned when another is made (a live cache keeps its backend alive, so
+#: an id in use is never reused).
+_LISTENERS: dict[int, dict[str, weakref.WeakSet[Any]]] = {}
 
 
 def _removal_listeners_of(backend: Any, namespace: str) -> weakref.WeakSet[Any]:
     """The listener set shared by every manager of ``backend`` (this very object) and
     ``namespace``: a removal through any of them reaches the streams in flight of all."""
     with _LISTENERS_LOCK:
-        try:
-            by_namespace = _LISTENERS.setdefault(backend, {})
-        except TypeError:  # a backend that cannot be weakly referenced or hashed: its own
-            return weakref.WeakSet()
+        by_namespace = _LISTENERS.get(id(backend))
+        if by_namespace is None:
+            for dead in [k for k, sets in _LISTENERS.items() if not any(sets.values())]:
+                del _LISTENERS[dead]
+            by_namespace = _LISTENERS[id(backend)] = {}
         return by_namespace.setdefault(namespace, weakref.WeakSet())
 
 
 class RemovalListener(Protocol):
     """What learns of removals before they run (a streaming cache's `FlightTable`): streams of
-    the removed keys or tags in flight must not be stored after the removal."""
+    the removed keys or tags in flight must not be stored after the removal. ``key``: the key a
+    ``delete`` removes (None: ``invalidate``/``clear``). A listener with ``remote = True``
+    (`RedisFlights`' fleet announcement) does I/O: an async removal calls it in a worker
+    thread, and its failure fails the removal (after the local removal ran)."""
 
-    def begin_removal(self, matches: Callable[[str, tuple[str, ...]], bool]) -> list[str]: ...
+    def begin_removal(
+        self, matches: Callable[[str, tuple[str, ...]], bool], key: str | None = None
+    ) -> list[str]: ...
 
     def writes_under_way(self, racing: list[str]) -> bool: ...
 
     def wait_writes(self, racing: list[str], timeout: float) -> bool: ...
+
+    def undo_orphans(self, racing: list[str]) -> list[str]: ...
 
 
 #: How long a removal waits for the writes it raced to undo themselves before it returns (a
@@ -511,19 +520,42 @@ class CacheManager:
         with _LISTENERS_LOCK:
             self._removal_listeners.add(listener)
 
-    def _begin_removal(
-        self,
-        matches: Callable[[str, tuple[str, ...]], bool],
-        racing: list[tuple[RemovalListener, list[str]]],
-    ) -> None:
-        """Tells every listener of a removal about to run; the keys whose writes it raced are
-        appended to ``racing`` (see `_wait_racing`)."""
+    def _listeners(self) -> tuple[list[RemovalListener], list[RemovalListener]]:
+        """(local flight tables, remote announcers) registered for this backend and
+        namespace."""
         with _LISTENERS_LOCK:
             listeners = list(self._removal_listeners)
-        for table in listeners:
-            keys = table.begin_removal(matches)
+        local = [x for x in listeners if not getattr(x, "remote", False)]
+        return local, [x for x in listeners if getattr(x, "remote", False)]
+
+    def _begin_removal(
+        self,
+        local: list[RemovalListener],
+        matches: Callable[[str, tuple[str, ...]], bool],
+        key: str | None,
+        racing: list[tuple[RemovalListener, list[str]]],
+    ) -> None:
+        """Tells the local flight tables of a removal about to run; the keys whose writes it
+        raced are appended to ``racing`` (see `_wait_racing`)."""
+        for table in local:
+            keys = table.begin_removal(matches, key)
             if keys:
                 racing.append((table, keys))
+
+    @staticmethod
+    def _announce(
+        remote: list[RemovalListener],
+        matches: Callable[[str, tuple[str, ...]], bool],
+        key: str | None,
+    ) -> BaseException | None:
+        """Tells the other processes (`RedisFlights`); the first failure, if any."""
+        failure: BaseException | None = None
+        for announcer in remote:
+            try:
+                announcer.begin_removal(matches, key)
+            except Exception as exc:
+                failure = failure or exc
+        return failure
 
     def _wait_racing(self, racing: list[tuple[RemovalListener, list[str]]]) -> None:
         """Waits (at most `REMOVAL_WAIT`) for the writes the removal raced to undo themselves,
@@ -534,13 +566,9 @@ class CacheManager:
         deadline = time.monotonic() + REMOVAL_WAIT
         for table, keys in racing:
             if not table.wait_writes(keys, max(0.0, deadline - time.monotonic())):
-                warn(
-                    "chengeta_ai: a removal returns while %d write(s) it raced are still under "
-                    "way; each removes its entry again when it returns",
-                    len(keys),
-                    cause="removal_wait",
-                )
+                self._wait_timed_out(len(keys))
                 return
+        self._undo_orphans(racing)
 
     async def _await_racing(self, racing: list[tuple[RemovalListener, list[str]]]) -> None:
         """`_wait_racing` for the async removals: polls (the writes may run on this loop, in
@@ -554,14 +582,34 @@ class CacheManager:
         for table, keys in racing:
             while table.writes_under_way(keys):
                 if time.monotonic() >= deadline:
-                    warn(
-                        "chengeta_ai: a removal returns while write(s) it raced are still "
-                        "under way; each removes its entry again when it returns",
-                        cause="removal_wait",
-                    )
+                    self._wait_timed_out(len(keys))
                     return
                 await anyio.sleep(pause)
                 pause = min(pause * 2, 0.05)
+        for table, keys in racing:
+            for key in table.undo_orphans(keys):
+                try:
+                    await self.backend.adelete(key)
+                except Exception as exc:
+                    self.backend_failed("delete", key, exc)
+
+    def _undo_orphans(self, racing: list[tuple[RemovalListener, list[str]]]) -> None:
+        """Removes again the keys whose last racing write was interrupted before it could."""
+        for table, keys in racing:
+            for key in table.undo_orphans(keys):
+                try:
+                    self.backend.delete(key)
+                except Exception as exc:
+                    self.backend_failed("delete", key, exc)
+
+    @staticmethod
+    def _wait_timed_out(n: int) -> None:
+        warn(
+            "chengeta_ai: a removal returns while %d write(s) it raced are still under way; "
+            "each removes its entry again when it returns",
+            n,
+            cause="removal_wait",
+        )
 
     def drop_corrupt(self, key: str, exc: BaseException) -> None:
         self.corrupt(key, exc)
@@ -677,9 +725,13 @@ class CacheManager:
         arg: str,
         matches: Callable[[str, tuple[str, ...]], bool],
     ) -> _T:
-        """Runs a removal: streams in flight that it covers are not stored after it."""
+        """Runs a removal: streams in flight that it covers are not stored after it (here, and
+        with `RedisFlights` in every process)."""
         racing: list[tuple[RemovalListener, list[str]]] = []
-        self._begin_removal(matches, racing)
+        local, remote = self._listeners()
+        key = arg if op == "delete" else None
+        self._begin_removal(local, matches, key, racing)
+        unannounced = self._announce(remote, matches, key) if remote else None
         try:
             result = fn(arg)
         except BackendError:
@@ -689,7 +741,18 @@ class CacheManager:
             self.count("backend_errors")
             raise BackendError(f"backend {op} failed for {arg}: {exc!r}") from exc
         self._wait_racing(racing)
+        if unannounced is not None:
+            raise self._unannounced(op, arg, unannounced)
         return result
+
+    def _unannounced(self, op: str, arg: str, exc: BaseException) -> BackendError:
+        self.count("backend_errors")
+        error = BackendError(
+            f"{op} {arg}: removed from the backend, but the other processes could not be told "
+            f"(RedisFlights): a stream of theirs begun before it may still be served: {exc!r}"
+        )
+        error.__cause__ = exc
+        return error
 
     # -- public API: async twins ------------------------------------------------------------
 
@@ -770,7 +833,14 @@ class CacheManager:
         matches: Callable[[str, tuple[str, ...]], bool],
     ) -> _T:
         racing: list[tuple[RemovalListener, list[str]]] = []
-        self._begin_removal(matches, racing)
+        local, remote = self._listeners()
+        key = arg if op == "delete" else None
+        self._begin_removal(local, matches, key, racing)
+        unannounced = None
+        if remote:  # Redis I/O: never on the event loop's thread
+            import anyio.to_thread
+
+            unannounced = await anyio.to_thread.run_sync(self._announce, remote, matches, key)
         try:
             result = await fn(arg)
         except BackendError:
@@ -780,6 +850,8 @@ class CacheManager:
             self.count("backend_errors")
             raise BackendError(f"backend {op} failed for {arg}: {exc!r}") from exc
         await self._await_racing(racing)
+        if unannounced is not None:
+            raise self._unannounced(op, arg, unannounced)
         return result
 
     def stats(self) -> ManagerStats:

@@ -56,10 +56,16 @@ SYNC_SCOPE = "sync"
 next_sequence = itertools.count(1).__next__
 
 Slot = tuple[object, str]
-#: What a store writes: ``(framed entry, ttl, tags)``; `REMOVED` for a removal.
+#: What a store writes: ``(framed entry, ttl, tags)``; empty bytes for a removal (`removal`).
 StoreEntry = tuple[bytes, float | None, tuple[str, ...]]
-#: The "entry" a removal writes: the last of overlapping writes removes the key again.
-REMOVED: StoreEntry = (b"", None, ())
+
+
+def removal(tags: tuple[str, ...]) -> StoreEntry:
+    """The "entry" a removal writes (the last of the writes it raced removes the key again);
+    ``tags``: those of the entry it removes, so that a later removal matching them waits too."""
+    return (b"", None, tags)
+
+
 #: Whether a removal covers the entry of a key stored with these (caller's) tags.
 RemovalMatch = Callable[[str, tuple[str, ...]], bool]
 
@@ -107,6 +113,8 @@ class TableFlight(Protocol):
 
     def on_invalidated(self) -> None: ...
 
+    def count(self, name: str, n: int = 1) -> None: ...
+
 
 def current_loop_scope() -> object:
     """Identifies the running event loop."""
@@ -132,6 +140,10 @@ class FlightTable:
         #: Signalled when a write ends while a removal waits for the writes it raced.
         self._writes_done = threading.Condition(self.lock)
         self._removals_waiting = 0
+        #: The sequence of the newest removal (`begin_removal`).
+        self._last_removal = 0
+        #: Keys whose last write after a removal was interrupted before undoing itself.
+        self._orphaned_undos: set[str] = set()
         #: Flights created and not ended: in a slot or not (superseded, private), they hold an
         #: upstream open (``stats().in_flight``).
         self.live = 0
@@ -170,6 +182,7 @@ class FlightTable:
         leading.
         """
         superseded: TableFlight | None = None
+        invalidated: TableFlight | None = None
         private = False
         try:
             with self.lock:
@@ -193,6 +206,11 @@ class FlightTable:
                                 flight.state.wants_store = True
                                 if store_as is not None:
                                     flight.ttl, flight.tags = store_as
+                                if flight.seq < self._last_removal:
+                                    # a removal ran since this stream began, matched against
+                                    # the tags it had then: it may cover the ones it takes now
+                                    if flight.state.keep_from_store("invalidated"):
+                                        invalidated = flight
                             return flight, consumer, False
                     # the log stopped retaining the stream's start: lead a new one
                 if not may_lead:
@@ -217,6 +235,8 @@ class FlightTable:
         finally:
             if superseded is not None:
                 superseded.on_superseded()
+            if invalidated is not None:
+                invalidated.count("not_stored_invalidated")
 
     def release(self, flight: TableFlight) -> None:
         """Frees the flight's slot (action RELEASE): new callers of its key lead or hit."""
@@ -250,6 +270,8 @@ class FlightTable:
             if flight.seq < order.newest:
                 return "invalidated" if flight.seq < order.removed else "superseded"
             order.newest = flight.seq
+            # a newer entry is written over whatever an interrupted write left
+            self._orphaned_undos.discard(key)
             order.entry = entry
             order.writers += 1
             if order.writers > 1:
@@ -264,7 +286,7 @@ class FlightTable:
         ``"superseded"`` (a newer flight of the key began storing meanwhile, or a newer
         refresh started) or ``"invalidated"`` (a removal of the key started meanwhile).
         ``rewrite``: this was the last of overlapping writes (or of writes a removal raced);
-        the caller must write this newest entry again (`REMOVED`: remove the key), since an
+        the caller must write this newest entry again (empty bytes: remove the key), since an
         older write may have landed after it, then call `end_rewrite`. ``may_rewrite`` False
         (interrupted): the next write of the key does it."""
         key = flight.slot[1]
@@ -288,6 +310,14 @@ class FlightTable:
                 order.entry = None
                 if order.flights <= 0:
                     del self._stores[key]
+            elif order.entry is not None and not order.entry[0]:
+                # the last write was interrupted (cancelled, timed out) before it could undo
+                # itself after a removal: the removal waiting for it does (`undo_orphans`)
+                order.overlapped = False
+                order.entry = None
+                self._orphaned_undos.add(key)
+                if order.flights <= 0:
+                    del self._stores[key]
             if self._removals_waiting:
                 self._writes_done.notify_all()
         return rewrite
@@ -300,17 +330,18 @@ class FlightTable:
 
     # -- removals (CacheManager.delete / invalidate / clear) ----------------------------------
 
-    def begin_removal(self, matches: RemovalMatch) -> list[str]:
+    def begin_removal(self, matches: RemovalMatch, key: str | None = None) -> list[str]:
         """A removal of the entries ``matches`` covers is about to start: flights of those
         keys (by key and caller's tags) are invalidated: not stored, joined by nobody (see the
         module docstring). Returns the keys with a write under way that the removal raced:
-        the last of those writes to return removes the key again (`REMOVED`), and
+        the last of those writes to return removes the key again (`removal`), and
         `wait_writes` waits for that. The removal holds nothing: interrupted anywhere, it
         leaves the table consistent."""
         seq = next_sequence()
         invalidated: list[TableFlight] = []
         racing: list[str] = []
         with self.lock:
+            self._last_removal = seq
             for slot, flight in list(self._flights.items()):
                 if flight.state.joinable and matches(slot[1], flight.tags):
                     del self._flights[slot]
@@ -318,15 +349,19 @@ class FlightTable:
                         invalidated.append(flight)
                     self._invalidate_key(slot[1], seq)
             for key, order in self._stores.items():
-                # a write under way (of a flight out of its slot: superseded, or invalidated by
-                # an earlier removal whose undo is still pending, which there is nothing to add to)
                 entry = order.entry
-                if order.newest < seq and order.writers and entry is not None:
-                    if entry is not REMOVED and matches(key, entry[2]):
-                        self._invalidate_key(key, seq)
-                if order.newest == seq and order.writers:
+                if not order.writers or entry is None:
+                    continue
+                if order.newest == seq or (entry[0] and matches(key, entry[2])):
+                    # a write under way of a stream this removal covers (in its slot above, or
+                    # out of it: superseded)
+                    self._invalidate_key(key, seq)
                     order.overlapped = True
-                    order.entry = REMOVED
+                    order.entry = removal(entry[2])
+                    racing.append(key)
+                elif not entry[0] and matches(key, entry[2]):
+                    # an earlier removal's undo is pending: nothing to add, but this removal
+                    # too returns only once it is done
                     racing.append(key)
         for flight in invalidated:
             flight.on_invalidated()
@@ -346,6 +381,14 @@ class FlightTable:
     def _writing(self, key: str) -> bool:
         order = self._stores.get(key)
         return order is not None and order.writers > 0
+
+    def undo_orphans(self, racing: list[str]) -> list[str]:
+        """Of the keys a removal raced, those whose last write was interrupted before it could
+        remove the key again (`_end_write`): the removal removes them itself."""
+        with self.lock:
+            orphans = [key for key in racing if key in self._orphaned_undos]
+            self._orphaned_undos.difference_update(orphans)
+        return orphans
 
     def wait_writes(self, racing: list[str], timeout: float) -> bool:
         """Blocks until no write of the ``racing`` keys is under way (the last one has undone

@@ -112,25 +112,45 @@ __all__ = ["RedisFlights"]
 
 logger = logging.getLogger("chengeta_ai")
 
-# KEYS: lease, gen; ARGV: lease_ms, nonce, log_ttl_ms, removal epoch (`RedisFlights.epoch`).
-# A token is "<gen>.<nonce>:<epoch>" (the namespace's removal epoch when its stream began; none
-# in tokens of earlier versions: 0). A lease without a TTL (planted, or PERSISTed) is nobody's:
-# taken over, never followed. A lease of a stream begun before a removal of the namespace
-# (its epoch is older than the caller's) is never followed: a stored end's ("=<token>") is
-# taken over; a live producer's is left to it (2: the caller reads the upstream locally).
+# KEYS: lease, gen, the key's removal time; ARGV: lease_ms, nonce, log_ttl_ms, the namespace's
+# removal time (ms, Redis's clock; read by the caller: another Cluster slot). A token is
+# "<gen>.<nonce>@<ms>": when its producer was elected, by Redis's clock (none in tokens of
+# earlier versions: 0). A lease without a TTL (planted, or PERSISTed) is nobody's: taken over,
+# never followed. A lease of a stream elected no later than the key's or the namespace's last
+# removal is never followed: a stored end's ("=<token>") is taken over; a live producer's is
+# left to it (2: the caller reads the upstream locally).
 _ACQUIRE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local removed = math.max(tonumber(ARGV[4]) or 0, tonumber(redis.call('GET', KEYS[3])) or 0)
 local cur = redis.call('GET', KEYS[1])
 if cur and redis.call('PTTL', KEYS[1]) >= 0 then
-  local e = tonumber(string.match(cur, ':(%d+)$')) or 0
-  if e >= tonumber(ARGV[4]) then return {0, cur} end
+  local began = tonumber(string.match(cur, '@(%d+)$')) or 0
+  if began > removed then return {0, cur} end
   if string.sub(cur, 1, 1) ~= '=' then return {2, cur} end
 end
 local g = redis.call('INCR', KEYS[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-local tok = tostring(g) .. '.' .. ARGV[2] .. ':' .. ARGV[4]
+local tok = tostring(g) .. '.' .. ARGV[2] .. '@' .. tostring(now)
 redis.call('SET', KEYS[1], tok, 'PX', ARGV[1])
 return {1, tok}
 """
+
+# KEYS: a removal-time key; ARGV: its TTL in ms (0: none). Sets it to Redis's clock now (ms):
+# streams elected no later than this are followed and stored by nobody.
+_MARK_REMOVAL = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+if tonumber(ARGV[1]) > 0 then
+  redis.call('SET', KEYS[1], now, 'PX', ARGV[1])
+else
+  redis.call('SET', KEYS[1], now)
+end
+return now
+"""
+
+#: How long a key's removal time is kept: longer than any stream elected before it can last.
+_KEY_REMOVAL_TTL_MS = 24 * 3600 * 1000
 
 # KEYS: lease, log, watchers; ARGV: token, lease_ms, log_ttl_ms, cancel_if_alone[, batch]
 # Returns the live follower readers, -1 if fenced, -2 if it cancelled: with cancel_if_alone
@@ -294,6 +314,9 @@ class RedisFlights:
         self._append = self.client.register_script(_APPEND)
         self._finish = self.client.register_script(_FINISH)
         self._watch = self.client.register_script(_WATCH)
+        self._mark_removal = self.client.register_script(_MARK_REMOVAL)
+        #: One removal announcer per namespace (`removal_listener`).
+        self._fleet_listeners: dict[str, _FleetRemovals] = {}
         self._codec = CompactSerializer()
         self._keeper = _Keeper(self)
         self._lock = threading.Lock()  # guards _down_until and _producers
@@ -368,46 +391,61 @@ class RedisFlights:
 
     # -- sync Redis operations (called directly, or in a worker thread) ---------------------------
 
-    def epoch_key(self, namespace: str) -> str:
-        """The namespace's removal epoch: a counter every removal through a cache with these
-        flights increments (`removal_listener`)."""
+    def removal_key(self, namespace: str) -> str:
+        """When ``invalidate``/``clear`` last ran in the namespace (ms, Redis's clock)."""
         return f"{self.prefix}fl:removals:{namespace}"
 
-    def epoch(self, namespace: str) -> int:
-        """The namespace's removal epoch now (0: no removal yet)."""
-        raw = self.client.get(self.epoch_key(namespace))
-        try:
-            return int(raw or 0)
-        except ValueError as exc:
-            raise _Corrupt(f"a removal epoch that is not a number: {raw[:64]!r}") from exc
+    def key_removal_key(self, key: str) -> str:
+        """When ``delete`` last removed ``key`` (ms, Redis's clock; in the key's slot)."""
+        return self.base(key) + ":rm"
 
-    def bump_epoch(self, namespace: str) -> None:
-        """A removal in ``namespace`` is about to run: streams begun before it, in any
-        process, are followed by nobody and stored by nobody from now on. Fail-open: if Redis
-        fails, the removal still runs here and the other processes are not told (logged)."""
-        try:
-            self.client.incr(self.epoch_key(namespace))
-        except _REDIS_ERRORS as exc:
-            warn(
-                "chengeta_ai: redis flights could not announce a removal in namespace %r "
-                "(%r): streams in flight in other processes may still be stored",
-                namespace,
-                exc,
-                cause="removal_epoch",
-            )
+    def removed_at(self, namespace: str, key: str | None = None) -> int:
+        """The last removal covering ``key`` (or the namespace), ms by Redis's clock; 0: none.
+        A value this code never writes is corrupt (`_Corrupt`: the flight steps aside)."""
+        names = [self.removal_key(namespace)]
+        if key is not None:
+            names.append(self.key_removal_key(key))
+        latest = 0
+        for name in names:  # two GETs: the keys live in different Cluster slots
+            raw = self.client.get(name)
+            try:
+                latest = max(latest, int(raw or 0))
+            except ValueError as exc:
+                raise _Corrupt(f"a removal time that is not a number: {raw[:64]!r}") from exc
+        return latest
+
+    def mark_removal(self, namespace: str, key: str | None) -> None:
+        """A removal is about to run (``delete`` of ``key``, or ``invalidate``/``clear`` in
+        ``namespace``): streams elected before it, in any process, are followed and stored by
+        nobody from now on. Raises if Redis fails (the removal reports it)."""
+        if key is None:
+            self._mark_removal(keys=[self.removal_key(namespace)], args=[0])
+        else:
+            self._mark_removal(keys=[self.key_removal_key(key)], args=[_KEY_REMOVAL_TTL_MS])
 
     def removal_listener(self, namespace: str) -> _FleetRemovals:
-        """What a `StreamingResponseCache` over these flights registers with its manager."""
-        return _FleetRemovals(self, namespace)
+        """What a `StreamingResponseCache` over these flights registers with its manager (one
+        per namespace: a removal tells Redis once, however many caches share these flights)."""
+        with self._lock:
+            listener = self._fleet_listeners.get(namespace)
+            if listener is None:
+                listener = self._fleet_listeners[namespace] = _FleetRemovals(self, namespace)
+            return listener
 
-    def elect(self, key: str, epoch: int = 0) -> tuple[str, str]:
+    def elect(self, key: str, namespace_removed_at: int = 0) -> tuple[str, str]:
         """``(role, token)``: ``"lead"`` (this caller produces ``token``'s log), ``"follow"``
-        (it follows it) or ``"local"`` (the key's producer began before a removal that
-        ``epoch`` counts: the caller reads the upstream itself)."""
+        (it follows it) or ``"local"`` (the key's producer was elected before a removal of the
+        key or, ``namespace_removed_at``, of its namespace: the caller reads the upstream
+        itself)."""
         nonce = os.urandom(8).hex()
         won, token = self._acquire(
-            keys=[self.lease_key(key), self.base(key) + ":gen"],
-            args=[int(self.lease * 1000), nonce, int(self.log_ttl * 1000), epoch],
+            keys=[self.lease_key(key), self.base(key) + ":gen", self.key_removal_key(key)],
+            args=[
+                int(self.lease * 1000),
+                nonce,
+                int(self.log_ttl * 1000),
+                namespace_removed_at,
+            ],
         )
         try:
             token = token.decode() if isinstance(token, bytes) else str(token)
@@ -473,7 +511,7 @@ class RedisFlights:
             flight.count("redis_fallbacks")
             return "local", ""
         try:
-            role, token = self.elect(flight.key, self.epoch(_namespace(flight)))
+            role, token = self.elect(flight.key, self.removed_at(_namespace(flight)))
         except _STEP_ASIDE as exc:
             self._failed(flight, "election", exc)
             return "local", ""
@@ -988,13 +1026,14 @@ class _Producer:
         if self.status == "fenced":
             self.flight.transition(lambda: self.flight.state.keep_from_store("fenced"))
             return
-        # a removal of the namespace ran (in any process) since this stream began: not stored,
-        # and no "=<token>" lease (`on_end`) for callers that missed the store
-        began = _token_epoch(self.token)
+        # a removal of the key or its namespace ran (in any process) since this stream was
+        # elected: not stored, and no "=<token>" lease (`on_end`) for callers that missed it
         try:
-            removed = self.rf.epoch(_namespace(self.flight)) > began
+            removed = self.rf.removed_at(_namespace(self.flight), self.key) >= _elected_at(
+                self.token
+            )
         except _STEP_ASIDE as exc:  # Redis failed: stores as a local flight would
-            logger.debug("chengeta_ai: removal epoch of %s unread: %r", self.key, exc)
+            logger.debug("chengeta_ai: removal time of %s unread: %r", self.key, exc)
             removed = False
         if removed:
             self.flight.transition(lambda: self.flight.state.keep_from_store("invalidated"))
@@ -1082,17 +1121,25 @@ class _Producer:
 
 class _FleetRemovals:
     """Registered with a cache's manager (`CacheManager.watch_removals`): a removal first
-    increments the namespace's removal epoch in Redis (`RedisFlights.bump_epoch`), so that no
-    process follows or stores a stream begun before it. (The local streams are the flight
-    table's business; this holds no write to wait for.) One Redis round trip per removal, from
-    the removing thread (also from an async removal: bounded by the client's timeouts)."""
+    records its time in Redis (`RedisFlights.mark_removal`: for a ``delete``, the key's; else
+    the namespace's), so that no process follows or stores a stream elected before it. (The
+    local streams are the flight table's business; this holds no write to wait for.) One Redis
+    round trip per removal, in a worker thread for an async removal; a failure (or Redis known
+    down) fails the removal once the local removal ran (`CacheManager`)."""
+
+    #: Does I/O: see `chengeta_ai.core.cache_manager.RemovalListener`.
+    remote = True
 
     def __init__(self, rf: RedisFlights, namespace: str) -> None:
         self.rf = rf
         self.namespace = namespace
 
-    def begin_removal(self, matches: Callable[[str, tuple[str, ...]], bool]) -> list[str]:
-        self.rf.bump_epoch(self.namespace)
+    def begin_removal(
+        self, matches: Callable[[str, tuple[str, ...]], bool], key: str | None = None
+    ) -> list[str]:
+        if self.rf.down:
+            raise ConnectionError(f"{self.rf!r} is down (a recent failure)")
+        self.rf.mark_removal(self.namespace, key)
         return []
 
     def writes_under_way(self, racing: list[str]) -> bool:
@@ -1101,14 +1148,17 @@ class _FleetRemovals:
     def wait_writes(self, racing: list[str], timeout: float) -> bool:
         return True
 
+    def undo_orphans(self, racing: list[str]) -> list[str]:
+        return []
+
 
 def _namespace(flight: Flight) -> str:
     return str(getattr(flight.settings.manager.key_builder, "namespace", ""))
 
 
-def _token_epoch(token: str) -> int:
-    """The removal epoch a producer's token was elected under (0 for earlier versions')."""
-    _, sep, tail = token.rpartition(":")
+def _elected_at(token: str) -> int:
+    """When a producer's token was elected, ms by Redis's clock (0 for earlier versions')."""
+    _, sep, tail = token.rpartition("@")
     return int(tail) if sep and tail.isdigit() else 0
 
 
