@@ -199,6 +199,14 @@ HASH_CASES: list[tuple[str, Any]] = [
     ("chat request reordered", CHAT_REORDERED),
     ("tools params", TOOLS),
     ("long str", {"$repeat": ["abcdefgh", 5000]}),
+    # Around the padding of the last part (format 4): encoded in 1,024 bytes (not padded), in
+    # 1,025 and 1,901 (padded to 2,048), in 16,384 (one whole part), in 17,409 (its last part
+    # of 1,025 padded to 2,048).
+    ("str 1,020", {"$repeat": ["y", 1020]}),
+    ("str 1,021", {"$repeat": ["y", 1021]}),
+    ("str 1,897", {"$repeat": ["y", 1897]}),
+    ("str 16,380", {"$repeat": ["y", 16380]}),
+    ("str 17,405", {"$repeat": ["y", 17405]}),
     # Around the one-byte length prefix (lengths up to 247) and its two- and three-byte forms.
     ("str 247", {"$repeat": ["x", 247]}),
     ("str 248", {"$repeat": ["x", 248]}),

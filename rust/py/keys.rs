@@ -1,7 +1,7 @@
 //! `hash_request`: walks Python request objects straight into the canonical encoding of
 //! [`crate::keys`] (no `json.dumps`, no intermediate tree).
 //!
-//! Python types map onto the encoding (format 3) as follows:
+//! Python types map onto the encoding (formats 3 and 4: `crate::keys`) as follows:
 //! - `None`, `bool`, `int` (any size), `float`, `str`, `bytes`/`bytearray` (one type);
 //! - `list` and `tuple` alike (JSON and the OpenAI client use them interchangeably);
 //! - `dict`, in any insertion order, with keys of any supported type;
@@ -1232,7 +1232,8 @@ unsafe fn utf8_of_ptr<'a>(py: Python<'_>, s: *mut ffi::PyObject) -> Option<&'a [
 }
 
 /// Hashes a request (messages, params, ...) to a 32-byte BLAKE3 digest of its canonical,
-/// typed encoding (format 3).
+/// typed encoding (format 4: an encoding longer than 1 KiB is hashed with the last part of it
+/// zero-padded to a power of two, so that BLAKE3 hashes its chunks side by side).
 ///
 /// Supported: None, bool, int (any size), float, str, bytes/bytearray, list/tuple (which
 /// hash alike), dict (insertion order never matters), and records: pydantic v2 models,
