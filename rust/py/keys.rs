@@ -913,7 +913,18 @@ impl<'py> Walker<'py> {
                 utf8_len: 0,
                 short: [0; 16],
             });
-            let walked = self.walk(sink, &item_ref, depth + 1);
+            let walked = if item_ref.is_exact_instance_of::<PyDict>() {
+                // The usual item of a request's lists (messages, content parts), without the
+                // dispatch.
+                // SAFETY: the exact type was checked just above.
+                self.walk_dict(
+                    sink,
+                    unsafe { (*item_ref).cast_unchecked::<PyDict>() },
+                    depth + 1,
+                )
+            } else {
+                self.walk(sink, &item_ref, depth + 1)
+            };
             self.release_entries(slot);
             walked.map_err(|e| e.within(|| Segment::Index(i)))?;
         }
@@ -996,14 +1007,18 @@ impl<'py> Walker<'py> {
         // caller checked `str_keyed`).
         let cmp = |a: &Entry, b: &Entry| unsafe { a.cmp_str_keys(b) };
         let mut duplicate = false;
+        // The sorted order, for up to 16 entries: their indices, insertion-sorted (most request
+        // dicts have 2 to 8 keys), so that no 48-byte entry is moved. A key equal to another
+        // stops at it (every key meets its sorted predecessor), so that finds duplicates.
+        let mut order = [0u8; 16];
         if n <= 16 {
-            // Insertion sort: most request dicts have 2 to 8 keys. A key equal to another
-            // stops at it (every key meets its sorted predecessor), so that finds duplicates.
             for i in 1..n {
+                order[i] = i as u8;
                 let mut j = i;
                 loop {
-                    match cmp(&entries[j - 1], &entries[j]) {
-                        std::cmp::Ordering::Greater => entries.swap(j - 1, j),
+                    let (a, b) = (order[j - 1], order[j]);
+                    match cmp(&entries[usize::from(a)], &entries[usize::from(b)]) {
+                        std::cmp::Ordering::Greater => order.swap(j - 1, j),
                         std::cmp::Ordering::Equal => {
                             duplicate = true;
                             break;
@@ -1025,7 +1040,8 @@ impl<'py> Walker<'py> {
             return Err(WalkError::key(KeyErrorKind::DuplicateKey));
         }
         sink.dict_header(n);
-        for index in start..start + n {
+        for k in 0..n {
+            let index = start + if n <= 16 { usize::from(order[k]) } else { k };
             let entry = &self.entries[index];
             let value = entry.value;
             if entry.short[0] != 0 {
