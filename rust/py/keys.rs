@@ -1053,10 +1053,17 @@ impl<'py> Walker<'py> {
             }
             // SAFETY: as above.
             let value = unsafe { self.held(value) };
+            // The most common values, without the dispatch.
             let walked = if value.is_exact_instance_of::<PyString>() {
-                // The most common value, without the dispatch.
                 // SAFETY: the exact type was checked just above.
                 self.write_str(sink, unsafe { (*value).cast_unchecked::<PyString>() })
+            } else if value.is_exact_instance_of::<PyList>() {
+                // SAFETY: the exact type was checked just above.
+                self.walk_list(
+                    sink,
+                    unsafe { (*value).cast_unchecked::<PyList>() },
+                    depth + 1,
+                )
             } else {
                 self.walk(sink, &value, depth + 1)
             };
