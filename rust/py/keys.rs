@@ -1040,8 +1040,10 @@ impl<'py> Walker<'py> {
             return Err(WalkError::key(KeyErrorKind::DuplicateKey));
         }
         sink.dict_header(n);
+        // The k-th entry in sorted order (above 16 entries, the entries themselves are sorted).
+        let sorted = |k: usize| start + if n <= 16 { usize::from(order[k]) } else { k };
         for k in 0..n {
-            let index = start + if n <= 16 { usize::from(order[k]) } else { k };
+            let index = sorted(k);
             let entry = &self.entries[index];
             let value = entry.value;
             if entry.short[0] != 0 {
