@@ -189,6 +189,9 @@ def build_key(
     model_id, params)`` keeps working; asked for a namespace, such a builder is a clear
     `TypeError` naming the fix."""
     if partition is None:
+        if type(builder) is CacheKeyBuilder:
+            # `build`'s common call, without its frame (the key is a str already)
+            return builder._derive(model_id, messages, params)
         return str(builder.build(messages, model_id, params))
     try:
         return str(builder.build(messages, model_id, params, partition=partition))
