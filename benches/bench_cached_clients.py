@@ -43,7 +43,7 @@ import pytest
 from chengeta_ai import CacheManager, cached
 from chengeta_ai.clients.recorded import own_copy, register_head
 from chengeta_ai.clients.request_key import ClientIdentity, split_request
-from chengeta_ai.core.key_builder import CacheKeyBuilder
+from chengeta_ai.core.key_builder import CacheKeyBuilder, build_key
 from chengeta_ai.demo.server import LocalOpenAIServer
 from chengeta_ai.layers.streaming_cache import StreamingResponseCache
 from chengeta_ai.serializers import CompactSerializer
@@ -187,10 +187,10 @@ def test_key_building(size: int, smoke: bool, summary: Callable[..., None]) -> N
     client = openai.OpenAI(base_url="http://127.0.0.1:1/v1", api_key="k")
     identity = ClientIdentity(client, isolate_api_keys=True)
 
-    def ours() -> str:  # as `ClientCache.call` and `StreamingResponseCache` key a call
+    def ours() -> str:  # as `ClientCache.call` and `StreamingResponseCache._prepare` key a call
         req = split_request(kwargs)
         params = {"endpoint": "openai.responses", "stream": req.stream, **identity()}
-        return builder.build(req.request, req.model_id, params)
+        return build_key(builder, req.request, req.model_id, params, None)
 
     def baseline() -> bytes:
         return hashlib.sha256(json.dumps(kwargs, sort_keys=True).encode()).digest()

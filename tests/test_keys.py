@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chengeta_ai._core import hash_request
-from chengeta_ai.core.key_builder import KEY_FORMAT, CacheKeyBuilder
+from chengeta_ai.core.key_builder import KEY_FORMAT, CacheKeyBuilder, build_key
 
 VECTORS = Path(__file__).parent / "data" / "key_vectors.json"
 
@@ -199,6 +199,14 @@ HASH_CASES: list[tuple[str, Any]] = [
     ("chat request reordered", CHAT_REORDERED),
     ("tools params", TOOLS),
     ("long str", {"$repeat": ["abcdefgh", 5000]}),
+    # Around the padding of the last part (format 4): encoded in 1,024 bytes (not padded), in
+    # 1,025 and 1,901 (padded to 2,048), in 16,384 (one whole part), in 17,409 (its last part
+    # of 1,025 padded to 2,048).
+    ("str 1,020", {"$repeat": ["y", 1020]}),
+    ("str 1,021", {"$repeat": ["y", 1021]}),
+    ("str 1,897", {"$repeat": ["y", 1897]}),
+    ("str 16,380", {"$repeat": ["y", 16380]}),
+    ("str 17,405", {"$repeat": ["y", 17405]}),
     # Around the one-byte length prefix (lengths up to 247) and its two- and three-byte forms.
     ("str 247", {"$repeat": ["x", 247]}),
     ("str 248", {"$repeat": ["x", 248]}),
@@ -840,6 +848,27 @@ def test_scalar_types_never_collide(x: Any) -> None:
 
 
 MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def test_build_key_is_the_builders_build() -> None:
+    # `build_key` calls a `CacheKeyBuilder`'s common case straight into the extension; a
+    # subclass's own `build` (and a partition) still go through `build`.
+    builder = CacheKeyBuilder(namespace="acme", version=3)
+    params = {"temperature": 0.2, "tools": [{"type": "function"}]}
+    assert build_key(builder, MESSAGES, "m", params, None) == builder.build(MESSAGES, "m", params)
+    assert build_key(builder, MESSAGES, "m", None, "t1") == builder.build(
+        MESSAGES, "m", None, partition="t1"
+    )
+
+    class Tagged(CacheKeyBuilder):
+        __slots__ = ()
+
+        def build(self, *args: Any, **kwargs: Any) -> str:
+            return "tagged:" + super().build(*args, **kwargs)
+
+    tagged = Tagged(namespace="acme", version=3)
+    key = build_key(tagged, MESSAGES, "m", params, None)
+    assert key == "tagged:" + builder.build(MESSAGES, "m", params)
 
 
 def test_builder_key_shape_and_repr() -> None:

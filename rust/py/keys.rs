@@ -1,7 +1,7 @@
 //! `hash_request`: walks Python request objects straight into the canonical encoding of
 //! [`crate::keys`] (no `json.dumps`, no intermediate tree).
 //!
-//! Python types map onto the encoding (format 3) as follows:
+//! Python types map onto the encoding (formats 3 and 4: `crate::keys`) as follows:
 //! - `None`, `bool`, `int` (any size), `float`, `str`, `bytes`/`bytearray` (one type);
 //! - `list` and `tuple` alike (JSON and the OpenAI client use them interchangeably);
 //! - `dict`, in any insertion order, with keys of any supported type;
@@ -913,7 +913,18 @@ impl<'py> Walker<'py> {
                 utf8_len: 0,
                 short: [0; 16],
             });
-            let walked = self.walk(sink, &item_ref, depth + 1);
+            let walked = if item_ref.is_exact_instance_of::<PyDict>() {
+                // The usual item of a request's lists (messages, content parts), without the
+                // dispatch.
+                // SAFETY: the exact type was checked just above.
+                self.walk_dict(
+                    sink,
+                    unsafe { (*item_ref).cast_unchecked::<PyDict>() },
+                    depth + 1,
+                )
+            } else {
+                self.walk(sink, &item_ref, depth + 1)
+            };
             self.release_entries(slot);
             walked.map_err(|e| e.within(|| Segment::Index(i)))?;
         }
@@ -996,14 +1007,18 @@ impl<'py> Walker<'py> {
         // caller checked `str_keyed`).
         let cmp = |a: &Entry, b: &Entry| unsafe { a.cmp_str_keys(b) };
         let mut duplicate = false;
+        // The sorted order, for up to 16 entries: their indices, insertion-sorted (most request
+        // dicts have 2 to 8 keys), so that no 48-byte entry is moved. A key equal to another
+        // stops at it (every key meets its sorted predecessor), so that finds duplicates.
+        let mut order = [0u8; 16];
         if n <= 16 {
-            // Insertion sort: most request dicts have 2 to 8 keys. A key equal to another
-            // stops at it (every key meets its sorted predecessor), so that finds duplicates.
             for i in 1..n {
+                order[i] = i as u8;
                 let mut j = i;
                 loop {
-                    match cmp(&entries[j - 1], &entries[j]) {
-                        std::cmp::Ordering::Greater => entries.swap(j - 1, j),
+                    let (a, b) = (order[j - 1], order[j]);
+                    match cmp(&entries[usize::from(a)], &entries[usize::from(b)]) {
+                        std::cmp::Ordering::Greater => order.swap(j - 1, j),
                         std::cmp::Ordering::Equal => {
                             duplicate = true;
                             break;
@@ -1025,7 +1040,10 @@ impl<'py> Walker<'py> {
             return Err(WalkError::key(KeyErrorKind::DuplicateKey));
         }
         sink.dict_header(n);
-        for index in start..start + n {
+        // The k-th entry in sorted order (above 16 entries, the entries themselves are sorted).
+        let sorted = |k: usize| start + if n <= 16 { usize::from(order[k]) } else { k };
+        for k in 0..n {
+            let index = sorted(k);
             let entry = &self.entries[index];
             let value = entry.value;
             if entry.short[0] != 0 {
@@ -1037,10 +1055,17 @@ impl<'py> Walker<'py> {
             }
             // SAFETY: as above.
             let value = unsafe { self.held(value) };
+            // The most common values, without the dispatch.
             let walked = if value.is_exact_instance_of::<PyString>() {
-                // The most common value, without the dispatch.
                 // SAFETY: the exact type was checked just above.
                 self.write_str(sink, unsafe { (*value).cast_unchecked::<PyString>() })
+            } else if value.is_exact_instance_of::<PyList>() {
+                // SAFETY: the exact type was checked just above.
+                self.walk_list(
+                    sink,
+                    unsafe { (*value).cast_unchecked::<PyList>() },
+                    depth + 1,
+                )
             } else {
                 self.walk(sink, &value, depth + 1)
             };
@@ -1232,7 +1257,8 @@ unsafe fn utf8_of_ptr<'a>(py: Python<'_>, s: *mut ffi::PyObject) -> Option<&'a [
 }
 
 /// Hashes a request (messages, params, ...) to a 32-byte BLAKE3 digest of its canonical,
-/// typed encoding (format 3).
+/// typed encoding (format 4: an encoding longer than 1 KiB is hashed with the last part of it
+/// zero-padded to a power of two, so that BLAKE3 hashes its chunks side by side).
 ///
 /// Supported: None, bool, int (any size), float, str, bytes/bytearray, list/tuple (which
 /// hash alike), dict (insertion order never matters), and records: pydantic v2 models,

@@ -35,10 +35,12 @@ from chengeta_ai._core import KeyDeriver, hash_request
 
 __all__ = ["KEY_FORMAT", "CacheKeyBuilder"]
 
-#: Version of the key derivation itself. Bump it (next: ``chengeta-key/4``) whenever the canonical
-#: encoding or the tuple hashed below changes: every stored key changes with it, on purpose.
-#: Format 3 hashes records (models, dataclasses, named tuples) with their class and every field.
-KEY_FORMAT = "chengeta-key/3"
+#: Version of the key derivation itself. Bump it (next: ``chengeta-key/5``) whenever the canonical
+#: encoding, what is hashed of it or the tuple hashed below changes: every stored key changes
+#: with it, on purpose. Format 3 hashes records (models, dataclasses, named tuples) with their
+#: class and every field; format 4 hashes the same encoding with the last part over 1 KiB
+#: zero-padded to a power of two (BLAKE3 then hashes its chunks side by side: see rust/keys.rs).
+KEY_FORMAT = "chengeta-key/4"
 
 # The name of each item of the hashed tuple, for hash_request's error messages
 # ("cannot hash object of type 'set' at messages[0]['content']").
@@ -187,6 +189,9 @@ def build_key(
     model_id, params)`` keeps working; asked for a namespace, such a builder is a clear
     `TypeError` naming the fix."""
     if partition is None:
+        if type(builder) is CacheKeyBuilder:
+            # `build`'s common call, without its frame (the key is a str already)
+            return builder._derive(model_id, messages, params)
         return str(builder.build(messages, model_id, params))
     try:
         return str(builder.build(messages, model_id, params, partition=partition))
