@@ -402,12 +402,15 @@ class RedisFlights:
     def removed_at(self, namespace: str, key: str | None = None) -> int:
         """The last removal covering ``key`` (or the namespace), ms by Redis's clock; 0: none.
         A value this code never writes is corrupt (`_Corrupt`: the flight steps aside)."""
-        names = [self.removal_key(namespace)]
-        if key is not None:
-            names.append(self.key_removal_key(key))
+        if key is None:
+            values = [self.client.get(self.removal_key(namespace))]
+        else:  # one round trip (a pipeline, not a transaction: two Cluster slots)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.get(self.removal_key(namespace))
+            pipe.get(self.key_removal_key(key))
+            values = pipe.execute()
         latest = 0
-        for name in names:  # two GETs: the keys live in different Cluster slots
-            raw = self.client.get(name)
+        for raw in values:
             try:
                 latest = max(latest, int(raw or 0))
             except ValueError as exc:
