@@ -18,9 +18,9 @@ from typing import Any
 
 import anyio
 import pytest
+from tests.review_s5.blocking_backends import FirstASetBlocks, FirstSetBlocks
 
 from chengeta_ai import CacheManager
-from chengeta_ai.backends.memory_backend import InMemoryBackend
 from chengeta_ai.layers.streaming_cache import StreamingResponseCache
 
 MODEL = "gpt-4o"
@@ -38,23 +38,8 @@ def _wait_removal_marked(cache: StreamingResponseCache) -> None:
     raise AssertionError("the removal never began")
 
 
-class _FirstSetBlocks(InMemoryBackend):
-    def __init__(self) -> None:
-        super().__init__()
-        self.writing = threading.Event()
-        self.release = threading.Event()
-        self.first = True
-
-    def set(self, key: str, value: bytes, ttl: float | None = None, tags: Any = ()) -> None:
-        if self.first:
-            self.first = False
-            self.writing.set()
-            assert self.release.wait(10)
-        super().set(key, value, ttl, tags)
-
-
 def test_a_write_undone_by_a_removal_is_reported_invalidated() -> None:
-    backend = _FirstSetBlocks()
+    backend = FirstSetBlocks()
     cache = StreamingResponseCache(CacheManager(backend=backend))
     infos: list[Any] = []
 
@@ -85,21 +70,6 @@ def test_a_write_undone_by_a_removal_is_reported_invalidated() -> None:
     )
 
 
-class _FirstASetBlocks(InMemoryBackend):
-    def __init__(self) -> None:
-        super().__init__()
-        self.writing = anyio.Event()
-        self.release = anyio.Event()
-        self.first = True
-
-    async def aset(self, key: str, value: bytes, ttl: float | None = None, tags: Any = ()) -> None:
-        if self.first:
-            self.first = False
-            self.writing.set()
-            await self.release.wait()
-        super().set(key, value, ttl, tags)
-
-
 def _answer(text: str) -> Any:
     async def fn(_m: Any) -> AsyncIterator[str]:
         yield text
@@ -109,7 +79,7 @@ def _answer(text: str) -> Any:
 
 @pytest.mark.anyio
 async def test_async_a_write_undone_by_a_removal_is_reported_invalidated() -> None:
-    backend = _FirstASetBlocks()
+    backend = FirstASetBlocks()
     cache = StreamingResponseCache(CacheManager(backend=backend))
     infos: list[Any] = []
 

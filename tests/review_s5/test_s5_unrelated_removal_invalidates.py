@@ -17,33 +17,16 @@ from typing import Any
 
 import anyio
 import pytest
+from tests.review_s5.blocking_backends import FirstASetBlocks, FirstSetBlocks
 
 from chengeta_ai import CacheManager
-from chengeta_ai.backends.memory_backend import InMemoryBackend
 from chengeta_ai.layers.streaming_cache import StreamingResponseCache
 
 MODEL = "gpt-4o"
 
 
-class _FirstSetBlocks(InMemoryBackend):
-    """The first ``set`` blocks until released: a stream's write stays under way."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.writing = threading.Event()
-        self.release = threading.Event()
-        self.first = True
-
-    def set(self, key: str, value: bytes, ttl: float | None = None, tags: Any = ()) -> None:
-        if self.first:
-            self.first = False
-            self.writing.set()
-            assert self.release.wait(10)
-        super().set(key, value, ttl, tags)
-
-
 def test_a_removal_of_another_tag_leaves_a_stream_begun_after_an_earlier_removal() -> None:
-    backend = _FirstSetBlocks()
+    backend = FirstSetBlocks()
     cache = StreamingResponseCache(CacheManager(backend=backend))
     key = cache.manager.key_builder.build(["q"], MODEL)
 
@@ -93,26 +76,11 @@ def test_a_removal_of_another_tag_leaves_a_stream_begun_after_an_earlier_removal
     assert cache.flights._stores == {}
 
 
-class _FirstASetBlocks(InMemoryBackend):
-    def __init__(self) -> None:
-        super().__init__()
-        self.writing = anyio.Event()
-        self.release = anyio.Event()
-        self.first = True
-
-    async def aset(self, key: str, value: bytes, ttl: float | None = None, tags: Any = ()) -> None:
-        if self.first:
-            self.first = False
-            self.writing.set()
-            await self.release.wait()
-        super().set(key, value, ttl, tags)
-
-
 @pytest.mark.anyio
 async def test_async_a_removal_of_another_tag_leaves_a_stream_begun_after_an_earlier_removal() -> (
     None
 ):
-    backend = _FirstASetBlocks()
+    backend = FirstASetBlocks()
     cache = StreamingResponseCache(CacheManager(backend=backend))
     key = cache.manager.key_builder.build(["q"], MODEL)
 

@@ -282,16 +282,23 @@ def _removal_listeners_of(backend: Any, namespace: str) -> weakref.WeakSet[Any]:
         return by_namespace.setdefault(namespace, weakref.WeakSet())
 
 
-class RemovalListener(Protocol):
-    """What learns of removals before they run (a streaming cache's `FlightTable`): streams of
-    the removed keys or tags in flight must not be stored after the removal. ``key``: the key a
-    ``delete`` removes (None: ``invalidate``/``clear``). A listener with ``remote = True``
-    (`RedisFlights`' fleet announcement) does I/O: an async removal calls it in a worker
-    thread, and its failure fails the removal (after the local removal ran)."""
+class RemovalAnnouncer(Protocol):
+    """What tells other processes of a removal before it runs (`RedisFlights`: ``remote`` is
+    True; it does I/O, so an async removal calls it in a worker thread, and its failure fails
+    the removal once the local removal ran). ``key``: the key a ``delete`` removes (None:
+    ``invalidate``/``clear``)."""
+
+    remote: bool
 
     def begin_removal(
         self, matches: Callable[[str, tuple[str, ...]], bool], key: str | None = None
     ) -> list[str]: ...
+
+
+class RemovalListener(RemovalAnnouncer, Protocol):
+    """What learns of removals before they run in this process (a streaming cache's
+    `FlightTable`): streams of the removed keys or tags in flight must not be stored after the
+    removal; it returns the keys whose writes the removal raced, which it then waits for."""
 
     def writes_under_way(self, racing: list[str]) -> bool: ...
 
@@ -514,19 +521,19 @@ class CacheManager:
         except Exception as exc:
             self.backend_failed("delete", key, exc)
 
-    def watch_removals(self, listener: RemovalListener) -> None:
+    def watch_removals(self, listener: RemovalListener | RemovalAnnouncer) -> None:
         """``listener`` (a streaming cache's flight table) is told of every removal through
         this manager before it runs (held weakly)."""
         with _LISTENERS_LOCK:
             self._removal_listeners.add(listener)
 
-    def _listeners(self) -> tuple[list[RemovalListener], list[RemovalListener]]:
+    def _listeners(self) -> tuple[list[RemovalListener], list[RemovalAnnouncer]]:
         """(local flight tables, remote announcers) registered for this backend and
         namespace."""
         with _LISTENERS_LOCK:
             listeners = list(self._removal_listeners)
-        local = [x for x in listeners if not getattr(x, "remote", False)]
-        return local, [x for x in listeners if getattr(x, "remote", False)]
+        local = [x for x in listeners if not x.remote]
+        return local, [x for x in listeners if x.remote]
 
     def _begin_removal(
         self,
@@ -544,7 +551,7 @@ class CacheManager:
 
     @staticmethod
     def _announce(
-        remote: list[RemovalListener],
+        remote: list[RemovalAnnouncer],
         matches: Callable[[str, tuple[str, ...]], bool],
         key: str | None,
     ) -> BaseException | None:

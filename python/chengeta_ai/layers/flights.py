@@ -128,6 +128,9 @@ def current_loop_scope() -> object:
 class FlightTable:
     """In-flight streams by slot, the lock of their states, and the task group pumps run in."""
 
+    #: A local removal listener (`CacheManager.watch_removals`), not a remote announcer.
+    remote = False
+
     def __init__(self, task_group: anyio.abc.TaskGroup | None = None) -> None:
         #: Guards the table and every flight's state (see the module docstring).
         self.lock = threading.Lock()

@@ -1145,15 +1145,6 @@ class _FleetRemovals:
         self.rf.mark_removal(self.namespace, key)
         return []
 
-    def writes_under_way(self, racing: list[str]) -> bool:
-        return False
-
-    def wait_writes(self, racing: list[str], timeout: float) -> bool:
-        return True
-
-    def undo_orphans(self, racing: list[str]) -> list[str]:
-        return []
-
 
 def _namespace(flight: Flight) -> str:
     return str(getattr(flight.settings.manager.key_builder, "namespace", ""))
