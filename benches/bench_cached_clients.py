@@ -42,7 +42,7 @@ import pytest
 
 from chengeta_ai import CacheManager, cached
 from chengeta_ai.clients.recorded import own_copy, register_head
-from chengeta_ai.clients.request_key import ClientIdentity, split_request
+from chengeta_ai.clients.calls import ClientCache
 from chengeta_ai.core.key_builder import CacheKeyBuilder, build_key
 from chengeta_ai.demo.server import LocalOpenAIServer
 from chengeta_ai.layers.streaming_cache import StreamingResponseCache
@@ -183,14 +183,17 @@ def _responses_request(target_bytes: int) -> dict[str, Any]:
 @pytest.mark.parametrize("size", [2_000, 100_000], ids=["2KB", "100KB"])
 def test_key_building(size: int, smoke: bool, summary: Callable[..., None]) -> None:
     kwargs = _responses_request(size)
-    builder = CacheKeyBuilder()
     client = openai.OpenAI(base_url="http://127.0.0.1:1/v1", api_key="k")
-    identity = ClientIdentity(client, isolate_api_keys=True)
+    calls = ClientCache(
+        client, StreamingResponseCache(CacheManager()), isolate_api_keys=True, is_async=False
+    )
 
-    def ours() -> str:  # as `ClientCache.call` and `StreamingResponseCache._prepare` key a call
-        req = split_request(kwargs)
-        params = {"endpoint": "openai.responses", "stream": req.stream, **identity()}
-        return build_key(builder, req.request, req.model_id, params, None)
+    def ours() -> str | None:  # as `ClientCache.call` keys a call (no cache_control)
+        return calls.split("openai.responses", kwargs, None)[2]
+
+    # the key the cache itself would give the split call: the same
+    req, params, key = calls.split("openai.responses", kwargs, None)
+    assert key == build_key(CacheKeyBuilder(), req.request, req.model_id, params, None)
 
     def baseline() -> bytes:
         return hashlib.sha256(json.dumps(kwargs, sort_keys=True).encode()).digest()

@@ -1377,11 +1377,62 @@ impl KeyDeriver {
         messages: &Bound<'py, PyAny>,
         params: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyString>> {
+        let digest = self.digest(py, model_id, messages, Params::Walk(params))?;
+        self.key_of(py, digest)
+    }
+
+    /// `split_plain_kwargs(kwargs)` and the key of the call it splits, in one call into the
+    /// extension: `(request, key)`, where `key` is
+    /// `self.key(request.model_id, request.request, params)` and `params` the dict that
+    /// `params[request.stream]` was made of (`params`: the encodings of a call's params when it
+    /// does not stream and when it does). None where `split_plain_kwargs` returns None (the
+    /// caller takes the slow path). The hashed request is walked once, as `key` walks it.
+    fn client_key<'py>(
+        &self,
+        py: Python<'py>,
+        kwargs: &Bound<'py, PyDict>,
+        params: (PyRef<'py, EncodedParams>, PyRef<'py, EncodedParams>),
+    ) -> PyResult<Option<(Request, Bound<'py, PyString>)>> {
+        let Some(request) = split_plain_kwargs(py, kwargs)? else {
+            return Ok(None);
+        };
+        let encoded = if request.stream { &params.1 } else { &params.0 };
+        let digest = self.digest(
+            py,
+            request.model_id.bind(py).as_any(),
+            request.request.bind(py).as_any(),
+            Params::Encoded(&encoded.encoding),
+        )?;
+        let key = self.key_of(py, digest)?;
+        Ok(Some((request, key)))
+    }
+}
+
+/// The params item of a derived key: a value to walk (None: `{}`), or its encoding, made by
+/// [`EncodedParams`].
+enum Params<'a, 'py> {
+    Walk(Option<&'a Bound<'py, PyAny>>),
+    Encoded(&'a [u8]),
+}
+
+impl KeyDeriver {
+    /// The digest of `(key_format, namespace, version, kind, model_id, messages, params)`.
+    fn digest<'py>(
+        &self,
+        py: Python<'py>,
+        model_id: &Bound<'py, PyAny>,
+        messages: &Bound<'py, PyAny>,
+        params: Params<'_, 'py>,
+    ) -> PyResult<[u8; 32]> {
         let mut scratch = SCRATCH.take().unwrap_or_default();
         let mut hasher = scratch.hasher.take().unwrap_or_default();
         hasher.put(&self.header);
         let mut walker = Walker::new(py, &mut scratch);
         let mut walked = Ok(());
+        let (params, encoded) = match params {
+            Params::Walk(params) => (params, None),
+            Params::Encoded(encoding) => (None, Some(encoding)),
+        };
         for (i, item) in [Some(model_id), Some(messages), params]
             .into_iter()
             .enumerate()
@@ -1389,7 +1440,10 @@ impl KeyDeriver {
             walked = match item {
                 Some(item) => walker.walk(&mut *hasher, item, 1),
                 None => {
-                    hasher.dict_header(0); // `{}`
+                    match encoded {
+                        Some(encoding) => hasher.put(encoding),
+                        None => hasher.dict_header(0), // `{}`
+                    }
                     Ok(())
                 }
             };
@@ -1403,6 +1457,11 @@ impl KeyDeriver {
         scratch.hasher = Some(hasher);
         SCRATCH.set(Some(scratch));
         walked?;
+        Ok(digest)
+    }
+
+    /// `"{namespace}:{kind}:{hex digest}"`.
+    fn key_of<'py>(&self, py: Python<'py>, digest: [u8; 32]) -> PyResult<Bound<'py, PyString>> {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let prefix = self.prefix_utf8.as_deref().unwrap_or_default();
         let mut key = String::with_capacity(prefix.len() + 64);
@@ -1416,6 +1475,41 @@ impl KeyDeriver {
             return Ok(key);
         }
         Ok(self.prefix.bind(py).add(key)?.cast_into::<PyString>()?)
+    }
+}
+
+/// A params dict as the canonical encoding that `hash_request` hashes of it, made once: what
+/// [`KeyDeriver::client_key`] hashes as a call's params, instead of walking a dict that is the
+/// same for every call of one client and endpoint. Made only here, from a walked value, so the
+/// bytes always are a value's encoding (the key stays injective).
+#[pyclass(frozen, module = "chengeta_ai._core")]
+pub struct EncodedParams {
+    encoding: Vec<u8>,
+}
+
+#[pymethods]
+impl EncodedParams {
+    /// The encoding of `params` (a dict, or None for `{}`). Raises as `hash_request` does.
+    #[new]
+    #[pyo3(signature = (params, /))]
+    fn new(py: Python<'_>, params: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
+        let mut encoding = Vec::new();
+        match params {
+            None => encoding.dict_header(0),
+            Some(params) => {
+                let mut scratch = Scratch::default();
+                let mut walker = Walker::new(py, &mut scratch);
+                let walked = walker.walk(&mut encoding, params.as_any(), 1);
+                walker.into_scratch(&mut scratch);
+                walked.map_err(|e| e.within(|| Segment::Name("params".into())))?;
+            }
+        }
+        Ok(EncodedParams { encoding })
+    }
+
+    /// The encoding's length in bytes.
+    fn __len__(&self) -> usize {
+        self.encoding.len()
     }
 }
 
@@ -1531,5 +1625,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(split_plain_kwargs, m)?)?;
     m.add_class::<Request>()?;
     m.add_class::<KeyDeriver>()?;
+    m.add_class::<EncodedParams>()?;
     Ok(())
 }

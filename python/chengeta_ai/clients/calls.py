@@ -17,7 +17,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 
@@ -48,7 +48,8 @@ from chengeta_ai.clients.request_key import (
     split_request,
 )
 from chengeta_ai.core.cache_manager import unframe_entry
-from chengeta_ai.core.key_builder import build_key
+from chengeta_ai._core import EncodedParams
+from chengeta_ai.core.key_builder import CacheKeyBuilder, build_key
 from chengeta_ai.errors import CacheMiss, DecodeError
 from chengeta_ai.layers.call_controls import CacheControl, CacheInfo
 from chengeta_ai.layers.streaming_cache import StreamingResponseCache
@@ -221,6 +222,28 @@ class _TwinAnswer:
         return CacheInfo("hit", info.key, self.age, info.outcome)
 
 
+class _EndpointParams(NamedTuple):
+    """The params of one endpoint's calls for one identity of the client (`ClientCache.split`):
+    the dicts (a call that does not stream, one that does) and their encodings (None: params
+    the key cannot hash, which the cache then reports for each call)."""
+
+    identity: dict[str, Any]
+    params: tuple[dict[str, Any], dict[str, Any]]
+    encoded: tuple[EncodedParams, EncodedParams] | None
+
+    @classmethod
+    def of(cls, endpoint: str, identity: dict[str, Any]) -> _EndpointParams:
+        params = (
+            {"endpoint": endpoint, "stream": False, **identity},
+            {"endpoint": endpoint, "stream": True, **identity},
+        )
+        try:
+            encoded = (EncodedParams(params[0]), EncodedParams(params[1]))
+        except (TypeError, ValueError):
+            return cls(identity, params, None)
+        return cls(identity, params, encoded)
+
+
 class ClientCache:
     """What the cached resources of one SDK client share: the cache, the client's identity,
     and the two drivers (`call` picks the sync or async one by the client's kind)."""
@@ -251,6 +274,42 @@ class ClientCache:
         self.http = http_library(client)
         self._warned: set[str] = set()
         self._identity = ClientIdentity(client, isolate_api_keys=isolate_api_keys)
+        #: Per endpoint, the params of its calls for the client's current identity.
+        self._params: dict[str, _EndpointParams] = {}
+
+    def split(
+        self, endpoint: str, kwargs: dict[str, Any], control: CacheControl | None
+    ) -> tuple[Request, dict[str, Any], str | None]:
+        """A call's keyword arguments split for the cache (`split_request`), its params
+        (endpoint, stream, the client's identity) and, for the common call, its key: the
+        key the cache would give ``(req.request, req.model_id, params)`` (None: the cache
+        makes it).
+
+        The common call (`split_plain_kwargs` takes it, the cache's key builder is a
+        `CacheKeyBuilder`, no ``namespace``) is split and keyed in one call into the extension
+        (`CacheKeyBuilder._client_key`), which hashes the endpoint's params as their encoding
+        made once per identity (`EncodedParams`) rather than a dict built and walked per call.
+        The params dicts returned are shared by the calls: read them, never change them."""
+        identity = self._identity()
+        memo = self._params.get(endpoint)
+        if memo is None or memo.identity is not identity:
+            memo = self._params[endpoint] = _EndpointParams.of(endpoint, identity)
+        builder = self.cache.manager.key_builder
+        if (
+            type(builder) is CacheKeyBuilder
+            and memo.encoded is not None
+            and (control is None or control.namespace is None)
+        ):
+            try:
+                keyed = builder._client_key(kwargs, memo.encoded)
+            except (TypeError, ValueError):
+                keyed = None  # a value the key refuses: raised by the cache, as for any call
+            if keyed is not None:
+                req, key = keyed
+                return req, memo.params[req.stream], key
+        req = split_request(kwargs)
+        settle_omitted_headers(req.request, self.client)
+        return req, memo.params[req.stream], None
 
     def call(self, endpoint: str, resource: Any, kwargs: dict[str, Any], cache_control: Any) -> Any:
         """``resource.create(**kwargs)`` through the cache: the SDK's result kind (a stream
@@ -260,17 +319,15 @@ class ClientCache:
         call): an entry of the other kind (streamed under a whole call's key, or the reverse)
         or endpoint is corrupt: logged, counted (``corrupt_entries``), dropped, and the call
         tried again (see `_tries`)."""
-        req = split_request(kwargs)
-        settle_omitted_headers(req.request, self.client)
         control = CacheControl.coerce(cache_control)
-        params = {"endpoint": endpoint, "stream": req.stream, **self._identity()}
+        req, params, key = self.split(endpoint, kwargs, control)
         if self.is_async:
-            return self._acall(endpoint, resource, req, params, control)
+            return self._acall(endpoint, resource, req, params, control, key)
         t0 = _perf()
         for tried in _tries(control):
             answer = _TwinAnswer()
             try:
-                inner = self._open(endpoint, resource, req, params, tried, answer)
+                inner = self._open(endpoint, resource, req, params, tried, answer, key)
             except TypeError as exc:
                 if not _cannot_hash(exc):
                     raise
@@ -315,6 +372,7 @@ class ClientCache:
         params: dict[str, Any],
         control: CacheControl | None,
         answer: _TwinAnswer,
+        key: str | None,
     ) -> Any:
         """The cache's stream of one try of a sync call (nothing read yet)."""
         upstream: Callable[[Any], Iterator[Any]]
@@ -337,7 +395,7 @@ class ClientCache:
                         return iter(found[1])
                 return _object_upstream(raw_create, req.sdk_kwargs, endpoint)
 
-        return self._cached_stream(endpoint, req, params, control, upstream, is_async=False)
+        return self._cached_stream(endpoint, req, params, control, upstream, key, is_async=False)
 
     def _cached_stream(
         self,
@@ -346,11 +404,13 @@ class ClientCache:
         params: dict[str, Any],
         control: CacheControl | None,
         upstream: Callable[[Any], Any],
+        key: str | None,
         *,
         is_async: bool,
     ) -> Any:
         """The cache's stream of one try (sync or async): the entry's head is checked by the
-        cache before it counts a hit (`StreamingResponseCache.client_stream`)."""
+        cache before it counts a hit (`StreamingResponseCache.client_stream`). ``key``: the
+        call's key if `split` made it."""
         return self.cache.client_stream(
             req.request,
             upstream,
@@ -359,6 +419,7 @@ class ClientCache:
             control,
             accept=functools.partial(_accepts, endpoint, req.stream),
             is_async=is_async,
+            key=key,
         )
 
     def _whole(self, obj: Any, info: CacheInfo | None, answer: _TwinAnswer) -> Any:
@@ -461,13 +522,14 @@ class ClientCache:
         req: Request,
         params: dict[str, Any],
         control: CacheControl | None,
+        key: str | None,
     ) -> Any:
         """Async twin of `call`."""
         t0 = _perf()
         for tried in _tries(control):
             answer = _TwinAnswer()
             try:
-                inner = await self._aopen(endpoint, resource, req, params, tried, answer)
+                inner = await self._aopen(endpoint, resource, req, params, tried, answer, key)
             except TypeError as exc:
                 if not _cannot_hash(exc):
                     raise
@@ -515,6 +577,7 @@ class ClientCache:
         params: dict[str, Any],
         control: CacheControl | None,
         answer: _TwinAnswer,
+        key: str | None,
     ) -> Any:
         """Async twin of `_open`."""
         upstream: Callable[[Any], AsyncIterator[Any]]
@@ -541,7 +604,7 @@ class ClientCache:
                 async for item in _aobject_upstream(raw_create, req.sdk_kwargs, endpoint):
                     yield item
 
-        return self._cached_stream(endpoint, req, params, control, upstream, is_async=True)
+        return self._cached_stream(endpoint, req, params, control, upstream, key, is_async=True)
 
     def _key(self, req: Request, params: dict[str, Any], control: CacheControl | None) -> str:
         """The key `StreamingResponseCache` gives the call (see its ``_prepare``)."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from chengeta_ai._core import KeyDeriver, hash_request
+from chengeta_ai._core import EncodedParams, KeyDeriver, Request, hash_request
 
 __all__ = ["KEY_FORMAT", "CacheKeyBuilder"]
 
@@ -73,9 +73,12 @@ class CacheKeyBuilder:
     Instances are immutable and safe to share between threads and tasks.
     """
 
-    __slots__ = ("_derive", "_kind", "_namespace", "_version", "_version_str")
+    __slots__ = ("_client_key", "_derive", "_kind", "_namespace", "_version", "_version_str")
 
     _derive: Callable[[Any, Any, Any], str]
+    _client_key: Callable[
+        [dict[str, Any], tuple[EncodedParams, EncodedParams]], tuple[Request, str] | None
+    ]
     _namespace: str
     _version: str | int
     _version_str: str
@@ -94,6 +97,8 @@ class CacheKeyBuilder:
         # digest as `_digest`, the tuple's fixed items encoded once.
         deriver = KeyDeriver(KEY_FORMAT, self._namespace, self._version_str, self._kind)
         object.__setattr__(self, "_derive", deriver.key)
+        # a cached SDK client's call split and keyed in one call (`ClientCache.split`)
+        object.__setattr__(self, "_client_key", deriver.client_key)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable")

@@ -338,6 +338,7 @@ class StreamingResponseCache:
         tags: Iterable[str] | None,
         bypass: bool,
         cache_control: CacheControl | Mapping[str, Any] | None,
+        key: str | None = None,
     ) -> _Call:
         if not callable(stream_fn):
             raise TypeError(f"stream_fn must be callable, got {type(stream_fn).__name__}")
@@ -359,7 +360,8 @@ class StreamingResponseCache:
                     raise TypeError("tags given twice (argument and cache_control)")
                 tags = control.tags
             partition = control.namespace
-        key = build_key(self.manager.key_builder, messages, model_id, params, partition)
+        if key is None or partition is not None:  # (a key made beforehand has no partition)
+            key = build_key(self.manager.key_builder, messages, model_id, params, partition)
         tag_tuple = check_tags(tags) if tags is not None else (f"model:{model_id}",)
         return _Call(key, self.manager.resolve_ttl(ttl), tag_tuple, bypass, control)
 
@@ -438,14 +440,17 @@ class StreamingResponseCache:
         *,
         accept: Callable[[Any], bool],
         is_async: bool,
+        key: str | None = None,
     ) -> CacheStream | AsyncCacheStream:
         """`get_or_stream` / `aget_or_stream` for a cached SDK client (`chengeta_ai.clients`):
         its streams start with the HTTP head, which is not a chunk (not counted in
         ``stored_chunks``, ``chunks_delivered``, ``chunks_replayed``), and ``accept(head)``
         says whether a stored entry may serve the call, asked before the hit is counted: a
-        refused entry is a corrupt entry (dropped, counted) and the call goes on as a miss."""
+        refused entry is a corrupt entry (dropped, counted) and the call goes on as a miss.
+        ``key``: the call's key when the caller made it already (the key `build_key` gives
+        ``(messages, model_id, params)`` with no partition: see `ClientCache.split`)."""
         call = self._prepare(
-            messages, stream_fn, model_id, params, None, None, False, cache_control
+            messages, stream_fn, model_id, params, None, None, False, cache_control, key
         )
         call.head = 1
         call.accept = accept
