@@ -68,6 +68,20 @@ class KeyDeriver:
     ) -> tuple[Request, str] | None: ...
 
 @typing.final
+class ClientKeyer:
+    def __new__(cls, attrs: dict[str, typing.Any], names: list[str]) -> ClientKeyer: ...
+    def remember(
+        self,
+        sources: tuple[typing.Any, ...],
+        endpoint: str,
+        params: tuple[dict[str, typing.Any], dict[str, typing.Any]],
+        encoded: tuple[EncodedParams, EncodedParams],
+    ) -> None: ...
+    def split(
+        self, deriver: KeyDeriver, endpoint: str, kwargs: dict[str, typing.Any]
+    ) -> tuple[Request, dict[str, typing.Any], str] | None: ...
+
+@typing.final
 class EncodedParams:
     def __new__(cls, params: dict[str, typing.Any] | None, /) -> EncodedParams: ...
     def __len__(self) -> int: ...

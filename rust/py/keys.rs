@@ -972,6 +972,37 @@ impl<'py> Walker<'py> {
         result
     }
 
+    /// [`Walker::walk_dict`] of `dict` without its entry of the str key `skip`, if any: the
+    /// same bytes as walking a copy of `dict` without that entry.
+    fn walk_dict_without<S: Sink>(
+        &mut self,
+        sink: &mut S,
+        dict: &Bound<'py, PyDict>,
+        skip: &[u8],
+        depth: usize,
+    ) -> WalkResult {
+        check_depth(depth)?;
+        let start = self.entries.len();
+        let mut str_keyed = true;
+        let mut pos: ffi::Py_ssize_t = 0;
+        let (mut key, mut value) = (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: as in `walk_dict`.
+        unsafe {
+            while ffi::PyDict_Next(dict.as_ptr(), &mut pos, &mut key, &mut value) != 0 {
+                let plain = self.push_entry(key, value);
+                let last = self.entries[self.entries.len() - 1];
+                if plain && last.key_utf8() == Some(skip) {
+                    self.entries.pop(); // (one such key at most; it held no reference)
+                } else {
+                    str_keyed &= plain;
+                }
+            }
+        }
+        let result = self.write_mapping(sink, start, str_keyed, depth, Naming::Keys);
+        self.release_entries(start);
+        result
+    }
+
     /// Writes the mapping whose entries are `entries[start..]`: keys sorted by their encoding,
     /// then `key value` pairs in that order.
     #[inline]
@@ -1377,7 +1408,12 @@ impl KeyDeriver {
         messages: &Bound<'py, PyAny>,
         params: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyString>> {
-        let digest = self.digest(py, model_id, messages, Params::Walk(params))?;
+        let digest = self.digest(
+            py,
+            model_id,
+            Messages::Value(messages),
+            Params::Walk(params),
+        )?;
         self.key_of(py, digest)
     }
 
@@ -1400,12 +1436,19 @@ impl KeyDeriver {
         let digest = self.digest(
             py,
             request.model_id.bind(py).as_any(),
-            request.request.bind(py).as_any(),
+            Messages::Without(request.sdk_kwargs.bind(py), b"stream"),
             Params::Encoded(&encoded.encoding),
         )?;
         let key = self.key_of(py, digest)?;
         Ok(Some((request, key)))
     }
+}
+
+/// The messages item of a derived key: a value, or a dict without one str key (a call's
+/// keyword arguments without `stream`: the same bytes as a copy of it without that entry).
+enum Messages<'a, 'py> {
+    Value(&'a Bound<'py, PyAny>),
+    Without(&'a Bound<'py, PyDict>, &'static [u8]),
 }
 
 /// The params item of a derived key: a value to walk (None: `{}`), or its encoding, made by
@@ -1421,43 +1464,44 @@ impl KeyDeriver {
         &self,
         py: Python<'py>,
         model_id: &Bound<'py, PyAny>,
-        messages: &Bound<'py, PyAny>,
+        messages: Messages<'_, 'py>,
         params: Params<'_, 'py>,
     ) -> PyResult<[u8; 32]> {
         let mut scratch = SCRATCH.take().unwrap_or_default();
         let mut hasher = scratch.hasher.take().unwrap_or_default();
         hasher.put(&self.header);
         let mut walker = Walker::new(py, &mut scratch);
-        let mut walked = Ok(());
-        let (params, encoded) = match params {
-            Params::Walk(params) => (params, None),
-            Params::Encoded(encoding) => (None, Some(encoding)),
-        };
-        for (i, item) in [Some(model_id), Some(messages), params]
-            .into_iter()
-            .enumerate()
-        {
-            walked = match item {
-                Some(item) => walker.walk(&mut *hasher, item, 1),
-                None => {
-                    match encoded {
-                        Some(encoding) => hasher.put(encoding),
-                        None => hasher.dict_header(0), // `{}`
-                    }
-                    Ok(())
-                }
-            };
-            if walked.is_err() {
-                walked = walked.map_err(|e| e.within(|| Segment::Name(DERIVED_NAMES[i].into())));
-                break;
-            }
-        }
+        let walked = Self::walk_items(&mut walker, &mut *hasher, model_id, messages, params);
         walker.into_scratch(&mut scratch);
         let digest = hasher.finalize_reset();
         scratch.hasher = Some(hasher);
         SCRATCH.set(Some(scratch));
         walked?;
         Ok(digest)
+    }
+
+    /// Writes `model_id`, `messages` and `params` (errors name them).
+    fn walk_items<'py>(
+        walker: &mut Walker<'py>,
+        sink: &mut KeyHasher,
+        model_id: &Bound<'py, PyAny>,
+        messages: Messages<'_, 'py>,
+        params: Params<'_, 'py>,
+    ) -> WalkResult {
+        let named =
+            |i: usize| move |e: WalkError| e.within(|| Segment::Name(DERIVED_NAMES[i].into()));
+        walker.walk(sink, model_id, 1).map_err(named(0))?;
+        match messages {
+            Messages::Value(messages) => walker.walk(sink, messages, 1),
+            Messages::Without(dict, skip) => walker.walk_dict_without(sink, dict, skip, 1),
+        }
+        .map_err(named(1))?;
+        match params {
+            Params::Walk(Some(params)) => walker.walk(sink, params, 1).map_err(named(2))?,
+            Params::Walk(None) => sink.dict_header(0), // `{}`
+            Params::Encoded(encoding) => sink.put(encoding),
+        }
+        Ok(())
     }
 
     /// `"{namespace}:{kind}:{hex digest}"`.
@@ -1513,6 +1557,185 @@ impl EncodedParams {
     }
 }
 
+/// One endpoint's params for one identity of the client: the dicts (a call that does not
+/// stream, one that does) and their encodings.
+struct EndpointParams {
+    endpoint: Py<PyString>,
+    params: [Py<PyDict>; 2],
+    encoded: [Py<EncodedParams>; 2],
+}
+
+/// Whether two strs are equal (endpoint names: no lone surrogates).
+fn same_str(a: &Bound<'_, PyString>, b: &Bound<'_, PyString>) -> bool {
+    a.is(b) || matches!((a.to_str(), b.to_str()), (Ok(x), Ok(y)) if x == y)
+}
+
+/// What a [`ClientKeyer`] knows: the identity sources it was told about, and the params of
+/// each endpoint met for them.
+#[derive(Default)]
+struct KeyerState {
+    sources: Vec<Py<PyAny>>,
+    endpoints: Vec<EndpointParams>,
+}
+
+/// The common calls of one cached SDK client, split and keyed whole in the extension
+/// (`ClientCache.split`): checks that the client's identity is the one it was told about
+/// ([`ClientKeyer::remember`]), then does what [`KeyDeriver::client_key`] does with the
+/// endpoint's params.
+///
+/// The identity is checked as `ClientIdentity` checks it: the attributes `names` of the
+/// client's instance dict `attrs` (a missing one reads as None) compared with the sources
+/// remembered, each by identity first, then by `==` (the remembered mappings are copies, so a
+/// dict changed in place counts).
+///
+/// Locking: the state is replaced whole under a `Mutex` (held only to clone or swap the `Arc`,
+/// never while Python code runs: the comparisons may run some).
+#[pyclass(frozen, module = "chengeta_ai._core")]
+pub struct ClientKeyer {
+    attrs: Py<PyDict>,
+    names: Vec<Py<PyString>>,
+    state: Mutex<Arc<KeyerState>>,
+}
+
+impl ClientKeyer {
+    fn state(&self) -> Arc<KeyerState> {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Whether the client's identity sources equal `state`'s.
+    fn same_identity(&self, py: Python<'_>, state: &KeyerState) -> PyResult<bool> {
+        if state.sources.len() != self.names.len() {
+            return Ok(false);
+        }
+        let attrs = self.attrs.bind(py);
+        for (name, kept) in self.names.iter().zip(&state.sources) {
+            let kept = kept.bind(py);
+            let same = match attrs.get_item(name.bind(py))? {
+                Some(value) => value.is(kept) || value.eq(kept)?,
+                None => kept.is_none(),
+            };
+            if !same {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+#[pymethods]
+impl ClientKeyer {
+    /// A keyer reading the attributes `names` from the client's instance dict `attrs`;
+    /// it knows no identity yet.
+    #[new]
+    fn new(attrs: Py<PyDict>, names: Vec<Py<PyString>>) -> Self {
+        ClientKeyer {
+            attrs,
+            names,
+            state: Mutex::new(Arc::new(KeyerState::default())),
+        }
+    }
+
+    /// Tells the keyer the client's identity `sources` (the attribute values `names` as
+    /// read, mappings as copies: `ClientIdentity.current`) and the params of `endpoint` for it
+    /// (the dicts and their encodings, for a call that does not stream and one that does).
+    /// Sources other than those known (compared by identity) replace them and every endpoint.
+    fn remember(
+        &self,
+        py: Python<'_>,
+        sources: &Bound<'_, PyTuple>,
+        endpoint: Py<PyString>,
+        params: (Py<PyDict>, Py<PyDict>),
+        encoded: (Py<EncodedParams>, Py<EncodedParams>),
+    ) {
+        let current = self.state();
+        let same = current.sources.len() == sources.len()
+            && current
+                .sources
+                .iter()
+                .zip(sources.iter_borrowed())
+                .all(|(kept, given)| kept.is(&*given));
+        let known = |e: &EndpointParams| {
+            same_str(e.endpoint.bind(py), endpoint.bind(py))
+                && e.encoded[0].is(&encoded.0)
+                && e.encoded[1].is(&encoded.1)
+        };
+        if same && current.endpoints.iter().any(known) {
+            return; // (told again by a call the keyer leaves to the slow path)
+        }
+        let mut endpoints: Vec<EndpointParams> = Vec::new();
+        if same {
+            for known in &current.endpoints {
+                if !same_str(known.endpoint.bind(py), endpoint.bind(py)) {
+                    endpoints.push(EndpointParams {
+                        endpoint: known.endpoint.clone_ref(py),
+                        params: [known.params[0].clone_ref(py), known.params[1].clone_ref(py)],
+                        encoded: [
+                            known.encoded[0].clone_ref(py),
+                            known.encoded[1].clone_ref(py),
+                        ],
+                    });
+                }
+            }
+        }
+        endpoints.push(EndpointParams {
+            endpoint,
+            params: [params.0, params.1],
+            encoded: [encoded.0, encoded.1],
+        });
+        let state = KeyerState {
+            sources: sources.iter().map(Bound::unbind).collect(),
+            endpoints,
+        };
+        *self.state.lock().unwrap_or_else(PoisonError::into_inner) = Arc::new(state);
+    }
+
+    /// `(request, params, key)` of a common call to `endpoint` with the keyword arguments
+    /// `kwargs`: `request` as `split_plain_kwargs` makes it, `params` the endpoint's params
+    /// for `request.stream`, `key` what `deriver.key(request.model_id, request.request,
+    /// params)` is. None when the client's identity is not the one remembered, the endpoint
+    /// was not met with it, or `split_plain_kwargs` returns None: the caller takes the slow
+    /// path (and remembers the identity). Raises as `KeyDeriver.key` does.
+    fn split<'py>(
+        &self,
+        py: Python<'py>,
+        deriver: PyRef<'py, KeyDeriver>,
+        endpoint: &Bound<'py, PyString>,
+        kwargs: &Bound<'py, PyDict>,
+    ) -> PyResult<Option<(Request, Py<PyDict>, Bound<'py, PyString>)>> {
+        let state = self.state();
+        let mut found = None;
+        for known in &state.endpoints {
+            let name = known.endpoint.bind(py);
+            if same_str(name, endpoint) {
+                found = Some(known);
+                break;
+            }
+        }
+        let Some(known) = found else {
+            return Ok(None);
+        };
+        if !self.same_identity(py, &state)? {
+            return Ok(None);
+        }
+        let Some(request) = split_plain_kwargs(py, kwargs)? else {
+            return Ok(None);
+        };
+        let index = usize::from(request.stream);
+        let encoded = known.encoded[index].get();
+        let digest = deriver.digest(
+            py,
+            request.model_id.bind(py).as_any(),
+            Messages::Without(request.sdk_kwargs.bind(py), b"stream"),
+            Params::Encoded(&encoded.encoding),
+        )?;
+        let key = deriver.key_of(py, digest)?;
+        Ok(Some((request, known.params[index].clone_ref(py), key)))
+    }
+}
+
 /// One SDK call's keyword arguments, split for the cache: `request` is what is hashed (every
 /// response-shaping argument, without `stream`), `sdk_kwargs` what the SDK is given, `stream`
 /// whether the call streams, `model_id` its `model` (`"default"` without one).
@@ -1521,9 +1744,10 @@ impl EncodedParams {
 /// (`chengeta_ai.clients.request_key.split_request`).
 #[pyclass(frozen, module = "chengeta_ai._core")]
 pub struct Request {
-    /// The hashed arguments.
-    #[pyo3(get)]
-    request: Py<PyDict>,
+    /// The hashed arguments: given, or made on first read as `sdk_kwargs` without `stream`
+    /// (a call split by [`split_plain_kwargs`]: its key is hashed from `sdk_kwargs` directly,
+    /// and a streamed call never reads it).
+    request: PyOnceLock<Py<PyDict>>,
     /// The arguments given to the SDK.
     #[pyo3(get)]
     sdk_kwargs: Py<PyDict>,
@@ -1539,17 +1763,34 @@ pub struct Request {
 impl Request {
     #[new]
     fn new(
+        py: Python<'_>,
         request: Py<PyDict>,
         sdk_kwargs: Py<PyDict>,
         stream: bool,
         model_id: Py<PyString>,
     ) -> Self {
+        let made = PyOnceLock::new();
+        let _ = made.set(py, request);
         Request {
-            request,
+            request: made,
             sdk_kwargs,
             stream,
             model_id,
         }
+    }
+
+    /// The hashed arguments (see the class).
+    #[getter]
+    fn request(&self, py: Python<'_>) -> PyResult<Py<PyDict>> {
+        let made = self.request.get_or_try_init(py, || -> PyResult<_> {
+            let request = self.sdk_kwargs.bind(py).copy()?;
+            let stream_key = pyo3::intern!(py, "stream");
+            if request.contains(stream_key)? {
+                request.del_item(stream_key)?;
+            }
+            Ok(request.unbind())
+        })?;
+        Ok(made.clone_ref(py))
     }
 }
 
@@ -1559,8 +1800,9 @@ const SPECIAL_ARGS: [&[u8]; 4] = [b"timeout", b"extra_headers", b"extra_query", 
 /// `split_request`'s fast path, for the common call: every argument a value of one of the
 /// exact types `str`, `int`, `float`, `bool`, `None`, `dict`, `list`, `tuple`, `bytes`, and
 /// none of `timeout`, `extra_headers`, `extra_query`, `extra_body` (the arguments looked at by
-/// name). Then the hashed request is a copy of `kwargs` without `stream`, and `kwargs` is
-/// what the SDK is given. Returns None for any other call (the caller takes the slow path).
+/// name). Then the hashed request is `kwargs` without `stream` (a copy, made when first read:
+/// see [`Request`]), and `kwargs` is what the SDK is given. Returns None for any other call
+/// (the caller takes the slow path).
 ///
 /// Runs no Python code: the checks are on exact types and the copy, the `stream` lookup and
 /// its truth value are those of built-in types.
@@ -1595,16 +1837,11 @@ pub fn split_plain_kwargs<'py>(
             }
         }
     }
-    let request = kwargs.copy()?;
-    let stream_key = pyo3::intern!(py, "stream");
-    let stream = match request.get_item(stream_key)? {
-        Some(flag) => {
-            request.del_item(stream_key)?;
-            flag.is_truthy()?
-        }
+    let stream = match kwargs.get_item(pyo3::intern!(py, "stream"))? {
+        Some(flag) => flag.is_truthy()?,
         None => false,
     };
-    let model_id = match request.get_item(pyo3::intern!(py, "model"))? {
+    let model_id = match kwargs.get_item(pyo3::intern!(py, "model"))? {
         Some(model) if model.is_exact_instance_of::<PyString>() && !model.is_empty()? => {
             // SAFETY: the exact type was checked just above.
             unsafe { model.cast_into_unchecked::<PyString>() }.unbind()
@@ -1612,7 +1849,7 @@ pub fn split_plain_kwargs<'py>(
         _ => pyo3::intern!(py, "default").clone().unbind(),
     };
     Ok(Some(Request {
-        request: request.unbind(),
+        request: PyOnceLock::new(),
         sdk_kwargs: kwargs.clone().unbind(),
         stream,
         model_id,
@@ -1626,5 +1863,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Request>()?;
     m.add_class::<KeyDeriver>()?;
     m.add_class::<EncodedParams>()?;
+    m.add_class::<ClientKeyer>()?;
     Ok(())
 }

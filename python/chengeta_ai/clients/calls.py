@@ -41,6 +41,7 @@ from chengeta_ai.clients.recorded import (
     whole_object,
 )
 from chengeta_ai.clients.request_key import (
+    SOURCES,
     ClientIdentity,
     Request,
     check_isolatable,
@@ -48,7 +49,7 @@ from chengeta_ai.clients.request_key import (
     split_request,
 )
 from chengeta_ai.core.cache_manager import unframe_entry
-from chengeta_ai._core import EncodedParams
+from chengeta_ai._core import ClientKeyer, EncodedParams
 from chengeta_ai.core.key_builder import CacheKeyBuilder, build_key
 from chengeta_ai.errors import CacheMiss, DecodeError
 from chengeta_ai.layers.call_controls import CacheControl, CacheInfo
@@ -276,6 +277,13 @@ class ClientCache:
         self._identity = ClientIdentity(client, isolate_api_keys=isolate_api_keys)
         #: Per endpoint, the params of its calls for the client's current identity.
         self._params: dict[str, _EndpointParams] = {}
+        #: The common calls split and keyed whole in the extension (None: the identity is not
+        #: made of the client's instance dict alone).
+        self._keyer = (
+            ClientKeyer(self._identity.attrs, list(SOURCES))
+            if self._identity.keyable and isinstance(self._identity.attrs, dict)
+            else None
+        )
 
     def split(
         self, endpoint: str, kwargs: dict[str, Any], control: CacheControl | None
@@ -287,26 +295,38 @@ class ClientCache:
 
         The common call (`split_plain_kwargs` takes it, the cache's key builder is a
         `CacheKeyBuilder`, no ``namespace``) is split and keyed in one call into the extension
-        (`CacheKeyBuilder._client_key`), which hashes the endpoint's params as their encoding
-        made once per identity (`EncodedParams`) rather than a dict built and walked per call.
-        The params dicts returned are shared by the calls: read them, never change them."""
-        identity = self._identity()
-        memo = self._params.get(endpoint)
-        if memo is None or memo.identity is not identity:
-            memo = self._params[endpoint] = _EndpointParams.of(endpoint, identity)
+        (`ClientKeyer.split`: the client's identity checked, the endpoint's params hashed as
+        their encoding, made once per identity, `EncodedParams`), or failing that (another
+        identity or endpoint than the keyer knows, which it is then told) in two
+        (`ClientIdentity`, `KeyDeriver.client_key`). The params dicts returned are shared by
+        the calls: read them, never change them."""
         builder = self.cache.manager.key_builder
-        if (
-            type(builder) is CacheKeyBuilder
-            and memo.encoded is not None
-            and (control is None or control.namespace is None)
-        ):
+        keyable = type(builder) is CacheKeyBuilder and (
+            control is None or control.namespace is None
+        )
+        keyer = self._keyer
+        if keyable and keyer is not None:
             try:
-                keyed = builder._client_key(kwargs, memo.encoded)
+                keyed = keyer.split(builder._deriver, endpoint, kwargs)
             except (TypeError, ValueError):
                 keyed = None  # a value the key refuses: raised by the cache, as for any call
             if keyed is not None:
-                req, key = keyed
-                return req, memo.params[req.stream], key
+                return keyed
+        sources, identity = self._identity.current()
+        memo = self._params.get(endpoint)
+        if memo is None or memo.identity is not identity:
+            memo = self._params[endpoint] = _EndpointParams.of(endpoint, identity)
+        if memo.encoded is not None:
+            if keyer is not None:
+                keyer.remember(sources, endpoint, memo.params, memo.encoded)
+            if keyable:
+                try:
+                    keyed_ = builder._client_key(kwargs, memo.encoded)
+                except (TypeError, ValueError):
+                    keyed_ = None
+                if keyed_ is not None:
+                    req, key = keyed_
+                    return req, memo.params[req.stream], key
         req = split_request(kwargs)
         settle_omitted_headers(req.request, self.client)
         return req, memo.params[req.stream], None
@@ -412,7 +432,8 @@ class ClientCache:
         cache before it counts a hit (`StreamingResponseCache.client_stream`). ``key``: the
         call's key if `split` made it."""
         return self.cache.client_stream(
-            req.request,
+            # (only read to make the key: a streamed call split fast never copies its request)
+            req.request if key is None else None,
             upstream,
             req.model_id,
             params,

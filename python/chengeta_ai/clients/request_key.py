@@ -212,6 +212,19 @@ def client_identity(client: Any, *, isolate_api_keys: bool) -> dict[str, Any]:
     return identity
 
 
+#: The instance attributes `ClientIdentity` reads at every call, in order (the base URL as the
+#: SDKs keep it: their ``base_url`` property returns ``_base_url``).
+SOURCES = (
+    "_base_url",
+    "_custom_headers",
+    "_custom_query",
+    "api_key",
+    "auth_token",
+    "_azure_ad_token",
+    "organization",
+    "project",
+)
+
 #: What `client_identity` reads besides the base URL.
 _IDENTITY_SOURCES = (
     "_custom_headers",
@@ -246,10 +259,12 @@ class ClientIdentity:
     ``base_url`` property returns it and its setter writes it). The returned dict is shared
     by the calls: read it, never change it."""
 
-    __slots__ = ("_client", "_computed", "_get", "_isolate_api_keys", "_memo")
+    __slots__ = ("_client", "_computed", "_get", "_isolate_api_keys", "_memo", "attrs")
 
     def __init__(self, client: Any, *, isolate_api_keys: bool) -> None:
         attrs = getattr(client, "__dict__", {})
+        #: The client's instance dict (where `SOURCES` are read).
+        self.attrs: dict[str, Any] = attrs
         self._client = client
         self._get = attrs.get
         #: Read through `getattr` at every call: what the class computes at every read (a
@@ -264,9 +279,20 @@ class ClientIdentity:
         # that a thread never pairs one call's attributes with another call's identity.
         self._memo: tuple[tuple[Any, ...], dict[str, Any]] | None = None
 
+    @property
+    def keyable(self) -> bool:
+        """Whether the identity is made of the instance dict's `SOURCES` alone (nothing read
+        through ``getattr``): then a `ClientKeyer` can check it."""
+        return not self._computed
+
     def __call__(self) -> dict[str, Any]:
+        return self.current()[1]
+
+    def current(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``(sources, identity)``: the attributes the identity is made of as read (mappings as
+        copies), and the identity (see the class)."""
         get = self._get
-        sources: tuple[Any, ...] = (
+        sources: tuple[Any, ...] = (  # `SOURCES`, in order
             get("_base_url"),
             get("_custom_headers"),
             get("_custom_query"),
@@ -282,8 +308,8 @@ class ClientIdentity:
         memo = self._memo
         # Tuple equality tries `is` first: the unchanged attributes cost no comparison.
         if memo is not None and sources == memo[0]:
-            return memo[1]
+            return memo
         identity = client_identity(self._client, isolate_api_keys=self._isolate_api_keys)
         kept = tuple(dict(value) if isinstance(value, Mapping) else value for value in sources)
-        self._memo = (kept, identity)
-        return identity
+        memo = self._memo = (kept, identity)
+        return memo

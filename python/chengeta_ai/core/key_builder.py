@@ -73,9 +73,18 @@ class CacheKeyBuilder:
     Instances are immutable and safe to share between threads and tasks.
     """
 
-    __slots__ = ("_client_key", "_derive", "_kind", "_namespace", "_version", "_version_str")
+    __slots__ = (
+        "_client_key",
+        "_derive",
+        "_deriver",
+        "_kind",
+        "_namespace",
+        "_version",
+        "_version_str",
+    )
 
     _derive: Callable[[Any, Any, Any], str]
+    _deriver: KeyDeriver
     _client_key: Callable[
         [dict[str, Any], tuple[EncodedParams, EncodedParams]], tuple[Request, str] | None
     ]
@@ -96,6 +105,7 @@ class CacheKeyBuilder:
         # `build`'s common call (default kind, no partition), whole in the extension: the same
         # digest as `_digest`, the tuple's fixed items encoded once.
         deriver = KeyDeriver(KEY_FORMAT, self._namespace, self._version_str, self._kind)
+        object.__setattr__(self, "_deriver", deriver)
         object.__setattr__(self, "_derive", deriver.key)
         # a cached SDK client's call split and keyed in one call (`ClientCache.split`)
         object.__setattr__(self, "_client_key", deriver.client_key)
