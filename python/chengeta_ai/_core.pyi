@@ -72,13 +72,14 @@ class ClientKeyer:
     def __new__(cls, attrs: dict[str, typing.Any], names: list[str]) -> ClientKeyer: ...
     def remember(
         self,
+        builder: tuple[object, KeyDeriver] | None,
         sources: tuple[typing.Any, ...],
         endpoint: str,
         params: tuple[dict[str, typing.Any], dict[str, typing.Any]],
         encoded: tuple[EncodedParams, EncodedParams],
     ) -> None: ...
     def split(
-        self, deriver: KeyDeriver, endpoint: str, kwargs: dict[str, typing.Any]
+        self, builder: object, endpoint: str, kwargs: dict[str, typing.Any]
     ) -> tuple[Request, dict[str, typing.Any], str] | None: ...
 
 @typing.final

@@ -972,35 +972,59 @@ impl<'py> Walker<'py> {
         result
     }
 
-    /// [`Walker::walk_dict`] of `dict` without its entry of the str key `skip`, if any: the
-    /// same bytes as walking a copy of `dict` without that entry.
-    fn walk_dict_without<S: Sink>(
+    /// The messages of a common call, `kwargs` without `stream` (as [`Walker::walk_dict`] of
+    /// a copy of it without that entry), preceded by its model id: `split_plain_kwargs` and
+    /// the walk in one pass over `kwargs`. Returns `Ok(None)` without writing anything for a
+    /// call `split_plain_kwargs` does not take, else whether the call streams and its model
+    /// id (`model`, or None for `"default"`, which the caller wrote).
+    fn walk_call<S: Sink>(
         &mut self,
         sink: &mut S,
-        dict: &Bound<'py, PyDict>,
-        skip: &[u8],
-        depth: usize,
-    ) -> WalkResult {
-        check_depth(depth)?;
+        kwargs: &Bound<'py, PyDict>,
+    ) -> Result<Option<(bool, Option<Bound<'py, PyString>>)>, WalkError> {
         let start = self.entries.len();
-        let mut str_keyed = true;
+        let (mut stream, mut model) = (false, None);
+        let mut plain = true;
         let mut pos: ffi::Py_ssize_t = 0;
         let (mut key, mut value) = (std::ptr::null_mut(), std::ptr::null_mut());
-        // SAFETY: as in `walk_dict`.
+        // SAFETY: as in `walk_dict`; reading a built-in value's truth value runs no Python code.
         unsafe {
-            while ffi::PyDict_Next(dict.as_ptr(), &mut pos, &mut key, &mut value) != 0 {
-                let plain = self.push_entry(key, value);
-                let last = self.entries[self.entries.len() - 1];
-                if plain && last.key_utf8() == Some(skip) {
-                    self.entries.pop(); // (one such key at most; it held no reference)
-                } else {
-                    str_keyed &= plain;
+            while ffi::PyDict_Next(kwargs.as_ptr(), &mut pos, &mut key, &mut value) != 0 {
+                let item = self.held(value);
+                if !is_plain(&item) || !self.push_entry(key, value) {
+                    plain = false;
+                    break;
+                }
+                let name = self.entries[self.entries.len() - 1].key_utf8();
+                let name = name.unwrap_or_default();
+                if SPECIAL_ARGS.contains(&name) {
+                    plain = false;
+                    break;
+                }
+                if name == b"stream" {
+                    stream = ffi::PyObject_IsTrue(value) == 1;
+                    self.entries.pop(); // (it held no reference)
+                } else if name == b"model" && item.is_exact_instance_of::<PyString>() {
+                    model = Some(item.to_owned().cast_into_unchecked::<PyString>());
                 }
             }
         }
-        let result = self.write_mapping(sink, start, str_keyed, depth, Naming::Keys);
+        if !plain {
+            self.release_entries(start);
+            return Ok(None);
+        }
+        // the model id first (the item before the messages), as `split_plain_kwargs` makes it
+        let model = model.filter(|m| m.len().is_ok_and(|n| n > 0));
+        match &model {
+            Some(model) => self.write_str(sink, model),
+            None => self.write_str(sink, pyo3::intern!(self.py, "default")),
+        }
+        .map_err(|e| e.within(|| Segment::Name(DERIVED_NAMES[0].into())))?;
+        check_depth(1)?;
+        let result = self.write_mapping(sink, start, true, 1, Naming::Keys);
         self.release_entries(start);
-        result
+        result.map_err(|e| e.within(|| Segment::Name(DERIVED_NAMES[1].into())))?;
+        Ok(Some((stream, model)))
     }
 
     /// Writes the mapping whose entries are `entries[start..]`: keys sorted by their encoding,
@@ -1408,12 +1432,7 @@ impl KeyDeriver {
         messages: &Bound<'py, PyAny>,
         params: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyString>> {
-        let digest = self.digest(
-            py,
-            model_id,
-            Messages::Value(messages),
-            Params::Walk(params),
-        )?;
+        let digest = self.digest(py, model_id, messages, params)?;
         self.key_of(py, digest)
     }
 
@@ -1429,33 +1448,13 @@ impl KeyDeriver {
         kwargs: &Bound<'py, PyDict>,
         params: (PyRef<'py, EncodedParams>, PyRef<'py, EncodedParams>),
     ) -> PyResult<Option<(Request, Bound<'py, PyString>)>> {
-        let Some(request) = split_plain_kwargs(py, kwargs)? else {
+        let encoded = [params.0.encoding.as_slice(), params.1.encoding.as_slice()];
+        let Some((request, digest)) = self.split_digest(py, kwargs, encoded)? else {
             return Ok(None);
         };
-        let encoded = if request.stream { &params.1 } else { &params.0 };
-        let digest = self.digest(
-            py,
-            request.model_id.bind(py).as_any(),
-            Messages::Without(request.sdk_kwargs.bind(py), b"stream"),
-            Params::Encoded(&encoded.encoding),
-        )?;
         let key = self.key_of(py, digest)?;
         Ok(Some((request, key)))
     }
-}
-
-/// The messages item of a derived key: a value, or a dict without one str key (a call's
-/// keyword arguments without `stream`: the same bytes as a copy of it without that entry).
-enum Messages<'a, 'py> {
-    Value(&'a Bound<'py, PyAny>),
-    Without(&'a Bound<'py, PyDict>, &'static [u8]),
-}
-
-/// The params item of a derived key: a value to walk (None: `{}`), or its encoding, made by
-/// [`EncodedParams`].
-enum Params<'a, 'py> {
-    Walk(Option<&'a Bound<'py, PyAny>>),
-    Encoded(&'a [u8]),
 }
 
 impl KeyDeriver {
@@ -1464,8 +1463,8 @@ impl KeyDeriver {
         &self,
         py: Python<'py>,
         model_id: &Bound<'py, PyAny>,
-        messages: Messages<'_, 'py>,
-        params: Params<'_, 'py>,
+        messages: &Bound<'py, PyAny>,
+        params: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<[u8; 32]> {
         let mut scratch = SCRATCH.take().unwrap_or_default();
         let mut hasher = scratch.hasher.take().unwrap_or_default();
@@ -1480,28 +1479,62 @@ impl KeyDeriver {
         Ok(digest)
     }
 
+    /// `split_plain_kwargs(kwargs)` and the digest of the call it splits (`params`: the
+    /// encodings of its params when it does not stream and when it does), in one pass over
+    /// `kwargs` ([`Walker::walk_call`]); None for a call `split_plain_kwargs` does not take.
+    fn split_digest<'py>(
+        &self,
+        py: Python<'py>,
+        kwargs: &Bound<'py, PyDict>,
+        params: [&[u8]; 2],
+    ) -> PyResult<Option<(Request, [u8; 32])>> {
+        let mut scratch = SCRATCH.take().unwrap_or_default();
+        let mut hasher = scratch.hasher.take().unwrap_or_default();
+        hasher.put(&self.header);
+        let mut walker = Walker::new(py, &mut scratch);
+        let walked = walker.walk_call(&mut *hasher, kwargs);
+        if let Ok(Some((stream, _))) = &walked {
+            hasher.put(params[usize::from(*stream)]);
+        }
+        walker.into_scratch(&mut scratch);
+        let digest = hasher.finalize_reset();
+        scratch.hasher = Some(hasher);
+        SCRATCH.set(Some(scratch));
+        let Some((stream, model)) = walked? else {
+            return Ok(None);
+        };
+        let model_id = match model {
+            Some(model) => model.unbind(),
+            None => pyo3::intern!(py, "default").clone().unbind(),
+        };
+        let request = Request {
+            request: PyOnceLock::new(),
+            sdk_kwargs: kwargs.clone().unbind(),
+            stream,
+            model_id,
+        };
+        Ok(Some((request, digest)))
+    }
+
     /// Writes `model_id`, `messages` and `params` (errors name them).
     fn walk_items<'py>(
         walker: &mut Walker<'py>,
         sink: &mut KeyHasher,
         model_id: &Bound<'py, PyAny>,
-        messages: Messages<'_, 'py>,
-        params: Params<'_, 'py>,
+        messages: &Bound<'py, PyAny>,
+        params: Option<&Bound<'py, PyAny>>,
     ) -> WalkResult {
         let named =
             |i: usize| move |e: WalkError| e.within(|| Segment::Name(DERIVED_NAMES[i].into()));
         walker.walk(sink, model_id, 1).map_err(named(0))?;
-        match messages {
-            Messages::Value(messages) => walker.walk(sink, messages, 1),
-            Messages::Without(dict, skip) => walker.walk_dict_without(sink, dict, skip, 1),
-        }
-        .map_err(named(1))?;
+        walker.walk(sink, messages, 1).map_err(named(1))?;
         match params {
-            Params::Walk(Some(params)) => walker.walk(sink, params, 1).map_err(named(2))?,
-            Params::Walk(None) => sink.dict_header(0), // `{}`
-            Params::Encoded(encoding) => sink.put(encoding),
+            Some(params) => walker.walk(sink, params, 1).map_err(named(2)),
+            None => {
+                sink.dict_header(0); // `{}`
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     /// `"{namespace}:{kind}:{hex digest}"`.
@@ -1574,6 +1607,8 @@ fn same_str(a: &Bound<'_, PyString>, b: &Bound<'_, PyString>) -> bool {
 /// each endpoint met for them.
 #[derive(Default)]
 struct KeyerState {
+    /// The cache's key builder (a `CacheKeyBuilder`) and its deriver, if it is one.
+    builder: Option<(Py<PyAny>, Py<KeyDeriver>)>,
     sources: Vec<Py<PyAny>>,
     endpoints: Vec<EndpointParams>,
 }
@@ -1638,20 +1673,29 @@ impl ClientKeyer {
         }
     }
 
-    /// Tells the keyer the client's identity `sources` (the attribute values `names` as
-    /// read, mappings as copies: `ClientIdentity.current`) and the params of `endpoint` for it
-    /// (the dicts and their encodings, for a call that does not stream and one that does).
-    /// Sources other than those known (compared by identity) replace them and every endpoint.
+    /// Tells the keyer the cache's key builder (`builder`: the `CacheKeyBuilder` and its
+    /// `KeyDeriver`, or None for a key builder of another kind, whose calls it never keys),
+    /// the client's identity `sources` (the attribute values `names` as read, mappings as
+    /// copies: `ClientIdentity.current`) and the params of `endpoint` for it (the dicts and
+    /// their encodings, for a call that does not stream and one that does). A builder or
+    /// sources other than those known (compared by identity) replace them and every endpoint.
     fn remember(
         &self,
         py: Python<'_>,
+        builder: Option<(Py<PyAny>, Py<KeyDeriver>)>,
         sources: &Bound<'_, PyTuple>,
         endpoint: Py<PyString>,
         params: (Py<PyDict>, Py<PyDict>),
         encoded: (Py<EncodedParams>, Py<EncodedParams>),
     ) {
         let current = self.state();
-        let same = current.sources.len() == sources.len()
+        let same_builder = match (&current.builder, &builder) {
+            (Some(known), Some(given)) => known.0.is(&given.0),
+            (None, None) => true,
+            _ => false,
+        };
+        let same = same_builder
+            && current.sources.len() == sources.len()
             && current
                 .sources
                 .iter()
@@ -1686,6 +1730,7 @@ impl ClientKeyer {
             encoded: [encoded.0, encoded.1],
         });
         let state = KeyerState {
+            builder,
             sources: sources.iter().map(Bound::unbind).collect(),
             endpoints,
         };
@@ -1693,19 +1738,24 @@ impl ClientKeyer {
     }
 
     /// `(request, params, key)` of a common call to `endpoint` with the keyword arguments
-    /// `kwargs`: `request` as `split_plain_kwargs` makes it, `params` the endpoint's params
-    /// for `request.stream`, `key` what `deriver.key(request.model_id, request.request,
-    /// params)` is. None when the client's identity is not the one remembered, the endpoint
-    /// was not met with it, or `split_plain_kwargs` returns None: the caller takes the slow
-    /// path (and remembers the identity). Raises as `KeyDeriver.key` does.
+    /// `kwargs`, keyed by the cache's key builder `builder`: `request` as
+    /// `split_plain_kwargs` makes it, `params` the endpoint's params for `request.stream`, `key`
+    /// what `builder.build(request.request, request.model_id, params)` is. None when the
+    /// builder, the client's identity or the endpoint is not one remembered, or
+    /// `split_plain_kwargs` returns None: the caller takes the slow path (and tells the
+    /// keyer). Raises as `KeyDeriver.key` does.
     fn split<'py>(
         &self,
         py: Python<'py>,
-        deriver: PyRef<'py, KeyDeriver>,
+        builder: &Bound<'py, PyAny>,
         endpoint: &Bound<'py, PyString>,
         kwargs: &Bound<'py, PyDict>,
     ) -> PyResult<Option<(Request, Py<PyDict>, Bound<'py, PyString>)>> {
         let state = self.state();
+        let deriver = match &state.builder {
+            Some((known, deriver)) if known.is(builder) => deriver.get(),
+            _ => return Ok(None),
+        };
         let mut found = None;
         for known in &state.endpoints {
             let name = known.endpoint.bind(py);
@@ -1720,19 +1770,16 @@ impl ClientKeyer {
         if !self.same_identity(py, &state)? {
             return Ok(None);
         }
-        let Some(request) = split_plain_kwargs(py, kwargs)? else {
+        let encoded = [
+            known.encoded[0].get().encoding.as_slice(),
+            known.encoded[1].get().encoding.as_slice(),
+        ];
+        let Some((request, digest)) = deriver.split_digest(py, kwargs, encoded)? else {
             return Ok(None);
         };
-        let index = usize::from(request.stream);
-        let encoded = known.encoded[index].get();
-        let digest = deriver.digest(
-            py,
-            request.model_id.bind(py).as_any(),
-            Messages::Without(request.sdk_kwargs.bind(py), b"stream"),
-            Params::Encoded(&encoded.encoding),
-        )?;
         let key = deriver.key_of(py, digest)?;
-        Ok(Some((request, known.params[index].clone_ref(py), key)))
+        let params = known.params[usize::from(request.stream)].clone_ref(py);
+        Ok(Some((request, params, key)))
     }
 }
 
@@ -1794,6 +1841,20 @@ impl Request {
     }
 }
 
+/// Whether a call argument's value is of one of the exact types `split_plain_kwargs` takes.
+#[inline]
+fn is_plain(value: &Bound<'_, PyAny>) -> bool {
+    value.is_exact_instance_of::<PyString>()
+        || value.is_exact_instance_of::<PyDict>()
+        || value.is_exact_instance_of::<PyList>()
+        || value.is_exact_instance_of::<PyInt>()
+        || value.is_exact_instance_of::<PyFloat>()
+        || value.is_exact_instance_of::<PyBool>()
+        || value.is_none()
+        || value.is_exact_instance_of::<PyTuple>()
+        || value.is_exact_instance_of::<PyBytes>()
+}
+
 /// Arguments that `split_request`'s slow path looks at whatever their value.
 const SPECIAL_ARGS: [&[u8]; 4] = [b"timeout", b"extra_headers", b"extra_query", b"extra_body"];
 
@@ -1819,16 +1880,8 @@ pub fn split_plain_kwargs<'py>(
     unsafe {
         while ffi::PyDict_Next(kwargs.as_ptr(), &mut pos, &mut key, &mut value) != 0 {
             let value = Borrowed::from_ptr(py, value);
-            let plain = value.is_exact_instance_of::<PyString>()
-                || value.is_exact_instance_of::<PyDict>()
-                || value.is_exact_instance_of::<PyList>()
-                || value.is_exact_instance_of::<PyInt>()
-                || value.is_exact_instance_of::<PyFloat>()
-                || value.is_exact_instance_of::<PyBool>()
-                || value.is_none()
-                || value.is_exact_instance_of::<PyTuple>()
-                || value.is_exact_instance_of::<PyBytes>();
-            if !plain || !Borrowed::from_ptr(py, key).is_exact_instance_of::<PyString>() {
+            if !is_plain(&value) || !Borrowed::from_ptr(py, key).is_exact_instance_of::<PyString>()
+            {
                 return Ok(None);
             }
             match utf8_of_ptr(py, key) {

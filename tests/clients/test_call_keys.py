@@ -71,9 +71,9 @@ def test_the_key_made_in_one_call_is_the_cache_s_key(
             "stream": req.stream,
             **client_identity(client, isolate_api_keys=isolate),
         }
-    deriver = calls.cache.manager.key_builder._deriver
+    builder = calls.cache.manager.key_builder
     assert calls._keyer is not None
-    assert calls._keyer.split(deriver, endpoint, dict(kwargs)) is not None
+    assert calls._keyer.split(builder, endpoint, dict(kwargs)) is not None
 
 
 def test_a_streamed_call_split_fast_copies_no_request(client: Any) -> None:

@@ -300,32 +300,37 @@ class ClientCache:
         identity or endpoint than the keyer knows, which it is then told) in two
         (`ClientIdentity`, `KeyDeriver.client_key`). The params dicts returned are shared by
         the calls: read them, never change them."""
-        builder = self.cache.manager.key_builder
-        keyable = type(builder) is CacheKeyBuilder and (
-            control is None or control.namespace is None
-        )
         keyer = self._keyer
-        if keyable and keyer is not None:
+        builder = self.cache.manager.key_builder
+        if keyer is not None and (control is None or control.namespace is None):
             try:
-                keyed = keyer.split(builder._deriver, endpoint, kwargs)
+                keyed = keyer.split(builder, endpoint, kwargs)
             except (TypeError, ValueError):
                 keyed = None  # a value the key refuses: raised by the cache, as for any call
             if keyed is not None:
                 return keyed
+        return self._split_slow(endpoint, kwargs, control, builder)
+
+    def _split_slow(
+        self, endpoint: str, kwargs: dict[str, Any], control: CacheControl | None, builder: Any
+    ) -> tuple[Request, dict[str, Any], str | None]:
+        """`split` without the keyer (which it tells what it did not know)."""
         sources, identity = self._identity.current()
         memo = self._params.get(endpoint)
         if memo is None or memo.identity is not identity:
             memo = self._params[endpoint] = _EndpointParams.of(endpoint, identity)
         if memo.encoded is not None:
-            if keyer is not None:
-                keyer.remember(sources, endpoint, memo.params, memo.encoded)
-            if keyable:
+            deriver = builder._deriver if type(builder) is CacheKeyBuilder else None
+            if self._keyer is not None:
+                known = None if deriver is None else (builder, deriver)
+                self._keyer.remember(known, sources, endpoint, memo.params, memo.encoded)
+            if deriver is not None and (control is None or control.namespace is None):
                 try:
-                    keyed_ = builder._client_key(kwargs, memo.encoded)
+                    keyed = deriver.client_key(kwargs, memo.encoded)
                 except (TypeError, ValueError):
-                    keyed_ = None
-                if keyed_ is not None:
-                    req, key = keyed_
+                    keyed = None
+                if keyed is not None:
+                    req, key = keyed
                     return req, memo.params[req.stream], key
         req = split_request(kwargs)
         settle_omitted_headers(req.request, self.client)

@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from chengeta_ai._core import EncodedParams, KeyDeriver, Request, hash_request
+from chengeta_ai._core import KeyDeriver, hash_request
 
 __all__ = ["KEY_FORMAT", "CacheKeyBuilder"]
 
@@ -74,7 +74,6 @@ class CacheKeyBuilder:
     """
 
     __slots__ = (
-        "_client_key",
         "_derive",
         "_deriver",
         "_kind",
@@ -85,9 +84,6 @@ class CacheKeyBuilder:
 
     _derive: Callable[[Any, Any, Any], str]
     _deriver: KeyDeriver
-    _client_key: Callable[
-        [dict[str, Any], tuple[EncodedParams, EncodedParams]], tuple[Request, str] | None
-    ]
     _namespace: str
     _version: str | int
     _version_str: str
@@ -105,10 +101,9 @@ class CacheKeyBuilder:
         # `build`'s common call (default kind, no partition), whole in the extension: the same
         # digest as `_digest`, the tuple's fixed items encoded once.
         deriver = KeyDeriver(KEY_FORMAT, self._namespace, self._version_str, self._kind)
+        # (and a cached SDK client's common call, split and keyed whole: `ClientCache.split`)
         object.__setattr__(self, "_deriver", deriver)
         object.__setattr__(self, "_derive", deriver.key)
-        # a cached SDK client's call split and keyed in one call (`ClientCache.split`)
-        object.__setattr__(self, "_client_key", deriver.client_key)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable")
