@@ -10,9 +10,10 @@ bench``); smoke: ``pytest benches --benchmark-disable`` (every path once, sizes 
   cached client replaying the entry (no HTTP at all). Per chunk: the round's time over the
   number of chunks, medians over rounds, rounds interleaved.
 - Key building for a 2 KB and a 100 KB Responses API request: what the cached client does per
-  call to key it (the client's identity, the split of the arguments, the params, then
-  `CacheKeyBuilder.build`), against ``sha256(json.dumps(kwargs, sort_keys=True))`` of the same
-  keyword arguments (targets: >= 5x and >= 10x).
+  call to key it (`ClientCache.split`: the client's identity checked, the arguments split, the
+  params and the key made, the common call in one call into the extension), against
+  ``sha256(json.dumps(kwargs, sort_keys=True))`` of the same keyword arguments (targets: >= 5x
+  and >= 10x). The key is checked to be the one the cache makes of the split call.
 - A whole call's object for each caller of a live call (the miss and its joiners share the one
   the upstream produced; each gets its own, `chengeta_ai.clients.recorded.own_copy`): a deep
   ``model_copy`` per caller, against decoding a compact copy per caller (plus encoding it once),
@@ -41,8 +42,8 @@ import openai
 import pytest
 
 from chengeta_ai import CacheManager, cached
-from chengeta_ai.clients.recorded import own_copy, register_head
 from chengeta_ai.clients.calls import ClientCache
+from chengeta_ai.clients.recorded import own_copy, register_head
 from chengeta_ai.core.key_builder import CacheKeyBuilder, build_key
 from chengeta_ai.demo.server import LocalOpenAIServer
 from chengeta_ai.layers.streaming_cache import StreamingResponseCache

@@ -13,6 +13,7 @@ import openai
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.clients.test_split_request import plain_kwargs, same
 
 from chengeta_ai import CacheManager
 from chengeta_ai._core import EncodedParams, hash_request
@@ -21,8 +22,6 @@ from chengeta_ai.clients.request_key import _split_slow, client_identity
 from chengeta_ai.core.key_builder import CacheKeyBuilder, build_key
 from chengeta_ai.layers.call_controls import CacheControl
 from chengeta_ai.layers.streaming_cache import StreamingResponseCache
-
-from tests.clients.test_split_request import plain_kwargs, same
 
 ENDPOINTS = ("openai.responses", "openai.chat.completions", "openai.completions")
 
@@ -133,7 +132,11 @@ def test_an_anthropic_client_s_token_is_in_the_key() -> None:
     "kwargs",
     [
         {"model": "m", "input": "x", "timeout": 5},  # off the fast path
-        {"model": "m", "input": "x", "extra_headers": {"anthropic-beta": "b", "x-stainless-a": "1"}},
+        {
+            "model": "m",
+            "input": "x",
+            "extra_headers": {"anthropic-beta": "b", "x-stainless-a": "1"},
+        },
         {"model": "m", "input": "x", "n": openai.NOT_GIVEN},
     ],
     ids=["timeout", "headers", "not-given"],

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import anyio
 
+from chengeta_ai._core import ClientKeyer, EncodedParams
 from chengeta_ai.clients.assemble import assemble, twin_request
 from chengeta_ai.clients.recorded import (
     AsyncCachedStream,
@@ -49,7 +50,6 @@ from chengeta_ai.clients.request_key import (
     split_request,
 )
 from chengeta_ai.core.cache_manager import unframe_entry
-from chengeta_ai._core import ClientKeyer, EncodedParams
 from chengeta_ai.core.key_builder import CacheKeyBuilder, build_key
 from chengeta_ai.errors import CacheMiss, DecodeError
 from chengeta_ai.layers.call_controls import CacheControl, CacheInfo
