@@ -424,6 +424,13 @@ struct Walker<'py> {
     strs: StrCache,
 }
 
+/// What [`Walker::walk_call`] finds in a common call: whether it streams, and its `model`
+/// (None: the model id is `"default"`).
+type CallSplit<'py> = (bool, Option<Bound<'py, PyString>>);
+
+/// A call split and keyed by [`ClientKeyer::split`]: the split, its params, its key.
+type KeyedCall<'py> = (Request, Py<PyDict>, Bound<'py, PyString>);
+
 /// How a mapping's entries are named in error paths.
 #[derive(Clone, Copy)]
 enum Naming {
@@ -981,7 +988,7 @@ impl<'py> Walker<'py> {
         &mut self,
         sink: &mut S,
         kwargs: &Bound<'py, PyDict>,
-    ) -> Result<Option<(bool, Option<Bound<'py, PyString>>)>, WalkError> {
+    ) -> Result<Option<CallSplit<'py>>, WalkError> {
         let start = self.entries.len();
         let (mut stream, mut model) = (false, None);
         let mut plain = true;
@@ -1470,7 +1477,7 @@ impl KeyDeriver {
         let mut hasher = scratch.hasher.take().unwrap_or_default();
         hasher.put(&self.header);
         let mut walker = Walker::new(py, &mut scratch);
-        let walked = Self::walk_items(&mut walker, &mut *hasher, model_id, messages, params);
+        let walked = Self::walk_items(&mut walker, &mut hasher, model_id, messages, params);
         walker.into_scratch(&mut scratch);
         let digest = hasher.finalize_reset();
         scratch.hasher = Some(hasher);
@@ -1750,7 +1757,7 @@ impl ClientKeyer {
         builder: &Bound<'py, PyAny>,
         endpoint: &Bound<'py, PyString>,
         kwargs: &Bound<'py, PyDict>,
-    ) -> PyResult<Option<(Request, Py<PyDict>, Bound<'py, PyString>)>> {
+    ) -> PyResult<Option<KeyedCall<'py>>> {
         let state = self.state();
         let deriver = match &state.builder {
             Some((known, deriver)) if known.is(builder) => deriver.get(),
