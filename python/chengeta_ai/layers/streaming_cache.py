@@ -447,7 +447,8 @@ class StreamingResponseCache:
         ``stored_chunks``, ``chunks_delivered``, ``chunks_replayed``), and ``accept(head)``
         says whether a stored entry may serve the call, asked before the hit is counted: a
         refused entry is a corrupt entry (dropped, counted) and the call goes on as a miss.
-        ``messages`` is only read to make the key (``stream_fn`` gets it, and ignores it).
+        ``messages`` is read only to make the key, and handed to ``stream_fn`` (which, for a
+        cached client, ignores it: a call with its key made beforehand passes None).
         ``key``: the call's key when the caller made it already (the key `build_key` gives
         ``(messages, model_id, params)`` with no partition: see `ClientCache.split`)."""
         call = self._prepare(
