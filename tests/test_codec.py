@@ -70,6 +70,14 @@ class Tree(BaseModel):
     children: list[Tree] = []
 
 
+class Node(BaseModel):
+    """A model whose first field can hold instances of its own class, scalars after it."""
+
+    kids: list[Node] = []
+    name: str = ""
+    n: int = 0
+
+
 class Counted(BaseModel):
     made: ClassVar[int] = 0
     i: int
@@ -83,7 +91,7 @@ class Unregistered(BaseModel):
     x: int = 0
 
 
-for _cls in (Extra, WithPrivate, Tree, Counted):
+for _cls in (Extra, WithPrivate, Tree, Node, Counted):
     register_model(_cls)
 
 
@@ -263,6 +271,22 @@ def test_fields_that_change_then_repeat_decode_exactly() -> None:
     while got := dec.take(3):
         out.extend(got)
     assert all(same(x, y) for x, y in zip(trees, out, strict=True))
+
+
+def test_fields_after_a_nested_instance_of_the_same_template() -> None:
+    # The encoder decides "same as previous" for every field in one walk, before the values
+    # are written; a same-template instance nested in an earlier field changes "previous" for
+    # the fields after it, which are then decided again (as the decoder reads them).
+    items = [
+        Node(name="a", n=1),
+        Node(kids=[Node(name="b", n=2)], name="a", n=1),
+        Node(kids=[Node(name="a", n=1), Node(name="c")], name="a", n=2),
+        Node(kids=[Node(kids=[Node(name="a")], name="d", n=2)], name="d", n=2),
+        Node(name="d", n=2),
+    ]
+    for data in (stream(items), _core.encode(items)):
+        out = _core.decode(data)
+        assert all(same(x, y) for x, y in zip(items, out, strict=True))
 
 
 @settings(max_examples=150, deadline=None)
