@@ -494,6 +494,41 @@ fn keys_are(dict: &Bound<'_, PyDict>, fields: &[Py<PyString>]) -> bool {
     true
 }
 
+/// Reads slot `i` ([`SLOT_NAMES`]) of model instance `v` through its class's resolved getter
+/// (`slots`), or by a generic `getattr` (no getter, or the getter failed: an unset slot).
+fn read_slot<'py>(
+    v: &Bound<'py, PyAny>,
+    slots: Option<&ClassSlots>,
+    i: usize,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = v.py();
+    if let Some(slots) = slots {
+        let g = &slots[i];
+        // SAFETY: `g.get` is the `tp_descr_get` of `g.descr`'s type (see `resolve_slots`),
+        // called with that descriptor, a live instance and its type, as the interpreter
+        // calls it; it returns a new reference or NULL with an exception set.
+        let got = unsafe {
+            (g.get)(
+                g.descr.as_ptr(),
+                v.as_ptr(),
+                pyo3::ffi::Py_TYPE(v.as_ptr()).cast(),
+            )
+        };
+        if !got.is_null() {
+            // SAFETY: a new reference (see above).
+            return Ok(unsafe { Bound::from_owned_ptr(py, got) });
+        }
+        drop(PyErr::take(py));
+    }
+    let name = match i {
+        SLOT_DICT => intern!(py, "__dict__"),
+        SLOT_EXTRA => intern!(py, "__pydantic_extra__"),
+        SLOT_FIELDS_SET => intern!(py, "__pydantic_fields_set__"),
+        _ => intern!(py, "__pydantic_private__"),
+    };
+    generic_getattr(v, name)
+}
+
 impl Encoder {
     fn string(&mut self, s: &Bound<'_, PyString>) -> EncResult {
         match s.to_str() {
@@ -635,45 +670,12 @@ impl Encoder {
         out
     }
 
-    /// Reads slot `i` of model instance `v` through its class's resolved getter, or by a
-    /// generic `getattr` (no getter, or the getter failed: an unset slot).
-    fn slot<'py>(
-        &self,
-        v: &Bound<'py, PyAny>,
-        key: usize,
-        i: usize,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let py = v.py();
-        if let Some(slots) = &self.by_type[&key].slots {
-            let g = &slots[i];
-            // SAFETY: `g.get` is the `tp_descr_get` of `g.descr`'s type (see `resolve_slots`),
-            // called with that descriptor, a live instance and its type, as the interpreter
-            // calls it; it returns a new reference or NULL with an exception set.
-            let got = unsafe {
-                (g.get)(
-                    g.descr.as_ptr(),
-                    v.as_ptr(),
-                    pyo3::ffi::Py_TYPE(v.as_ptr()).cast(),
-                )
-            };
-            if !got.is_null() {
-                // SAFETY: a new reference (see above).
-                return Ok(unsafe { Bound::from_owned_ptr(py, got) });
-            }
-            drop(PyErr::take(py));
-        }
-        let name = match i {
-            SLOT_DICT => intern!(py, "__dict__"),
-            SLOT_EXTRA => intern!(py, "__pydantic_extra__"),
-            SLOT_FIELDS_SET => intern!(py, "__pydantic_fields_set__"),
-            _ => intern!(py, "__pydantic_private__"),
-        };
-        generic_getattr(v, name)
-    }
-
     fn model(&mut self, v: &Bound<'_, PyAny>, key: usize, depth: usize) -> EncResult {
         let py = v.py();
-        let dict = self.slot(v, key, SLOT_DICT)?;
+        // One look-up of the class entry per instance (its slot accessors are shared).
+        let slots = self.by_type[&key].slots.clone();
+        let slots = slots.as_ref();
+        let dict = read_slot(v, slots, SLOT_DICT)?;
         let dict = dict
             .cast_exact::<PyDict>()
             .map_err(|_| EncFail::new("model __dict__ is not a dict"))?;
@@ -722,9 +724,9 @@ impl Encoder {
             }
         };
 
-        let extra = self.slot(v, key, SLOT_EXTRA)?;
-        let fields_set = self.slot(v, key, SLOT_FIELDS_SET)?;
-        let private = self.slot(v, key, SLOT_PRIVATE)?;
+        let extra = read_slot(v, slots, SLOT_EXTRA)?;
+        let fields_set = read_slot(v, slots, SLOT_FIELDS_SET)?;
+        let private = read_slot(v, slots, SLOT_PRIVATE)?;
         let fields_set = fields_set.cast_exact::<PySet>().map_err(|_| {
             EncFail::new("__pydantic_fields_set__ is not a set")
                 .at(Seg::Attr("__pydantic_fields_set__".into()))
@@ -1108,6 +1110,10 @@ struct DecTemplate {
     /// fields that changed are set. `None` when field names repeat (planted data): then every
     /// instance's dict is built field by field.
     base: Option<Py<PyDict>>,
+    /// Fields whose value in `base` is not their `prev`: a scalar that changed is written to
+    /// the instance only (most such fields change on every instance: `content`, OpenAI's
+    /// `obfuscation`), and `base` is brought up to date when the value next repeats.
+    stale: Vec<bool>,
     /// Private copy of the previous instance's fields set: the next one is a copy of it.
     prev_fs: Option<Py<PySet>>,
     /// Instances begun so far (see [`codec`]'s validator): a change while reading a field means
@@ -1360,6 +1366,7 @@ impl<'a> Dec<'a, '_> {
                     slots,
                     prev: (0..n).map(|_| None).collect(),
                     base: (base.len() == n).then(|| base.unbind()),
+                    stale: vec![false; n],
                     fields,
                     prev_fs: None,
                     seq: 0,
@@ -1429,13 +1436,21 @@ impl<'a> Dec<'a, '_> {
         let mut saw_nested = false;
         for i in 0..n {
             if mask_get(mask, i) {
-                if nested {
-                    let t = &self.t.templates[tid];
+                let t = &mut self.t.templates[tid];
+                if nested || t.stale[i] {
                     let val = t.prev[i].as_ref().ok_or(CodecError::BadReference(
                         "previous value of field",
                         i as u64,
                     ))?;
-                    dict.set_item(t.fields[i].bind(py), val.bind(py))?;
+                    let (field, val) = (t.fields[i].bind(py), val.bind(py));
+                    dict.set_item(field, val)?;
+                    if t.stale[i] {
+                        // repeating now: the copies of the next instances will hold it
+                        if let Some(b) = &base {
+                            b.bind(py).set_item(field, val)?;
+                        }
+                        t.stale[i] = false;
+                    }
                 }
                 continue;
             }
@@ -1449,9 +1464,7 @@ impl<'a> Dec<'a, '_> {
                 saw_nested = true;
             }
             if is_scalar(&v) {
-                if let Some(b) = &base {
-                    b.bind(py).set_item(field, &v)?;
-                }
+                t.stale[i] = base.is_some();
                 t.prev[i] = Some(v.unbind());
             } else {
                 t.prev[i] = None;
