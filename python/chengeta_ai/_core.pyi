@@ -13,6 +13,7 @@ __all__ = [
     "EncodeError",
     "KeyDeriver",
     "Request",
+    "SoloPull",
     "StreamDecoder",
     "StreamEncoder",
     "UpstreamLost",
@@ -142,3 +143,23 @@ class ChunkLog:
     @property
     def consumers(self) -> int: ...
     def stats(self) -> dict[str, int]: ...
+
+@typing.final
+class SoloPull:
+    def __new__(
+        cls,
+        flight: typing.Any,
+        upstream: typing.Iterator[typing.Any],
+        log: ChunkLog,
+        encoder: StreamEncoder,
+        consumer: int,
+        pull_lock: typing.Any,
+        running: object,
+        nbytes: int,
+    ) -> SoloPull: ...
+    def __iter__(self) -> SoloPull: ...
+    def __next__(self) -> typing.Any: ...
+    @property
+    def taken(self) -> int: ...
+    @property
+    def spent(self) -> bool: ...

@@ -36,7 +36,7 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from chengeta_ai._core import ChunkLog, StreamEncoder
+from chengeta_ai._core import ChunkLog, SoloPull, StreamEncoder
 from chengeta_ai.core.cache_manager import CacheManager, frame
 from chengeta_ai.core.stats import Counters
 from chengeta_ai.errors import ChengetaError, ConsumerLagged, EncodeError
@@ -970,11 +970,15 @@ class SyncFlight(Flight):
                     logger.debug("chengeta_ai: closing upstream raised %r", exc)
 
     def consume(self, consumer: int) -> Generator[Any, None, None]:
-        # The loop a lone caller's miss runs once per chunk. A consumer that has read
-        # everything pulls the next chunk itself and keeps it in hand: per chunk, the upstream
-        # read and one call into the log that encodes, appends and hands it over
-        # (`ChunkLog.record`), plus a readiness check unless the flight is solo. Otherwise it
-        # reads what the log has for it (`next_batch`, inlined), or pulls, or waits.
+        # A lone caller's miss is handed its chunks by `SoloPull` (Rust): per chunk, one C call
+        # runs the pulling branch below (pull lock, checks, upstream read, `ChunkLog.record`),
+        # and this frame only delegates to it (`yield from`). It stops wherever that branch
+        # would not be the plain case, and the loop below carries on.
+        # The loop: a consumer that has read everything pulls the next chunk itself and keeps
+        # it in hand: per chunk, the upstream read and one call into the log that encodes,
+        # appends and hands it over (`ChunkLog.record`), plus a readiness check unless the
+        # flight is solo. Otherwise it reads what the log has for it (`next_batch`, inlined),
+        # or pulls, or waits.
         log = self.log
         read = log.read
         ready_to_pull = log.ready_to_pull
@@ -987,8 +991,32 @@ class SyncFlight(Flight):
         # the batch being handed out: what it still holds was not (counted once, at the end)
         handing: Iterator[Any] = iter(())
         acked = False
+        pump: SoloPull | None = None
+        # False once the pump is spent or the flight not solo: neither comes back
+        pumping = True
         try:
             while True:
+                if pumping:
+                    if pump is None and self._upstream is not None:
+                        if self._core_encoder is None or not self.solo:
+                            pumping = False
+                        else:
+                            pump = SoloPull(
+                                self,
+                                self._upstream,
+                                log,
+                                self._core_encoder,
+                                consumer,
+                                pull_lock,
+                                _RUNNING,
+                                UNENCODED_CHUNK_BYTES,
+                            )
+                    if pump is not None:
+                        taken = pump.taken
+                        yield from pump
+                        if pump.taken != taken:
+                            acked = True  # the take acknowledged the previous batch
+                        pumping = not pump.spent
                 if try_pull(False):
                     try:
                         # Solo (nobody ever joined), this consumer took every chunk it pulled
@@ -1059,6 +1087,8 @@ class SyncFlight(Flight):
                 handing = iter(batch)
                 yield from handing
         finally:
+            if pump is not None:
+                delivered += pump.taken
             try:
                 actions = self.consumer_left(consumer, delivered - length_hint(handing))
                 self.wake()
