@@ -4,6 +4,7 @@ import typing
 
 __version__: str
 __all__ = [
+    "AsyncPump",
     "BackendError",
     "CacheMiss",
     "ChengetaError",
@@ -143,6 +144,29 @@ class ChunkLog:
     @property
     def consumers(self) -> int: ...
     def stats(self) -> dict[str, int]: ...
+
+@typing.final
+class AsyncPump:
+    def __new__(
+        cls,
+        flight: typing.Any,
+        anext: typing.Callable[[], typing.Awaitable[typing.Any]],
+        log: ChunkLog,
+        encoder: StreamEncoder,
+        nbytes: int,
+        checkpoint_every: int,
+    ) -> AsyncPump: ...
+    def __await__(self) -> typing.Generator[typing.Any, typing.Any, int]: ...
+    def __iter__(self) -> AsyncPump: ...
+    def __next__(self) -> typing.Any: ...
+    def send(self, value: typing.Any, /) -> typing.Any: ...
+    def throw(
+        self, typ: typing.Any, val: typing.Any = None, tb: typing.Any = None, /
+    ) -> typing.Any: ...
+    def close(self) -> None: ...
+    @property
+    def since_checkpoint(self) -> int: ...
+    def checkpointed(self) -> None: ...
 
 @typing.final
 class SoloPull:

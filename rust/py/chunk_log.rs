@@ -18,7 +18,7 @@ use crate::timing::{PaceRecorder, DEFAULT_UNIT_US};
 pub(crate) const RECORD_OVERFLOWED: u8 = 1;
 pub(crate) const RECORD_TAKEN: u8 = 2;
 pub(crate) const RECORD_UNENCODED: u8 = 4;
-const RECORD_NO_HEADROOM: u8 = 8;
+pub(crate) const RECORD_NO_HEADROOM: u8 = 8;
 
 /// Bound on the recorded timing of a log without a byte budget (16 MiB of deltas).
 const UNBOUNDED_TIMING_BYTES: usize = 16 << 20;

@@ -1,18 +1,26 @@
-//! `SoloPull`: a lone sync consumer's per-chunk step on a miss, as one iterator's `__next__`.
+//! The per-chunk steps of a flight on a miss, in Rust.
+//!
+//! `SoloPull`: a lone sync consumer's per-chunk step, as one iterator's `__next__`.
 //!
 //! `chengeta_ai.layers.fanout.SyncFlight.consume` hands a caller its chunks with
 //! `yield from SoloPull(...)` while the caller is the flight's only consumer: each `next()` is
 //! then one generator resume plus this C call (the pull lock, the flight's checks, the upstream
 //! read, `ChunkLog.record_item`), not a Python loop body. Anything that is not the plain case
 //! ends the iteration and the Python loop carries on exactly as it would have.
+//!
+//! `AsyncPump`: an async flight's pump loop (`AsyncFlight._pump`), as one awaitable that
+//! drives the upstream's `__anext__()` awaitables the way `await` does and records each chunk.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
 
-use pyo3::exceptions::{PyStopIteration, PyTypeError};
+use pyo3::exceptions::{PyStopAsyncIteration, PyStopIteration, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::{ffi, intern};
 
-use crate::py::chunk_log::{ChunkLog, RECORD_OVERFLOWED, RECORD_TAKEN, RECORD_UNENCODED};
+use crate::py::chunk_log::{
+    ChunkLog, RECORD_NO_HEADROOM, RECORD_OVERFLOWED, RECORD_TAKEN, RECORD_UNENCODED,
+};
 use crate::py::codec::StreamEncoder;
 
 /// A lone consumer's chunks, read straight from a sync flight's upstream.
@@ -193,6 +201,273 @@ impl SoloPull {
     }
 }
 
+/// What `AsyncPump` returns when the upstream ended (`StopAsyncIteration`).
+const PUMP_ENDED: i64 = -1;
+
+/// How one send or throw into an upstream awaitable came out.
+enum Step<'py> {
+    /// It suspended: the value goes to the event loop.
+    Yielded(Bound<'py, PyAny>),
+    /// It completed with this chunk.
+    Returned(Bound<'py, PyAny>),
+    /// It raised.
+    Raised(PyErr),
+}
+
+/// `PyIter_Send`: resumes `it` with `value`, as `await` does.
+fn send_into<'py>(it: &Bound<'py, PyAny>, value: &Bound<'py, PyAny>) -> Step<'py> {
+    let py = it.py();
+    let mut result: *mut ffi::PyObject = std::ptr::null_mut();
+    // SAFETY: both pointers are live objects; PyIter_Send stores a new reference in `result`
+    // on PYGEN_NEXT and PYGEN_RETURN, and sets an exception on PYGEN_ERROR.
+    match unsafe { ffi::PyIter_Send(it.as_ptr(), value.as_ptr(), &mut result) } {
+        ffi::PySendResult::PYGEN_NEXT => {
+            Step::Yielded(unsafe { Bound::from_owned_ptr(py, result) })
+        }
+        ffi::PySendResult::PYGEN_RETURN => {
+            Step::Returned(unsafe { Bound::from_owned_ptr(py, result) })
+        }
+        ffi::PySendResult::PYGEN_ERROR => Step::Raised(
+            PyErr::take(py).unwrap_or_else(|| PyTypeError::new_err("send failed without error")),
+        ),
+    }
+}
+
+/// The iterator `await aw` drives (`aw.__await__()`, through the type's `am_await` slot).
+fn await_iter<'py>(aw: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    let py = aw.py();
+    // SAFETY: PyType_GetSlot reads a slot of a live type object (static types too, 3.10+).
+    let slot = unsafe { ffi::PyType_GetSlot(ffi::Py_TYPE(aw.as_ptr()), ffi::Py_am_await) };
+    if slot.is_null() {
+        return Err(PyTypeError::new_err(format!(
+            "object {} can't be used in 'await' expression",
+            aw.get_type().name()?
+        )));
+    }
+    // SAFETY: the am_await slot is a unaryfunc returning a new reference or NULL with an error.
+    let am_await: ffi::unaryfunc = unsafe { std::mem::transmute(slot) };
+    let it = unsafe { am_await(aw.as_ptr()) };
+    // SAFETY: a new reference, or NULL with an exception set
+    unsafe { Bound::from_owned_ptr_or_err(py, it) }
+}
+
+/// An async flight's pump loop as one awaitable (`AsyncFlight._pump` awaits it repeatedly).
+///
+/// `AsyncPump(flight, anext, log, encoder, nbytes, checkpoint_every)`: each `await` reads
+/// chunks with `anext()` (the upstream's bound `__anext__`), driving each awaitable it returns
+/// exactly as `await` would: every value it yields goes to the event loop unchanged, and every
+/// `send`, `throw` and `close` of the awaiting coroutine is forwarded to it, so cancellation,
+/// trio's checkpoints and an upstream's own suspensions behave as with `await anext()` in
+/// Python. Each chunk is recorded in `log` (`ChunkLog.record` with `encoder`; unencoded after
+/// the encoder failed once, accounted as `nbytes`), the flight's data waiters are woken
+/// (`flight._wake_data()` when `flight._data` is set) and `since_checkpoint` counts it.
+///
+/// The await returns to Python with the record's bits after a chunk the Python loop must look
+/// at (the log overflowed, the encoder failed, no headroom is left) or after
+/// `checkpoint_every` chunks since the last `checkpointed()`; with -1 when the upstream ended
+/// (`StopAsyncIteration`). Whatever else the upstream raises propagates unchanged.
+#[pyclass(frozen, module = "chengeta_ai._core")]
+pub struct AsyncPump {
+    flight: Py<PyAny>,
+    anext: Py<PyAny>,
+    log: Py<ChunkLog>,
+    encoder: Py<StreamEncoder>,
+    nbytes: u64,
+    checkpoint_every: u32,
+    // Atomics and a lock taken only to move the awaitable in or out (never held across a call
+    // into Python): the pump is driven by one task, one step at a time.
+    encoding: AtomicBool,
+    since: AtomicU32,
+    /// The upstream awaitable being driven while it is suspended.
+    current: Mutex<Option<Py<PyAny>>>,
+}
+
+impl AsyncPump {
+    fn set_current(&self, it: Option<Py<PyAny>>) {
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = it;
+    }
+
+    fn take_current(&self) -> Option<Py<PyAny>> {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// The next chunk's awaitable, started.
+    fn start_next<'py>(&self, py: Python<'py>) -> (Option<Bound<'py, PyAny>>, Step<'py>) {
+        let it = match self.anext.bind(py).call0().and_then(|aw| await_iter(&aw)) {
+            Ok(it) => it,
+            Err(err) => return (None, Step::Raised(err)),
+        };
+        let step = send_into(&it, &py.None().into_bound(py));
+        (Some(it), step)
+    }
+
+    /// Carries on from `step` (the outcome of resuming `it`) until the awaitable suspends,
+    /// the upstream ends or raises, or a chunk needs the Python loop.
+    fn run<'py>(
+        &self,
+        py: Python<'py>,
+        mut it: Option<Bound<'py, PyAny>>,
+        mut step: Step<'py>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        loop {
+            let chunk = match step {
+                Step::Yielded(value) => {
+                    self.set_current(it.map(Bound::unbind));
+                    return Ok(value);
+                }
+                Step::Raised(err) => {
+                    if err.is_instance_of::<PyStopAsyncIteration>(py) {
+                        return Err(PyStopIteration::new_err((PUMP_ENDED,)));
+                    }
+                    return Err(err);
+                }
+                Step::Returned(chunk) => chunk,
+            };
+            let encoder = if self.encoding.load(Ordering::Relaxed) {
+                Some(self.encoder.get())
+            } else {
+                None
+            };
+            let bits = self
+                .log
+                .get()
+                .record_item(py, chunk, encoder, self.nbytes, None);
+            if bits & RECORD_UNENCODED != 0 {
+                // as the flight does (`_after_record`): the rest is appended unencoded
+                self.encoding.store(false, Ordering::Relaxed);
+            }
+            let flight = self.flight.bind(py);
+            if !flight.getattr(intern!(py, "_data"))?.is_none() {
+                flight.call_method0(intern!(py, "_wake_data"))?;
+            }
+            let since = self.since.fetch_add(1, Ordering::Relaxed) + 1;
+            if bits & (RECORD_OVERFLOWED | RECORD_UNENCODED | RECORD_NO_HEADROOM) != 0
+                || since >= self.checkpoint_every
+            {
+                return Err(PyStopIteration::new_err((i64::from(bits),)));
+            }
+            (it, step) = self.start_next(py);
+        }
+    }
+}
+
+#[pymethods]
+impl AsyncPump {
+    #[new]
+    fn new(
+        flight: Py<PyAny>,
+        anext: Py<PyAny>,
+        log: Py<ChunkLog>,
+        encoder: Py<StreamEncoder>,
+        nbytes: u64,
+        checkpoint_every: u32,
+    ) -> Self {
+        AsyncPump {
+            flight,
+            anext,
+            log,
+            encoder,
+            nbytes,
+            checkpoint_every,
+            encoding: AtomicBool::new(true),
+            since: AtomicU32::new(0),
+            current: Mutex::new(None),
+        }
+    }
+
+    fn __await__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    fn __iter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    fn __next__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        Self::send(slf, &slf.py().None().into_bound(slf.py()))
+    }
+
+    /// Resumes the upstream awaitable being driven with `value` (the event loop's answer to
+    /// what it yielded), or starts reading the next chunk.
+    fn send<'py>(slf: &Bound<'py, Self>, value: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let this = slf.get();
+        match this.take_current() {
+            Some(it) => {
+                let it = it.into_bound(py);
+                let step = send_into(&it, value);
+                this.run(py, Some(it), step)
+            }
+            None => {
+                let (it, step) = this.start_next(py);
+                this.run(py, it, step)
+            }
+        }
+    }
+
+    /// Throws into the upstream awaitable being driven (a cancellation, trio's or asyncio's).
+    #[pyo3(signature = (typ, val = None, tb = None))]
+    fn throw<'py>(
+        slf: &Bound<'py, Self>,
+        typ: &Bound<'py, PyAny>,
+        val: Option<&Bound<'py, PyAny>>,
+        tb: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let this = slf.get();
+        let Some(it) = this.take_current() else {
+            // not inside an upstream awaitable (never suspended there): raise it here
+            let exc = match val {
+                Some(v) if !v.is_none() => v.clone(),
+                _ if typ.is_instance_of::<pyo3::exceptions::PyBaseException>() => typ.clone(),
+                _ => typ.call0()?,
+            };
+            return Err(PyErr::from_value(exc));
+        };
+        let it = it.into_bound(py);
+        let thrown = match (val, tb) {
+            (None, None) => it.call_method1(intern!(py, "throw"), (typ,)),
+            (Some(v), None) => it.call_method1(intern!(py, "throw"), (typ, v)),
+            (v, Some(t)) => it.call_method1(intern!(py, "throw"), (typ, v, t)),
+        };
+        let step = match thrown {
+            Ok(value) => Step::Yielded(value),
+            Err(err) if err.is_instance_of::<PyStopIteration>(py) => {
+                let value = err.value(py).getattr(intern!(py, "value"))?;
+                Step::Returned(value)
+            }
+            Err(err) => Step::Raised(err),
+        };
+        this.run(py, Some(it), step)
+    }
+
+    /// Closes the upstream awaitable being driven (the awaiting coroutine is being closed).
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        if let Some(it) = self.take_current() {
+            let it = it.into_bound(py);
+            if let Ok(close) = it.getattr(intern!(py, "close")) {
+                close.call0()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Chunks recorded since the last `checkpointed()`.
+    #[getter]
+    fn since_checkpoint(&self) -> u32 {
+        self.since.load(Ordering::Relaxed)
+    }
+
+    /// The Python loop gave the event loop a turn: counts from 0 again.
+    fn checkpointed(&self) {
+        self.since.store(0, Ordering::Relaxed);
+    }
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<SoloPull>()
+    m.add_class::<SoloPull>()?;
+    m.add_class::<AsyncPump>()
 }

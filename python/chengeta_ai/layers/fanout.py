@@ -37,7 +37,7 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from chengeta_ai._core import ChunkLog, SoloPull, StreamEncoder
+from chengeta_ai._core import AsyncPump, ChunkLog, SoloPull, StreamEncoder
 from chengeta_ai.core.cache_manager import CacheManager, frame
 from chengeta_ai.core.stats import Counters
 from chengeta_ai.errors import ChengetaError, ConsumerLagged, EncodeError
@@ -690,6 +690,27 @@ class AsyncFlight(Flight):
         # coroutine per chunk: `_hold` is awaited only when the slowest holding consumer is
         # max_lag behind.)
         read = upstream.__anext__
+        if self._core_encoder is not None:
+            # The loop below, but each chunk read, recorded and announced in Rust (`AsyncPump`
+            # drives the upstream's awaitables as `await` does); back here only for what needs
+            # this loop's attention, with `ChunkLog.record`'s bits.
+            pump = AsyncPump(
+                self, read, self.log, self._core_encoder, UNENCODED_CHUNK_BYTES, CHECKPOINT_EVERY
+            )
+            while True:
+                bits = await pump
+                if bits < 0:  # the upstream ended
+                    if pump.since_checkpoint:
+                        await anyio.lowlevel.checkpoint()  # see below
+                    return
+                if bits & (_OVERFLOWED | _UNENCODED):
+                    self._after_record(bits)
+                    await anyio.lowlevel.checkpoint_if_cancelled()  # see below
+                since = pump.since_checkpoint
+                if (bits & _NO_HEADROOM and await self._hold()) or since >= CHECKPOINT_EVERY:
+                    if since >= CHECKPOINT_EVERY:
+                        await anyio.lowlevel.checkpoint()
+                    pump.checkpointed()
         append = self.append
         record = self._record
         since_checkpoint = 0
