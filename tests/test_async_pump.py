@@ -9,7 +9,9 @@ swallows it, a `BaseException`). Then each way the pump returns to the Python lo
 
 from __future__ import annotations
 
+import gc
 import types
+import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator
 from typing import Any
 
@@ -341,3 +343,15 @@ async def test_an_await_that_is_not_awaitable_is_a_type_error() -> None:
     pump = AsyncPump(RecordingFlight(), NotAwaitable().__anext__, ChunkLog(), StreamEncoder(), 1, 8)
     with pytest.raises(TypeError, match="await"):
         await pump
+
+
+def test_a_cycle_through_the_pump_is_collected() -> None:
+    async def upstream() -> AsyncIterator[Any]:
+        yield "a"
+
+    pump, flight, _, _ = make_pump(upstream())
+    flight.pump = pump  # type: ignore[attr-defined]  # a cycle the collector must see through
+    ref = weakref.ref(flight)
+    del pump, flight
+    gc.collect()
+    assert ref() is None

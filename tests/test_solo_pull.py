@@ -8,12 +8,14 @@ a real Ctrl-C (SIGINT) landing right after an upstream read.
 from __future__ import annotations
 
 import ctypes
+import gc
 import itertools
 import os
 import signal
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -336,3 +338,12 @@ def test_ctrl_c_right_after_an_upstream_read_never_truncates(on_abandon: Any) ->
         # caller, which left, and the drain finished and stored the whole stream (the Python
         # step would have been interrupted between the read and the log: the flight failed)
         assert entry == [*head, 0, *tail]
+
+
+def test_a_cycle_through_the_pull_is_collected() -> None:
+    pull, flight, _, _ = make_pull(iter(["a"]))
+    flight.pull = pull  # type: ignore[attr-defined]  # a cycle the collector must see through
+    ref = weakref.ref(flight)
+    del pull, flight
+    gc.collect()
+    assert ref() is None

@@ -16,7 +16,7 @@ use std::sync::Mutex;
 
 use pyo3::exceptions::{PyStopAsyncIteration, PyStopIteration, PyTypeError};
 use pyo3::prelude::*;
-use pyo3::{ffi, intern};
+use pyo3::{ffi, intern, PyTraverseError, PyVisit};
 
 use crate::py::chunk_log::{
     ChunkLog, RECORD_NO_HEADROOM, RECORD_OVERFLOWED, RECORD_TAKEN, RECORD_UNENCODED,
@@ -161,6 +161,22 @@ impl SoloPull {
 
     fn __iter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
         slf
+    }
+
+    /// Visible to the garbage collector: the flight may reach back to this iterator.
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        for obj in [
+            &self.flight,
+            &self.state,
+            &self.upstream,
+            &self.acquire,
+            &self.release,
+        ] {
+            visit.call(obj)?;
+        }
+        visit.call(&self.running)?;
+        visit.call(&self.log)?;
+        visit.call(&self.encoder)
     }
 
     fn __next__<'py>(slf: &Bound<'py, Self>) -> PyResult<Option<Bound<'py, PyAny>>> {
@@ -380,6 +396,22 @@ impl AsyncPump {
 
     fn __await__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
         slf
+    }
+
+    /// Visible to the garbage collector: a flight's cancel scope holds the task awaiting this
+    /// pump, whose frame holds the pump, which holds the flight.
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.flight)?;
+        visit.call(&self.anext)?;
+        visit.call(&self.log)?;
+        visit.call(&self.encoder)?;
+        // never contended: the collector runs with the GIL, between two steps of the pump
+        if let Ok(current) = self.current.try_lock() {
+            if let Some(it) = current.as_ref() {
+                visit.call(it)?;
+            }
+        }
+        Ok(())
     }
 
     fn __iter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
