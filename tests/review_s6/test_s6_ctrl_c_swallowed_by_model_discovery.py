@@ -28,6 +28,7 @@ import pytest
 
 from chengeta_ai import CacheManager, register_model
 from chengeta_ai.backends.memory_backend import InMemoryBackend
+from chengeta_ai.layers.fanout import SyncFlight
 from chengeta_ai.layers.streaming_cache import StreamingResponseCache
 
 
@@ -77,6 +78,7 @@ def test_ctrl_c_after_a_read_reaches_the_caller_when_the_chunk_needs_discovery()
     # Ctrl-C reached the caller at the interrupted read (at the latest just after it)
     assert [c.i for c in got] in ([0, 1, 2], [0, 1, 2, 3])
     for flight in list(cache.flights.values()):
+        assert isinstance(flight, SyncFlight)
         flight.wait_released()
     key = cache.manager.key_builder.build(messages, "default", None)
     assert cache.manager.get(key) is None  # on_abandon="cancel": the interrupted stream
