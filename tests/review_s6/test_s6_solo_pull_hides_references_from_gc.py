@@ -10,12 +10,15 @@ each failed stream leaks its flight, its log of chunks, its encoder buffer and t
 object (an SDK ``Stream`` with its HTTP response): memory grows without bound with the
 number of upstream errors.
 
-Each test passes on main (98a6aba) and fails on s6-pump (c3a02c2).
+Each test passes on main (98a6aba) and fails on s6-pump (c3a02c2). Measured: 2,000 solo
+misses of 500 small chunks each failing at the end take RSS from 96 MB to 850 MB on s6-pump,
+to 105 MB on main.
 """
 
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -113,3 +116,66 @@ def test_memory_of_failed_misses_is_bounded(make_error: Any) -> None:
     _collect()
     alive = sum(r() is not None for r in held)
     assert alive == 0, f"{alive} of 30 failed streams' upstream buffers are still alive"
+
+
+def test_a_failed_shared_stream_read_by_two_threads_is_freed() -> None:
+    """The leader's pump was created while it was alone; a joiner from another thread arrives
+    mid-stream, then the upstream fails: both threads get the error. Once both have handled
+    it, the flight and the upstream are garbage (on main); with SoloPull in the leader's frame
+    they stay alive."""
+    cache = _cache()
+    flights: list[weakref.ref[Any]] = []
+    upstreams: list[weakref.ref[Any]] = []
+    joined = threading.Event()
+    errors: list[BaseException] = []
+    counts: dict[str, int] = {}
+
+    class Upstream:
+        def __init__(self) -> None:
+            self.i = 0
+
+        def __iter__(self) -> Upstream:
+            return self
+
+        def __next__(self) -> str:
+            self.i += 1
+            if self.i == 20:
+                joined.wait(10)  # the joiner is in before the failure
+            if self.i == 40:
+                raise ConnectionError("upstream dropped")
+            return f"tok{self.i}"
+
+    def stream_fn(_messages: Any) -> Upstream:
+        flights.extend(weakref.ref(f) for f in cache.flights.values())
+        upstream = Upstream()
+        upstreams.append(weakref.ref(upstream))
+        return upstream
+
+    messages = [{"role": "user", "content": "shared failure"}]
+
+    def read(name: str, signal_join: bool) -> None:
+        n = 0
+        try:
+            stream = cache.get_or_stream(messages, stream_fn)
+            if signal_join:
+                joined.set()
+            for _chunk in stream:
+                n += 1
+                if not signal_join and n == 5:
+                    joiner.start()
+        except ConnectionError as exc:
+            errors.append(exc)
+        counts[name] = n
+
+    joiner = threading.Thread(target=read, args=("joiner", True))
+    leader = threading.Thread(target=read, args=("leader", False))
+    leader.start()
+    leader.join(20)
+    joiner.join(20)
+    assert not leader.is_alive() and not joiner.is_alive()
+    assert len(errors) == 2 and counts == {"leader": 39, "joiner": 39}
+    assert cache.stats()["joins"] == 1
+    errors.clear()
+    _collect()
+    assert [r() for r in upstreams] == [None], "the failed upstream leaked"
+    assert [r() for r in flights] == [None], "the failed flight leaked"
