@@ -85,6 +85,7 @@ def test_a_failed_openai_stream_is_freed_with_its_flight(
         pytest.param(lambda: ValueError("boom"), id="ValueError"),
         pytest.param(lambda: Halt("halt"), id="custom-BaseException"),
         pytest.param(lambda: SystemExit(3), id="SystemExit"),
+        pytest.param(lambda: KeyboardInterrupt(), id="Ctrl-C-in-the-read"),
     ],
 )
 def test_memory_of_failed_misses_is_bounded(make_error: Any) -> None:
