@@ -18,6 +18,7 @@ from collections.abc import Generator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from chengeta_ai import CacheKeyBuilder, CacheManager, InMemoryBackend
@@ -39,7 +40,7 @@ class Upstream:
 
     @types.coroutine
     def __anext__(self) -> Generator[Any, Any, int]:
-        yield from anyio.sleep(0).__await__()
+        yield from anyio.lowlevel.checkpoint().__await__()
         if self.i >= 5:
             raise StopAsyncIteration
         self.i += 1
