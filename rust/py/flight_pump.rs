@@ -11,10 +11,12 @@
 //! `AsyncPump`: an async flight's pump loop (`AsyncFlight._pump`), as one awaitable that
 //! drives the upstream's `__anext__()` awaitables the way `await` does and records each chunk.
 
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use pyo3::exceptions::{PyStopAsyncIteration, PyStopIteration, PyTypeError};
+use pyo3::panic::PanicException;
 use pyo3::prelude::*;
 use pyo3::{ffi, intern, PyTraverseError, PyVisit};
 
@@ -78,7 +80,7 @@ impl SoloPull {
         // without one at the end.
         let read = unsafe { ffi::PyIter_Next(self.upstream.as_ptr()) };
         let chunk = if read.is_null() {
-            let exc = match PyErr::take(py) {
+            let exc = match take_raised(py) {
                 Some(err) => err,
                 None => PyStopIteration::new_err(()),
             };
@@ -87,6 +89,17 @@ impl SoloPull {
             // SAFETY: a non-null new reference, owned from here on.
             unsafe { Bound::from_owned_ptr(py, read) }
         };
+        // A signal (Ctrl-C) that arrived during the read is handled here, as the Python step
+        // handles it right after `next()` returns: the read chunk is lost to everyone, so the
+        // flight fails. (Left pending, it would be handled by whatever Python code the encoder
+        // calls next, e.g. a model discovery hook that swallows it.)
+        // SAFETY: called with the GIL held; -1 with an exception set when a handler raised.
+        if unsafe { ffi::PyErr_CheckSignals() } != 0 {
+            drop(chunk);
+            let exc = take_raised(py)
+                .unwrap_or_else(|| PyTypeError::new_err("a signal handler failed without error"));
+            return self.pull_failed(py, exc);
+        }
         let bits = self.log.get().record_item(
             py,
             chunk.clone(),
@@ -191,7 +204,13 @@ impl SoloPull {
         }
         // No Python code runs between the acquire returning and `step` starting, nor between
         // `step` returning and the release: nothing can interrupt this thread's hold there.
-        let stepped = this.step(py);
+        // A panic inside the step (PyO3 resumes a `PanicException` raised by Python code the
+        // step calls as one) fails the flight like any other error of the read or the record,
+        // and never skips the release.
+        let stepped = match panic::catch_unwind(AssertUnwindSafe(|| this.step(py))) {
+            Ok(stepped) => stepped,
+            Err(payload) => this.pull_failed(py, PanicException::new_err(panic_message(&payload))),
+        };
         this.release.bind(py).call0()?;
         let Some(chunk) = stepped? else {
             return Ok(None);
@@ -214,6 +233,51 @@ impl SoloPull {
     #[getter]
     fn spent(&self) -> bool {
         self.spent.load(Ordering::Relaxed)
+    }
+}
+
+/// The exception raised in this thread, taken as it is. Unlike `PyErr::take`, this does not
+/// resume a `PanicException` (raised by an upstream itself driven by this crate's code) as a
+/// Rust panic: the flight's failure path gets it like any other exception.
+fn take_raised(py: Python<'_>) -> Option<PyErr> {
+    let mut typ: *mut ffi::PyObject = std::ptr::null_mut();
+    let mut value: *mut ffi::PyObject = std::ptr::null_mut();
+    let mut tb: *mut ffi::PyObject = std::ptr::null_mut();
+    // SAFETY: with the GIL held, PyErr_Fetch moves the indicator's three new references (or
+    // NULLs) out and clears it; PyErr_NormalizeException replaces them with an exception
+    // instance of the type (abi3-safe, unlike PyErr_GetRaisedException before 3.12).
+    #[allow(deprecated)]
+    unsafe {
+        ffi::PyErr_Fetch(&mut typ, &mut value, &mut tb);
+        if typ.is_null() {
+            return None;
+        }
+        ffi::PyErr_NormalizeException(&mut typ, &mut value, &mut tb);
+        if !tb.is_null() && !value.is_null() {
+            // as `except` sees it: the traceback on the exception object
+            ffi::PyException_SetTraceback(value, tb);
+        }
+        ffi::Py_XDECREF(tb);
+        let err = match Bound::from_owned_ptr_or_opt(py, value) {
+            Some(value) => PyErr::from_value(value),
+            None => PyErr::from_type(
+                Bound::from_borrowed_ptr(py, typ).downcast_into_unchecked(),
+                (),
+            ),
+        };
+        ffi::Py_DECREF(typ);
+        Some(err)
+    }
+}
+
+/// The message of a caught panic's payload (as PyO3 builds its `PanicException`).
+fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(text) = payload.downcast_ref::<String>() {
+        text.clone()
+    } else if let Some(text) = payload.downcast_ref::<&str>() {
+        (*text).to_owned()
+    } else {
+        "panic from Rust code".to_owned()
     }
 }
 
