@@ -319,6 +319,12 @@ fn await_iter<'py>(aw: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
     // SAFETY: PyType_GetSlot reads a slot of a live type object (static types too, 3.10+).
     let slot = unsafe { ffi::PyType_GetSlot(ffi::Py_TYPE(aw.as_ptr()), ffi::Py_am_await) };
     if slot.is_null() {
+        // `await`'s other rule (`_PyCoro_GetAwaitableIter`): a generator-based coroutine
+        // (`@types.coroutine`, a generator whose code has CO_ITERABLE_COROUTINE) is its own
+        // iterator. Off the plain path: only objects without an `am_await` slot get here.
+        if is_iterable_coroutine(aw)? {
+            return Ok(aw.clone());
+        }
         return Err(PyTypeError::new_err(format!(
             "object {} can't be used in 'await' expression",
             aw.get_type().name()?
@@ -329,6 +335,44 @@ fn await_iter<'py>(aw: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
     let it = unsafe { am_await(aw.as_ptr()) };
     // SAFETY: a new reference, or NULL with an exception set
     unsafe { Bound::from_owned_ptr_or_err(py, it) }
+}
+
+/// True for a generator whose code is flagged CO_ITERABLE_COROUTINE (`types.coroutine`).
+fn is_iterable_coroutine(aw: &Bound<'_, PyAny>) -> PyResult<bool> {
+    /// CPython's `CO_ITERABLE_COROUTINE` code flag (stable since 3.5).
+    const CO_ITERABLE_COROUTINE: i64 = 0x0100;
+    let py = aw.py();
+    let generator = py
+        .import(intern!(py, "types"))?
+        .getattr(intern!(py, "GeneratorType"))?;
+    if !aw.get_type().is(&generator) {
+        return Ok(false);
+    }
+    let flags: i64 = aw
+        .getattr(intern!(py, "gi_code"))?
+        .getattr(intern!(py, "co_flags"))?
+        .extract()?;
+    Ok(flags & CO_ITERABLE_COROUTINE != 0)
+}
+
+/// The exception `throw(typ, val, tb)` raises, as an exception object.
+fn thrown_exception<'py>(
+    typ: &Bound<'py, PyAny>,
+    val: Option<&Bound<'py, PyAny>>,
+    tb: Option<&Bound<'py, PyAny>>,
+) -> PyResult<PyErr> {
+    let exc = match val {
+        Some(v) if !v.is_none() && v.is_instance_of::<pyo3::exceptions::PyBaseException>() => {
+            v.clone()
+        }
+        Some(v) if !v.is_none() => typ.call1((v,))?,
+        _ if typ.is_instance_of::<pyo3::exceptions::PyBaseException>() => typ.clone(),
+        _ => typ.call0()?,
+    };
+    if let Some(tb) = tb.filter(|tb| !tb.is_none()) {
+        exc.call_method1(intern!(typ.py(), "with_traceback"), (tb,))?;
+    }
+    Ok(PyErr::from_value(exc))
 }
 
 /// An async flight's pump loop as one awaitable (`AsyncFlight._pump` awaits it repeatedly).
@@ -516,14 +560,20 @@ impl AsyncPump {
         let this = slf.get();
         let Some(it) = this.take_current() else {
             // not inside an upstream awaitable (never suspended there): raise it here
-            let exc = match val {
-                Some(v) if !v.is_none() => v.clone(),
-                _ if typ.is_instance_of::<pyo3::exceptions::PyBaseException>() => typ.clone(),
-                _ => typ.call0()?,
-            };
-            return Err(PyErr::from_value(exc));
+            return Err(thrown_exception(typ, val, tb)?);
         };
         let it = it.into_bound(py);
+        if !it.hasattr(intern!(py, "throw"))? {
+            // as `await` / `yield from` (`gen_throw`): an iterator without `throw` is dropped
+            // (closed first for a GeneratorExit) and the exception raised here
+            let err = thrown_exception(typ, val, tb)?;
+            if err.is_instance_of::<pyo3::exceptions::PyGeneratorExit>(py) {
+                if let Ok(close) = it.getattr(intern!(py, "close")) {
+                    close.call0()?;
+                }
+            }
+            return Err(err);
+        }
         let thrown = match (val, tb) {
             (None, None) => it.call_method1(intern!(py, "throw"), (typ,)),
             (Some(v), None) => it.call_method1(intern!(py, "throw"), (typ, v)),
