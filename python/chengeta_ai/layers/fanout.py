@@ -1018,6 +1018,11 @@ class SyncFlight(Flight):
         # profile hook (`sys.setprofile`: cProfile, or a test delivering a Ctrl-C at a chosen
         # call) the Python step below runs instead, so that each of its calls is seen.
         pumping = sys.getprofile() is None
+        # True when this generator was closed at a yield (GeneratorExit: `close()`, or the
+        # garbage collector finalizing it, possibly in another consumer's thread during that
+        # one's upstream read). At a yield this consumer holds no pull lock: a hold of this
+        # thread seen then is someone else's, never to be released here.
+        closed_at_yield = False
         try:
             while True:
                 if pumping:
@@ -1110,6 +1115,9 @@ class SyncFlight(Flight):
                 delivered += len(batch)
                 handing = iter(batch)
                 yield from handing
+        except GeneratorExit:
+            closed_at_yield = True
+            raise
         finally:
             if pump is not None:
                 delivered += pump.taken
@@ -1119,8 +1127,9 @@ class SyncFlight(Flight):
                 self.perform(actions)
             finally:
                 # a hold leaked by a Ctrl-C between acquire() and its try (see __init__):
-                # at most one, as the loop leaves at the first interruption
-                if pull_lock._is_owned():  # type: ignore[attr-defined]
+                # at most one, as the loop leaves at the first interruption (an exception
+                # raised while this generator runs, never a GeneratorExit at a yield)
+                if not closed_at_yield and pull_lock._is_owned():  # type: ignore[attr-defined]
                     pull_lock.release()
 
     def _drain(self) -> None:
