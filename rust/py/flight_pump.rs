@@ -601,6 +601,25 @@ impl AsyncPump {
         Ok(())
     }
 
+    /// Always None: the pump has no Python frame of its own. With `gi_yieldfrom`, this lets
+    /// await-chain walkers (trio's `Task.iter_await_frames`, a `cr_await` walk on asyncio)
+    /// go through the pump as through a `@types.coroutine` generator.
+    #[getter]
+    fn gi_frame(&self, py: Python<'_>) -> Py<PyAny> {
+        py.None()
+    }
+
+    /// The upstream awaitable's iterator being driven while the pump is suspended, else None
+    /// (a generator's `gi_yieldfrom`): the await chain reaches the upstream's frames.
+    #[getter]
+    fn gi_yieldfrom(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|it| it.clone_ref(py))
+    }
+
     /// Chunks recorded since the last `checkpointed()`.
     #[getter]
     fn since_checkpoint(&self) -> u32 {
