@@ -24,14 +24,13 @@ import contextvars
 import functools
 import inspect
 import logging
-import sys
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator
 from dataclasses import dataclass
 from operator import length_hint
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import anyio
 import anyio.lowlevel
@@ -798,6 +797,10 @@ class SyncFlight(Flight):
     the condition.
     """
 
+    #: A lone consumer's chunks come from `SoloPull` (Rust) when True; False runs the Python
+    #: step for every chunk (same behaviour, slower: for tests that watch its Python calls).
+    solo_pull: ClassVar[bool] = True
+
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         # Reentrant, and owned: Ctrl-C (a KeyboardInterrupt raised where CPython runs signal
@@ -1014,10 +1017,8 @@ class SyncFlight(Flight):
         handing: Iterator[Any] = iter(())
         acked = False
         pump: SoloPull | None = None
-        # False once the pump is spent or the flight not solo: neither comes back. Under a
-        # profile hook (`sys.setprofile`: cProfile, or a test delivering a Ctrl-C at a chosen
-        # call) the Python step below runs instead, so that each of its calls is seen.
-        pumping = sys.getprofile() is None
+        # False once the pump is spent or the flight not solo: neither comes back.
+        pumping = self.solo_pull
         # True when this generator was closed at a yield (GeneratorExit: `close()`, or the
         # garbage collector finalizing it, possibly in another consumer's thread during that
         # one's upstream read). At a yield this consumer holds no pull lock: a hold of this
