@@ -26,6 +26,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     py::errors::register(m)?;
     py::chunk_log::register(m)?;
+    py::flight_pump::register(m)?;
     py::keys::register(m)?;
     py::codec::register(m)?;
     py::timing::register(m)?;

@@ -4,6 +4,7 @@ import typing
 
 __version__: str
 __all__ = [
+    "AsyncPump",
     "BackendError",
     "CacheMiss",
     "ChengetaError",
@@ -15,6 +16,7 @@ __all__ = [
     "EncodedParams",
     "KeyDeriver",
     "Request",
+    "SoloPull",
     "StreamDecoder",
     "StreamEncoder",
     "UpstreamLost",
@@ -167,3 +169,50 @@ class ChunkLog:
     @property
     def consumers(self) -> int: ...
     def stats(self) -> dict[str, int]: ...
+
+@typing.final
+class AsyncPump:
+    def __new__(
+        cls,
+        flight: typing.Any,
+        anext: typing.Callable[[], typing.Awaitable[typing.Any]],
+        log: ChunkLog,
+        encoder: StreamEncoder,
+        nbytes: int,
+        checkpoint_every: int,
+    ) -> AsyncPump: ...
+    def __await__(self) -> typing.Generator[typing.Any, typing.Any, int]: ...
+    def __iter__(self) -> AsyncPump: ...
+    def __next__(self) -> typing.Any: ...
+    def send(self, value: typing.Any) -> typing.Any: ...
+    def throw(
+        self, typ: typing.Any, val: typing.Any = None, tb: typing.Any = None
+    ) -> typing.Any: ...
+    def close(self) -> None: ...
+    @property
+    def gi_frame(self) -> None: ...
+    @property
+    def gi_yieldfrom(self) -> typing.Any: ...
+    @property
+    def since_checkpoint(self) -> int: ...
+    def checkpointed(self) -> None: ...
+
+@typing.final
+class SoloPull:
+    def __new__(
+        cls,
+        flight: typing.Any,
+        upstream: typing.Iterator[typing.Any],
+        log: ChunkLog,
+        encoder: StreamEncoder,
+        consumer: int,
+        pull_lock: typing.Any,
+        running: object,
+        nbytes: int,
+    ) -> SoloPull: ...
+    def __iter__(self) -> SoloPull: ...
+    def __next__(self) -> typing.Any: ...
+    @property
+    def taken(self) -> int: ...
+    @property
+    def spent(self) -> bool: ...

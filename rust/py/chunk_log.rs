@@ -15,10 +15,10 @@ use crate::py::errors::ConsumerLagged;
 use crate::timing::{PaceRecorder, DEFAULT_UNIT_US};
 
 /// `record`'s result bits.
-const RECORD_OVERFLOWED: u8 = 1;
-const RECORD_TAKEN: u8 = 2;
-const RECORD_UNENCODED: u8 = 4;
-const RECORD_NO_HEADROOM: u8 = 8;
+pub(crate) const RECORD_OVERFLOWED: u8 = 1;
+pub(crate) const RECORD_TAKEN: u8 = 2;
+pub(crate) const RECORD_UNENCODED: u8 = 4;
+pub(crate) const RECORD_NO_HEADROOM: u8 = 8;
 
 /// Bound on the recorded timing of a log without a byte budget (16 MiB of deltas).
 const UNBOUNDED_TIMING_BYTES: usize = 16 << 20;
@@ -47,6 +47,47 @@ pub struct ChunkLog {
 }
 
 impl ChunkLog {
+    /// `record` for Rust callers (`record` itself and `SoloPull`).
+    pub(crate) fn record_item(
+        &self,
+        py: Python<'_>,
+        item: Bound<'_, PyAny>,
+        encoder: Option<&StreamEncoder>,
+        nbytes: u64,
+        consumer: Option<u64>,
+    ) -> u8 {
+        let mut bits = 0;
+        // The encoder runs before the log is locked: it calls into Python (attribute reads on
+        // models), and the log's lock is never held across such a call.
+        let nbytes = match encoder.map(|e| e.push_item(py, &item)) {
+            Some(Ok((_, added))) => added as u64,
+            Some(Err(_)) => {
+                bits |= RECORD_UNENCODED;
+                nbytes
+            }
+            None => nbytes,
+        };
+        let mut inner = self.lock();
+        let elapsed = inner.start.elapsed().as_nanos();
+        inner
+            .pace
+            .record(u64::try_from(elapsed).unwrap_or(u64::MAX));
+        let (overflowed, taken) = match consumer {
+            Some(id) => inner.log.push_taking(item.unbind(), nbytes, id),
+            None => (inner.log.push(item.unbind(), nbytes), false),
+        };
+        if overflowed {
+            bits |= RECORD_OVERFLOWED;
+        }
+        if taken {
+            bits |= RECORD_TAKEN;
+        }
+        if inner.log.headroom() == 0 {
+            bits |= RECORD_NO_HEADROOM;
+        }
+        bits
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic cannot leave the log half-updated in a way later calls would misread, so a
         // poisoned lock is recovered rather than turned into an error on every later call.
@@ -139,36 +180,7 @@ impl ChunkLog {
         nbytes: u64,
         consumer: Option<u64>,
     ) -> u8 {
-        let mut bits = 0;
-        // The encoder runs before the log is locked: it calls into Python (attribute reads on
-        // models), and the log's lock is never held across such a call.
-        let nbytes = match encoder.map(|e| e.get().push_item(py, &item)) {
-            Some(Ok((_, added))) => added as u64,
-            Some(Err(_)) => {
-                bits |= RECORD_UNENCODED;
-                nbytes
-            }
-            None => nbytes,
-        };
-        let mut inner = self.lock();
-        let elapsed = inner.start.elapsed().as_nanos();
-        inner
-            .pace
-            .record(u64::try_from(elapsed).unwrap_or(u64::MAX));
-        let (overflowed, taken) = match consumer {
-            Some(id) => inner.log.push_taking(item.unbind(), nbytes, id),
-            None => (inner.log.push(item.unbind(), nbytes), false),
-        };
-        if overflowed {
-            bits |= RECORD_OVERFLOWED;
-        }
-        if taken {
-            bits |= RECORD_TAKEN;
-        }
-        if inner.log.headroom() == 0 {
-            bits |= RECORD_NO_HEADROOM;
-        }
-        bits
+        self.record_item(py, item, encoder.map(Bound::get), nbytes, consumer)
     }
 
     /// True when `consumer` may read the next upstream chunk itself: the stream is open, the

@@ -4,5 +4,6 @@
 pub mod chunk_log;
 pub mod codec;
 pub mod errors;
+pub mod flight_pump;
 pub mod keys;
 pub mod timing;

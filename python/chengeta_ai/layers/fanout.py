@@ -30,13 +30,13 @@ from collections.abc import AsyncGenerator, Callable, Generator, Iterator
 from dataclasses import dataclass
 from operator import length_hint
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from chengeta_ai._core import ChunkLog, StreamEncoder
+from chengeta_ai._core import AsyncPump, ChunkLog, SoloPull, StreamEncoder
 from chengeta_ai.core.cache_manager import CacheManager, frame
 from chengeta_ai.core.stats import Counters
 from chengeta_ai.errors import ChengetaError, ConsumerLagged, EncodeError
@@ -689,6 +689,27 @@ class AsyncFlight(Flight):
         # coroutine per chunk: `_hold` is awaited only when the slowest holding consumer is
         # max_lag behind.)
         read = upstream.__anext__
+        if self._core_encoder is not None:
+            # The loop below, but each chunk read, recorded and announced in Rust (`AsyncPump`
+            # drives the upstream's awaitables as `await` does); back here only for what needs
+            # this loop's attention, with `ChunkLog.record`'s bits.
+            pump = AsyncPump(
+                self, read, self.log, self._core_encoder, UNENCODED_CHUNK_BYTES, CHECKPOINT_EVERY
+            )
+            while True:
+                bits = await pump
+                if bits < 0:  # the upstream ended
+                    if pump.since_checkpoint:
+                        await anyio.lowlevel.checkpoint()  # see below
+                    return
+                if bits & (_OVERFLOWED | _UNENCODED):
+                    self._after_record(bits)
+                    await anyio.lowlevel.checkpoint_if_cancelled()  # see below
+                since = pump.since_checkpoint
+                if (bits & _NO_HEADROOM and await self._hold()) or since >= CHECKPOINT_EVERY:
+                    if since >= CHECKPOINT_EVERY:
+                        await anyio.lowlevel.checkpoint()
+                    pump.checkpointed()
         append = self.append
         record = self._record
         since_checkpoint = 0
@@ -775,6 +796,10 @@ class SyncFlight(Flight):
     leaving) is signalled to it, and only when someone waits, so a lone caller never touches
     the condition.
     """
+
+    #: A lone consumer's chunks come from `SoloPull` (Rust) when True; False runs the Python
+    #: step for every chunk (same behaviour, slower: for tests that watch its Python calls).
+    solo_pull: ClassVar[bool] = True
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -970,11 +995,15 @@ class SyncFlight(Flight):
                     logger.debug("chengeta_ai: closing upstream raised %r", exc)
 
     def consume(self, consumer: int) -> Generator[Any, None, None]:
-        # The loop a lone caller's miss runs once per chunk. A consumer that has read
-        # everything pulls the next chunk itself and keeps it in hand: per chunk, the upstream
-        # read and one call into the log that encodes, appends and hands it over
-        # (`ChunkLog.record`), plus a readiness check unless the flight is solo. Otherwise it
-        # reads what the log has for it (`next_batch`, inlined), or pulls, or waits.
+        # A lone caller's miss is handed its chunks by `SoloPull` (Rust): per chunk, one C call
+        # runs the pulling branch below (pull lock, checks, upstream read, `ChunkLog.record`),
+        # and this frame only delegates to it (`yield from`). It stops wherever that branch
+        # would not be the plain case, and the loop below carries on.
+        # The loop: a consumer that has read everything pulls the next chunk itself and keeps
+        # it in hand: per chunk, the upstream read and one call into the log that encodes,
+        # appends and hands it over (`ChunkLog.record`), plus a readiness check unless the
+        # flight is solo. Otherwise it reads what the log has for it (`next_batch`, inlined),
+        # or pulls, or waits.
         log = self.log
         read = log.read
         ready_to_pull = log.ready_to_pull
@@ -987,8 +1016,37 @@ class SyncFlight(Flight):
         # the batch being handed out: what it still holds was not (counted once, at the end)
         handing: Iterator[Any] = iter(())
         acked = False
+        pump: SoloPull | None = None
+        # False once the pump is spent or the flight not solo: neither comes back.
+        pumping = self.solo_pull
+        # True when this generator was closed at a yield (GeneratorExit: `close()`, or the
+        # garbage collector finalizing it, possibly in another consumer's thread during that
+        # one's upstream read). At a yield this consumer holds no pull lock: a hold of this
+        # thread seen then is someone else's, never to be released here.
+        closed_at_yield = False
         try:
             while True:
+                if pumping:
+                    if pump is None and self._upstream is not None:
+                        if self._core_encoder is None or not self.solo:
+                            pumping = False
+                        else:
+                            pump = SoloPull(
+                                self,
+                                self._upstream,
+                                log,
+                                self._core_encoder,
+                                consumer,
+                                pull_lock,
+                                _RUNNING,
+                                UNENCODED_CHUNK_BYTES,
+                            )
+                    if pump is not None:
+                        taken = pump.taken
+                        yield from pump
+                        if pump.taken != taken:
+                            acked = True  # the take acknowledged the previous batch
+                        pumping = not pump.spent
                 if try_pull(False):
                     try:
                         # Solo (nobody ever joined), this consumer took every chunk it pulled
@@ -1058,15 +1116,21 @@ class SyncFlight(Flight):
                 delivered += len(batch)
                 handing = iter(batch)
                 yield from handing
+        except GeneratorExit:
+            closed_at_yield = True
+            raise
         finally:
+            if pump is not None:
+                delivered += pump.taken
             try:
                 actions = self.consumer_left(consumer, delivered - length_hint(handing))
                 self.wake()
                 self.perform(actions)
             finally:
                 # a hold leaked by a Ctrl-C between acquire() and its try (see __init__):
-                # at most one, as the loop leaves at the first interruption
-                if pull_lock._is_owned():  # type: ignore[attr-defined]
+                # at most one, as the loop leaves at the first interruption (an exception
+                # raised while this generator runs, never a GeneratorExit at a yield)
+                if not closed_at_yield and pull_lock._is_owned():  # type: ignore[attr-defined]
                     pull_lock.release()
 
     def _drain(self) -> None:

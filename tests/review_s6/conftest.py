@@ -1,0 +1,11 @@
+"""Fixtures of the sixth review (`SoloPull`, the sync miss path's per-chunk step in Rust): the
+cached-client fixtures (a real `LocalOpenAIServer`, the real SDK clients over HTTP).
+
+``anyio_backend`` (asyncio and trio) comes from tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+from tests.clients.conftest import oai, server, text
+
+__all__ = ["oai", "server", "text"]
