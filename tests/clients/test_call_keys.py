@@ -13,7 +13,7 @@ import openai
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.clients.test_split_request import plain_kwargs, same
+from tests.clients.test_split_request import identity_changes, plain_kwargs, same
 
 from chengeta_ai import CacheManager
 from chengeta_ai._core import EncodedParams, hash_request
@@ -99,19 +99,8 @@ def test_the_key_follows_every_change_to_the_client() -> None:
                     assert key == expected_key(c, endpoint, kwargs, isolate=True)
                     seen.add(key)
 
-        check()
-        c.api_key = "sk-b"
-        check()
-        c.base_url = "http://127.0.0.1:2/v1"  # type: ignore[assignment]
-        check()
-        c.organization = "org-x"
-        check()
-        c.project = "proj-y"
-        check()
-        c._custom_headers["anthropic-beta"] = "x"  # changed in place
-        check()
-        c._custom_query["api-version"] = "1"
-        check()
+        for _ in identity_changes(c):
+            check()
         c.api_key = "sk-a"  # the first key again, with the other changes: another identity
         check()
         assert len(seen) == 8 * 2

@@ -6,6 +6,7 @@ again only when what it is made of changed) always equals `client_identity`."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import anthropic
@@ -114,6 +115,25 @@ def test_a_request_is_immutable() -> None:
         req.stream = True  # type: ignore[misc]
 
 
+def identity_changes(c: openai.OpenAI) -> Iterator[int]:
+    """Yields 0 with the client as made, then 1-6 after each change of what its identity is
+    made of (API key, base URL, organization, project, a default header and a default query
+    parameter changed in place): the steps the identity and key tests walk through."""
+    yield 0
+    c.api_key = "sk-b"
+    yield 1
+    c.base_url = "http://127.0.0.1:2/v1"  # type: ignore[assignment]
+    yield 2
+    c.organization = "org-x"
+    yield 3
+    c.project = "proj-y"
+    yield 4
+    c._custom_headers["anthropic-beta"] = "x"  # changed in place
+    yield 5
+    c._custom_query["api-version"] = "1"
+    yield 6
+
+
 @pytest.mark.parametrize("isolate", [True, False])
 def test_client_identity_follows_every_change_to_the_client(isolate: bool) -> None:
     with openai.OpenAI(base_url="http://127.0.0.1:1/v1", api_key="sk-a", max_retries=0) as c:
@@ -125,20 +145,10 @@ def test_client_identity_follows_every_change_to_the_client(isolate: bool) -> No
             assert got == client_identity(c, isolate_api_keys=isolate)
             seen.append(got)
 
-        check()
-        assert identity() is seen[0]  # unchanged: the same dict, not made again
-        c.api_key = "sk-b"
-        check()
-        c.base_url = "http://127.0.0.1:2/v1"  # type: ignore[assignment]
-        check()
-        c.organization = "org-x"
-        check()
-        c.project = "proj-y"
-        check()
-        c._custom_headers["anthropic-beta"] = "x"  # changed in place
-        check()
-        c._custom_query["api-version"] = "1"
-        check()
+        for step in identity_changes(c):
+            check()
+            if step == 0:
+                assert identity() is seen[0]  # unchanged: the same dict, not made again
         distinct = {tuple(sorted(map(str, d.items()))) for d in seen}
         # without isolation the key, organization and project are not part of the identity
         assert len(distinct) == (7 if isolate else 4)
