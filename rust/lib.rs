@@ -27,6 +27,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     py::errors::register(m)?;
     py::chunk_log::register(m)?;
     py::flight_pump::register(m)?;
+    py::pull_lock::register(m)?;
     py::keys::register(m)?;
     py::codec::register(m)?;
     py::timing::register(m)?;

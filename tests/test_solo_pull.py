@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from chengeta_ai import CacheKeyBuilder, CacheManager, InMemoryBackend
-from chengeta_ai._core import ChunkLog, SoloPull, StreamEncoder
+from chengeta_ai._core import ChunkLog, PullLock, SoloPull, StreamEncoder
 from chengeta_ai.layers.flight_state import Phase
 from chengeta_ai.layers.streaming_cache import StreamingResponseCache
 
@@ -41,7 +41,7 @@ class RecordingFlight:
         self.solo = True
         self._waiters = 0
         self.calls: list[tuple[str, Any]] = []
-        self.lock = threading.RLock()
+        self.lock = PullLock()
         #: what `_pull_failed` raises (a Ctrl-C it re-raises), or None
         self.reraise: BaseException | None = None
         self.after_record_raises: BaseException | None = None
@@ -56,7 +56,7 @@ class RecordingFlight:
 
     def _pull_failed(self, exc: BaseException) -> None:
         # the lock is held while the flight's own methods run, as in `SyncFlight._pull_one`
-        assert self.lock._is_owned()  # type: ignore[attr-defined]
+        assert self.lock._is_owned()
         self.calls.append(("pull_failed", exc))
         if self.reraise is not None:
             raise self.reraise
@@ -91,7 +91,7 @@ def test_plain_case_hands_out_every_chunk_and_records_it() -> None:
     assert (pull.taken, pull.spent, log.end, log.snapshot()) == (5, False, 5, chunks)
     assert encoder.nbytes > 0
     assert flight.calls == []
-    assert not flight.lock._is_owned()  # type: ignore[attr-defined]
+    assert not flight.lock._is_owned()
 
 
 def test_end_of_upstream_goes_to_pull_failed_with_stop_iteration() -> None:
@@ -103,7 +103,7 @@ def test_end_of_upstream_goes_to_pull_failed_with_stop_iteration() -> None:
     assert pull.spent
     assert list(pull) == []  # spent: no second read, no second call
     assert names(flight) == ["pull_failed"]
-    assert not flight.lock._is_owned()  # type: ignore[attr-defined]
+    assert not flight.lock._is_owned()
 
 
 class Halt(BaseException):
@@ -143,7 +143,7 @@ def test_an_exception_pull_failed_raises_propagates_after_the_lock_is_released()
     assert next(pull) == "a"
     with pytest.raises(KeyboardInterrupt):
         next(pull)
-    assert not flight.lock._is_owned()  # type: ignore[attr-defined]
+    assert not flight.lock._is_owned()
     assert pull.spent
 
 

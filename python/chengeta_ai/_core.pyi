@@ -15,6 +15,7 @@ __all__ = [
     "EncodeError",
     "EncodedParams",
     "KeyDeriver",
+    "PullLock",
     "Request",
     "SoloPull",
     "StreamDecoder",
@@ -198,6 +199,16 @@ class AsyncPump:
     def checkpointed(self) -> None: ...
 
 @typing.final
+class PullLock:
+    def __new__(cls) -> PullLock: ...
+    def acquire(self, blocking: bool = True, timeout: float = -1.0) -> bool: ...
+    def release(self) -> None: ...
+    def __enter__(self) -> bool: ...
+    def __exit__(self, *_exc: object) -> None: ...
+    def _is_owned(self) -> bool: ...
+    def locked(self) -> bool: ...
+
+@typing.final
 class SoloPull:
     def __new__(
         cls,
@@ -206,7 +217,7 @@ class SoloPull:
         log: ChunkLog,
         encoder: StreamEncoder,
         consumer: int,
-        pull_lock: typing.Any,
+        pull_lock: PullLock,
         running: object,
         nbytes: int,
     ) -> SoloPull: ...

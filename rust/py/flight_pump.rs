@@ -15,15 +15,17 @@ use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use pyo3::exceptions::{PyStopAsyncIteration, PyStopIteration, PyTypeError};
+use pyo3::exceptions::{PyRuntimeError, PyStopAsyncIteration, PyStopIteration, PyTypeError};
 use pyo3::panic::PanicException;
 use pyo3::prelude::*;
 use pyo3::{ffi, intern, PyTraverseError, PyVisit};
 
+use crate::py::attr_reader::AttrReader;
 use crate::py::chunk_log::{
     ChunkLog, RECORD_NO_HEADROOM, RECORD_OVERFLOWED, RECORD_TAKEN, RECORD_UNENCODED,
 };
 use crate::py::codec::StreamEncoder;
+use crate::py::pull_lock::{thread_ident, PullLock};
 
 /// A lone consumer's chunks, read straight from a sync flight's upstream.
 ///
@@ -47,16 +49,21 @@ use crate::py::codec::StreamEncoder;
 ///
 /// No Python code runs between the upstream read returning a chunk and its record, so a
 /// Ctrl-C cannot land between the two.
+///
+/// The pull lock is a `PullLock`, taken and given back in Rust; `state.phase`, `flight.solo`
+/// and `flight._waiters` are read at every chunk, through the objects' `__dict__` or slot
+/// (`AttrReader`): a change made by any thread is seen at the next chunk.
 #[pyclass(frozen, module = "chengeta_ai._core")]
 pub struct SoloPull {
     flight: Py<PyAny>,
-    state: Py<PyAny>,
+    phase: AttrReader,
+    solo: AttrReader,
+    waiters: AttrReader,
     upstream: Py<PyAny>,
     log: Py<ChunkLog>,
     encoder: Py<StreamEncoder>,
     consumer: u64,
-    acquire: Py<PyAny>,
-    release: Py<PyAny>,
+    pull_lock: Py<PullLock>,
     running: Py<PyAny>,
     nbytes: u64,
     // Atomics, not a lock: the iterator is driven by one thread at a time (a generator cannot
@@ -69,8 +76,7 @@ impl SoloPull {
     /// One step with the pull lock held: the chunk taken by the consumer, or None to stop.
     fn step<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
         let flight = self.flight.bind(py);
-        let phase = self.state.bind(py).getattr(intern!(py, "phase"))?;
-        if !phase.is(self.running.bind(py)) || !flight.getattr(intern!(py, "solo"))?.is_truthy()? {
+        if !self.phase.read(py)?.is(self.running.bind(py)) || !self.solo.read(py)?.is_truthy()? {
             // neither comes back: the phase never returns to running, nobody un-joins
             self.spent.store(true, Ordering::Relaxed);
             return Ok(None);
@@ -144,7 +150,7 @@ impl SoloPull {
         log: Py<ChunkLog>,
         encoder: Py<StreamEncoder>,
         consumer: u64,
-        pull_lock: Bound<'_, PyAny>,
+        pull_lock: Py<PullLock>,
         running: Py<PyAny>,
         nbytes: u64,
     ) -> PyResult<Self> {
@@ -156,15 +162,17 @@ impl SoloPull {
             )));
         }
         let py = flight.py();
+        let state = flight.getattr(intern!(py, "state"))?;
         Ok(SoloPull {
-            state: flight.getattr(intern!(py, "state"))?.unbind(),
+            phase: AttrReader::new(&state, intern!(py, "phase"))?,
+            solo: AttrReader::new(&flight, intern!(py, "solo"))?,
+            waiters: AttrReader::new(&flight, intern!(py, "_waiters"))?,
             flight: flight.unbind(),
             upstream: upstream.unbind(),
             log,
             encoder,
             consumer,
-            acquire: pull_lock.getattr(intern!(py, "acquire"))?.unbind(),
-            release: pull_lock.getattr(intern!(py, "release"))?.unbind(),
+            pull_lock,
             running,
             nbytes,
             taken: AtomicU64::new(0),
@@ -178,15 +186,12 @@ impl SoloPull {
 
     /// Visible to the garbage collector: the flight may reach back to this iterator.
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
-        for obj in [
-            &self.flight,
-            &self.state,
-            &self.upstream,
-            &self.acquire,
-            &self.release,
-        ] {
-            visit.call(obj)?;
+        visit.call(&self.flight)?;
+        visit.call(&self.upstream)?;
+        for reader in [&self.phase, &self.solo, &self.waiters] {
+            reader.traverse(&visit)?;
         }
+        visit.call(&self.pull_lock)?;
         visit.call(&self.running)?;
         visit.call(&self.log)?;
         visit.call(&self.encoder)
@@ -199,7 +204,9 @@ impl SoloPull {
             return Ok(None);
         }
         // the pull lock, without blocking (a busy lock: the Python loop reads or waits)
-        if !this.acquire.bind(py).call1((false,))?.is_truthy()? {
+        let me = thread_ident();
+        let pull_lock = this.pull_lock.get();
+        if !pull_lock.try_acquire_as(me) {
             return Ok(None);
         }
         // No Python code runs between the acquire returning and `step` starting, nor between
@@ -211,13 +218,16 @@ impl SoloPull {
             Ok(stepped) => stepped,
             Err(payload) => this.pull_failed(py, PanicException::new_err(panic_message(&payload))),
         };
-        this.release.bind(py).call0()?;
+        if !pull_lock.release_as(me) {
+            // some Python code the step called gave back this thread's hold (as
+            // `RLock.release()` would say)
+            return Err(PyRuntimeError::new_err("cannot release un-acquired lock"));
+        }
         let Some(chunk) = stepped? else {
             return Ok(None);
         };
-        let flight = this.flight.bind(py);
-        if flight.getattr(intern!(py, "_waiters"))?.is_truthy()? {
-            flight.call_method0(intern!(py, "wake"))?;
+        if this.waiters.read(py)?.is_truthy()? {
+            this.flight.bind(py).call_method0(intern!(py, "wake"))?;
         }
         this.taken.fetch_add(1, Ordering::Relaxed);
         Ok(Some(chunk))
@@ -393,6 +403,8 @@ fn thrown_exception<'py>(
 #[pyclass(frozen, module = "chengeta_ai._core")]
 pub struct AsyncPump {
     flight: Py<PyAny>,
+    /// `flight._data`, read at every chunk (see `SoloPull`)
+    data: AttrReader,
     anext: Py<PyAny>,
     log: Py<ChunkLog>,
     encoder: Py<StreamEncoder>,
@@ -463,9 +475,10 @@ impl AsyncPump {
                 // as the flight does (`_after_record`): the rest is appended unencoded
                 self.encoding.store(false, Ordering::Relaxed);
             }
-            let flight = self.flight.bind(py);
-            if !flight.getattr(intern!(py, "_data"))?.is_none() {
-                flight.call_method0(intern!(py, "_wake_data"))?;
+            if !self.data.read(py)?.is_none() {
+                self.flight
+                    .bind(py)
+                    .call_method0(intern!(py, "_wake_data"))?;
             }
             let since = self.since.fetch_add(1, Ordering::Relaxed) + 1;
             if bits & (RECORD_OVERFLOWED | RECORD_UNENCODED | RECORD_NO_HEADROOM) != 0
@@ -482,15 +495,17 @@ impl AsyncPump {
 impl AsyncPump {
     #[new]
     fn new(
-        flight: Py<PyAny>,
+        flight: Bound<'_, PyAny>,
         anext: Py<PyAny>,
         log: Py<ChunkLog>,
         encoder: Py<StreamEncoder>,
         nbytes: u64,
         checkpoint_every: u32,
-    ) -> Self {
-        AsyncPump {
-            flight,
+    ) -> PyResult<Self> {
+        let py = flight.py();
+        Ok(AsyncPump {
+            data: AttrReader::new(&flight, intern!(py, "_data"))?,
+            flight: flight.unbind(),
             anext,
             log,
             encoder,
@@ -499,7 +514,7 @@ impl AsyncPump {
             encoding: AtomicBool::new(true),
             since: AtomicU32::new(0),
             current: Mutex::new(None),
-        }
+        })
     }
 
     fn __await__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
@@ -510,6 +525,7 @@ impl AsyncPump {
     /// pump, whose frame holds the pump, which holds the flight.
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         visit.call(&self.flight)?;
+        self.data.traverse(&visit)?;
         visit.call(&self.anext)?;
         visit.call(&self.log)?;
         visit.call(&self.encoder)?;

@@ -36,7 +36,7 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from chengeta_ai._core import AsyncPump, ChunkLog, SoloPull, StreamEncoder
+from chengeta_ai._core import AsyncPump, ChunkLog, PullLock, SoloPull, StreamEncoder
 from chengeta_ai.core.cache_manager import CacheManager, frame
 from chengeta_ai.core.stats import Counters
 from chengeta_ai.errors import ChengetaError, ConsumerLagged, EncodeError
@@ -808,7 +808,9 @@ class SyncFlight(Flight):
         # releases it. The consumer leaving then closes the upstream under this same lock
         # (`cancel_upstream`, on this thread: reentrant, so no deadlock), and `consume`'s
         # finally gives back the hold it leaked (`_is_owned`), so no other thread waits forever.
-        self._pull_lock = threading.RLock()
+        # A `PullLock` (Rust) has an RLock's semantics, and `SoloPull` takes it without a call
+        # into Python.
+        self._pull_lock = PullLock()
         self._cond = threading.Condition(threading.Lock())
         self._waiters = 0
         self._upstream: Iterator[Any] | None = None
@@ -1130,7 +1132,7 @@ class SyncFlight(Flight):
                 # a hold leaked by a Ctrl-C between acquire() and its try (see __init__):
                 # at most one, as the loop leaves at the first interruption (an exception
                 # raised while this generator runs, never a GeneratorExit at a yield)
-                if not closed_at_yield and pull_lock._is_owned():  # type: ignore[attr-defined]
+                if not closed_at_yield and pull_lock._is_owned():
                     pull_lock.release()
 
     def _drain(self) -> None:
