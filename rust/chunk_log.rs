@@ -7,6 +7,32 @@
 //! and calls back in when something changed (see `chengeta_ai.layers.fanout`).
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Hashes consumer ids, the log's own sequence numbers (never outside input, so no flooding
+/// to defend against): one multiplication per lookup instead of SipHash's rounds, on the
+/// per-chunk path (`push_taking` looks its consumer up).
+#[derive(Debug, Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // Fibonacci hashing: the high bits (hashbrown's tag) depend on every bit of the id
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type Cursors = HashMap<u64, Cursor, BuildHasherDefault<IdHasher>>;
 
 /// Why a read failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,7 +101,7 @@ pub struct ChunkLog<T> {
     /// True while the whole stream is retained (nothing dropped, within budget).
     retaining: bool,
     closed: bool,
-    cursors: HashMap<u64, Cursor>,
+    cursors: Cursors,
     next_id: u64,
     stats: LogStats,
 }
@@ -92,7 +118,7 @@ impl<T> ChunkLog<T> {
             max_bytes,
             retaining: true,
             closed: false,
-            cursors: HashMap::new(),
+            cursors: Cursors::default(),
             next_id: 0,
             stats: LogStats::default(),
         }

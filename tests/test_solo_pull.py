@@ -24,7 +24,7 @@ import pytest
 
 from chengeta_ai import CacheKeyBuilder, CacheManager, InMemoryBackend
 from chengeta_ai._core import ChunkLog, PullLock, SoloPull, StreamEncoder
-from chengeta_ai.layers.flight_state import Phase
+from chengeta_ai.layers.flight_state import FlightState, Phase
 from chengeta_ai.layers.streaming_cache import StreamingResponseCache
 
 MESSAGES = [{"role": "user", "content": "solo pull"}]
@@ -344,3 +344,115 @@ def test_a_cycle_through_the_pull_is_collected() -> None:
     del pull, flight
     gc.collect()
     assert ref() is None
+
+
+# -- the flags are read at every chunk, whatever wrote them ------------------------------------
+
+
+def from_another_thread(fn: Any) -> None:
+    t = threading.Thread(target=fn)
+    t.start()
+    t.join(10)
+    assert not t.is_alive()
+
+
+@pytest.mark.parametrize("flag", ["phase", "solo", "waiters"])
+@pytest.mark.parametrize("state", ["slots", "dict"])
+def test_a_flag_changed_by_another_thread_is_seen_at_the_next_chunk(flag: str, state: str) -> None:
+    # `phase` lives on the flight's state (a `FlightState`, with __slots__, or a plain
+    # object), `solo` and `_waiters` on the flight (its __dict__): read without the generic
+    # lookup, they must still be read afresh at every chunk
+    chunks = ["a", "b", "c", "d"]
+    flight = RecordingFlight()
+    if state == "slots":
+        flight.state = FlightState("finish")  # type: ignore[assignment]
+    log = ChunkLog(64, None)
+    consumer = log.attach()
+    assert consumer is not None
+    pull = SoloPull(
+        flight, iter(chunks), log, StreamEncoder(), consumer, flight.lock, Phase.RUNNING, 1
+    )
+    assert next(pull) == "a"
+    assert next(pull) == "b"
+
+    def change() -> None:
+        if flag == "phase":
+            flight.state.phase = Phase.CANCELLING
+        elif flag == "solo":
+            flight.solo = False
+        else:
+            flight._waiters = 1
+
+    from_another_thread(change)
+    if flag == "waiters":
+        assert next(pull) == "c"
+        assert names(flight) == ["wake"], "the waiter is woken after the very next chunk"
+        from_another_thread(lambda: setattr(flight, "_waiters", 0))
+        assert next(pull) == "d"
+        assert names(flight) == ["wake"]
+    else:
+        assert list(pull) == [], "not running / not solo: stops at the very next chunk"
+        assert pull.spent and log.end == 2
+
+
+def test_a_flag_changed_during_the_read_is_seen_at_the_next_chunk() -> None:
+    # the upstream itself (another consumer joining meanwhile, in effect) clears `solo`
+    flight = RecordingFlight()
+
+    def upstream() -> Iterator[str]:
+        yield "a"
+        flight.solo = False
+        yield "b"
+        yield "c"
+
+    log = ChunkLog(64, None)
+    consumer = log.attach()
+    assert consumer is not None
+    pull = SoloPull(
+        flight, upstream(), log, StreamEncoder(), consumer, flight.lock, Phase.RUNNING, 1
+    )
+    assert list(pull) == ["a", "b"]
+    assert pull.spent and log.end == 2
+
+
+class PropertyFlight(RecordingFlight):
+    """`solo` behind a property (a data descriptor): read with the generic lookup."""
+
+    def __init__(self) -> None:
+        self._solo = True
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def solo(self) -> bool:
+        return self._solo
+
+    @solo.setter
+    def solo(self, value: bool) -> None:
+        self._solo = value
+
+
+class OtherFlight(RecordingFlight):
+    """A class a flight is switched to (`__class__` assignment)."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name == "solo":
+            return False
+        return super().__getattribute__(name)
+
+
+@pytest.mark.parametrize("how", ["property", "class_changed"])
+def test_flags_outside_the_plain_layout_still_read_as_getattr(how: str) -> None:
+    flight: RecordingFlight = PropertyFlight() if how == "property" else RecordingFlight()
+    log = ChunkLog(64, None)
+    consumer = log.attach()
+    assert consumer is not None
+    pull = SoloPull(
+        flight, iter("abc"), log, StreamEncoder(), consumer, flight.lock, Phase.RUNNING, 1
+    )
+    assert next(pull) == "a"
+    if how == "property":
+        flight._solo = False  # type: ignore[attr-defined]  # only the property says so
+    else:
+        flight.__class__ = OtherFlight
+    assert list(pull) == []
+    assert pull.spent and log.end == 1
