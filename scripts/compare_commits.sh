@@ -4,6 +4,7 @@
 # on release builds, and prints every figure side by side (the median over the repeats).
 #
 #   scripts/compare_commits.sh BASE [REPEATS=2]
+#   HOT_PATH_K="miss and 5000" scripts/compare_commits.sh BASE   # only the selected figures
 #
 # BASE is checked out into a temporary git worktree with its own venv; its Rust build goes to
 # target/compare-base (kept between runs: only the crate itself recompiles). The harness, and
@@ -33,7 +34,8 @@ echo "== building this tree (release)" >&2
 
 run() {  # run SIDE PYTHON DIR OUT
     echo "== run: $1" >&2
-    (cd "$3" && HOT_PATH_JSON="$4" "$2" -m pytest benches/bench_hot_path.py -q -s >"$4.log" 2>&1) \
+    (cd "$3" && HOT_PATH_JSON="$4" "$2" -m pytest benches/bench_hot_path.py -q -s \
+        -k "${HOT_PATH_K:-}" >"$4.log" 2>&1) \
         || { tail -30 "$4.log" >&2; exit 1; }
 }
 for i in $(seq 1 "$REPEATS"); do

@@ -1,18 +1,16 @@
 //! `ChunkLog`: the Python face of [`crate::chunk_log::ChunkLog`], holding live chunk objects.
 
-use std::sync::{Mutex, MutexGuard};
-use std::time::Instant;
-
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
+use std::sync::{Mutex, MutexGuard};
 
 use pyo3::types::PyBytes;
 
 use crate::chunk_log::{ChunkLog as Log, LogError};
 use crate::py::codec::StreamEncoder;
 use crate::py::errors::ConsumerLagged;
-use crate::timing::{PaceRecorder, DEFAULT_UNIT_US};
+use crate::timing::{PaceRecorder, StampClock, DEFAULT_UNIT_US};
 
 /// `record`'s result bits.
 pub(crate) const RECORD_OVERFLOWED: u8 = 1;
@@ -27,7 +25,8 @@ const UNBOUNDED_TIMING_BYTES: usize = 16 << 20;
 struct Inner {
     log: Log<Py<PyAny>>,
     pace: PaceRecorder,
-    start: Instant,
+    /// Nanoseconds since the log's creation (a TSC read per push where that is sound).
+    clock: StampClock,
 }
 
 /// An append-only log of chunks shared by the consumers of one in-flight stream.
@@ -68,10 +67,8 @@ impl ChunkLog {
             None => nbytes,
         };
         let mut inner = self.lock();
-        let elapsed = inner.start.elapsed().as_nanos();
-        inner
-            .pace
-            .record(u64::try_from(elapsed).unwrap_or(u64::MAX));
+        let elapsed = inner.clock.elapsed_ns();
+        inner.pace.record(elapsed);
         let (overflowed, taken) = match consumer {
             Some(id) => inner.log.push_taking(item.unbind(), nbytes, id),
             None => (inner.log.push(item.unbind(), nbytes), false),
@@ -117,7 +114,7 @@ impl ChunkLog {
             inner: Mutex::new(Inner {
                 log: Log::new(max_lag, max_bytes),
                 pace: PaceRecorder::new(DEFAULT_UNIT_US, timing_bytes),
-                start: Instant::now(),
+                clock: StampClock::new(),
             }),
         })
     }
@@ -138,10 +135,8 @@ impl ChunkLog {
     #[pyo3(signature = (item, nbytes = 0))]
     fn push(&self, item: Py<PyAny>, nbytes: u64) -> bool {
         let mut inner = self.lock();
-        let elapsed = inner.start.elapsed().as_nanos();
-        inner
-            .pace
-            .record(u64::try_from(elapsed).unwrap_or(u64::MAX));
+        let elapsed = inner.clock.elapsed_ns();
+        inner.pace.record(elapsed);
         inner.log.push(item, nbytes)
     }
 
@@ -157,10 +152,8 @@ impl ChunkLog {
     /// 2 = the consumer took the chunk (it must not read it back).
     fn push_taking(&self, item: Py<PyAny>, nbytes: u64, consumer: u64) -> u8 {
         let mut inner = self.lock();
-        let elapsed = inner.start.elapsed().as_nanos();
-        inner
-            .pace
-            .record(u64::try_from(elapsed).unwrap_or(u64::MAX));
+        let elapsed = inner.clock.elapsed_ns();
+        inner.pace.record(elapsed);
         let (overflowed, taken) = inner.log.push_taking(item, nbytes, consumer);
         u8::from(overflowed) | (u8::from(taken) << 1)
     }
