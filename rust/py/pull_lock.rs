@@ -21,6 +21,8 @@ extern "C" {
 
 /// The calling thread's identity, as `threading.get_ident()` (never 0: a `pthread_t`).
 #[inline]
+// c_ulong is u64 on Linux and macOS, u32 on Windows
+#[allow(clippy::useless_conversion)]
 pub(crate) fn thread_ident() -> u64 {
     // SAFETY: reads the calling thread's id; no argument, no Python state touched.
     u64::from(unsafe { PyThread_get_thread_ident() })
@@ -195,7 +197,7 @@ impl PullLock {
     }
 
     /// Takes the lock (again, if this thread holds it); see `threading.RLock.acquire`.
-    #[pyo3(signature = (blocking = true, timeout = -1.0))]
+    #[pyo3(signature = (blocking = true, timeout = -1.0), text_signature = "(self, /, blocking=True, timeout=-1.0)")]
     fn acquire(&self, py: Python<'_>, blocking: bool, timeout: f64) -> PyResult<bool> {
         if !blocking {
             if timeout != -1.0 {
