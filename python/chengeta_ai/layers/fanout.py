@@ -976,7 +976,7 @@ class SyncFlight(Flight):
                 self._waiters -= 1
 
     def _pull_free(self) -> bool:
-        """Nobody holds the pull lock (an RLock has no ``locked()`` before Python 3.14)."""
+        """Nobody else holds the pull lock (this thread may: it is reentrant)."""
         lock = self._pull_lock
         if lock.acquire(False):
             lock.release()
