@@ -10,9 +10,8 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::{PyOverflowError, PyRuntimeError, PyValueError};
+use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
-use pyo3::{ffi, intern};
 
 extern "C" {
     /// CPython's identity of the calling thread (stable ABI; `threading.get_ident()`).
@@ -28,28 +27,17 @@ pub(crate) fn thread_ident() -> u64 {
     u64::from(unsafe { PyThread_get_thread_ident() })
 }
 
-/// How long the main thread waits for the lock before it checks for a signal (Ctrl-C).
+/// How long a blocking `acquire` waits before it checks for a signal (Ctrl-C) and waits again.
+/// Every thread waits in such slices: only the thread that runs signal handlers (the main
+/// thread, which a forked child may have changed) finds one, and the others' checks are free.
 const SIGNAL_CHECK_EVERY: Duration = Duration::from_millis(20);
-
-/// Python's main thread (the one that handles signals), found once.
-static MAIN_THREAD: PyOnceLock<u64> = PyOnceLock::new();
-
-fn is_main_thread(py: Python<'_>) -> PyResult<bool> {
-    let main = MAIN_THREAD.get_or_try_init(py, || -> PyResult<u64> {
-        py.import(intern!(py, "threading"))?
-            .call_method0(intern!(py, "main_thread"))?
-            .getattr(intern!(py, "ident"))?
-            .extract()
-    })?;
-    Ok(*main == thread_ident())
-}
 
 /// A reentrant lock owned by a thread: `threading.RLock`'s semantics, takeable from Rust.
 ///
 /// `acquire(blocking=True, timeout=-1)`, `release()`, `with lock:` and `_is_owned()` behave as
 /// `threading.RLock`'s: the thread that holds it may take it again and must give it back as
 /// many times; a blocking `acquire` releases the GIL while it waits, honours `timeout`
-/// (seconds, -1 for none) and, in the main thread, is interrupted by a signal handler that
+/// (seconds, -1 for none) and, in the thread that handles signals, is interrupted by a handler that
 /// raises (Ctrl-C: within 20 ms). `locked()` says whether any thread holds it. Unlike an
 /// RLock, an uncontended `acquire(False)` from Rust reads no clock and parses no arguments.
 #[pyclass(frozen, module = "chengeta_ai._core")]
@@ -70,7 +58,7 @@ pub struct PullLock {
 enum Waited {
     Acquired,
     TimedOut,
-    /// The main thread's slice ran out: check for a signal, then wait again.
+    /// The slice ran out: check for a signal, then wait again.
     CheckSignals,
 }
 
@@ -159,15 +147,12 @@ impl PullLock {
         if self.try_acquire_as(me) {
             return Ok(true);
         }
-        // Only the main thread runs signal handlers: it waits in slices and checks between
-        // them, as CPython's lock does when a signal interrupts its wait.
-        let slice = if is_main_thread(py)? {
-            Some(SIGNAL_CHECK_EVERY)
-        } else {
-            None
-        };
+        // Waits in slices and checks for a signal between them, as CPython's lock does when a
+        // signal interrupts its wait. `PyErr_CheckSignals` does nothing in a thread that does
+        // not handle signals; which thread does is not remembered (a child forked from another
+        // thread handles them in that thread).
         loop {
-            match py.detach(|| self.wait_round(me, deadline, slice)) {
+            match py.detach(|| self.wait_round(me, deadline, Some(SIGNAL_CHECK_EVERY))) {
                 Waited::Acquired => return Ok(true),
                 Waited::TimedOut => return Ok(false),
                 Waited::CheckSignals => {
@@ -266,6 +251,15 @@ impl PullLock {
     }
 }
 
+/// The calling OS thread's identity (CPython's `PyThread_get_thread_ident`: what
+/// `threading.get_ident()` returns unless `threading` is monkey-patched, e.g. by gevent, to
+/// tell greenlets apart). A `PullLock` is owned by an OS thread.
+#[pyfunction(name = "thread_ident")]
+fn py_thread_ident() -> u64 {
+    thread_ident()
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<PullLock>()
+    m.add_class::<PullLock>()?;
+    m.add_function(wrap_pyfunction!(py_thread_ident, m)?)
 }

@@ -36,7 +36,14 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from chengeta_ai._core import AsyncPump, ChunkLog, PullLock, SoloPull, StreamEncoder
+from chengeta_ai._core import (
+    AsyncPump,
+    ChunkLog,
+    PullLock,
+    SoloPull,
+    StreamEncoder,
+    thread_ident,
+)
 from chengeta_ai.core.cache_manager import CacheManager, frame
 from chengeta_ai.core.stats import Counters
 from chengeta_ai.errors import ChengetaError, ConsumerLagged, EncodeError
@@ -809,8 +816,12 @@ class SyncFlight(Flight):
         # (`cancel_upstream`, on this thread: reentrant, so no deadlock), and `consume`'s
         # finally gives back the hold it leaked (`_is_owned`), so no other thread waits forever.
         # A `PullLock` (Rust) has an RLock's semantics, and `SoloPull` takes it without a call
-        # into Python.
-        self._pull_lock = PullLock()
+        # into Python. It is owned by an OS thread: where `threading` is monkey-patched (gevent,
+        # eventlet: many greenlets on one OS thread), the patched RLock (owned by a greenlet)
+        # is taken instead, and every chunk goes through the Python step.
+        self._pull_lock: PullLock | threading.RLock = (
+            PullLock() if threading.get_ident() == thread_ident() else threading.RLock()
+        )
         self._cond = threading.Condition(threading.Lock())
         self._waiters = 0
         self._upstream: Iterator[Any] | None = None
@@ -1030,7 +1041,11 @@ class SyncFlight(Flight):
             while True:
                 if pumping:
                     if pump is None and self._upstream is not None:
-                        if self._core_encoder is None or not self.solo:
+                        if (
+                            self._core_encoder is None
+                            or not self.solo
+                            or not isinstance(pull_lock, PullLock)  # monkey-patched threading
+                        ):
                             pumping = False
                         else:
                             pump = SoloPull(
@@ -1132,7 +1147,7 @@ class SyncFlight(Flight):
                 # a hold leaked by a Ctrl-C between acquire() and its try (see __init__):
                 # at most one, as the loop leaves at the first interruption (an exception
                 # raised while this generator runs, never a GeneratorExit at a yield)
-                if not closed_at_yield and pull_lock._is_owned():
+                if not closed_at_yield and pull_lock._is_owned():  # type: ignore[union-attr]
                     pull_lock.release()
 
     def _drain(self) -> None:
