@@ -215,3 +215,46 @@ def test_gc_tracked_objects_per_chunk(benchmark: Any) -> None:
             f"5000-chunk hit kept whole, gc on: median {stats.stats.median / n * 1e6:.2f} "
             f"us/chunk, min {stats.stats.min / n * 1e6:.2f}"
         )
+
+
+def test_encode_cold_vs_hot(benchmark: Any, summary: Callable[..., None]) -> None:
+    """Where an OpenAI chunk's encoding time goes (issue 7 item 4): the encoder pushing the
+    5,000 distinct pre-built chunks of the hot-path bench after a ``gc.collect()`` (as each
+    miss round does: ~15 MB of chunk objects, out of the CPU caches, so reading each chunk's
+    three models costs memory latency) against pushing one chunk 5,000 times (in cache: the
+    encoder's own work). The difference is what any cache that reads every field of every
+    chunk pays in that bench before doing any work of its own; an SDK chunk just parsed from
+    the network is in cache, as in the second figure. Medians of interleaved rounds."""
+    items = chunks(5000)
+    hot = [items[len(items) // 2]] * len(items)
+    rounds = 1 if SMOKE else 9
+
+    def per_chunk(batch: list[Any]) -> float:
+        enc = _core.StreamEncoder()
+        push = enc.push
+        gc.collect()
+        t0 = time.perf_counter()
+        for item in batch:
+            push(item)
+        elapsed = time.perf_counter() - t0
+        enc.finish()
+        return elapsed / len(batch) * 1e6
+
+    cold_us: list[float] = []
+    hot_us: list[float] = []
+
+    def run() -> None:
+        for _ in range(rounds):
+            cold_us.append(per_chunk(items))
+            hot_us.append(per_chunk(hot))
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    cold, warm = sorted(cold_us)[len(cold_us) // 2], sorted(hot_us)[len(hot_us) // 2]
+    benchmark.extra_info.update(cold_us=cold, hot_us=warm)
+    summary(
+        "encode an OpenAI chunk: 5,000 distinct, after gc.collect() (vs one chunk, in cache)",
+        f"{cold:.3f} us",
+        f"{warm:.3f} us",
+        f"memory {cold - warm:.3f} us",
+    )
+    print(f"\nencode per chunk: cold {cold:.3f} us, hot {warm:.3f} us")
