@@ -30,6 +30,7 @@ __all__ = [
     "registered_models",
     "set_discovery_hook",
     "split_plain_kwargs",
+    "thread_ident",
 ]
 
 # -- errors (re-exported by chengeta_ai.errors) -----------------------------------------------
