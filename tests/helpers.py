@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -110,3 +111,23 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop = True
+
+
+@contextlib.contextmanager
+def held_in_another_thread(lock: Any) -> Iterator[None]:
+    """Holds ``lock`` in another thread for the duration of the block."""
+    held, done = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with lock:
+            held.set()
+            done.wait(10)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert held.wait(5)
+    try:
+        yield
+    finally:
+        done.set()
+        t.join(5)

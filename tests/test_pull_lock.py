@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import pytest
+from tests.helpers import held_in_another_thread
 
 from chengeta_ai._core import PullLock
 
@@ -108,23 +109,10 @@ def test_a_blocking_acquire_waits_without_the_gil_until_the_holder_releases() ->
 
 def test_a_timed_acquire_gives_up() -> None:
     lock = PullLock()
-    held, done = threading.Event(), threading.Event()
-
-    def holder() -> None:
-        with lock:
-            held.set()
-            done.wait(10)
-
-    t = threading.Thread(target=holder)
-    t.start()
-    held.wait(5)
-    try:
+    with held_in_another_thread(lock):
         assert lock.acquire(timeout=0.05) is False
         assert in_thread(lambda: lock.acquire(timeout=0.05)) is False  # not the main thread
         assert not lock._is_owned()
-    finally:
-        done.set()
-        t.join(5)
     assert lock.acquire(timeout=5)
     lock.release()
 
@@ -167,33 +155,22 @@ def test_mutual_exclusion_under_contention() -> None:
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to oneself")
 def test_ctrl_c_interrupts_a_blocked_main_thread() -> None:
     lock = PullLock()
-    held, done = threading.Event(), threading.Event()
-
-    def holder() -> None:
-        with lock:
-            held.set()
-            done.wait(10)
-
     kill = ctypes.CDLL(None, use_errno=True).kill
 
     def interrupt() -> None:
         time.sleep(0.1)
         kill(os.getpid(), int(signal.SIGINT))
 
-    t = threading.Thread(target=holder)
-    t.start()
-    held.wait(5)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    sender = threading.Thread(target=interrupt)
-    try:
-        sender.start()
-        with pytest.raises(KeyboardInterrupt):
-            with lock:  # blocks: the holder never lets go before the interrupt
-                pytest.fail("acquired a lock another thread holds")
-        assert not lock._is_owned()
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        sender.join(5)
-        done.set()
-        t.join(5)
+    with held_in_another_thread(lock):
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        sender = threading.Thread(target=interrupt)
+        try:
+            sender.start()
+            with pytest.raises(KeyboardInterrupt):
+                with lock:  # blocks: the holder never lets go before the interrupt
+                    pytest.fail("acquired a lock another thread holds")
+            assert not lock._is_owned()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            sender.join(5)
     assert not lock.locked()

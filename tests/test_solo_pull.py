@@ -21,6 +21,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from tests.helpers import held_in_another_thread
 
 from chengeta_ai import CacheKeyBuilder, CacheManager, InMemoryBackend
 from chengeta_ai._core import ChunkLog, PullLock, SoloPull, StreamEncoder
@@ -150,24 +151,10 @@ def test_an_exception_pull_failed_raises_propagates_after_the_lock_is_released()
 def test_a_busy_pull_lock_stops_without_reading() -> None:
     upstream = iter(["a", "b"])
     pull, flight, log, _ = make_pull(upstream)
-    held = threading.Event()
-    done = threading.Event()
-
-    def holder() -> None:
-        with flight.lock:
-            held.set()
-            done.wait(5)
-
-    t = threading.Thread(target=holder)
-    t.start()
-    held.wait(5)
-    try:
+    with held_in_another_thread(flight.lock):
         assert list(pull) == []
         assert not pull.spent, "a busy lock is transient"
         assert log.end == 0
-    finally:
-        done.set()
-        t.join()
     assert next(pull) == "a"  # the lock is free again
 
 
