@@ -226,15 +226,7 @@ SOURCES = (
 )
 
 #: What `client_identity` reads besides the base URL.
-_IDENTITY_SOURCES = (
-    "_custom_headers",
-    "_custom_query",
-    "api_key",
-    "auth_token",
-    "_azure_ad_token",
-    "organization",
-    "project",
-)
+_IDENTITY_SOURCES = SOURCES[1:]
 
 
 def _is_computed(cls: type, name: str) -> bool:
