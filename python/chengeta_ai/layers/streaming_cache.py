@@ -84,6 +84,12 @@ __all__ = ["StreamingResponseCache"]
 #: and the replay triggers almost no collection at all; with 256 it triggered three per batch,
 #: each promoting the live batch towards the old generations (see benches/RESULTS.md).
 REPLAY_BATCH = 64
+#: Longest an unpaced async hit runs between two turns it gives the event loop (it checks at
+#: the end of each batch, so a turn comes at most one batch later); and every hit gives one
+#: turn at its end. A turn costs a task switch (asyncio ~5 us, trio ~7 us on the bench
+#: machine): once per batch was 6-9 % of a fast replay; once per 0.25 ms is ~2-3 %, and the
+#: loop is still never held for a whole stream (see benches/bench_hot_path.py).
+REPLAY_SLICE = 0.00025
 #: Longest recorded timing a paced replay honours (an entry claiming more is refused as corrupt,
 #: so that a planted entry cannot make a replay sleep for hours).
 MAX_RECORDED_SECONDS = 3600.0
@@ -802,14 +808,19 @@ class StreamingResponseCache:
             try:
                 if offsets is None:
                     self._first_chunk("hit", t0)
+                    turn = _perf()
                     for batch in batches:
                         replayed += len(batch)
                         handing = iter(batch)
                         for chunk in handing:
                             yield chunk
                         batch.clear()  # see _replay
-                        # one batch per turn: the loop is never held for a whole stream
-                        await anyio.lowlevel.checkpoint()
+                        # a turn for the loop every REPLAY_SLICE: never held for a whole stream
+                        if _perf() - turn >= REPLAY_SLICE:
+                            await anyio.lowlevel.checkpoint()
+                            turn = _perf()
+                    # and one at the end: a loop of short hits lets other tasks run too
+                    await anyio.lowlevel.checkpoint()
                 else:
                     self.count("paced_replays")
                     pacer = self._pacer

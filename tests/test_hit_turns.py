@@ -1,0 +1,131 @@
+"""An unpaced async hit gives the event loop turns (`REPLAY_SLICE`), on asyncio and trio.
+
+A hit's chunks are all in hand, so a consumer that never awaits anything of its own would hold
+the loop for the whole replay if the replay did not yield: it yields once per `REPLAY_SLICE` of
+replay (checked at the end of each decoded batch) and once at the end of every hit, so that a
+loop of short hits lets other tasks run too, and a cancellation reaches a consumer that never
+awaits anything of its own.
+"""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from chengeta_ai import CacheKeyBuilder, CacheManager, InMemoryBackend
+from chengeta_ai.layers import streaming_cache
+from chengeta_ai.layers.streaming_cache import REPLAY_BATCH, REPLAY_SLICE, StreamingResponseCache
+
+pytestmark = pytest.mark.anyio
+
+
+def cache_for() -> StreamingResponseCache:
+    return StreamingResponseCache(
+        CacheManager(backend=InMemoryBackend(), key_builder=CacheKeyBuilder())
+    )
+
+
+def spin(seconds: float) -> None:
+    """Busy work that never yields to the loop."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+async def stored(cache: StreamingResponseCache, messages: list[dict[str, str]], n: int) -> None:
+    items = [f"t{i} " for i in range(n)]
+
+    async def stream_fn(_: object):  # type: ignore[no-untyped-def]
+        for item in items:
+            yield item
+
+    async for _ in cache.aget_or_stream(messages, stream_fn):
+        pass
+
+
+async def never(_: object):  # type: ignore[no-untyped-def]
+    raise AssertionError("a hit must not call upstream")
+    yield  # pragma: no cover
+
+
+async def test_a_long_hit_gives_the_loop_a_turn_every_slice() -> None:
+    cache = cache_for()
+    messages = [{"role": "user", "content": "turns"}]
+    n = 20 * REPLAY_BATCH
+    await stored(cache, messages, n)
+    ticks = 0
+    seen: list[int] = []  # the ticker's count as each chunk is handed over
+    done = anyio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        await anyio.lowlevel.checkpoint()
+        start = ticks
+        got = 0
+        async for _ in cache.aget_or_stream(messages, never):
+            got += 1
+            seen.append(ticks - start)
+            spin(REPLAY_SLICE / REPLAY_BATCH * 2)  # a batch takes two slices: a turn each
+        done.set()
+    assert got == n
+    # where the ticker had run since the chunk before: a turn at every batch's end here
+    turns = [i for i in range(1, n) if seen[i] != seen[i - 1]]
+    assert len(turns) >= n // REPLAY_BATCH // 2, turns
+    longest = max(b - a for a, b in zip([0, *turns[:-1]], turns, strict=True))
+    assert longest <= 2 * REPLAY_BATCH + 1, turns
+
+
+async def test_a_loop_of_short_hits_lets_other_tasks_run() -> None:
+    cache = cache_for()
+    messages = [{"role": "user", "content": "short"}]
+    await stored(cache, messages, 3)
+    ticks = 0
+    done = anyio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        await anyio.lowlevel.checkpoint()
+        start = ticks
+        for _ in range(50):
+            async for _ in cache.aget_or_stream(messages, never):
+                pass
+        ran = ticks - start
+        done.set()
+    assert ran >= 50, ran  # one turn per hit at least
+
+
+async def test_a_consumer_that_never_awaits_is_cancelled_within_a_slice() -> None:
+    cache = cache_for()
+    messages = [{"role": "user", "content": "cancel"}]
+    n = 200 * REPLAY_BATCH
+    await stored(cache, messages, n)
+    got = 0
+    t0 = time.perf_counter()
+    with anyio.move_on_after(0.02) as scope:
+        async for _ in cache.aget_or_stream(messages, never):
+            got += 1
+            spin(REPLAY_SLICE / REPLAY_BATCH)  # the whole replay: ~200 slices, >= 50 ms
+    elapsed = time.perf_counter() - t0
+    assert scope.cancelled_caught
+    assert 0 < got < n
+    assert elapsed < 0.02 + 0.5, elapsed  # cancelled at a turn, long before the end
+
+
+def test_the_slice_is_a_fraction_of_a_millisecond() -> None:
+    # a loop held up to a slice plus one batch: well under the 1 ms a timer can tell apart
+    assert 0 < streaming_cache.REPLAY_SLICE <= 0.0005
