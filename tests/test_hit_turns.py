@@ -9,7 +9,9 @@ awaits anything of its own.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import anyio
 import anyio.lowlevel
@@ -51,31 +53,45 @@ async def never(_: object):  # type: ignore[no-untyped-def]
     yield  # pragma: no cover
 
 
+class Ticker:
+    """Another task on the loop: counts the turns it gets until the block ends."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def running(cls) -> AsyncIterator[Ticker]:
+        ticker = cls()
+        done = anyio.Event()
+
+        async def tick() -> None:
+            while not done.is_set():
+                ticker.ticks += 1
+                await anyio.lowlevel.checkpoint()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(tick)
+            await anyio.lowlevel.checkpoint()
+            ticker.ticks = 0
+            try:
+                yield ticker
+            finally:
+                done.set()
+
+
 async def test_a_long_hit_gives_the_loop_a_turn_every_slice() -> None:
     cache = cache_for()
     messages = [{"role": "user", "content": "turns"}]
     n = 20 * REPLAY_BATCH
     await stored(cache, messages, n)
-    ticks = 0
     seen: list[int] = []  # the ticker's count as each chunk is handed over
-    done = anyio.Event()
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while not done.is_set():
-            ticks += 1
-            await anyio.lowlevel.checkpoint()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ticker)
-        await anyio.lowlevel.checkpoint()
-        start = ticks
-        got = 0
+    got = 0
+    async with Ticker.running() as ticker:
         async for _ in cache.aget_or_stream(messages, never):
             got += 1
-            seen.append(ticks - start)
+            seen.append(ticker.ticks)
             spin(REPLAY_SLICE / REPLAY_BATCH * 2)  # a batch takes two slices: a turn each
-        done.set()
     assert got == n
     # where the ticker had run since the chunk before: a turn at every batch's end here
     turns = [i for i in range(1, n) if seen[i] != seen[i - 1]]
@@ -88,24 +104,11 @@ async def test_a_loop_of_short_hits_lets_other_tasks_run() -> None:
     cache = cache_for()
     messages = [{"role": "user", "content": "short"}]
     await stored(cache, messages, 3)
-    ticks = 0
-    done = anyio.Event()
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while not done.is_set():
-            ticks += 1
-            await anyio.lowlevel.checkpoint()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ticker)
-        await anyio.lowlevel.checkpoint()
-        start = ticks
+    async with Ticker.running() as ticker:
         for _ in range(50):
             async for _ in cache.aget_or_stream(messages, never):
                 pass
-        ran = ticks - start
-        done.set()
+        ran = ticker.ticks
     assert ran >= 50, ran  # one turn per hit at least
 
 
