@@ -66,7 +66,7 @@ from chengeta_ai.layers.flights import (
     current_loop_scope,
     next_sequence,
 )
-from chengeta_ai.layers.pacing import Pacer
+from chengeta_ai.layers.pacing import Pacer, sleep_until
 from chengeta_ai.layers.upstream import check_sync_stream
 from chengeta_ai.metrics import StreamMetrics, otel_metrics
 from chengeta_ai.serializers import CompactSerializer, Serializer, check_serializer, decode_cap
@@ -836,7 +836,7 @@ class StreamingResponseCache:
                                 if left > 0:
                                     # crowded: one sleep, without a coroutine more per chunk
                                     if pacer.active > pacer.limit:
-                                        await anyio.sleep(left)
+                                        await sleep_until(deadline)
                                     else:
                                         await pacer.wait_until(deadline)
                             if not replayed:
