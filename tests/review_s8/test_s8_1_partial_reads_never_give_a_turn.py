@@ -26,7 +26,7 @@ from tests.review_s8.hits import cache_for, never, stored
 
 pytestmark = [
     pytest.mark.anyio,
-    pytest.mark.xfail(strict=True, reason="S8-1: a hit closed within a slice gives no turn"),
+
 ]
 
 HITS = 100

@@ -23,7 +23,7 @@ from tests.review_s8.hits import cache_for, never, stored
 
 pytestmark = [
     pytest.mark.anyio,
-    pytest.mark.xfail(strict=True, reason="S8-2: a cancelled consumer gets the whole short hit"),
+
 ]
 
 N = 130  # three batches (1 + 64 + 64 + 1): replayed within one slice

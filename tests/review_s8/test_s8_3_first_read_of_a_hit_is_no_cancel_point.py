@@ -23,7 +23,7 @@ from tests.review_s8.hits import cache_for, never, stored
 
 pytestmark = [
     pytest.mark.anyio,
-    pytest.mark.xfail(strict=True, reason="S8-3: a hit's first read is no cancel point"),
+
 ]
 
 

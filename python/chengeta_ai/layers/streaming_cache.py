@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import threading
 import time
 from collections.abc import (
@@ -84,12 +86,31 @@ __all__ = ["StreamingResponseCache"]
 #: and the replay triggers almost no collection at all; with 256 it triggered three per batch,
 #: each promoting the live batch towards the old generations (see benches/RESULTS.md).
 REPLAY_BATCH = 64
-#: Longest an unpaced async hit runs between two turns it gives the event loop (it checks at
-#: the end of each batch, so a turn comes at most one batch later); and every hit gives one
-#: turn at its end. A turn costs a task switch (asyncio ~5 us, trio ~7 us on the bench
-#: machine): once per batch was 6-9 % of a fast replay; once per 0.25 ms is ~2-3 %, and the
-#: loop is still never held for a whole stream (see benches/bench_hot_path.py).
+#: An unpaced async hit gives the event loop a turn before its first chunk, then at the end
+#: of every batch after which another task is ready to run, and otherwise at the end of the
+#: first batch that ends this long after its last turn (a task waiting for I/O is only seen
+#: ready once the loop polls; see `ready_elsewhere`: on trio, every batch). A turn costs a task
+#: switch (on an idle loop ~5 us on asyncio here): once per batch was 6-9 % of a lone fast
+#: replay, once per 0.25 ms is ~2 %; with other tasks ready, turns come as often as before.
 REPLAY_SLICE = 0.00025
+
+
+def ready_elsewhere() -> Callable[[], int]:
+    """How many other tasks of the running event loop are ready to run now (an unpaced async
+    hit gives the loop a turn at the end of a batch when any is): the length of asyncio's
+    ready queue (`_ready`, a private attribute of the standard loops). Elsewhere the answer is
+    always 1 (a turn per batch): on a loop without that queue (e.g. uvloop), and on trio,
+    whose `tasks_runnable` does not count the tasks of the batch it is running, which run
+    only once this one yields."""
+    loop = asyncio._get_running_loop()
+    ready = getattr(loop, "_ready", None) if loop is not None else None
+    if isinstance(ready, collections.deque):
+        return ready.__len__
+    return _one
+
+
+def _one() -> int:
+    return 1
 #: Longest recorded timing a paced replay honours (an entry claiming more is refused as corrupt,
 #: so that a planted entry cannot make a replay sleep for hours).
 MAX_RECORDED_SECONDS = 3600.0
@@ -806,21 +827,27 @@ class StreamingResponseCache:
             outcome = "abandoned"
             paced = False
             try:
+                # A cancel point and a turn for the loop before anything is handed out, as
+                # any async call gives (a loop of hits read for a chunk each can be
+                # cancelled, or interrupted by Ctrl-C on trio, and lets other tasks run).
+                await anyio.lowlevel.checkpoint()
                 if offsets is None:
                     self._first_chunk("hit", t0)
                     turn = _perf()
+                    others: Callable[[], int] | None = None
                     for batch in batches:
                         replayed += len(batch)
                         handing = iter(batch)
                         for chunk in handing:
                             yield chunk
                         batch.clear()  # see _replay
-                        # a turn for the loop every REPLAY_SLICE: never held for a whole stream
-                        if _perf() - turn >= REPLAY_SLICE:
+                        # a turn at a batch's end when another task is ready to run (as
+                        # often as before), else every REPLAY_SLICE (I/O is polled then)
+                        if others is None:
+                            others = ready_elsewhere()
+                        if others() or _perf() - turn >= REPLAY_SLICE:
                             await anyio.lowlevel.checkpoint()
                             turn = _perf()
-                    # and one at the end: a loop of short hits lets other tasks run too
-                    await anyio.lowlevel.checkpoint()
                 else:
                     self.count("paced_replays")
                     pacer = self._pacer
