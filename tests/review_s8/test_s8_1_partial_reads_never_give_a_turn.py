@@ -26,7 +26,6 @@ from tests.review_s8.hits import cache_for, never, stored
 
 pytestmark = [
     pytest.mark.anyio,
-
 ]
 
 HITS = 100

@@ -23,7 +23,6 @@ from tests.review_s8.hits import cache_for, never, stored
 
 pytestmark = [
     pytest.mark.anyio,
-
 ]
 
 N = 130  # three batches (1 + 64 + 64 + 1): replayed within one slice

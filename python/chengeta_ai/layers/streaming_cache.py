@@ -86,7 +86,7 @@ __all__ = ["StreamingResponseCache"]
 #: and the replay triggers almost no collection at all; with 256 it triggered three per batch,
 #: each promoting the live batch towards the old generations (see benches/RESULTS.md).
 REPLAY_BATCH = 64
-#: An unpaced async hit gives the event loop a turn before its first chunk, then at the end
+#: An unpaced async hit gives the event loop a turn after its first chunk, then at the end
 #: of every batch after which another task is ready to run, and otherwise at the end of the
 #: first batch that ends this long after its last turn (a task waiting for I/O is only seen
 #: ready once the loop polls; see `ready_elsewhere`: on trio, every batch). A turn costs a task
@@ -111,6 +111,8 @@ def ready_elsewhere() -> Callable[[], int]:
 
 def _one() -> int:
     return 1
+
+
 #: Longest recorded timing a paced replay honours (an entry claiming more is refused as corrupt,
 #: so that a planted entry cannot make a replay sleep for hours).
 MAX_RECORDED_SECONDS = 3600.0
@@ -827,13 +829,12 @@ class StreamingResponseCache:
             outcome = "abandoned"
             paced = False
             try:
-                # A cancel point and a turn for the loop before anything is handed out, as
-                # any async call gives (a loop of hits read for a chunk each can be
-                # cancelled, or interrupted by Ctrl-C on trio, and lets other tasks run).
-                await anyio.lowlevel.checkpoint()
+                # a cancel point before anything is handed out (without a task switch, which
+                # would delay the first chunk: the turn comes after it, below)
+                await anyio.lowlevel.checkpoint_if_cancelled()
                 if offsets is None:
                     self._first_chunk("hit", t0)
-                    turn = _perf()
+                    turn = 0.0  # a turn after the first batch (its first chunk), then:
                     others: Callable[[], int] | None = None
                     for batch in batches:
                         replayed += len(batch)
