@@ -53,9 +53,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import inspect
 import time
 import tracemalloc
+import weakref
 from typing import Any
 
 import anyio
@@ -218,3 +220,37 @@ async def test_s8t3_cancelled_far_waits_are_not_kept_while_the_timer_runs() -> N
         if s.traceback[0].filename == pacing.__file__
     )
     assert held < 100_000, f"pacing.py holds {held} bytes more after 20,000 cancelled waits"
+
+
+@pytest.mark.xfail(strict=True, reason="S8T-4: a closed loop's timer task is kept forever")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_s8t4_a_loop_closed_while_a_crowded_replay_waits_is_freed() -> None:
+    """A bare ``loop.run_until_complete`` + ``loop.close()`` leaving a crowded replay's task
+    behind (a forgotten background task): once nothing refers to the loop, it is freed with
+    its tasks (857a6db: `pacing._asyncio_tasks` keeps the timer task, hence the loop, its
+    waiters and their replays, for the life of the process)."""
+    cache, _ = crowded_cache(0.003)
+    tasks: list[asyncio.Task[Any]] = []
+
+    async def main() -> None:
+        tasks.append(asyncio.create_task(replay(cache)))
+        while cache._pacer.active == 0:  # the replay waits for its first chunk's time
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    gone = weakref.ref(loop)
+    del loop, tasks[:]
+    gc.collect()
+    try:
+        assert gone() is None, f"the closed loop is kept alive ({len(pacing._asyncio_tasks)} timer)"
+    finally:
+        # let what the test leaked go here (its warnings are this test's), not in a later test
+        for task in list(pacing._asyncio_tasks):
+            if task.get_loop().is_closed():
+                pacing._asyncio_tasks.discard(task)
+        gc.collect()
