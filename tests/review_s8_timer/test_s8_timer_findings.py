@@ -47,6 +47,25 @@ S8T-3 (low) -- cancelled waiters' milliseconds stay in the heap until their time
     proportional to cancellations times horizon. Fix: count stale entries and rebuild the heap in
     place (``ticks[:] = [t for t in ticks if t in due]; heapq.heapify(ticks)``) when they
     exceed half of it (amortised O(1) per cancellation).
+
+S8T-4 (low-medium) -- asyncio: a loop closed while a crowded replay still waits is never freed.
+    A loop stopped and closed with a waiter left behind (a bare ``run_until_complete`` +
+    ``close()`` with a forgotten background task, a loop stopped from another thread) leaves
+    its timer task pending for good, and two strong references outlive the loop: ``_spawn``'s
+    module-global ``_asyncio_tasks`` (the task, hence its loop), and anyio's RunVar map
+    (``anyio.lowlevel._run_vars``, weak-keyed by the loop) whose value, the `LoopTimer`,
+    refers back to its key (``_scope`` -> host task -> loop; ``_due``'s events -> their
+    waiters' futures -> the waiter tasks -> the replays' frames: the cache entry's chunks).
+    Every such loop, its selector and its abandoned replays stay for the life of the process
+    (dropping ``_asyncio_tasks`` alone does not free the loop: checked), and asyncio's "Task
+    was destroyed but it is pending!", the one sign of the forgotten task, is never logged.
+    The old code (a sleeping task per waiter, referenced only by its loop) let it all go at
+    the next garbage collection (the test passes there). Fix: no strong reference to
+    loop-bound objects from outside the loop: drop ``_asyncio_tasks`` (a sleeping timer task
+    is held by its loop: TimerHandle -> scope -> task) and keep the per-loop state where only
+    the loop refers to it (an attribute of the loop, a plain cycle the collector frees with
+    it, falling back to the RunVar for loops without a ``__dict__``), or hold ``_scope`` and
+    the ``_due`` events weakly from the RunVar's value.
 """
 
 from __future__ import annotations
