@@ -26,7 +26,10 @@ _perf = time.perf_counter
 
 
 def timer_here() -> LoopTimer:
-    return pacing._timers.get()
+    timer = pacing.loop_timer(make=False)
+    if timer is None:
+        raise LookupError("no timer on this loop")
+    return timer
 
 
 async def test_many_waiters_wake_at_or_after_their_deadlines() -> None:
@@ -168,9 +171,12 @@ async def test_a_waiter_outlives_a_timer_task_that_dies(monkeypatch: pytest.Monk
     async with anyio.create_task_group() as tg:
         owned = await tg.start(owner)
 
-        def spawn(fn: Any) -> None:
+        def spawn(fn: Any, done: Any) -> Any:
             spawned.append("owned" if not spawned else "loop")
-            (owned.start_soon if len(spawned) == 1 else real)(fn)
+            if len(spawned) == 1:
+                owned.start_soon(fn)
+                return True
+            return real(fn, done)
 
         monkeypatch.setattr(pacing, "_spawn", spawn)
         deadline = _perf() + 0.05

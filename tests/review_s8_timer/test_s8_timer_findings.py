@@ -129,7 +129,6 @@ def _unstarted_timer_tasks() -> list[asyncio.Task[Any]]:
     ]
 
 
-@pytest.mark.xfail(strict=True, reason="S8T-1: a timer task cancelled before its first step")
 def test_s8t1_a_timer_task_cancelled_before_it_starts_leaves_every_later_replay_stuck() -> None:
     """A shutdown hook's "cancel every other task" lands one turn after the first crowded
     wait; the loop goes on and replays the entry again: the replay must complete (on
@@ -160,7 +159,6 @@ def test_s8t1_a_timer_task_cancelled_before_it_starts_leaves_every_later_replay_
     assert got == CHUNKS, f"stuck (timer task cancelled unstarted: {caught})"
 
 
-@pytest.mark.xfail(strict=True, reason="S8T-1: a timer task cancelled before its first step")
 def test_s8t1_the_wedged_timer_never_wakes_the_waiters_already_registered() -> None:
     """Same window, at `pacing.sleep_until`'s level: a deadline 20 ms ahead, registered after
     the timer task was cancelled unstarted, is never woken (bounded by 5 s)."""
@@ -185,7 +183,6 @@ def test_s8t1_the_wedged_timer_never_wakes_the_waiters_already_registered() -> N
     assert asyncio.run(main())
 
 
-@pytest.mark.xfail(strict=True, reason="S8T-2: the timer spins under trio's autojump clock")
 def test_s8t2_a_crowded_replay_under_an_autojump_clock_follows_the_virtual_clock() -> None:
     """trio's MockClock(autojump_threshold=0): a crowded replay of ~0.3 s of recorded gaps
     moves the virtual clock by about those gaps (as ``anyio.sleep`` does), not by many virtual
@@ -207,7 +204,6 @@ def test_s8t2_a_crowded_replay_under_an_autojump_clock_follows_the_virtual_clock
     assert virtual <= offsets[-1] + 1.0  # old code: == offsets[-1] (one jump per gap)
 
 
-@pytest.mark.xfail(strict=True, reason="S8T-3: cancelled far deadlines stay in the timer's heap")
 @pytest.mark.anyio
 async def test_s8t3_cancelled_far_waits_are_not_kept_while_the_timer_runs() -> None:
     """While one waiter keeps the timer on, 20,000 waits for far, distinct milliseconds are
@@ -241,7 +237,16 @@ async def test_s8t3_cancelled_far_waits_are_not_kept_while_the_timer_runs() -> N
     assert held < 100_000, f"pacing.py holds {held} bytes more after 20,000 cancelled waits"
 
 
-@pytest.mark.xfail(strict=True, reason="S8T-4: a closed loop's timer task is kept forever")
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "S8T-4, not fixed: the module-global task set is gone and the timer lives on the loop "
+        "(a cycle), yet a loop closed with a crowded replay still waiting stays alive (the "
+        "timer task's pending sleep, its anyio CancelScope's timer handle and the waiters' "
+        "events refer to it; what roots them was not found this session). Only a loop closed "
+        "with its tasks still pending, which asyncio itself reports, is concerned"
+    ),
+)
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_s8t4_a_loop_closed_while_a_crowded_replay_waits_is_freed() -> None:
     """A bare ``loop.run_until_complete`` + ``loop.close()`` leaving a crowded replay's task
@@ -265,11 +270,4 @@ def test_s8t4_a_loop_closed_while_a_crowded_replay_waits_is_freed() -> None:
     gone = weakref.ref(loop)
     del loop, tasks[:]
     gc.collect()
-    try:
-        assert gone() is None, f"the closed loop is kept alive ({len(pacing._asyncio_tasks)} timer)"
-    finally:
-        # let what the test leaked go here (its warnings are this test's), not in a later test
-        for task in list(pacing._asyncio_tasks):
-            if task.get_loop().is_closed():
-                pacing._asyncio_tasks.discard(task)
-        gc.collect()
+    assert gone() is None, "the closed loop is kept alive"

@@ -116,37 +116,43 @@ def _sleep_until(deadline: float) -> None:
 
 class LoopTimer:
     """One event loop's timer for crowded paced replays (see the module's docstring). Used
-    from its loop's thread only; its task runs while somebody waits and ends when nobody does."""
+    from its loop's thread only; its task runs while somebody waits and ends when nobody does.
+    It keeps time on the loop's clock (`anyio.current_time`), as a sleep does, so a mocked or
+    virtual loop clock paces it too."""
 
-    __slots__ = ("_armed", "_due", "_scope", "_ticks", "running")
+    __slots__ = ("_armed", "_due", "_scope", "_stale", "_task", "_ticks")
 
     def __init__(self) -> None:
-        #: Each millisecond somebody waits for (`time.perf_counter` ms, rounded up): its event
-        #: and how many wait on it; those milliseconds in a heap (with ones nobody waits for
-        #: any more, skipped).
+        #: Each millisecond of the loop's clock somebody waits for (rounded up): its event and
+        #: how many wait on it; those milliseconds in a heap, with `_stale` ones nobody waits
+        #: for any more (skipped; the heap is rebuilt when they are half of it).
         self._due: dict[int, _Tick] = {}
         self._ticks: list[int] = []
+        self._stale = 0
         #: The timer task's sleep, and the millisecond it sleeps to.
         self._scope: anyio.CancelScope | None = None
         self._armed = 0
-        self.running = False
+        #: The timer task while it runs: an asyncio `Task`, or True (a trio system task).
+        self._task: asyncio.Task[None] | bool | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None
 
     async def sleep_until(self, deadline: float) -> None:
-        """Returns at the first wake-up of the timer at or after ``deadline``
-        (`time.perf_counter`), or earlier if the timer task ends (the loop shutting down:
-        callers re-check the time)."""
+        """Returns at the timer's first wake-up at or after ``deadline`` (the loop's clock);
+        early only if the timer task ended under it (then callers look at the time again)."""
         tick = math.ceil(deadline * 1000.0)
         due = self._due.get(tick)
         if due is None:
             due = self._due[tick] = _Tick()
             heapq.heappush(self._ticks, tick)
-            if not self.running:
-                self.running = True
-                _spawn(self._run)
+            if self._task is None:
+                self._task = _spawn(self._run, self._task_done)
             elif self._scope is not None and tick < self._armed:
                 # due before the millisecond the timer sleeps to: it wakes for this one first
                 self._armed = tick
-                self._scope.deadline = anyio.current_time() + (tick / 1000.0 - _perf())
+                self._scope.deadline = tick / 1000.0
         due.waiters += 1
         try:
             await due.event.wait()
@@ -155,6 +161,11 @@ class LoopTimer:
             if not due.waiters and not due.event.is_set() and self._due.get(tick) is due:
                 # the last one waiting for this millisecond left (cancelled): nobody needs it
                 del self._due[tick]
+                self._stale += 1
+                if self._stale * 2 > len(self._ticks):
+                    self._ticks[:] = [t for t in self._ticks if t in self._due]
+                    heapq.heapify(self._ticks)
+                    self._stale = 0
                 if tick == self._armed and self._scope is not None:
                     self._scope.cancel()  # the timer looks again at what is left
 
@@ -164,29 +175,41 @@ class LoopTimer:
             while True:
                 while ticks and ticks[0] not in due:
                     heapq.heappop(ticks)  # nobody waits for it any more
+                    self._stale = max(0, self._stale - 1)
                 if not ticks:
                     return
                 tick = ticks[0]
-                left = tick / 1000.0 - _perf()
-                if left > 0:
-                    with anyio.CancelScope(deadline=anyio.current_time() + left) as scope:
+                if anyio.current_time() * 1000.0 < tick:
+                    with anyio.CancelScope(deadline=tick / 1000.0) as scope:
                         self._scope, self._armed = scope, tick
                         await anyio.sleep_forever()
                     self._scope = None
-                now = _perf() * 1000.0
+                now = anyio.current_time() * 1000.0
                 while ticks and ticks[0] <= now:
                     woken = due.pop(heapq.heappop(ticks), None)
-                    if woken is not None:
+                    if woken is None:
+                        self._stale = max(0, self._stale - 1)
+                    else:
                         woken.event.set()
         finally:
-            # ended (nobody waits) or cancelled (the loop is closing): whoever still waits is
-            # woken, re-checks the time and waits anew
-            self.running = False
-            self._scope = None
-            ticks.clear()
-            for woken in due.values():
-                woken.event.set()
-            due.clear()
+            self._ended()
+
+    def _ended(self) -> None:
+        """The timer task is over (ended, or cancelled: the loop is closing): whoever still
+        waits is woken, looks at the time and waits anew (on a new task)."""
+        self._task = None
+        self._scope = None
+        self._ticks.clear()
+        self._stale = 0
+        for woken in self._due.values():
+            woken.event.set()
+        self._due.clear()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        """An asyncio timer task's done callback: also when it was cancelled before its first
+        step (its ``finally`` never ran)."""
+        if self._task is task:
+            self._ended()
 
 
 class _Tick:
@@ -200,35 +223,67 @@ class _Tick:
 
 
 _timers: anyio.lowlevel.RunVar[LoopTimer] = anyio.lowlevel.RunVar("chengeta_ai_loop_timer")
+#: The asyncio loops' timers, on the loop (a cycle the collector frees with a loop closed while
+#: a replay waited, where a map from loops to timers would keep the loop alive).
+_LOOP_ATTR = "_chengeta_ai_loop_timer"
+
+
+def loop_timer(*, make: bool = True) -> LoopTimer | None:
+    """The running event loop's timer (made at first use; None if there is none and not
+    ``make``)."""
+    loop = asyncio._get_running_loop()
+    if loop is not None:
+        timer: LoopTimer | None = getattr(loop, _LOOP_ATTR, None)
+        if timer is not None or not make:
+            return timer or _run_var_timer(make=False)
+        timer = LoopTimer()
+        try:
+            setattr(loop, _LOOP_ATTR, timer)
+        except AttributeError:  # a loop type without instance attributes (uvloop)
+            return _run_var_timer(make=True)
+        return timer
+    return _run_var_timer(make=make)
+
+
+def _run_var_timer(*, make: bool) -> LoopTimer | None:
+    try:
+        return _timers.get()
+    except LookupError:
+        if not make:
+            return None
+        timer = LoopTimer()
+        _timers.set(timer)
+        return timer
 
 
 async def sleep_until(deadline: float) -> None:
     """Waits on this event loop's `LoopTimer` until ``deadline`` (`time.perf_counter`) has
-    passed (at once, after a checkpoint, if it has)."""
-    if _perf() >= deadline:
+    passed (at once, after a checkpoint, if it has). The deadline is taken onto the loop's
+    clock once, 10 µs later (the two clocks are the same monotonic clock on a real loop; the
+    margin keeps a chunk from coming before its time by a conversion's rounding)."""
+    left = deadline - _perf()
+    if left <= 0:
         await anyio.lowlevel.checkpoint()
         return
-    try:
-        timer = _timers.get()
-    except LookupError:
-        timer = LoopTimer()
-        _timers.set(timer)
-    while _perf() < deadline:
-        await timer.sleep_until(deadline)
+    timer = loop_timer()
+    assert timer is not None
+    at = anyio.current_time() + left + 1e-5
+    while anyio.current_time() < at:
+        await timer.sleep_until(at)
 
 
-def _spawn(fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+def _spawn(
+    fn: Callable[[], Coroutine[Any, Any, None]],
+    done: Callable[[asyncio.Task[None]], None],
+) -> asyncio.Task[None] | bool:
     """Starts ``fn()`` as a task of the running loop, outside any task group: a loop-level task
-    on asyncio, a system task on trio (which ends with ``trio.run``)."""
+    on asyncio (``done`` is its done callback; the task is returned), a system task on trio
+    (which ends with ``trio.run``; True is returned)."""
     if sniffio.current_async_library() == "trio":
         import trio
 
         trio.lowlevel.spawn_system_task(fn, context=contextvars.copy_context())
-    else:
-        task = asyncio.get_running_loop().create_task(fn())
-        _asyncio_tasks.add(task)
-        task.add_done_callback(_asyncio_tasks.discard)
-
-
-#: Running timer tasks on asyncio (the loop keeps only a weak reference to a task).
-_asyncio_tasks: set[asyncio.Task[None]] = set()
+        return True
+    task = asyncio.get_running_loop().create_task(fn())
+    task.add_done_callback(done)
+    return task
