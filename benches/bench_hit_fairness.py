@@ -1,10 +1,11 @@
 """Review s8 (the async hit's time-sliced turns): how long one unpaced hit holds the event loop.
 
 Two schedules of the same replay, measured in the same process and event loop, rounds
-interleaved: ``slice`` (the shipped `REPLAY_SLICE`: a turn at a batch's end once a slice has
-passed, and one at the end of the hit) against ``per batch`` (`REPLAY_SLICE` set to 0: a turn
-after every decoded batch, which is main's schedule). Consumers never await anything of their
-own (the case the turns exist for). Figures (medians over rounds):
+interleaved: ``slice`` (the shipped one: a turn after the first chunk, then at a batch's end
+when another task is ready to run, else once `REPLAY_SLICE` has passed) against ``per batch``
+(`REPLAY_SLICE` set to 0: a turn after every decoded batch, the schedule before 2026-12-01).
+Consumers never await anything of their own (the case the turns exist for). Figures (medians
+over rounds):
 
 - largest loop gap: the longest wait between two turns of a task that only awaits
   ``anyio.lowlevel.checkpoint()`` in a loop (what another request on a server would see);

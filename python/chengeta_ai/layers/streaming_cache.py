@@ -861,7 +861,7 @@ class StreamingResponseCache:
                                 deadline = t0 + offsets[replayed] / speed
                                 left = deadline - _perf()
                                 if left > 0:
-                                    # crowded: one sleep, without a coroutine more per chunk
+                                    # crowded: the loop's shared timer (pacing.LoopTimer)
                                     if pacer.active > pacer.limit:
                                         await sleep_until(deadline)
                                     else:
