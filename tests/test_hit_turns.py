@@ -139,6 +139,20 @@ async def test_a_loop_of_short_hits_lets_other_tasks_run() -> None:
     assert ran >= 25, ran  # ~one turn per hit (before its first chunk)
 
 
+async def test_a_loop_of_short_hits_lets_a_task_waiting_on_a_timer_run() -> None:
+    """Nobody is ready to run (the other task waits on the loop's timer, seen only when the
+    loop polls): each hit still gives a turn, after its first chunk."""
+    cache = cache_for()
+    messages = [{"role": "user", "content": "short, timer"}]
+    await stored(cache, messages, 3)
+    async with Ticker.running(nap=1e-6) as ticker:
+        for _ in range(50):
+            async for _ in cache.aget_or_stream(messages, never):
+                pass
+        ran = ticker.ticks
+    assert ran >= 10, ran  # (its timer is due at the loop's next poll: every other turn)
+
+
 async def test_a_consumer_that_never_awaits_is_cancelled_within_a_slice() -> None:
     cache = cache_for()
     messages = [{"role": "user", "content": "cancel"}]
